@@ -1,0 +1,131 @@
+"""Image and code validation, and SEED's inference preprocessing.
+
+Preprocessing (SEED_SPEC.md section 1): resize to S x S bicubic (no crop, aspect not kept), scale to
+[0, 1], normalize with CLIP mean / std. PIL images are resized by PIL (as upstream's torchvision
+transform on PIL does); tensors by antialiased bicubic interpolation, clamped back to [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class InputError(ValueError):
+    """Bad images or codes given to the tokenizer."""
+
+
+def _is_pil(x) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        return False
+    return isinstance(x, Image.Image)
+
+
+def images_to_tensor(images, size: int) -> torch.Tensor:
+    """Validate `images` and return float32 (B, 3, size, size) in [0, 1] (not yet normalized).
+
+    images: float (B, 3, H, W) in [0, 1]; uint8 (B, 3, H, W); or a list of PIL images.
+    """
+    if _is_pil(images):
+        raise InputError("got a single PIL image; pass a list of PIL images ([image])")
+    if isinstance(images, (list, tuple)):
+        return _pil_list_to_tensor(images, size)
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor):
+        raise InputError(
+            f"images must be a tensor (B, 3, H, W) or a list of PIL images, got {type(images).__name__}"
+        )
+    if images.dim() != 4:
+        hint = " (a single image? add a batch dimension: images[None])" if images.dim() == 3 else ""
+        raise InputError(f"images must have 4 dims (B, 3, H, W), got shape {tuple(images.shape)}{hint}")
+    if images.shape[0] == 0:
+        raise InputError("images is an empty batch (B = 0)")
+    if images.shape[1] != 3:
+        hint = " (channels-last? permute to (B, 3, H, W))" if images.shape[-1] == 3 else ""
+        raise InputError(f"images must have 3 channels (RGB) in dim 1, got shape {tuple(images.shape)}{hint}")
+    if images.shape[2] == 0 or images.shape[3] == 0:
+        raise InputError(f"images have an empty spatial size: {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        x = images.float() / 255.0
+    elif images.dtype in _FLOAT_DTYPES:
+        x = images.float()
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            where = sorted({int(i) for i in (~finite).flatten(1).any(1).nonzero().flatten()})
+            raise InputError(f"images contain {bad} NaN/inf value(s), in batch item(s) {where[:10]}")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise InputError(
+                f"float images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
+                "(already normalized? pass raw pixels; 0-255 floats? divide by 255 or pass uint8)"
+            )
+        x = x.clamp(0.0, 1.0)
+    else:
+        raise InputError(f"images dtype must be uint8 or float (16/32/64, bf16), got {images.dtype}")
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        x = x.clamp(0.0, 1.0)
+    return x
+
+
+def _pil_list_to_tensor(images: Sequence, size: int) -> torch.Tensor:
+    if len(images) == 0:
+        raise InputError("images is an empty list")
+    from PIL import Image
+
+    out = []
+    for i, im in enumerate(images):
+        if not _is_pil(im):
+            raise InputError(f"images[{i}] is a {type(im).__name__}; a list must hold PIL images only")
+        if im.width == 0 or im.height == 0:
+            raise InputError(f"images[{i}] is empty ({im.width}x{im.height})")
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        arr = np.asarray(im, dtype=np.uint8).copy()  # (S, S, 3)
+        out.append(torch.from_numpy(arr).permute(2, 0, 1))
+    return torch.stack(out).float() / 255.0
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def check_codes(codes, num_codes: int, codebook_size: int) -> torch.Tensor:
+    """Validate codes as int (B, num_codes) in [0, codebook_size); returns an int64 tensor."""
+    if isinstance(codes, np.ndarray):
+        codes = torch.from_numpy(codes)
+    elif isinstance(codes, (list, tuple)):
+        try:
+            codes = torch.tensor(codes)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"codes could not be read as an integer array: {e}") from None
+    if not isinstance(codes, torch.Tensor):
+        raise InputError(f"codes must be an integer tensor (B, {num_codes}), got {type(codes).__name__}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise InputError(f"codes must be integers (int64 / int32), got {codes.dtype}")
+    if codes.dim() != 2:
+        hint = " (one image? add a batch dimension: codes[None])" if codes.dim() == 1 else ""
+        raise InputError(f"codes must have shape (B, {num_codes}), got {tuple(codes.shape)}{hint}")
+    if codes.shape[0] == 0:
+        raise InputError("codes is an empty batch (B = 0)")
+    if codes.shape[1] != num_codes:
+        raise InputError(f"each image needs exactly {num_codes} codes, got {codes.shape[1]} (shape {tuple(codes.shape)})")
+    lo, hi = int(codes.min()), int(codes.max())
+    if lo < 0 or hi >= codebook_size:
+        bad = ((codes < 0) | (codes >= codebook_size)).nonzero()[0].tolist()
+        raise InputError(
+            f"codes must lie in [0, {codebook_size}), got values in [{lo}, {hi}] (first bad at index {tuple(bad)})"
+        )
+    return codes.long()

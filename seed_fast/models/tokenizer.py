@@ -1,0 +1,295 @@
+"""The SEED tokenizer: image -> 32 causal codes -> generation embedding.
+
+    images -> preprocess -> EVA ViT -> ln_vision        (B, 257, 1408)
+           -> causal Q-Former                            (B, 32, 768)   `encode_embeddings`
+           -> encode_task_layer -> nearest code          (B, 32)        `encode`
+    codes  -> codebook -> decode_task_layer              (B, 32, 768)
+           -> de-tokenizer head                          (B, 1024)      `decode`
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import (
+    CheckpointError,
+    LoadReport,
+    hf_to_ours,
+    load_into,
+    load_state_dict_file,
+    official_to_ours,
+    ours_to_official,
+)
+from .config import TokenizerConfig, get_config
+from .detokenizer import Reconstructor, build_detokenizer
+from .preprocess import InputError, check_codes, images_to_tensor, normalize
+from .qformer import QFormer
+from .quantizer import Quantizer
+from .vit import EvaViT
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class SeedTokenizer(nn.Module):
+    def __init__(self, config: TokenizerConfig | str | dict = "seed-tokenizer-2"):
+        super().__init__()
+        cfg = get_config(config)
+        self.config = cfg
+        v, q = cfg.vision, cfg.qformer
+        self.vision = EvaViT(v)
+        self.ln_vision = nn.LayerNorm(v.width)  # BLIP-2's LayerNorm, eps 1e-5
+        self.qformer = QFormer(
+            num_queries=q.num_queries,
+            hidden=q.hidden,
+            layers=q.layers,
+            heads=q.heads,
+            ffn=q.ffn,
+            encoder_width=v.width,
+            cross_attention_freq=q.cross_attention_freq,
+            eps=q.ln_eps,
+            causal=q.is_causal,
+        )
+        self.quantizer = Quantizer(cfg.quantizer, q.hidden)
+        self.detokenizer = build_detokenizer(cfg.detokenizer, q)
+        self.reconstructor = Reconstructor(cfg.detokenizer, q) if cfg.detokenizer.reconstruction_blocks else None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(
+        cls, name_or_config: str | TokenizerConfig | dict, seed: int | None = None, *, init: str = "bert"
+    ) -> "SeedTokenizer":
+        """A randomly initialized tokenizer; `seed` makes the weights reproducible.
+
+        init="bert": the training init (truncated normal 0.02, released codebook init). An untrained
+        model so initialized barely sees its input (the query tokens dominate).
+        init="unit": variance-preserving weights (std 1/sqrt(fan_in)) and a unit-scale codebook, so that
+        an untrained model's codes depend on the image: for tests, demos and benchmarks.
+        """
+        if init not in ("bert", "unit"):
+            raise ValueError(f"init must be 'bert' or 'unit', got {init!r}")
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = cls(name_or_config)
+            model.init_weights(init)
+        return model.eval()
+
+    def init_weights(self, init: str = "bert") -> None:
+        """Initialize every parameter (see `from_config` for the two schemes)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                std = 0.02 if init == "bert" else m.weight[0].numel() ** -0.5
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():
+            if name.endswith(("cls_token", "pos_embed", "query_tokens", "pos_embed_image")):
+                nn.init.trunc_normal_(p, std=0.02 if init == "bert" else 1.0)
+            elif name.endswith(("q_bias", "v_bias")):
+                nn.init.zeros_(p)
+        if init == "bert":
+            self.quantizer.reset_codebook()
+        else:
+            nn.init.normal_(self.quantizer.codebook.weight, std=0.5)
+
+    @classmethod
+    def _empty(cls, config) -> "SeedTokenizer":
+        """Allocate without initializing (weights are about to be loaded)."""
+        with torch.device("meta"):
+            model = cls(config)
+        return model.to_empty(device="cpu")
+
+    @classmethod
+    def _finish_load(cls, model, mapped, *, strict, report, allow_missing=()) -> "SeedTokenizer":
+        own = model.state_dict()
+        if any(k not in mapped for k in own):  # something will keep its initial value: give it one
+            model.init_weights()
+        load_into(model, mapped, strict=strict, report=report, allow_missing=allow_missing)
+        if not report.ok():
+            warnings.warn("SeedTokenizer loaded with problems: " + report.summary(), stacklevel=3)
+        model.load_report = report
+        return model.eval()
+
+    @classmethod
+    def from_official(
+        cls,
+        quantizer_path: str | os.PathLike,
+        vit_path: str | os.PathLike | None = None,
+        config: str | TokenizerConfig | dict = "seed-tokenizer-2",
+        *,
+        strict: bool = True,
+    ) -> "SeedTokenizer":
+        """Load the released `seed_quantizer.pt` and BLIP-2's `eva_vit_g.pth` with their own key names.
+
+        Both load with `weights_only=True` (or as safetensors). Keys the inference model does not use
+        (text branch, `position_ids`, EVA's 40th block) are listed in `tok.load_report.ignored`.
+        strict=True raises on missing, unexpected or mis-shaped keys; strict=False warns and keeps the
+        initial values of what is missing. `vit_path=None` only works if the quantizer file carries
+        the ViT under `visual_encoder.`.
+        """
+        cfg = get_config(config)
+        quant_sd = load_state_dict_file(quantizer_path)
+        vit_sd = load_state_dict_file(vit_path) if vit_path is not None else None
+        mapped, unknown, ignored = official_to_ours(quant_sd, vit_sd, cfg.vision.depth)
+        report = LoadReport(unexpected=unknown, ignored=ignored)
+        allow = ()
+        if not cfg.detokenizer.reconstruction_blocks:
+            report.ignored += [k for k in mapped if k.startswith("reconstructor.")]
+            mapped = {k: v for k, v in mapped.items() if not k.startswith("reconstructor.")}
+        elif not any(k.startswith("reconstructor.") for k in mapped):
+            allow = ("reconstructor.",)  # training-only head; a file without it is still complete for inference
+        return cls._finish_load(cls._empty(cfg), mapped, strict=strict, report=report, allow_missing=allow)
+
+    def official_state_dicts(self) -> tuple[dict, dict]:
+        """(quantizer dict, ViT dict) with the released key names (the inverse of `from_official`)."""
+        return ours_to_official({k: v.detach().clone() for k, v in self.state_dict().items()})
+
+    def load_blip2_qformer(self, state_dict_or_path, *, strict: bool = True) -> LoadReport:
+        """Load ViT / ln_vision / Q-Former weights from a BLIP-2 state dict (stage-I init).
+
+        Accepts transformers' layouts (`Blip2QFormerModel.state_dict()`, or `Blip2Model` /
+        `Blip2ForConditionalGeneration` / `Blip2ForImageTextRetrieval` with `qformer.`, `query_tokens`,
+        `vision_model.`) and LAVIS' (`Qformer.bert.`, `query_tokens`, `ln_vision`, `visual_encoder.`).
+        Only the parts present are loaded; strict=True raises when a Q-Former key is missing or a key
+        has no place in the model.
+        """
+        sd = state_dict_or_path
+        if not isinstance(sd, dict):
+            sd = load_state_dict_file(sd)
+        if any(k.startswith(("Qformer.", "visual_encoder.")) for k in sd):
+            mapped, unknown, ignored = official_to_ours(sd, None, self.config.vision.depth)
+        else:
+            mapped, unknown, ignored = hf_to_ours(sd)
+        report = LoadReport(unexpected=unknown, ignored=ignored)
+        own = self.state_dict()
+        parts = {k.split(".")[0] for k in mapped}
+        mapped_in_parts = {k: v for k, v in mapped.items() if k.split(".")[0] in parts}
+        allow = tuple(p + "." for p in {k.split(".")[0] for k in own} - parts)
+        if not any(k.startswith("qformer.") for k in mapped):
+            raise CheckpointError("no Q-Former weights found in this state dict (keys like 'qformer.encoder.layer.*')")
+        load_into(self, mapped_in_parts, strict=strict, report=report, allow_missing=allow)
+        return report
+
+    # ------------------------------------------------------------------ save / load our format
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json + model.safetensors (atomically: temp files, then rename)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"format_version": FORMAT_VERSION, "class": "SeedTokenizer", "config": self.config.to_dict()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
+        save_file(tensors, str(tmp_w), metadata={"format": "pt", "seed_fast_format_version": str(FORMAT_VERSION)})
+        tmp_c.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_w, directory / WEIGHTS_NAME)
+        os.replace(tmp_c, directory / CONFIG_NAME)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, strict: bool = True) -> "SeedTokenizer":
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no tokenizer folder at {directory} (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for p in (cfg_path, w_path):
+            if not p.exists():
+                raise FileNotFoundError(f"{p} is missing (a save_pretrained folder has {CONFIG_NAME} + {WEIGHTS_NAME})")
+        try:
+            meta = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+        if not isinstance(meta, dict) or "config" not in meta:
+            raise CheckpointError(f"{cfg_path} has no 'config' entry; is this a seed_fast tokenizer folder?")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{cfg_path} has format_version {meta['format_version']}; this seed_fast reads <= {FORMAT_VERSION}"
+            )
+        cfg = TokenizerConfig.from_dict(meta["config"])
+        sd = load_state_dict_file(w_path)
+        return cls._finish_load(cls._empty(cfg), sd, strict=strict, report=LoadReport())
+
+    # ------------------------------------------------------------------ differentiable pieces
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.ln_vision.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.ln_vision.weight.device
+
+    @property
+    def num_codes(self) -> int:
+        return self.config.qformer.num_queries
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.quantizer.codebook_size
+
+    def preprocess(self, images) -> torch.Tensor:
+        """Validated images -> normalized pixels (B, 3, S, S) in the model's dtype and device."""
+        x = images_to_tensor(images, self.config.vision.image_size).to(self.device)
+        return normalize(x, self.config.image_mean, self.config.image_std).to(self.dtype)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.ln_vision(self.vision(pixels))  # (B, 257, 1408)
+
+    def causal_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.qformer(self.image_features(pixels))  # (B, 32, 768)
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.embed(codes)  # (B, 32, 768)
+
+    def generation_embedding(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.detokenizer(self.embed_codes(codes))  # (B, 1024)
+
+    # ------------------------------------------------------------------ public inference API
+    @torch.no_grad()
+    def encode_embeddings(self, images, *, batch_size: int | None = None, progress: bool | None = None) -> torch.Tensor:
+        """Causal embeddings before quantization, (B, 32, hidden) in the model's dtype."""
+        pixels = self.preprocess(images)
+        return self._batched(lambda x: self.causal_embeddings(x), pixels, batch_size, progress, "encode")
+
+    @torch.no_grad()
+    def encode(self, images, *, batch_size: int | None = None, progress: bool | None = None) -> torch.LongTensor:
+        """Images -> codes (B, 32) int64 in [0, codebook_size)."""
+        pixels = self.preprocess(images)
+        return self._batched(
+            lambda x: self.quantizer.lookup(self.causal_embeddings(x)), pixels, batch_size, progress, "encode"
+        )
+
+    @torch.no_grad()
+    def decode(self, codes, *, batch_size: int | None = None, progress: bool | None = None) -> torch.Tensor:
+        """Codes (B, 32) -> generation embedding (B, out_dim), or (B, Q, out_dim) for a multi-query head."""
+        codes = check_codes(codes, self.num_codes, self.codebook_size).to(self.device)
+        return self._batched(self.generation_embedding, codes, batch_size, progress, "decode")
+
+    def _batched(self, fn, x: torch.Tensor, batch_size, progress, what) -> torch.Tensor:
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size is None or batch_size >= x.shape[0]:
+            return fn(x)
+        chunks = range(math.ceil(x.shape[0] / batch_size))
+        if progress is None:
+            progress = len(chunks) > 1
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc=what, unit="batch")
+        return torch.cat([fn(x[i * batch_size : (i + 1) * batch_size]) for i in chunks])
+
+    def extra_repr(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        return f"config={self.config.name!r}, params={n / 1e6:.1f}M"
