@@ -43,6 +43,7 @@ def _want_cuda() -> bool:
     if mode not in ("auto", "0", "1"):
         sys.exit(f"seed_fast: SEED_FAST_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
     if mode == "0":
+        _record_build({"cuda": "not built at install: SEED_FAST_BUILD_CUDA=0"})
         return False
     reasons = []
     if torch.version.cuda is None:
@@ -53,7 +54,17 @@ def _want_cuda() -> bool:
         sys.exit("seed_fast: SEED_FAST_BUILD_CUDA=1 but CUDA cannot be built: " + "; ".join(reasons))
     if reasons:
         print("seed_fast: not building the CUDA extension: " + "; ".join(reasons))
+        _record_build({"cuda": "not built at install: " + "; ".join(reasons)})
+    else:
+        _record_build({"cuda": None})
     return not reasons
+
+
+def _record_build(info: dict) -> None:
+    """Why an optional extension was skipped, for `python -m seed_fast.info` (not tracked by git)."""
+    import json
+
+    (ROOT / "seed_fast" / "_build_info.json").write_text(json.dumps(info))
 
 
 cxx_flags = ["-O3", "-std=c++17"]
@@ -111,7 +122,7 @@ setup(
     # kernels/ and export/ are plain source folders installed inside the seed_fast namespace, so that
     # no top-level `kernels` package shadows Hugging Face's.
     package_dir={"seed_fast": "seed_fast", "seed_fast.kernels": "kernels", "seed_fast.export": "export"},
-    package_data={"seed_fast": ["assets/*"]},
+    package_data={"seed_fast": ["assets/*", "_build_info.json"]},
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pillow", "tqdm", "transformers>=4.40"],
     extras_require=extras,
     entry_points={"console_scripts": ["seed-fast=seed_fast.cli:main"]},

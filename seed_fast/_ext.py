@@ -36,7 +36,22 @@ def cuda_ext():
 
 
 def cuda_ext_error() -> str | None:
-    return _load("_C_cuda")[1]
+    err = _load("_C_cuda")[1]
+    if err is None:
+        return None
+    reason = _build_record().get("cuda")
+    return f"{reason} ({err})" if reason else err
+
+
+def _build_record() -> dict:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).with_name("_build_info.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def require_cpu_ext():

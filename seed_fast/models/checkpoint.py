@@ -67,18 +67,24 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own SafetensorError / OSError
             raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):  # torch's zip format: a truncated file loses its central directory
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path} is corrupt or truncated (incomplete zip archive)")
+    elif not head.startswith(b"\x80"):  # nor the legacy pickle format
+        raise CheckpointError(f"{path} is corrupt or truncated: neither a torch checkpoint nor safetensors")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         msg = str(e)
-        if "Weights only load failed" in msg or "Unsupported global" in msg or "weights_only" in msg:
+        if "Unsupported global" in msg or "Unsupported class" in msg or "Unsupported operand" in msg:
             raise CheckpointError(
                 f"{path} holds pickled objects other than tensors, so it is not a plain state dict; "
                 "refusing to unpickle it (re-save it with torch.save(model.state_dict()) or as safetensors)"
             ) from None
-        if isinstance(e, (zipfile.BadZipFile, EOFError)) or "zip archive" in msg or "central directory" in msg:
-            raise CheckpointError(f"{path} is corrupt or truncated: {msg.splitlines()[0]}") from None
-        raise CheckpointError(f"{path} could not be read as a torch checkpoint: {msg.splitlines()[0]}") from None
+        first = next((line for line in msg.splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"{path} is corrupt or truncated, or not a torch checkpoint: {first}") from None
     return _as_flat_state_dict(obj, path)
 
 

@@ -1,0 +1,206 @@
+"""Loading the released layout, our own format, and refusing bad files."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from seed_fast import CheckpointError, SeedTokenizer, get_config
+from seed_fast.models.checkpoint import load_state_dict_file, ours_to_official
+
+
+def _spec_official_shapes():
+    """The released key names and shapes, written from SEED_SPEC.md section 2 (not from our code)."""
+    H, F, V = 768, 3072, 1408
+    quant = {"query_tokens": (1, 32, H), "ln_vision.weight": (V,), "ln_vision.bias": (V,)}
+    quant.update({f"Qformer.bert.embeddings.LayerNorm.{p}": (H,) for p in ("weight", "bias")})
+    for i in range(12):
+        pre = f"Qformer.bert.encoder.layer.{i}."
+        kinds = ["attention"] + (["crossattention"] if i % 2 == 0 else [])
+        for kind in kinds:
+            kv_in = V if kind == "crossattention" else H
+            quant[pre + f"{kind}.self.query.weight"] = (H, H)
+            quant[pre + f"{kind}.self.query.bias"] = (H,)
+            for kv in ("key", "value"):
+                quant[pre + f"{kind}.self.{kv}.weight"] = (H, kv_in)
+                quant[pre + f"{kind}.self.{kv}.bias"] = (H,)
+            quant[pre + f"{kind}.output.dense.weight"] = (H, H)
+            quant[pre + f"{kind}.output.dense.bias"] = (H,)
+            quant[pre + f"{kind}.output.LayerNorm.weight"] = (H,)
+            quant[pre + f"{kind}.output.LayerNorm.bias"] = (H,)
+        quant[pre + "intermediate_query.dense.weight"] = (F, H)
+        quant[pre + "intermediate_query.dense.bias"] = (F,)
+        quant[pre + "output_query.dense.weight"] = (H, F)
+        quant[pre + "output_query.dense.bias"] = (H,)
+        quant[pre + "output_query.LayerNorm.weight"] = (H,)
+        quant[pre + "output_query.LayerNorm.bias"] = (H,)
+    quant["quantize.embedding.weight"] = (8192, 32)
+    quant.update({"encode_task_layer.0.weight": (H, H), "encode_task_layer.0.bias": (H,)})
+    quant.update({"encode_task_layer.2.weight": (32, H), "encode_task_layer.2.bias": (32,)})
+    quant.update({"decode_task_layer.0.weight": (32, 32), "decode_task_layer.0.bias": (32,)})
+    quant.update({"decode_task_layer.2.weight": (H, 32), "decode_task_layer.2.bias": (H,)})
+    for pos, blocks in (("pos_embed", "blocks"), ("pos_embed_image", "blocks_image")):
+        quant[pos] = (1, 32, H)
+        for i in range(4):
+            b = f"{blocks}.{i}."
+            quant.update({b + "norm1.weight": (H,), b + "norm1.bias": (H,), b + "norm2.weight": (H,), b + "norm2.bias": (H,)})
+            quant.update({b + "attn.qkv.weight": (3 * H, H), b + "attn.qkv.bias": (3 * H,)})
+            quant.update({b + "attn.proj.weight": (H, H), b + "attn.proj.bias": (H,)})
+            quant.update({b + "mlp.fc1.weight": (4 * H, H), b + "mlp.fc1.bias": (4 * H,)})
+            quant.update({b + "mlp.fc2.weight": (H, 4 * H), b + "mlp.fc2.bias": (H,)})
+    quant.update({"image_down.0.weight": (256, H), "image_down.2.weight": (128, 256), "image_down.4.weight": (32, 128)})
+    quant.update({"distill_image_proj.weight": (1024, 1024), "distill_image_proj.bias": (1024,)})
+
+    vit = {"cls_token": (1, 1, V), "pos_embed": (1, 257, V), "patch_embed.proj.weight": (V, 3, 14, 14)}
+    vit["patch_embed.proj.bias"] = (V,)
+    for i in range(39):
+        b = f"blocks.{i}."
+        vit.update({b + "norm1.weight": (V,), b + "norm1.bias": (V,), b + "norm2.weight": (V,), b + "norm2.bias": (V,)})
+        vit.update({b + "attn.qkv.weight": (3 * V, V), b + "attn.q_bias": (V,), b + "attn.v_bias": (V,)})
+        vit.update({b + "attn.proj.weight": (V, V), b + "attn.proj.bias": (V,)})
+        vit.update({b + "mlp.fc1.weight": (6144, V), b + "mlp.fc1.bias": (6144,)})
+        vit.update({b + "mlp.fc2.weight": (V, 6144), b + "mlp.fc2.bias": (V,)})
+    return quant, vit
+
+
+def test_full_size_layout_matches_the_released_key_names():
+    with torch.device("meta"):
+        tok = SeedTokenizer("seed-tokenizer-2")
+    quant, vit = ours_to_official(tok.state_dict())
+    want_q, want_v = _spec_official_shapes()
+    assert sorted(set(want_q) - set(quant)) == [] and sorted(set(quant) - set(want_q)) == []
+    assert sorted(set(want_v) - set(vit)) == [] and sorted(set(vit) - set(want_v)) == []
+    assert {k: tuple(v.shape) for k, v in quant.items()} == want_q
+    assert {k: tuple(v.shape) for k, v in vit.items()} == want_v
+
+
+def _official_files(tok, tmp_path, extras=True):
+    quant, vit = tok.official_state_dicts()
+    if extras:  # what the released files carry besides the inference weights
+        h = tok.config.qformer.hidden
+        quant["Qformer.bert.embeddings.position_ids"] = torch.arange(512)[None]
+        quant["Qformer.bert.encoder.layer.0.intermediate.dense.weight"] = torch.randn(tok.config.qformer.ffn, h)
+        quant["Qformer.bert.embeddings.word_embeddings.weight"] = torch.randn(30523, 8)[:, :8]
+        d = tok.config.vision.depth
+        vit[f"blocks.{d}.norm1.weight"] = torch.ones(tok.config.vision.width)  # EVA's dropped last block
+    qp, vp = tmp_path / "seed_quantizer.pt", tmp_path / "eva_vit_g.pth"
+    torch.save(quant, qp)
+    torch.save(vit, vp)
+    return qp, vp
+
+
+def test_official_round_trip_tiny(tiny_tok, images, tmp_path):
+    qp, vp = _official_files(tiny_tok, tmp_path)
+    tok = SeedTokenizer.from_official(qp, vp, config="tiny")
+    r = tok.load_report
+    assert r.missing == [] and r.unexpected == [] and r.mismatched == []
+    assert "Qformer.bert.embeddings.position_ids" in r.ignored
+    assert any("blocks.2.norm1" in k for k in r.ignored)
+    for k, v in tiny_tok.state_dict().items():
+        assert torch.equal(tok.state_dict()[k], v), k
+    codes = tiny_tok.encode(images)
+    assert torch.equal(tok.encode(images), codes)
+    assert torch.equal(tok.encode_embeddings(images), tiny_tok.encode_embeddings(images))
+    assert torch.equal(tok.decode(codes), tiny_tok.decode(codes))
+
+
+def test_official_safetensors_and_without_reconstruction_head(tiny_tok, images, tmp_path):
+    from safetensors.torch import save_file
+
+    quant, vit = tiny_tok.official_state_dicts()
+    quant = {k: v for k, v in quant.items() if not k.startswith(("pos_embed", "blocks.")) or "image" in k}
+    save_file({k: v.contiguous() for k, v in quant.items()}, str(tmp_path / "q.safetensors"))
+    save_file({k: v.contiguous() for k, v in vit.items()}, str(tmp_path / "v.safetensors"))
+    tok = SeedTokenizer.from_official(tmp_path / "q.safetensors", tmp_path / "v.safetensors", config="tiny")
+    assert tok.load_report.missing == []
+    assert torch.equal(tok.encode(images), tiny_tok.encode(images))
+
+
+def test_official_strictness(tiny_tok, tmp_path):
+    quant, vit = tiny_tok.official_state_dicts()
+    del quant["decode_task_layer.2.bias"]
+    quant["some_new_head.weight"] = torch.ones(3)
+    torch.save(quant, tmp_path / "q.pt")
+    torch.save(vit, tmp_path / "v.pt")
+    with pytest.raises(CheckpointError) as e:
+        SeedTokenizer.from_official(tmp_path / "q.pt", tmp_path / "v.pt", config="tiny")
+    assert "quantizer.decode_task_layer.2.bias" in str(e.value) and "some_new_head.weight" in str(e.value)
+    with pytest.warns(UserWarning, match="missing"):
+        tok = SeedTokenizer.from_official(tmp_path / "q.pt", tmp_path / "v.pt", config="tiny", strict=False)
+    assert tok.load_report.missing == ["quantizer.decode_task_layer.2.bias"]
+    assert tok.load_report.unexpected == ["some_new_head.weight"]
+    # a ViT file for another width is a shape mismatch, named
+    with pytest.raises(CheckpointError, match=r"vision\.pos_embed: file \(1, 257, 96\) vs model"):
+        cfg = get_config("tiny")
+        cfg.vision.width, cfg.vision.heads = 128, 4
+        torch.save(tiny_tok.official_state_dicts()[0], tmp_path / "q2.pt")
+        SeedTokenizer.from_official(tmp_path / "q2.pt", tmp_path / "v.pt", config=cfg)
+    # without the ViT file, the ViT is missing
+    with pytest.raises(CheckpointError, match="vision.cls_token"):
+        SeedTokenizer.from_official(tmp_path / "q2.pt", None, config="tiny")
+
+
+def test_save_and_from_pretrained(tiny_tok, images, tmp_path):
+    tiny_tok.save_pretrained(tmp_path / "tok")
+    assert sorted(os.listdir(tmp_path / "tok")) == ["config.json", "model.safetensors"]
+    meta = json.loads((tmp_path / "tok" / "config.json").read_text())
+    assert meta["config"]["name"] == "tiny" and meta["format_version"] == 1
+    tok = SeedTokenizer.from_pretrained(tmp_path / "tok")
+    assert tok.config == tiny_tok.config
+    assert torch.equal(tok.encode(images), tiny_tok.encode(images))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        os.remove(tmp_path / "tok" / "model.safetensors")
+        SeedTokenizer.from_pretrained(tmp_path / "tok")
+    with pytest.raises(FileNotFoundError, match="no tokenizer folder"):
+        SeedTokenizer.from_pretrained(tmp_path / "nothing")
+
+
+class NotAStateDict:
+    def __init__(self):
+        self.weights = torch.ones(2)
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("object", "not a plain state dict"),
+        ("list", "holds a list, not a state dict"),
+        ("mixed", "entries that are not tensors: epoch"),
+        ("empty_dict", "empty state dict"),
+        ("garbage", "corrupt or truncated|could not be read"),
+        ("truncated", "corrupt or truncated"),
+        ("zero_bytes", "empty \\(0 bytes\\)"),
+        ("bad_safetensors", "not a readable safetensors file"),
+    ],
+)
+def test_bad_checkpoint_files(tmp_path, case, match):
+    path = tmp_path / ("x.safetensors" if case == "bad_safetensors" else "x.pt")
+    if case == "object":
+        torch.save(NotAStateDict(), path)
+    elif case == "list":
+        torch.save([torch.ones(2)], path)
+    elif case == "mixed":
+        torch.save({"w": torch.ones(2), "epoch": 3}, path)
+    elif case == "empty_dict":
+        torch.save({}, path)
+    elif case == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif case == "truncated":
+        torch.save({f"w{i}": torch.randn(256) for i in range(20)}, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "zero_bytes":
+        path.write_bytes(b"")
+    elif case == "bad_safetensors":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match=match):
+        load_state_dict_file(path)
+    # and through the public entry point
+    with pytest.raises(CheckpointError):
+        SeedTokenizer.from_official(path, None, config="tiny")
+
+
+def test_lavis_wrapper_is_unwrapped(tmp_path):
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "x.pt")
+    assert list(load_state_dict_file(tmp_path / "x.pt")) == ["w"]

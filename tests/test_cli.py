@@ -1,0 +1,82 @@
+"""The `seed-fast` command line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seed_fast import SeedTokenizer
+from seed_fast.cli import main
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    rng = np.random.default_rng()
+    paths = []
+    for i, size in enumerate([(224, 224), (100, 60)]):
+        p = tmp_path / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    tok = SeedTokenizer.from_config("tiny", seed=3, init="unit")
+    tok.save_pretrained(tmp_path / "ckpt")
+    return tok, str(tmp_path / "ckpt")
+
+
+def test_tokenize_json_and_detokenize(image_files, checkpoint, tmp_path, capsys):
+    tok, ckpt = checkpoint
+    assert main(["tokenize", *image_files, "--checkpoint", ckpt, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [d["image"] for d in data] == image_files
+    expect = tok.encode([Image.open(p) for p in image_files])
+    assert [d["codes"] for d in data] == expect.tolist()
+
+    codes_file = tmp_path / "codes.json"
+    codes_file.write_text(json.dumps(data))
+    out = tmp_path / "emb.npy"
+    assert main(["detokenize", "--codes-file", str(codes_file), "--checkpoint", ckpt, "--out", str(out)]) == 0
+    emb = np.load(out)
+    assert emb.shape == (2, tok.config.detokenizer.out_dim)
+    np.testing.assert_allclose(emb, tok.decode(expect).numpy(), rtol=0, atol=0)
+
+
+def test_tokenize_text_output_and_detokenize_args(image_files, checkpoint, capsys):
+    tok, ckpt = checkpoint
+    assert main(["tokenize", image_files[0], "--checkpoint", ckpt]) == 0
+    line = capsys.readouterr().out.strip()
+    codes = [int(x) for x in line.split(":", 1)[1].split()]
+    assert len(codes) == 32
+    assert main(["detokenize", ",".join(map(str, codes)), "--checkpoint", ckpt]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["shape"] == [1, tok.config.detokenizer.out_dim]
+    assert torch.allclose(torch.tensor(got["embeddings"]), tok.decode([codes]), atol=1e-6)
+
+
+def test_cli_errors(image_files, checkpoint, tmp_path):
+    _, ckpt = checkpoint
+    with pytest.raises(SystemExit, match="no such image"):
+        main(["tokenize", str(tmp_path / "missing.png"), "--checkpoint", ckpt])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="cannot read"):
+        main(["tokenize", str(tmp_path / "bad.png"), "--checkpoint", ckpt])
+    with pytest.raises(SystemExit, match="exactly 32 codes"):
+        main(["detokenize", "1,2,3", "--checkpoint", ckpt])
+    with pytest.raises(SystemExit, match="must be integers"):
+        main(["detokenize", "1,x,3", "--checkpoint", ckpt])
+
+
+def test_console_script_runs(image_files):
+    out = subprocess.run(
+        [sys.executable, "-m", "seed_fast.cli", "tokenize", image_files[0], "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "RANDOM weights" in out.stderr
+    assert len(json.loads(out.stdout)[0]["codes"]) == 32
