@@ -69,13 +69,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
     with open(path, "rb") as f:
         head = f.read(4)
-    if head.startswith(b"PK"):  # torch's zip format: a truncated file loses its central directory
+    mmap = head.startswith(b"PK")  # torch's zip format can be memory-mapped instead of read whole
+    if mmap:  # a truncated zip loses its central directory
         if not zipfile.is_zipfile(path):
             raise CheckpointError(f"{path} is corrupt or truncated (incomplete zip archive)")
     elif not head.startswith(b"\x80"):  # nor the legacy pickle format
         raise CheckpointError(f"{path} is corrupt or truncated: neither a torch checkpoint nor safetensors")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         msg = str(e)
         if "Unsupported global" in msg or "Unsupported class" in msg or "Unsupported operand" in msg:

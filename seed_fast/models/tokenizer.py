@@ -153,8 +153,11 @@ class SeedTokenizer(nn.Module):
         return cls._finish_load(cls._empty(cfg), mapped, strict=strict, report=report, allow_missing=allow)
 
     def official_state_dicts(self) -> tuple[dict, dict]:
-        """(quantizer dict, ViT dict) with the released key names (the inverse of `from_official`)."""
-        return ours_to_official({k: v.detach().clone() for k, v in self.state_dict().items()})
+        """(quantizer dict, ViT dict) with the released key names (the inverse of `from_official`).
+
+        The tensors share storage with the model (no copy of a 1 B-parameter model): clone before editing.
+        """
+        return ours_to_official(self.state_dict())
 
     def load_blip2_qformer(self, state_dict_or_path, *, strict: bool = True) -> LoadReport:
         """Load ViT / ln_vision / Q-Former weights from a BLIP-2 state dict (stage-I init).
