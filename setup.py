@@ -67,7 +67,7 @@ def _record_build(info: dict) -> None:
     (ROOT / "seed_fast" / "_build_info.json").write_text(json.dumps(info))
 
 
-cxx_flags = ["-O3", "-std=c++17"]
+cxx_flags = ["-O3"]  # the C++ standard is chosen by torch's BuildExtension (C++20 from torch 2.14)
 link_flags = []
 if sys.platform.startswith("linux"):
     cxx_flags += ["-fopenmp"]
@@ -77,6 +77,7 @@ ext_modules = [
     CppExtension(
         "seed_fast._C",
         sources=sorted(["csrc/ext.cpp"] + [p for p in glob("csrc/*/*.cpp") if not p.startswith("csrc/cuda/")]),
+        include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
     )
@@ -94,9 +95,11 @@ if _want_cuda():
         CUDAExtension(
             "seed_fast._C_cuda",
             sources=sorted(glob("csrc/cuda/*.cpp") + glob("csrc/*/*.cu")),
+            include_dirs=[str(ROOT / "csrc")],
+            define_macros=[("SEED_FAST_WITH_CUDA", "1")],
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++17", f'-DSEED_FAST_CUDA_ARCHS="{archs}"'],
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", f'-DSEED_FAST_CUDA_ARCHS="{archs}"'],
+                "cxx": ["-O3", f'-DSEED_FAST_CUDA_ARCHS="{archs}"'],
+                "nvcc": ["-O3", "-lineinfo", f'-DSEED_FAST_CUDA_ARCHS="{archs}"'],
             },
         )
     )

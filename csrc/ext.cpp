@@ -1,6 +1,8 @@
 // seed_fast._C: the C++ CPU kernels. One registration file; kernels live in csrc/<op>/.
 #include <torch/extension.h>
 
+#include "codebook_lookup/codebook_lookup.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -35,4 +37,6 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "seed_fast C++ CPU kernels";
   m.def("build_info", &seed_fast::build_info, "compiler, OpenMP and ABI of this build");
+  m.def("codebook_argmin", &seed_fast::codebook_argmin_cpu, "nearest-code indices (N, D) x (K, D) -> (N,)",
+        pybind11::arg("z"), pybind11::arg("codebook"));
 }

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..ops import codebook_lookup
+from ..ops import codebook_lookup, vector_quantize
 from .config import QuantizerConfig
 
 
@@ -31,10 +30,7 @@ class Quantizer(nn.Module):
         Distances are fp32 whatever the dtype (inside `codebook_lookup`).
         """
         z = self.encode_task_layer(emb)  # (B, 32, code_dim)
-        codes, z_q = codebook_lookup(z, self.codebook.weight)
-        loss = F.mse_loss(z, z_q.detach()) + self.cfg.beta * F.mse_loss(z_q, z.detach())
-        z_st = z + (z_q - z).detach()
-        return z_st, codes, loss
+        return vector_quantize(z, self.codebook.weight, self.cfg.beta)
 
     def lookup(self, emb: torch.Tensor) -> torch.Tensor:
         """Causal embeddings (..., hidden) -> codes (...)."""

@@ -1,6 +1,18 @@
 """Ops: each with a plain-torch reference (`<op>_ref`) and a dispatching entry point."""
 
-from .codebook_lookup import codebook_lookup, codebook_lookup_ref
+from .codebook_lookup import (
+    codebook_lookup,
+    codebook_lookup_ref,
+    vector_quantize,
+    vector_quantize_ref,
+)
 from .qformer_attention import qformer_attention, qformer_attention_ref
 
-__all__ = ["codebook_lookup", "codebook_lookup_ref", "qformer_attention", "qformer_attention_ref"]
+__all__ = [
+    "codebook_lookup",
+    "codebook_lookup_ref",
+    "qformer_attention",
+    "qformer_attention_ref",
+    "vector_quantize",
+    "vector_quantize_ref",
+]

@@ -1,22 +1,35 @@
-"""Nearest-code search for vector quantizers.
+"""Nearest-code search for vector quantizers, and SEED's vector-quantization step.
 
 `codebook_lookup_ref` is the specification: plain torch, exact squared distances
 sum((z - e)^2) accumulated in fp32 (fp64 for fp64 inputs) whatever the input dtype, processed in
 chunks so that the N x K distance matrix is never held at once, ties to the lowest index.
+
+The fused backends ("cpu": C++ in csrc/codebook_lookup, "triton": kernels/codebook_lookup.py,
+"cuda": csrc/codebook_lookup/*.cu) score codes by 0.5 ||e||^2 - z.e in fp32, never materialize
+N x K, and keep the running (min, argmin). They are registered as the custom op
+`seed_fast::codebook_argmin` (fake impl included) so torch.compile(fullgraph=True) and torch.export
+see one opaque node.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "ref")
+from .. import _ext
+
+IMPLS = ("auto", "ref", "cpu", "triton", "cuda")
 METRICS = ("l2", "cosine")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
 
 # Elements of the (rows, K, D) difference tensor built per chunk by the reference (~64 MB in fp32).
 _REF_CHUNK_ELEMS = 16 * 1024 * 1024
 
 
+# --------------------------------------------------------------------------------------- reference
 def codebook_lookup_ref(
     z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,37 +38,194 @@ def codebook_lookup_ref(
     z: (..., D) fp32 / fp16 / bf16 / fp64; codebook: (K, D), same dtype family.
     metric: "l2" (squared Euclidean, SEED) or "cosine" (both sides l2-normalized, LaVIT).
     Returns (indices int64 (...), z_q = codebook[indices] (..., D) in codebook's dtype).
+    z_q is differentiable with respect to the codebook (gather); indices carry no gradient.
     """
     _check_inputs(z, codebook, metric)
-    acc = torch.float64 if z.dtype == torch.float64 or codebook.dtype == torch.float64 else torch.float32
-    flat = z.reshape(-1, z.shape[-1]).to(acc)
-    book = codebook.to(acc)
-    if metric == "cosine":
-        flat = F.normalize(flat, dim=-1)
-        book = F.normalize(book, dim=-1)
+    indices = _argmin_ref(*_prepare(z, codebook, metric)).reshape(z.shape[:-1])
+    return indices, F.embedding(indices, codebook)
+
+
+def _argmin_ref(flat: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    acc = torch.float64 if torch.float64 in (flat.dtype, book.dtype) else torch.float32
+    flat, book = flat.to(acc), book.to(acc)
     n, k = flat.shape[0], book.shape[0]
-    indices = torch.empty(n, dtype=torch.long, device=z.device)
+    indices = torch.empty(n, dtype=torch.long, device=flat.device)
     rows = max(1, _REF_CHUNK_ELEMS // max(1, k * book.shape[1]))
     for start in range(0, n, rows):
         chunk = flat[start : start + rows]
         dist = (chunk[:, None, :] - book[None, :, :]).square().sum(-1)  # (rows, K)
         indices[start : start + rows] = dist.argmin(dim=-1)  # first minimum = lowest index
-    indices = indices.reshape(z.shape[:-1])
-    return indices, F.embedding(indices, codebook)
+    return indices
+
+
+def _prepare(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = z.reshape(-1, z.shape[-1])
+    if metric == "cosine":
+        acc = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
+        return F.normalize(flat.to(acc), dim=-1), F.normalize(codebook.to(acc), dim=-1)
+    return flat, codebook
+
+
+# --------------------------------------------------------------------------------------- custom op
+@torch.library.custom_op("seed_fast::codebook_argmin", mutates_args=())
+def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str) -> torch.Tensor:
+    """(N, D) x (K, D) -> (N,) int64 nearest-code indices with the named backend (not "auto")."""
+    for name, t in (("z", z), ("codebook", codebook)):
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"codebook_lookup: {name} contains {bad} NaN/inf value(s)")
+    if z.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=z.device)
+    if impl == "ref":
+        return _argmin_ref(z, codebook)
+    if impl == "cpu":
+        return _ext.require_cpu_ext().codebook_argmin(z, codebook)
+    if impl == "cuda":
+        return _ext.require_cuda_ext().codebook_argmin(z, codebook)
+    if impl == "triton":
+        from ..kernels.codebook_lookup import codebook_argmin_triton
+
+        return codebook_argmin_triton(z, codebook)
+    raise ValueError(f"codebook_argmin: unknown impl {impl!r}")
+
+
+@codebook_argmin.register_fake
+def _(z: torch.Tensor, codebook: torch.Tensor, impl: str) -> torch.Tensor:
+    return z.new_empty((z.shape[0],), dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------- dispatch
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def not_supported_reasons(impl: str, z: torch.Tensor, codebook: torch.Tensor) -> list[str]:
+    """Why backend `impl` cannot run these (prepared, 2-D) inputs; empty when it can."""
+    reasons = []
+    dtypes = {z.dtype, codebook.dtype}
+    if impl == "ref":
+        return reasons
+    if not dtypes <= set(_KERNEL_DTYPES):
+        reasons.append(f"dtype {sorted(map(str, dtypes))} not in float32/float16/bfloat16")
+    if impl == "cpu":
+        if z.device.type != "cpu":
+            reasons.append(f"tensors are on {z.device}, not the CPU")
+        if _ext.cpu_ext() is None:
+            reasons.append(f"C++ extension not built: {_ext.cpu_ext_error()}")
+    elif impl == "cuda":
+        if z.device.type != "cuda":
+            reasons.append(f"tensors are on {z.device}, not a CUDA device")
+        if _ext.cuda_ext() is None:
+            reasons.append(f"CUDA extension not built: {_ext.cuda_ext_error()}")
+    elif impl == "triton":
+        try:
+            import triton  # noqa: F401
+        except Exception as e:
+            reasons.append(f"triton unavailable: {type(e).__name__}: {e}")
+        if z.device.type == "cpu":
+            if not _triton_interpreting():
+                reasons.append("CPU tensors need TRITON_INTERPRET=1 (the interpreter, for testing)")
+            if torch.bfloat16 in dtypes:
+                reasons.append("the Triton interpreter has no bfloat16")
+        elif z.device.type != "cuda":
+            reasons.append(f"tensors are on {z.device}")
+    else:
+        reasons.append(f"unknown impl {impl!r}; choose from {IMPLS}")
+    return reasons
+
+
+def choose_impl(z: torch.Tensor, codebook: torch.Tensor, impl: str = "auto") -> str:
+    """The backend `codebook_lookup(impl=...)` would use; raises with the reasons when it cannot run."""
+    if impl not in IMPLS:
+        raise ValueError(f"codebook_lookup: unknown impl {impl!r}; choose from {IMPLS}")
+    if impl != "auto":
+        reasons = not_supported_reasons(impl, z, codebook)
+        if reasons:
+            raise RuntimeError(f"codebook_lookup: impl={impl!r} cannot run these inputs: " + "; ".join(reasons))
+        return impl
+    order = ("triton", "cuda") if z.device.type == "cuda" else ("cpu",)
+    for cand in order:
+        if not not_supported_reasons(cand, z, codebook):
+            return cand
+    return "ref"
 
 
 def codebook_lookup(
     z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", impl: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatching entry point; same contract as `codebook_lookup_ref`."""
-    if impl not in IMPLS:
-        raise ValueError(f"codebook_lookup: unknown impl {impl!r}; available here: {IMPLS}")
-    return codebook_lookup_ref(z, codebook, metric=metric)
+    """Fused nearest-code search; same contract as `codebook_lookup_ref`.
+
+    impl: "auto" (fastest backend that can run the inputs), "ref", "cpu", "triton", "cuda".
+    NaN / inf in z or the codebook raise ValueError.
+    """
+    _check_inputs(z, codebook, metric)
+    flat, book = _prepare(z, codebook, metric)
+    chosen = choose_impl(flat, book, impl)
+    indices = torch.ops.seed_fast.codebook_argmin(flat, book, chosen).reshape(z.shape[:-1])
+    return indices, F.embedding(indices, codebook)
+
+
+# --------------------------------------------------------------------------------------- VQ step
+def vector_quantize_ref(
+    z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SEED's quantization step in plain torch (the specification).
+
+    Returns (z_st, indices, loss): z_st = z + sg[z_q - z] (straight-through), and the released
+    "legacy" loss mean((sg[z_q] - z)^2) + beta * mean((z_q - sg[z])^2).
+    """
+    indices, z_q = codebook_lookup_ref(z, codebook)
+    loss = F.mse_loss(z, z_q.detach()) + beta * F.mse_loss(z_q, z.detach())
+    z_st = z + (z_q - z).detach()
+    return z_st, indices, loss
+
+
+class _VectorQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, codebook, beta, impl):
+        indices, z_q = codebook_lookup(z, codebook, impl=impl)
+        diff = z_q.to(torch.float32) - z.to(torch.float32)  # (..., D) fp32 (fp64 stays fp64 below)
+        if torch.float64 in (z.dtype, codebook.dtype):
+            diff = z_q.double() - z.double()
+        loss = ((1.0 + beta) * diff.square().mean()).to(z.dtype)  # both legacy terms share one value
+        z_st = z + (z_q - z)
+        ctx.save_for_backward(indices, diff)
+        ctx.beta, ctx.k, ctx.dtypes = beta, codebook.shape[0], (z.dtype, codebook.dtype)
+        ctx.mark_non_differentiable(indices)
+        return z_st, indices, loss
+
+    @staticmethod
+    def backward(ctx, g_zst, g_idx, g_loss):
+        indices, diff = ctx.saved_tensors
+        z_dtype, c_dtype = ctx.dtypes
+        scale = 2.0 * g_loss.to(diff.dtype) / diff.numel()
+        grad_z = grad_cb = None
+        if ctx.needs_input_grad[0]:
+            grad_z = -scale * diff
+            if g_zst is not None:
+                grad_z = grad_z + g_zst.to(diff.dtype)
+            grad_z = grad_z.to(z_dtype)
+        if ctx.needs_input_grad[1]:
+            d = diff.shape[-1]
+            grad_cb = torch.zeros(ctx.k, d, dtype=diff.dtype, device=diff.device)
+            grad_cb.index_add_(0, indices.reshape(-1), (ctx.beta * scale) * diff.reshape(-1, d))
+            grad_cb = grad_cb.to(c_dtype)
+        return grad_z, grad_cb, None, None
+
+
+def vector_quantize(
+    z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25, *, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SEED's quantization step: fused lookup, straight-through output and legacy VQ loss in one
+    autograd node (forward and backward equal `vector_quantize_ref`)."""
+    return _VectorQuantize.apply(z, codebook, float(beta), impl)
 
 
 def _check_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
     if metric not in METRICS:
         raise ValueError(f"codebook_lookup: metric must be one of {METRICS}, got {metric!r}")
+    if not isinstance(z, torch.Tensor) or not isinstance(codebook, torch.Tensor):
+        raise TypeError("codebook_lookup: z and codebook must be tensors")
     if codebook.dim() != 2:
         raise ValueError(f"codebook_lookup: codebook must be (K, D), got shape {tuple(codebook.shape)}")
     if z.dim() < 1 or z.shape[-1] != codebook.shape[1]:
@@ -63,7 +233,9 @@ def _check_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
             f"codebook_lookup: z's last dim must equal the code dim {codebook.shape[1]}, got shape {tuple(z.shape)}"
         )
     if codebook.shape[0] == 0:
-        raise ValueError("codebook_lookup: the codebook is empty")
+        raise ValueError("codebook_lookup: the codebook is empty (K = 0)")
+    if codebook.shape[0] > _INT32_MAX - 64:
+        raise ValueError(f"codebook_lookup: K = {codebook.shape[0]} codes is above the int32 index range")
     for name, t in (("z", z), ("codebook", codebook)):
         if not t.is_floating_point():
             raise TypeError(f"codebook_lookup: {name} must be floating point, got {t.dtype}")

@@ -1,13 +1,31 @@
-"""The nearest-code reference: against a float64 loop, ties, chunking, dtypes, errors."""
+"""codebook_lookup / vector_quantize: every backend against float64 by distance achieved, ties,
+odd shapes, dtypes, gradients, opcheck, torch.compile / torch.export, errors."""
+
+import importlib
 
 import pytest
 import torch
 
-import importlib
-
-from seed_fast.ops import codebook_lookup, codebook_lookup_ref
+from seed_fast.ops import codebook_lookup, codebook_lookup_ref, vector_quantize, vector_quantize_ref
+from seed_fast.ops.codebook_lookup import choose_impl, not_supported_reasons
+from seed_fast.testing import assert_close
 
 cl = importlib.import_module("seed_fast.ops.codebook_lookup")  # the module, not the function
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _runnable(impl, dtype):
+    z = torch.empty(2, 4, dtype=dtype, device=DEVICE)
+    return not not_supported_reasons(impl, z, z)
+
+
+IMPLS = [i for i in ("ref", "cpu", "triton", "cuda") if _runnable(i, torch.float32)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def test_expected_backends_are_present():
+    assert "cpu" in IMPLS, "the C++ kernel must be built on every machine"
+    assert "triton" in IMPLS, "the Triton kernel must run (GPU, or TRITON_INTERPRET=1 on CPU)"
 
 
 def _naive(z, codebook, metric):
@@ -28,7 +46,7 @@ def _naive(z, codebook, metric):
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("shape,k,d", [((1,), 1, 1), ((7,), 13, 5), ((2, 3), 37, 32), ((33,), 300, 8)])
-def test_matches_float64_loop(metric, shape, k, d):
+def test_reference_matches_float64_loop(metric, shape, k, d):
     z = torch.randn(*shape, d, dtype=torch.float64)
     book = torch.randn(k, d, dtype=torch.float64)
     idx, zq = codebook_lookup_ref(z, book, metric=metric)
@@ -37,46 +55,214 @@ def test_matches_float64_loop(metric, shape, k, d):
     assert torch.equal(zq, book[idx])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_distances_are_fp32_whatever_the_dtype(dtype):
-    # Far from the origin with close codes: the expanded |z|^2 - 2 z.e + |e|^2 overflows fp16 and
-    # cancels in bf16; the fp32 exact difference still finds the nearest code.
-    g = torch.Generator().manual_seed(0)
-    center = torch.full((16,), 60.0)
-    book = (center + torch.randn(64, 16, generator=g) * 0.5).to(dtype)
-    z = (center + torch.randn(50, 16, generator=g) * 0.5).to(dtype)
-    idx, zq = codebook_lookup_ref(z, book)
-    d = torch.cdist(z.double(), book.double()).square()
-    assert torch.equal(d.gather(1, idx[:, None]).squeeze(1), d.min(1).values)  # achieved distance is the min
-    assert zq.dtype == dtype
+def _check_achieves_min(z, book, idx, metric, exact_fraction=0.99):
+    """Indices achieve the float64 minimum distance up to fp32 rounding of the kernel's scores."""
+    z64, e64 = z.double().reshape(-1, z.shape[-1]), book.double()
+    if metric == "cosine":
+        z64 = torch.nn.functional.normalize(z64, dim=-1)
+        e64 = torch.nn.functional.normalize(e64, dim=-1)
+    dist = torch.cdist(z64, e64).square()  # (N, K)
+    best = dist.min(dim=1).values
+    achieved = dist.gather(1, idx.reshape(-1, 1).cpu()).squeeze(1)
+    d = z.shape[-1]
+    tol = 8 * 2.0**-24 * d**0.5 * (z64.square().sum(1) + e64.square().sum(1).max())
+    worst = (achieved - best - tol).max()
+    assert worst <= 0, f"an index misses the minimum distance by {float(worst):.3g} beyond fp32 rounding"
+    ref = dist.argmin(dim=1)
+    assert (ref == idx.reshape(-1).cpu()).double().mean() >= exact_fraction
 
 
-def test_ties_go_to_the_lowest_index():
-    book = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
-    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
-    idx, _ = codebook_lookup_ref(z, book)
-    assert idx.tolist() == [0, 1, 0]
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (1, 300, 5), (33, 77, 32), (70, 130, 70), (5, 600, 768)])
+def test_backends_achieve_the_minimum(impl, dtype, metric, n, k, d):
+    if not _runnable(impl, dtype):
+        pytest.skip(f"{impl} cannot run {dtype} here: {not_supported_reasons(impl, torch.empty(1, 1, dtype=dtype), torch.empty(1, 1, dtype=dtype))}")
+    g = torch.Generator().manual_seed(n * 1000 + k + d)
+    z = torch.randn(n, d, generator=g).to(DEVICE, dtype)
+    book = torch.randn(k, d, generator=g).to(DEVICE, dtype)
+    idx, zq = codebook_lookup(z, book, metric=metric, impl=impl)
+    assert idx.shape == (n,) and idx.dtype == torch.int64 and idx.device == z.device
+    assert torch.equal(zq, book[idx])
+    _check_achieves_min(z, book, idx, metric)
 
 
-def test_chunking_does_not_change_the_result(monkeypatch):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_odd_layouts(impl):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(40, 3, 24, generator=g).to(DEVICE)
+    z = base.transpose(0, 1)[:, ::2]  # (3, 20, 24), non-contiguous
+    assert not z.is_contiguous()
+    book = torch.randn(101, 24, generator=g).to(DEVICE)[::1]
+    idx, zq = codebook_lookup(z, book, impl=impl)
+    assert idx.shape == (3, 20) and zq.shape == (3, 20, 24)
+    _check_achieves_min(z, book, idx, "l2")
+    # empty leading dims give empty results
+    idx0, zq0 = codebook_lookup(z[:, :0], book, impl=impl)
+    assert idx0.shape == (3, 0) and zq0.shape == (3, 0, 24)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ties_go_to_the_lowest_index(impl):
+    g = torch.Generator().manual_seed(2)
+    uniq = torch.randn(40, 16, generator=g)
+    book = torch.cat([uniq, uniq, uniq]).to(DEVICE)  # every code appears 3 times: 0..39, 40..79, 80..119
+    z = (uniq[torch.randint(0, 40, (50,), generator=g)] + 0.01 * torch.randn(50, 16, generator=g)).to(DEVICE)
+    idx, _ = codebook_lookup(z, book, impl=impl)
+    assert int(idx.max()) < 40
+    assert torch.equal(idx.cpu(), codebook_lookup_ref(z, book)[0].cpu())
+
+
+@pytest.mark.skipif("triton" not in IMPLS, reason="triton cannot run here")
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_triton_codebook_splits_agree(splits):
+    from seed_fast.kernels.codebook_lookup import codebook_argmin_triton
+
+    g = torch.Generator().manual_seed(3)
+    uniq = torch.randn(100, 8, generator=g)
+    book = torch.cat([uniq, uniq]).to(DEVICE)  # ties across splits
+    z = torch.randn(20, 8, generator=g).to(DEVICE)
+    idx = codebook_argmin_triton(z, book, splits=splits)
+    assert torch.equal(idx.cpu(), codebook_lookup_ref(z, book)[0].cpu())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_far_from_origin_low_precision(impl, dtype):
+    """Where SEED's fp16 expanded formula overflows / cancels, fp32 accumulation still finds the code."""
+    if not _runnable(impl, dtype):
+        pytest.skip(f"{impl} cannot run {dtype} here")
+    g = torch.Generator().manual_seed(4)
+    center = torch.full((32,), 40.0)
+    book = (center + torch.randn(256, 32, generator=g)).to(DEVICE, dtype)
+    z = (center + torch.randn(64, 32, generator=g)).to(DEVICE, dtype)
+    idx, _ = codebook_lookup(z, book, impl=impl)
+    _check_achieves_min(z, book, idx, "l2", exact_fraction=0.95)
+    if dtype == torch.float16:  # the SEED formula in fp16 is not usable here at all
+        naive = (z.pow(2).sum(1, keepdim=True) + book.pow(2).sum(1) - 2 * z @ book.t()).float()
+        assert not torch.isfinite(naive).all()
+
+
+def test_auto_picks_a_kernel_and_falls_back():
+    z = torch.randn(4, 8)
+    assert choose_impl(z, z) == ("cpu" if DEVICE == "cpu" else "triton")
+    assert choose_impl(z.double(), z.double()) == "ref"  # no kernel takes fp64
+    with pytest.raises(RuntimeError, match=r"impl='cpu' cannot run.*float64"):
+        codebook_lookup(z.double(), z.double(), impl="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"impl='cuda' cannot run.*not a CUDA device"):
+            codebook_lookup(z, z, impl="cuda")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_codebook_gradient_through_the_gather(impl):
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 11, 8, generator=g).to(DEVICE)
+    book = torch.randn(50, 8, generator=g).to(DEVICE).requires_grad_()
+    book_ref = book.detach().clone().requires_grad_()
+    w = torch.randn(3, 11, 8, generator=g).to(DEVICE)
+    _, zq = codebook_lookup(z, book, impl=impl)
+    (zq * w).sum().backward()
+    _, zq_ref = codebook_lookup_ref(z, book_ref)
+    (zq_ref * w).sum().backward()
+    assert_close(book.grad, book_ref.grad, atol=1e-6, rtol=1e-6, name="codebook grad")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.float16, 2e-3)])
+def test_vector_quantize_matches_plain_torch(impl, dtype, tol):
+    if dtype == torch.float64:
+        impl = "ref"
+    elif not _runnable(impl, dtype):
+        pytest.skip(f"{impl} cannot run {dtype}")
+    g = torch.Generator().manual_seed(6)
+    z0 = torch.randn(2, 32, 16, generator=g)
+    b0 = torch.randn(64, 16, generator=g)
+    gz = torch.randn(2, 32, 16, generator=g)
+
+    def run(fn, **kw):
+        z = z0.to(DEVICE, dtype).requires_grad_()
+        b = b0.to(DEVICE, dtype).requires_grad_()
+        z_st, idx, loss = fn(z, b, 0.25, **kw)
+        ((z_st * gz.to(DEVICE, dtype)).sum() + 3.0 * loss).backward()
+        return z_st, idx, loss, z.grad, b.grad
+
+    ours = run(vector_quantize, impl=impl)
+    ref = run(vector_quantize_ref)
+    assert torch.equal(ours[1], ref[1])
+    for name, a, e in zip(("z_st", "idx", "loss", "grad z", "grad codebook"), ours, ref):
+        if name != "idx":
+            assert a.dtype == e.dtype, name
+            assert_close(a.float(), e.float(), atol=tol, rtol=tol, name=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck(impl):
+    z, book = torch.randn(9, 12).to(DEVICE), torch.randn(70, 12).to(DEVICE)
+    torch.library.opcheck(torch.ops.seed_fast.codebook_argmin.default, (z, book, impl))
+
+
+def test_torch_compile_fullgraph_and_export():
+    z, book = torch.randn(2, 32, 8), torch.randn(100, 8)
+
+    def f(z, book):
+        idx, zq = codebook_lookup(z, book, impl="cpu")
+        return idx, zq * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(z, book), f(z, book)):
+        assert torch.equal(a, b)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.book = torch.nn.Parameter(book)
+
+        def forward(self, z):
+            return codebook_lookup(z, self.book, impl="cpu")[0]
+
+    ep = torch.export.export(M(), (z,))
+    assert torch.equal(ep.module()(z), f(z, book)[0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_input(impl):
+    z, book = torch.randn(4, 8, device=DEVICE), torch.randn(16, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="last dim must equal the code dim 8"):
+        codebook_lookup(torch.randn(4, 7, device=DEVICE), book, impl=impl)
+    with pytest.raises(ValueError, match=r"codebook must be \(K, D\)"):
+        codebook_lookup(z, book[None], impl=impl)
+    with pytest.raises(ValueError, match="empty"):
+        codebook_lookup(z, book[:0], impl=impl)
+    with pytest.raises(TypeError, match="floating point"):
+        codebook_lookup(z.long(), book, impl=impl)
+    with pytest.raises(TypeError, match="floating point"):
+        codebook_lookup(z, book.int(), impl=impl)
+    zn = z.clone()
+    zn[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="z contains 1 NaN/inf"):
+        codebook_lookup(zn, book, impl=impl)
+    bn = book.clone()
+    bn[5, 0] = float("inf")
+    with pytest.raises(ValueError, match="codebook contains 1 NaN/inf"):
+        codebook_lookup(z, bn, impl=impl)
+    with pytest.raises(ValueError, match="metric"):
+        codebook_lookup(z, book, metric="dot", impl=impl)
+
+
+def test_bad_input_general():
+    with pytest.raises(ValueError, match="above the int32 index range"):
+        codebook_lookup(torch.empty(4, 1, device="meta"), torch.empty(2**31, 1, device="meta"))
+    with pytest.raises(ValueError, match="unknown impl 'flash'"):
+        codebook_lookup(torch.randn(4, 8), torch.randn(16, 8), impl="flash")
+    with pytest.raises(ValueError, match="z is on cpu but codebook on meta"):
+        codebook_lookup(torch.randn(4, 8), torch.empty(16, 8, device="meta"))
+
+
+def test_reference_chunking_does_not_change_the_result(monkeypatch):
     z, book = torch.randn(101, 8), torch.randn(77, 8)
     full, _ = codebook_lookup_ref(z, book)
     monkeypatch.setattr(cl, "_REF_CHUNK_ELEMS", 8 * 77 * 3)  # 3 rows per chunk
     chunked, _ = codebook_lookup_ref(z, book)
     assert torch.equal(full, chunked)
-
-
-def test_errors():
-    z, book = torch.randn(4, 8), torch.randn(16, 8)
-    with pytest.raises(ValueError, match="last dim must equal the code dim 8"):
-        codebook_lookup_ref(torch.randn(4, 7), book)
-    with pytest.raises(ValueError, match=r"codebook must be \(K, D\)"):
-        codebook_lookup_ref(z, book[None])
-    with pytest.raises(ValueError, match="empty"):
-        codebook_lookup_ref(z, book[:0])
-    with pytest.raises(TypeError, match="floating point"):
-        codebook_lookup_ref(z.long(), book)
-    with pytest.raises(ValueError, match="metric"):
-        codebook_lookup_ref(z, book, metric="dot")
-    with pytest.raises(ValueError, match="unknown impl 'cuda'"):
-        codebook_lookup(z, book, impl="cuda")

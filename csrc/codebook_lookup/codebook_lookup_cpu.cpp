@@ -1,0 +1,139 @@
+// Nearest-code search on the CPU: argmin_k ||z - e_k||^2 for each row of z, fp32 accumulation.
+//
+// The codebook is packed into panels of NR codes stored dimension-major ([panel][d][NR]) so the
+// inner loop is NR contiguous floats; each micro-tile keeps MR rows x NR codes of dot products in
+// registers and a running (min, argmin) per lane. Score = 0.5 ||e||^2 - z.e, which orders codes as
+// the squared distance does (||z||^2 is constant per row). Ties go to the lowest index: a lane only
+// replaces its best on a strictly smaller score, and the final cross-lane reduction prefers the
+// lower index among equal scores. Padded codes score +inf.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "codebook_lookup.h"
+
+namespace seed_fast {
+namespace {
+
+constexpr int64_t MR = 4;   // rows of z per micro-tile
+constexpr int64_t NR = 32;  // codes per panel
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(SEED_FAST_NO_CLONES)
+#define SEED_FAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SEED_FAST_CPU_CLONES
+#endif
+
+void pack_codebook(const float* cb, int64_t K, int64_t D, float* panels, float* half_norm) {
+  const int64_t P = (K + NR - 1) / NR;
+  at::parallel_for(0, P, 16, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* dst = panels + p * D * NR;
+      for (int64_t j = 0; j < NR; ++j) {
+        const int64_t k = p * NR + j;
+        if (k < K) {
+          const float* e = cb + k * D;
+          float s = 0.f;
+          for (int64_t d = 0; d < D; ++d) {
+            dst[d * NR + j] = e[d];
+            s += e[d] * e[d];
+          }
+          half_norm[k] = 0.5f * s;
+        } else {
+          for (int64_t d = 0; d < D; ++d) dst[d * NR + j] = 0.f;
+          half_norm[k] = std::numeric_limits<float>::infinity();
+        }
+      }
+    }
+  });
+}
+
+// Rows [r0, r0 + MR) of z (rows past N repeat the last row; their results are dropped).
+SEED_FAST_CPU_CLONES
+void argmin_micro(const float* z, int64_t N, int64_t D, int64_t r0, const float* panels, const float* half_norm,
+                  int64_t P, int64_t* out) {
+  const float* zr[MR];
+  for (int64_t r = 0; r < MR; ++r) zr[r] = z + std::min(r0 + r, N - 1) * D;
+  float best_v[MR][NR];
+  int32_t best_i[MR][NR];
+  for (int64_t r = 0; r < MR; ++r)
+    for (int64_t j = 0; j < NR; ++j) {
+      best_v[r][j] = std::numeric_limits<float>::infinity();
+      best_i[r][j] = static_cast<int32_t>(j);
+    }
+  for (int64_t p = 0; p < P; ++p) {
+    const float* pp = panels + p * D * NR;
+    float acc[MR][NR] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* e = pp + d * NR;
+#pragma GCC unroll 4
+      for (int64_t r = 0; r < MR; ++r) {
+        const float zv = zr[r][d];
+#pragma GCC ivdep
+        for (int64_t j = 0; j < NR; ++j) acc[r][j] += zv * e[j];
+      }
+    }
+    const float* h = half_norm + p * NR;
+    const int32_t base = static_cast<int32_t>(p * NR);
+    for (int64_t r = 0; r < MR; ++r) {
+#pragma GCC ivdep
+      for (int64_t j = 0; j < NR; ++j) {
+        const float s = h[j] - acc[r][j];
+        const bool better = s < best_v[r][j];
+        best_v[r][j] = better ? s : best_v[r][j];
+        best_i[r][j] = better ? base + static_cast<int32_t>(j) : best_i[r][j];
+      }
+    }
+  }
+  for (int64_t r = 0; r < MR && r0 + r < N; ++r) {
+    float v = best_v[r][0];
+    int32_t i = best_i[r][0];
+    for (int64_t j = 1; j < NR; ++j) {
+      if (best_v[r][j] < v || (best_v[r][j] == v && best_i[r][j] < i)) {
+        v = best_v[r][j];
+        i = best_i[r][j];
+      }
+    }
+    out[r0 + r] = i;
+  }
+}
+
+}  // namespace
+
+torch::Tensor codebook_argmin_cpu(const torch::Tensor& z, const torch::Tensor& codebook) {
+  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(), "codebook_argmin_cpu: tensors must be on the CPU");
+  TORCH_CHECK(z.dim() == 2, "codebook_argmin_cpu: z must be (N, D), got ", z.sizes());
+  TORCH_CHECK(codebook.dim() == 2, "codebook_argmin_cpu: codebook must be (K, D), got ", codebook.sizes());
+  TORCH_CHECK(z.size(1) == codebook.size(1), "codebook_argmin_cpu: z has D=", z.size(1), " but codebook has D=",
+              codebook.size(1));
+  TORCH_CHECK(codebook.size(0) >= 1, "codebook_argmin_cpu: the codebook is empty");
+  TORCH_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max() - NR,
+              "codebook_argmin_cpu: K=", codebook.size(0), " is above the int32 index range");
+  for (const auto* t : {&z, &codebook}) {
+    const auto st = t->scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+                "codebook_argmin_cpu: inputs must be float32, float16 or bfloat16, got ", st);
+  }
+  const int64_t N = z.size(0), D = z.size(1), K = codebook.size(0);
+  auto out = torch::empty({N}, z.options().dtype(torch::kLong));
+  if (N == 0) return out;
+  const auto zf = z.to(torch::kFloat).contiguous();
+  const auto cf = codebook.to(torch::kFloat).contiguous();
+  const int64_t P = (K + NR - 1) / NR;
+  std::vector<float> panels(static_cast<size_t>(P * D * NR));
+  std::vector<float> half_norm(static_cast<size_t>(P * NR));
+  pack_codebook(cf.data_ptr<float>(), K, D, panels.data(), half_norm.data());
+  const float* zp = zf.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t blocks = (N + MR - 1) / MR;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) argmin_micro(zp, N, D, b * MR, panels.data(), half_norm.data(), P, op);
+  });
+  return out;
+}
+
+}  // namespace seed_fast
