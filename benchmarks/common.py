@@ -1,0 +1,138 @@
+"""Shared benchmark plumbing: timing with spread, peak memory, device naming, result files.
+
+Timing: warm-up calls, then `repeats` timed calls (CUDA events on GPU, perf_counter on CPU, each
+call synchronized); we report the median and the interquartile range.
+Peak memory: on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call; on
+Linux CPU, the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS
+before the call. Both count only what the call itself adds (workspace + outputs).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def device_name(device: str) -> str:
+    """A folder-safe name for the machine, e.g. 'nvidia-h100-80gb-hbm3' or 'cpu-amd-epyc-2c'."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or "cpu"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1]
+                    break
+        except OSError:
+            pass
+        name = f"cpu {name} {os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device: str, *, warmup: int = 2, repeats: int = 10, max_seconds: float = 20.0) -> dict:
+    """Median and spread of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > max_seconds and len(times) >= 3:
+            break
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "n": len(times)}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn, device: str) -> int | None:
+    """Peak memory fn() adds above what was in use before it; None where it cannot be measured."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        del out
+        return peak
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        before = _rss_kib("VmRSS")
+        out = fn()
+        peak = (_rss_kib("VmHWM") - before) * 1024
+        del out
+        return max(peak, 0)
+    except (OSError, RuntimeError):
+        return None
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("seed_fast", "triton", "faiss-cpu", "vector-quantize-pytorch"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def write_results(name: str, device: str, rows: list[dict], markdown: str, out_dir: str | None, extra: dict | None = None):
+    """benchmarks/results/<device>/<name>.{md,json} (+ the caller's PNG). Returns the folder."""
+    folder = Path(out_dir) if out_dir else Path(__file__).parent / "results" / device_name(device)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "benchmark": name,
+        "device": torch.cuda.get_device_name() if device == "cuda" else device_name(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": versions(),
+        "threads": torch.get_num_threads(),
+    }
+    meta.update(extra or {})
+    (folder / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    header = f"# {name}\n\ndevice: {meta['device']}; date: {meta['date']}; torch threads: {meta['threads']}\n\n"
+    header += "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "\n\n"
+    (folder / f"{name}.md").write_text(header + markdown)
+    return folder
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """columns: (key, header) pairs."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(k, "")) for k, _ in columns) + " |")
+    return "\n".join(lines) + "\n"
