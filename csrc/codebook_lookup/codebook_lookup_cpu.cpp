@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -52,10 +53,12 @@ void pack_codebook(const float* cb, int64_t K, int64_t D, float* panels, float* 
   });
 }
 
-// Rows [r0, r0 + MR) of z (rows past N repeat the last row; their results are dropped).
+// Rows [r0, r0 + MR) of z against panels [p0, p1) (rows past N repeat the last row; their results
+// are dropped). Merges into the rows' running best (row_v, row_i): strictly smaller wins, so an
+// earlier chunk (lower indices) keeps ties.
 SEED_FAST_CPU_CLONES
 void argmin_micro(const float* z, int64_t N, int64_t D, int64_t r0, const float* panels, const float* half_norm,
-                  int64_t P, int64_t* out) {
+                  int64_t p0, int64_t p1, float* row_v, int32_t* row_i) {
   const float* zr[MR];
   for (int64_t r = 0; r < MR; ++r) zr[r] = z + std::min(r0 + r, N - 1) * D;
   float best_v[MR][NR];
@@ -63,9 +66,9 @@ void argmin_micro(const float* z, int64_t N, int64_t D, int64_t r0, const float*
   for (int64_t r = 0; r < MR; ++r)
     for (int64_t j = 0; j < NR; ++j) {
       best_v[r][j] = std::numeric_limits<float>::infinity();
-      best_i[r][j] = static_cast<int32_t>(j);
+      best_i[r][j] = static_cast<int32_t>(p0 * NR + j);
     }
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = p0; p < p1; ++p) {
     const float* pp = panels + p * D * NR;
     float acc[MR][NR] = {};
     for (int64_t d = 0; d < D; ++d) {
@@ -89,7 +92,7 @@ void argmin_micro(const float* z, int64_t N, int64_t D, int64_t r0, const float*
       }
     }
   }
-  for (int64_t r = 0; r < MR && r0 + r < N; ++r) {
+  for (int64_t r = 0; r < MR; ++r) {
     float v = best_v[r][0];
     int32_t i = best_i[r][0];
     for (int64_t j = 1; j < NR; ++j) {
@@ -98,7 +101,10 @@ void argmin_micro(const float* z, int64_t N, int64_t D, int64_t r0, const float*
         i = best_i[r][j];
       }
     }
-    out[r0 + r] = i;
+    if (v < row_v[r]) {
+      row_v[r] = v;
+      row_i[r] = i;
+    }
   }
 }
 
@@ -130,8 +136,22 @@ torch::Tensor codebook_argmin_cpu(const torch::Tensor& z, const torch::Tensor& c
   const float* zp = zf.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   const int64_t blocks = (N + MR - 1) / MR;
+  // Codes are swept in chunks of about kChunkBytes of packed codebook (L2-resident) across all of a
+  // thread's rows before the next chunk, instead of streaming the whole codebook per micro-tile
+  // (which made large D memory-bound).
+  constexpr int64_t kChunkBytes = 1024 * 1024;
+  const int64_t chunk_panels = std::max<int64_t>(1, kChunkBytes / (D * NR * static_cast<int64_t>(sizeof(float))));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) argmin_micro(zp, N, D, b * MR, panels.data(), half_norm.data(), P, op);
+    std::vector<float> row_v(static_cast<size_t>((b1 - b0) * MR), std::numeric_limits<float>::infinity());
+    std::vector<int32_t> row_i(static_cast<size_t>((b1 - b0) * MR), 0);
+    for (int64_t p0 = 0; p0 < P; p0 += chunk_panels) {
+      const int64_t p1 = std::min(P, p0 + chunk_panels);
+      for (int64_t b = b0; b < b1; ++b)
+        argmin_micro(zp, N, D, b * MR, panels.data(), half_norm.data(), p0, p1, &row_v[(b - b0) * MR],
+                     &row_i[(b - b0) * MR]);
+    }
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t r = 0; r < MR && b * MR + r < N; ++r) op[b * MR + r] = row_i[(b - b0) * MR + r];
   });
   return out;
 }

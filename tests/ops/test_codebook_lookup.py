@@ -104,13 +104,14 @@ def test_odd_layouts(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_ties_go_to_the_lowest_index(impl):
+@pytest.mark.parametrize("k,d", [(40, 16), (400, 768)])  # the second spans several of the CPU kernel's chunks
+def test_ties_go_to_the_lowest_index(impl, k, d):
     g = torch.Generator().manual_seed(2)
-    uniq = torch.randn(40, 16, generator=g)
-    book = torch.cat([uniq, uniq, uniq]).to(DEVICE)  # every code appears 3 times: 0..39, 40..79, 80..119
-    z = (uniq[torch.randint(0, 40, (50,), generator=g)] + 0.01 * torch.randn(50, 16, generator=g)).to(DEVICE)
+    uniq = torch.randn(k, d, generator=g)
+    book = torch.cat([uniq, uniq, uniq]).to(DEVICE)  # every code appears 3 times: 0..k-1, k..2k-1, 2k..3k-1
+    z = (uniq[torch.randint(0, k, (50,), generator=g)] + 0.01 * torch.randn(50, d, generator=g)).to(DEVICE)
     idx, _ = codebook_lookup(z, book, impl=impl)
-    assert int(idx.max()) < 40
+    assert int(idx.max()) < k
     assert torch.equal(idx.cpu(), codebook_lookup_ref(z, book)[0].cpu())
 
 
