@@ -45,7 +45,7 @@ def make_providers(device: str, dtype: torch.dtype, k: int, d: int, cb: torch.Te
         "seed expanded (torch)": (lambda z: seed_expanded(z, cb), True),  # (N, K) distances
         "torch.cdist + argmin": (lambda z: torch.cdist(z, cb).argmin(1), True),
     }
-    compiled = torch.compile(lambda z, c: codebook_lookup_ref(z, c)[0], dynamic=False)
+    compiled = torch.compile(lambda z, c: codebook_lookup_ref(z, c)[0], dynamic=True)  # one compile for all N
     prov["torch.compile(ref)"] = (lambda z: compiled(z, cb), False)
     if device == "cpu" and dtype == torch.float32:
         try:

@@ -22,6 +22,8 @@ namespace {
 
 constexpr int64_t MR = 4;   // rows of z per micro-tile
 constexpr int64_t NR = 32;  // codes per panel
+// Up to this many rows, skip packing the codebook (its cost would dominate) and use argmin_small_n.
+constexpr int64_t kSmallN = 64;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(SEED_FAST_NO_CLONES)
 #define SEED_FAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -108,6 +110,79 @@ void argmin_micro(const float* z, int64_t N, int64_t D, int64_t r0, const float*
   }
 }
 
+// Small-N path (one or two images): the rows of z are the vector lanes (z transposed into
+// [D][SR] panels, cheap), codes stream from the row-major codebook (no packing), MC codes per step.
+// Each lane keeps its row's running best; codes arrive in increasing order, so strict < keeps ties
+// on the lowest index.
+constexpr int64_t SR = 32;  // rows of z per lane panel
+constexpr int64_t MC = 4;   // codes per step
+
+SEED_FAST_CPU_CLONES
+void argmin_codes(const float* zt, int64_t D, const float* cb, int64_t k0, int64_t k1, float* best_v,
+                  int32_t* best_i) {
+  for (int64_t k = k0; k < k1; k += MC) {
+    const int64_t mc = std::min(MC, k1 - k);
+    const float* e[MC];
+    for (int64_t c = 0; c < MC; ++c) e[c] = cb + std::min(k + c, k1 - 1) * D;
+    float acc[MC][SR] = {};
+    float nrm[MC] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* zd = zt + d * SR;
+#pragma GCC unroll 4
+      for (int64_t c = 0; c < MC; ++c) {
+        const float ev = e[c][d];
+        nrm[c] += ev * ev;
+#pragma GCC ivdep
+        for (int64_t j = 0; j < SR; ++j) acc[c][j] += ev * zd[j];
+      }
+    }
+    for (int64_t c = 0; c < mc; ++c) {
+      const float h = 0.5f * nrm[c];
+      const int32_t idx = static_cast<int32_t>(k + c);
+#pragma GCC ivdep
+      for (int64_t j = 0; j < SR; ++j) {
+        const float s = h - acc[c][j];
+        const bool better = s < best_v[j];
+        best_v[j] = better ? s : best_v[j];
+        best_i[j] = better ? idx : best_i[j];
+      }
+    }
+  }
+}
+
+void argmin_small_n(const float* z, int64_t N, int64_t D, const float* cb, int64_t K, int64_t* out) {
+  const int64_t panels = (N + SR - 1) / SR;
+  std::vector<float> zt(static_cast<size_t>(panels * D * SR), 0.f);
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t d = 0; d < D; ++d) zt[(i / SR) * D * SR + d * SR + i % SR] = z[i * D + d];
+  // Contiguous code ranges per task; merged in range order so ties stay on the lowest index.
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 2, K / 512));
+  const int64_t per = (K + tasks - 1) / tasks;
+  std::vector<float> bv(static_cast<size_t>(tasks * panels * SR), std::numeric_limits<float>::infinity());
+  std::vector<int32_t> bi(static_cast<size_t>(tasks * panels * SR), 0);
+  at::parallel_for(0, tasks * panels, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t task = t / panels, panel = t % panels;
+      const int64_t k0 = task * per, k1 = std::min(K, k0 + per);
+      if (k0 < k1)
+        argmin_codes(zt.data() + panel * D * SR, D, cb, k0, k1, &bv[t * SR], &bi[t * SR]);
+    }
+  });
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t panel = i / SR, lane = i % SR;
+    float v = std::numeric_limits<float>::infinity();
+    int32_t best = 0;
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t t = task * panels + panel;
+      if (bv[t * SR + lane] < v) {
+        v = bv[t * SR + lane];
+        best = bi[t * SR + lane];
+      }
+    }
+    out[i] = best;
+  }
+}
+
 }  // namespace
 
 torch::Tensor codebook_argmin_cpu(const torch::Tensor& z, const torch::Tensor& codebook) {
@@ -129,6 +204,10 @@ torch::Tensor codebook_argmin_cpu(const torch::Tensor& z, const torch::Tensor& c
   if (N == 0) return out;
   const auto zf = z.to(torch::kFloat).contiguous();
   const auto cf = codebook.to(torch::kFloat).contiguous();
+  if (N <= kSmallN) {
+    argmin_small_n(zf.data_ptr<float>(), N, D, cf.data_ptr<float>(), K, out.data_ptr<int64_t>());
+    return out;
+  }
   const int64_t P = (K + NR - 1) / NR;
   std::vector<float> panels(static_cast<size_t>(P * D * NR));
   std::vector<float> half_norm(static_cast<size_t>(P * NR));
