@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -22,6 +23,8 @@ namespace {
 
 constexpr int64_t MR = 4;   // rows of z per micro-tile
 constexpr int64_t NR = 32;  // codes per panel
+// Prefix of the error raised for NaN / inf inputs (the Python wrapper then names and counts them).
+constexpr const char* kNonFinite = "seed_fast non-finite input: ";
 // Up to this many rows, skip packing the codebook (its cost would dominate) and use argmin_small_n.
 constexpr int64_t kSmallN = 64;
 
@@ -117,9 +120,11 @@ void argmin_micro(const float* z, int64_t N, int64_t D, int64_t r0, const float*
 constexpr int64_t SR = 32;  // rows of z per lane panel
 constexpr int64_t MC = 4;   // codes per step
 
+// Returns false when a code's squared norm is not finite (NaN / inf in the codebook).
 SEED_FAST_CPU_CLONES
-void argmin_codes(const float* zt, int64_t D, const float* cb, int64_t k0, int64_t k1, float* best_v,
+bool argmin_codes(const float* zt, int64_t D, const float* cb, int64_t k0, int64_t k1, float* best_v,
                   int32_t* best_i) {
+  bool finite = true;
   for (int64_t k = k0; k < k1; k += MC) {
     const int64_t mc = std::min(MC, k1 - k);
     const float* e[MC];
@@ -138,6 +143,7 @@ void argmin_codes(const float* zt, int64_t D, const float* cb, int64_t k0, int64
     }
     for (int64_t c = 0; c < mc; ++c) {
       const float h = 0.5f * nrm[c];
+      finite &= std::isfinite(h);
       const int32_t idx = static_cast<int32_t>(k + c);
 #pragma GCC ivdep
       for (int64_t j = 0; j < SR; ++j) {
@@ -148,26 +154,35 @@ void argmin_codes(const float* zt, int64_t D, const float* cb, int64_t k0, int64
       }
     }
   }
+  return finite;
 }
 
 void argmin_small_n(const float* z, int64_t N, int64_t D, const float* cb, int64_t K, int64_t* out) {
   const int64_t panels = (N + SR - 1) / SR;
   std::vector<float> zt(static_cast<size_t>(panels * D * SR), 0.f);
+  float zsum = 0.f;
   for (int64_t i = 0; i < N; ++i)
-    for (int64_t d = 0; d < D; ++d) zt[(i / SR) * D * SR + d * SR + i % SR] = z[i * D + d];
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = z[i * D + d];
+      zt[(i / SR) * D * SR + d * SR + i % SR] = v;
+      zsum += v * 0.f;  // stays 0 unless some value is NaN / inf
+    }
+  TORCH_CHECK(zsum == 0.f, kNonFinite, "z");
   // Contiguous code ranges per task; merged in range order so ties stay on the lowest index.
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 2, K / 512));
   const int64_t per = (K + tasks - 1) / tasks;
   std::vector<float> bv(static_cast<size_t>(tasks * panels * SR), std::numeric_limits<float>::infinity());
   std::vector<int32_t> bi(static_cast<size_t>(tasks * panels * SR), 0);
+  std::atomic<bool> bad_codebook{false};
   at::parallel_for(0, tasks * panels, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t task = t / panels, panel = t % panels;
       const int64_t k0 = task * per, k1 = std::min(K, k0 + per);
-      if (k0 < k1)
-        argmin_codes(zt.data() + panel * D * SR, D, cb, k0, k1, &bv[t * SR], &bi[t * SR]);
+      if (k0 < k1 && !argmin_codes(zt.data() + panel * D * SR, D, cb, k0, k1, &bv[t * SR], &bi[t * SR]))
+        bad_codebook.store(true, std::memory_order_relaxed);
     }
   });
+  TORCH_CHECK(!bad_codebook.load(), kNonFinite, "codebook");
   for (int64_t i = 0; i < N; ++i) {
     const int64_t panel = i / SR, lane = i % SR;
     float v = std::numeric_limits<float>::infinity();
@@ -212,7 +227,11 @@ torch::Tensor codebook_argmin_cpu(const torch::Tensor& z, const torch::Tensor& c
   std::vector<float> panels(static_cast<size_t>(P * D * NR));
   std::vector<float> half_norm(static_cast<size_t>(P * NR));
   pack_codebook(cf.data_ptr<float>(), K, D, panels.data(), half_norm.data());
+  for (int64_t k = 0; k < K; ++k) TORCH_CHECK(std::isfinite(half_norm[k]), kNonFinite, "codebook");
   const float* zp = zf.data_ptr<float>();
+  float zsum = 0.f;
+  for (int64_t i = 0; i < N * D; ++i) zsum += zp[i] * 0.f;
+  TORCH_CHECK(zsum == 0.f, kNonFinite, "z");
   int64_t* op = out.data_ptr<int64_t>();
   const int64_t blocks = (N + MR - 1) / MR;
   // Codes are swept in chunks of about kChunkBytes of packed codebook (L2-resident) across all of a

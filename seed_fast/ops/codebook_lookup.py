@@ -70,16 +70,21 @@ def _prepare(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> tuple[torc
 @torch.library.custom_op("seed_fast::codebook_argmin", mutates_args=())
 def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str) -> torch.Tensor:
     """(N, D) x (K, D) -> (N,) int64 nearest-code indices with the named backend (not "auto")."""
-    for name, t in (("z", z), ("codebook", codebook)):
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"codebook_lookup: {name} contains {bad} NaN/inf value(s)")
     if z.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=z.device)
+    if impl == "cpu":  # the C++ kernel detects NaN / inf itself, on values it touches anyway
+        try:
+            return _ext.require_cpu_ext().codebook_argmin(z, codebook)
+        except RuntimeError as e:
+            if "seed_fast non-finite input" not in str(e):
+                raise
+            _check_finite(z, codebook)
+            raise ValueError(
+                "codebook_lookup: the codebook's squared norms overflow float32 (values above ~1e19)"
+            ) from None
+    _check_finite(z, codebook)
     if impl == "ref":
         return _argmin_ref(z, codebook)
-    if impl == "cpu":
-        return _ext.require_cpu_ext().codebook_argmin(z, codebook)
     if impl == "cuda":
         return _ext.require_cuda_ext().codebook_argmin(z, codebook)
     if impl == "triton":
@@ -87,6 +92,13 @@ def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str) -> torch
 
         return codebook_argmin_triton(z, codebook)
     raise ValueError(f"codebook_argmin: unknown impl {impl!r}")
+
+
+def _check_finite(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    for name, t in (("z", z), ("codebook", codebook)):
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"codebook_lookup: {name} contains {bad} NaN/inf value(s)")
 
 
 @codebook_argmin.register_fake

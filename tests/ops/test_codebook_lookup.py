@@ -267,3 +267,21 @@ def test_reference_chunking_does_not_change_the_result(monkeypatch):
     monkeypatch.setattr(cl, "_REF_CHUNK_ELEMS", 8 * 77 * 3)  # 3 rows per chunk
     chunked, _ = codebook_lookup_ref(z, book)
     assert torch.equal(full, chunked)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n", [3, 100])  # the CPU kernel's small-N and packed paths check separately
+@pytest.mark.parametrize("where", ["z", "codebook"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_are_named(impl, n, where, bad):
+    z, book = torch.randn(n, 24, device=DEVICE), torch.randn(300, 24, device=DEVICE)
+    (z if where == "z" else book)[-1, 5] = bad
+    with pytest.raises(ValueError, match=f"{where} contains 1 NaN/inf"):
+        codebook_lookup(z, book, impl=impl)
+
+
+def test_overflowing_norms_are_refused():
+    z, book = torch.randn(3, 4), torch.randn(10, 4)
+    book[2] = 3e19  # finite, but |e|^2 overflows float32
+    with pytest.raises(ValueError, match="overflow float32"):
+        codebook_lookup(z, book, impl="cpu")
