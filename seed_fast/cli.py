@@ -130,14 +130,14 @@ def cmd_demo(args) -> int:
     from .synthetic import sample_images
 
     t0 = time.perf_counter()
-    tok = SeedTokenizer.from_config(args.config, seed=args.seed)
-    print(f"tokenizer: preset {args.config!r} ({tok.extra_repr()}), RANDOM weights (seed {args.seed})")
+    tok = SeedTokenizer.from_config(args.config, seed=args.seed, init="unit")  # codes depend on the image
+    print(f"tokenizer: preset {args.config!r} ({tok.extra_repr()}), RANDOM weights (seed {args.seed}, init 'unit')")
     print("  (the trained embedded default model arrives with the demo issue; this run shows the pipeline)")
     images, captions = sample_images(args.num_images, seed=args.seed)
     codes = tok.encode(images)
     emb = tok.decode(codes)
     for cap, c in zip(captions, codes):
-        print(f"  {cap:<40} -> {' '.join(f'{int(x):4d}' for x in c[:12])} ... ({len(c)} codes)")
+        print(f"  {cap:<48} -> {' '.join(f'{int(x):4d}' for x in c[:12])} ... ({len(c)} codes)")
     print(f"generation embedding: {tuple(emb.shape)}, mean norm {emb.norm(dim=-1).mean():.3f}")
     alone = torch.cat([tok.encode([im]) for im in images])
     print(f"batch invariance: {'ok' if torch.equal(alone, codes) else 'MISMATCH'}")

@@ -50,7 +50,8 @@ def make_pair(rng: random.Random, size: int = 224) -> tuple[Image.Image, str]:
     x = rng.randint(size // 2 + 8, size - cell - 4)
     y = rng.randint(8, size - cell - 8)
     _draw(draw, s2, (x, y, x + cell, y + cell), COLORS[c2])
-    caption = f"{_plural(n, f'{c1} {s1}')} left of a {c2} {s2}"
+    article = "an" if c2[0] in "aeiou" else "a"
+    caption = f"{_plural(n, f'{c1} {s1}')} left of {article} {c2} {s2}"
     return img, caption
 
 

@@ -80,3 +80,11 @@ def test_console_script_runs(image_files):
     )
     assert "RANDOM weights" in out.stderr
     assert len(json.loads(out.stdout)[0]["codes"]) == 32
+
+
+def test_demo_runs_and_codes_depend_on_the_image(capsys):
+    assert main(["demo", "--num-images", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "batch invariance: ok" in out
+    code_lines = [line.split("->")[1] for line in out.splitlines() if "->" in line]
+    assert len(code_lines) == 3 and len(set(code_lines)) > 1
