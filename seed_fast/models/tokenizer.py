@@ -175,14 +175,13 @@ class SeedTokenizer(nn.Module):
             mapped, unknown, ignored = official_to_ours(sd, None, self.config.vision.depth)
         else:
             mapped, unknown, ignored = hf_to_ours(sd)
-        report = LoadReport(unexpected=unknown, ignored=ignored)
-        own = self.state_dict()
-        parts = {k.split(".")[0] for k in mapped}
-        mapped_in_parts = {k: v for k, v in mapped.items() if k.split(".")[0] in parts}
-        allow = tuple(p + "." for p in {k.split(".")[0] for k in own} - parts)
         if not any(k.startswith("qformer.") for k in mapped):
             raise CheckpointError("no Q-Former weights found in this state dict (keys like 'qformer.encoder.layer.*')")
-        load_into(self, mapped_in_parts, strict=strict, report=report, allow_missing=allow)
+        # Parts of the model the file does not touch at all (e.g. the quantizer) keep their weights.
+        given = {k.split(".")[0] for k in mapped}
+        untouched = tuple(p + "." for p in {k.split(".")[0] for k in self.state_dict()} - given)
+        report = LoadReport(unexpected=unknown, ignored=ignored)
+        load_into(self, mapped, strict=strict, report=report, allow_missing=untouched)
         return report
 
     # ------------------------------------------------------------------ save / load our format
