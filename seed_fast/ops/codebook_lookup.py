@@ -196,9 +196,8 @@ class _VectorQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, codebook, beta, impl):
         indices, z_q = codebook_lookup(z, codebook, impl=impl)
-        diff = z_q.to(torch.float32) - z.to(torch.float32)  # (..., D) fp32 (fp64 stays fp64 below)
-        if torch.float64 in (z.dtype, codebook.dtype):
-            diff = z_q.double() - z.double()
+        acc = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
+        diff = z_q.to(acc) - z.to(acc)  # (..., D) in fp32 (fp64 for fp64 inputs)
         loss = ((1.0 + beta) * diff.square().mean()).to(z.dtype)  # both legacy terms share one value
         z_st = z + (z_q - z)
         ctx.save_for_backward(indices, diff)
