@@ -31,7 +31,6 @@ from common import markdown_table, peak_extra_bytes, time_fn, write_results  # n
 
 from seed_fast.ops import codebook_lookup, codebook_lookup_ref  # noqa: E402
 from seed_fast.ops.codebook_lookup import not_supported_reasons  # noqa: E402
-import seed_fast.ops.codebook_lookup  # noqa: E402
 
 cl_mod = sys.modules["seed_fast.ops.codebook_lookup"]
 
