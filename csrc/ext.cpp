@@ -38,5 +38,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "seed_fast C++ CPU kernels";
   m.def("build_info", &seed_fast::build_info, "compiler, OpenMP and ABI of this build");
   m.def("codebook_argmin", &seed_fast::codebook_argmin_cpu, "nearest-code indices (N, D) x (K, D) -> (N,)",
-        pybind11::arg("z"), pybind11::arg("codebook"));
+        pybind11::arg("z"), pybind11::arg("codebook"), pybind11::arg("isa") = "auto");
+  m.def("codebook_argmin_isa", &seed_fast::codebook_argmin_cpu_isa,
+        "the CPU micro-kernel codebook_argmin(isa='auto') runs here: 'avx512' or 'generic'");
 }

@@ -39,7 +39,7 @@ def collect() -> dict:
     if cpu is not None:
         b = dict(cpu.build_info())
         backends["cpu"] = f"built ({b.get('compiler', '?')}, OpenMP {'on' if b.get('openmp') else 'off'}, " \
-                          f"{b.get('threads', '?')} threads)"
+                          f"{b.get('threads', '?')} threads, {cpu.codebook_argmin_isa()} micro-kernel)"
     else:
         backends["cpu"] = f"MISSING: {_ext.cpu_ext_error()}"
     cuda = _ext.cuda_ext()

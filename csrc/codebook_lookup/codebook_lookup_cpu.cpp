@@ -18,6 +18,11 @@
 
 #include "codebook_lookup.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SEED_FAST_NO_AVX512)
+#include <immintrin.h>
+#define SEED_FAST_HAVE_AVX512_KERNEL 1
+#endif
+
 namespace seed_fast {
 namespace {
 
@@ -113,6 +118,99 @@ void argmin_micro(const float* z, int64_t N, int64_t D, int64_t r0, const float*
   }
 }
 
+#ifdef SEED_FAST_HAVE_AVX512_KERNEL
+// argmin_micro written with AVX-512 intrinsics (NR = 32 codes = two zmm lanes per row): the
+// compiler-vectorized version above keeps its running bests on the stack. Here every row's 2
+// accumulators, 2 best scores and 2 best indices stay in registers (24 zmm for MR = 4). Each
+// accumulator starts at 0.5 ||e||^2 and the dot product is subtracted by FNMA, so the score needs
+// no extra instruction; the update is one compare into a mask and two masked moves.
+static_assert(MR == 4 && NR == 32, "the AVX-512 micro-kernel is written for MR = 4, NR = 32");
+
+__attribute__((target("avx512f")))
+void argmin_micro_avx512(const float* z, int64_t N, int64_t D, int64_t r0, const float* panels,
+                         const float* half_norm, int64_t p0, int64_t p1, float* row_v, int32_t* row_i) {
+  const float* z0 = z + std::min(r0 + 0, N - 1) * D;
+  const float* z1 = z + std::min(r0 + 1, N - 1) * D;
+  const float* z2 = z + std::min(r0 + 2, N - 1) * D;
+  const float* z3 = z + std::min(r0 + 3, N - 1) * D;
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __m512 v00 = inf, v01 = inf, v10 = inf, v11 = inf, v20 = inf, v21 = inf, v30 = inf, v31 = inf;
+  __m512i idx0 = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                  _mm512_set1_epi32(static_cast<int32_t>(p0 * NR)));
+  __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(16));
+  const __m512i step = _mm512_set1_epi32(static_cast<int32_t>(NR));
+  __m512i i00 = idx0, i01 = idx1, i10 = idx0, i11 = idx1, i20 = idx0, i21 = idx1, i30 = idx0, i31 = idx1;
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* pp = panels + p * D * NR;
+    const __m512 h0 = _mm512_loadu_ps(half_norm + p * NR);
+    const __m512 h1 = _mm512_loadu_ps(half_norm + p * NR + 16);
+    __m512 a00 = h0, a01 = h1, a10 = h0, a11 = h1, a20 = h0, a21 = h1, a30 = h0, a31 = h1;
+    for (int64_t d = 0; d < D; ++d) {
+      const __m512 e0 = _mm512_loadu_ps(pp + d * NR);
+      const __m512 e1 = _mm512_loadu_ps(pp + d * NR + 16);
+      __m512 b = _mm512_set1_ps(z0[d]);
+      a00 = _mm512_fnmadd_ps(b, e0, a00);
+      a01 = _mm512_fnmadd_ps(b, e1, a01);
+      b = _mm512_set1_ps(z1[d]);
+      a10 = _mm512_fnmadd_ps(b, e0, a10);
+      a11 = _mm512_fnmadd_ps(b, e1, a11);
+      b = _mm512_set1_ps(z2[d]);
+      a20 = _mm512_fnmadd_ps(b, e0, a20);
+      a21 = _mm512_fnmadd_ps(b, e1, a21);
+      b = _mm512_set1_ps(z3[d]);
+      a30 = _mm512_fnmadd_ps(b, e0, a30);
+      a31 = _mm512_fnmadd_ps(b, e1, a31);
+    }
+#define SEED_FAST_UPDATE(a, v, i, idx)                      \
+  {                                                         \
+    const __mmask16 m = _mm512_cmp_ps_mask(a, v, _CMP_LT_OQ); \
+    v = _mm512_mask_mov_ps(v, m, a);                        \
+    i = _mm512_mask_mov_epi32(i, m, idx);                   \
+  }
+    SEED_FAST_UPDATE(a00, v00, i00, idx0)
+    SEED_FAST_UPDATE(a01, v01, i01, idx1)
+    SEED_FAST_UPDATE(a10, v10, i10, idx0)
+    SEED_FAST_UPDATE(a11, v11, i11, idx1)
+    SEED_FAST_UPDATE(a20, v20, i20, idx0)
+    SEED_FAST_UPDATE(a21, v21, i21, idx1)
+    SEED_FAST_UPDATE(a30, v30, i30, idx0)
+    SEED_FAST_UPDATE(a31, v31, i31, idx1)
+#undef SEED_FAST_UPDATE
+    idx0 = _mm512_add_epi32(idx0, step);
+    idx1 = _mm512_add_epi32(idx1, step);
+  }
+  alignas(64) float bv[MR][NR];
+  alignas(64) int32_t bi[MR][NR];
+  _mm512_store_ps(&bv[0][0], v00); _mm512_store_ps(&bv[0][16], v01);
+  _mm512_store_ps(&bv[1][0], v10); _mm512_store_ps(&bv[1][16], v11);
+  _mm512_store_ps(&bv[2][0], v20); _mm512_store_ps(&bv[2][16], v21);
+  _mm512_store_ps(&bv[3][0], v30); _mm512_store_ps(&bv[3][16], v31);
+  _mm512_store_si512(&bi[0][0], i00); _mm512_store_si512(&bi[0][16], i01);
+  _mm512_store_si512(&bi[1][0], i10); _mm512_store_si512(&bi[1][16], i11);
+  _mm512_store_si512(&bi[2][0], i20); _mm512_store_si512(&bi[2][16], i21);
+  _mm512_store_si512(&bi[3][0], i30); _mm512_store_si512(&bi[3][16], i31);
+  for (int64_t r = 0; r < MR; ++r) {
+    float v = bv[r][0];
+    int32_t i = bi[r][0];
+    for (int64_t j = 1; j < NR; ++j) {
+      if (bv[r][j] < v || (bv[r][j] == v && bi[r][j] < i)) {
+        v = bv[r][j];
+        i = bi[r][j];
+      }
+    }
+    if (v < row_v[r]) {
+      row_v[r] = v;
+      row_i[r] = i;
+    }
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+#endif
+
 // Small-N path (one or two images): the rows of z are the vector lanes (z transposed into
 // [D][SR] panels, cheap), codes stream from the row-major codebook (no packing), MC codes per step.
 // Each lane keeps its row's running best; codes arrive in increasing order, so strict < keeps ties
@@ -200,7 +298,18 @@ void argmin_small_n(const float* z, int64_t N, int64_t D, const float* cb, int64
 
 }  // namespace
 
-torch::Tensor codebook_argmin_cpu(const torch::Tensor& z, const torch::Tensor& codebook) {
+std::string codebook_argmin_cpu_isa() {
+#ifdef SEED_FAST_HAVE_AVX512_KERNEL
+  if (cpu_has_avx512()) return "avx512";
+#endif
+  return "generic";
+}
+
+torch::Tensor codebook_argmin_cpu(const torch::Tensor& z, const torch::Tensor& codebook, const std::string& isa) {
+  TORCH_CHECK(isa == "auto" || isa == "avx512" || isa == "generic",
+              "codebook_argmin_cpu: isa must be 'auto', 'avx512' or 'generic', got '", isa, "'");
+  TORCH_CHECK(isa != "avx512" || codebook_argmin_cpu_isa() == "avx512",
+              "codebook_argmin_cpu: isa='avx512' asked, but this build or CPU has no AVX-512 kernel");
   TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(), "codebook_argmin_cpu: tensors must be on the CPU");
   TORCH_CHECK(z.dim() == 2, "codebook_argmin_cpu: z must be (N, D), got ", z.sizes());
   TORCH_CHECK(codebook.dim() == 2, "codebook_argmin_cpu: codebook must be (K, D), got ", codebook.sizes());
@@ -237,15 +346,19 @@ torch::Tensor codebook_argmin_cpu(const torch::Tensor& z, const torch::Tensor& c
   // Codes are swept in chunks of about kChunkBytes of packed codebook (L2-resident) across all of a
   // thread's rows before the next chunk, instead of streaming the whole codebook per micro-tile
   // (which made large D memory-bound).
-  constexpr int64_t kChunkBytes = 1024 * 1024;
+  constexpr int64_t kChunkBytes = 512 * 1024;
   const int64_t chunk_panels = std::max<int64_t>(1, kChunkBytes / (D * NR * static_cast<int64_t>(sizeof(float))));
+  auto micro = argmin_micro;  // compiler-vectorized, one clone per x86-64 level (or plain C++)
+#ifdef SEED_FAST_HAVE_AVX512_KERNEL
+  if (isa != "generic" && cpu_has_avx512()) micro = argmin_micro_avx512;
+#endif
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> row_v(static_cast<size_t>((b1 - b0) * MR), std::numeric_limits<float>::infinity());
     std::vector<int32_t> row_i(static_cast<size_t>((b1 - b0) * MR), 0);
     for (int64_t p0 = 0; p0 < P; p0 += chunk_panels) {
       const int64_t p1 = std::min(P, p0 + chunk_panels);
       for (int64_t b = b0; b < b1; ++b)
-        argmin_micro(zp, N, D, b * MR, panels.data(), half_norm.data(), p0, p1, &row_v[(b - b0) * MR],
+        micro(zp, N, D, b * MR, panels.data(), half_norm.data(), p0, p1, &row_v[(b - b0) * MR],
                      &row_i[(b - b0) * MR]);
     }
     for (int64_t b = b0; b < b1; ++b)

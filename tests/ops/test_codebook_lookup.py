@@ -105,11 +105,12 @@ def test_odd_layouts(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("k,d", [(40, 16), (400, 768)])  # the second spans several of the CPU kernel's chunks
-def test_ties_go_to_the_lowest_index(impl, k, d):
+@pytest.mark.parametrize("n", [50, 150])  # the CPU kernel's small-N and blocked paths
+def test_ties_go_to_the_lowest_index(impl, k, d, n):
     g = torch.Generator().manual_seed(2)
     uniq = torch.randn(k, d, generator=g)
     book = torch.cat([uniq, uniq, uniq]).to(DEVICE)  # every code appears 3 times: 0..k-1, k..2k-1, 2k..3k-1
-    z = (uniq[torch.randint(0, k, (50,), generator=g)] + 0.01 * torch.randn(50, d, generator=g)).to(DEVICE)
+    z = (uniq[torch.randint(0, k, (n,), generator=g)] + 0.01 * torch.randn(n, d, generator=g)).to(DEVICE)
     idx, _ = codebook_lookup(z, book, impl=impl)
     assert int(idx.max()) < k
     assert torch.equal(idx.cpu(), codebook_lookup_ref(z, book)[0].cpu())
@@ -285,3 +286,27 @@ def test_overflowing_norms_are_refused():
     book[2] = 3e19  # finite, but |e|^2 overflows float32
     with pytest.raises(ValueError, match="overflow float32"):
         codebook_lookup(z, book, impl="cpu")
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx512"])
+@pytest.mark.parametrize("n,k,d", [(65, 33, 1), (131, 1100, 16), (70, 130, 70), (300, 700, 32)])
+def test_cpu_micro_kernels_each_match_float64(isa, n, k, d):
+    """Both CPU micro-kernels (the auto choice hides the other on any one machine) on the blocked path."""
+    ext = pytest.importorskip("seed_fast._C")
+    if isa == "avx512" and ext.codebook_argmin_isa() != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    g = torch.Generator().manual_seed(n + k + d)
+    z = torch.randn(n, d, generator=g)
+    book = torch.randn(k, d, generator=g)
+    idx = ext.codebook_argmin(z, book, isa=isa)
+    _check_achieves_min(z, book, idx, "l2")
+
+
+def test_cpu_isa_argument_is_checked():
+    ext = pytest.importorskip("seed_fast._C")
+    z = torch.randn(70, 8)
+    with pytest.raises(RuntimeError, match="isa must be"):
+        ext.codebook_argmin(z, z, isa="sse9")
+    if ext.codebook_argmin_isa() != "avx512":
+        with pytest.raises(RuntimeError, match="no AVX-512"):
+            ext.codebook_argmin(z, z, isa="avx512")
