@@ -43,7 +43,9 @@ def _codebook_argmin_kernel(
             else:
                 acc = tl.dot(zt, tl.trans(ct), acc)
         hn = tl.load(hn_ptr + cols, mask=cmask, other=float("inf"))
-        score = tl.where(cmask[None, :], hn[None, :] - acc, float("inf"))
+        score = hn[None, :] - acc
+        # padded codes and NaN scores (only with check_finite=False) never win
+        score = tl.where(cmask[None, :] & (score == score), score, float("inf"))
         tile_v, tile_i = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_v < best_v
         best_v = tl.where(better, tile_v, best_v)

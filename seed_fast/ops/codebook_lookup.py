@@ -68,8 +68,11 @@ def _prepare(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> tuple[torc
 
 # --------------------------------------------------------------------------------------- custom op
 @torch.library.custom_op("seed_fast::codebook_argmin", mutates_args=())
-def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str) -> torch.Tensor:
-    """(N, D) x (K, D) -> (N,) int64 nearest-code indices with the named backend (not "auto")."""
+def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_finite: bool = True) -> torch.Tensor:
+    """(N, D) x (K, D) -> (N,) int64 nearest-code indices with the named backend (not "auto").
+
+    check_finite: raise on NaN / inf. Free on the CPU kernel (it checks in-kernel); elsewhere one
+    reduction and one host sync, which False skips (for CUDA graphs and latency-bound callers)."""
     if z.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=z.device)
     if impl == "cpu":  # the C++ kernel detects NaN / inf itself, on values it touches anyway
@@ -82,7 +85,8 @@ def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str) -> torch
             raise ValueError(
                 "codebook_lookup: the codebook's squared norms overflow float32 (values above ~1e19)"
             ) from None
-    _check_finite(z, codebook)
+    if check_finite:
+        _check_finite(z, codebook)
     if impl == "ref":
         return _argmin_ref(z, codebook)
     if impl == "cuda":
@@ -95,6 +99,8 @@ def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str) -> torch
 
 
 def _check_finite(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    if bool(torch.isfinite(z).all() & torch.isfinite(codebook).all()):  # one host sync
+        return
     for name, t in (("z", z), ("codebook", codebook)):
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
@@ -102,7 +108,7 @@ def _check_finite(z: torch.Tensor, codebook: torch.Tensor) -> None:
 
 
 @codebook_argmin.register_fake
-def _(z: torch.Tensor, codebook: torch.Tensor, impl: str) -> torch.Tensor:
+def _(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_finite: bool = True) -> torch.Tensor:
     return z.new_empty((z.shape[0],), dtype=torch.long)
 
 
@@ -163,17 +169,24 @@ def choose_impl(z: torch.Tensor, codebook: torch.Tensor, impl: str = "auto") -> 
 
 
 def codebook_lookup(
-    z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", impl: str = "auto"
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    metric: str = "l2",
+    impl: str = "auto",
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused nearest-code search; same contract as `codebook_lookup_ref`.
 
     impl: "auto" (fastest backend that can run the inputs), "ref", "cpu", "triton", "cuda".
-    NaN / inf in z or the codebook raise ValueError.
+    NaN / inf in z or the codebook raise ValueError. On GPU that check costs a host sync;
+    check_finite=False skips it (then a NaN row gets an arbitrary index). The CPU kernel always
+    checks, in-kernel, at no cost.
     """
     _check_inputs(z, codebook, metric)
     flat, book = _prepare(z, codebook, metric)
     chosen = choose_impl(flat, book, impl)
-    indices = torch.ops.seed_fast.codebook_argmin(flat, book, chosen).reshape(z.shape[:-1])
+    indices = torch.ops.seed_fast.codebook_argmin(flat, book, chosen, check_finite).reshape(z.shape[:-1])
     return indices, F.embedding(indices, codebook)
 
 

@@ -281,6 +281,16 @@ def test_non_finite_inputs_are_named(impl, n, where, bad):
         codebook_lookup(z, book, impl=impl)
 
 
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "cpu"])  # the CPU kernel checks in-kernel, always
+def test_check_finite_false_skips_the_check(impl):
+    z, book = torch.randn(5, 8, device=DEVICE), torch.randn(40, 8, device=DEVICE)
+    z[1, 2] = float("nan")
+    idx, _ = codebook_lookup(z, book, impl=impl, check_finite=False)
+    assert idx.shape == (5,) and bool(((idx >= 0) & (idx < 40)).all())
+    keep = torch.tensor([0, 2, 3, 4])  # the finite rows still get their nearest code
+    assert torch.equal(idx[keep].cpu(), codebook_lookup_ref(z[keep], book)[0].cpu())
+
+
 def test_overflowing_norms_are_refused():
     z, book = torch.randn(3, 4), torch.randn(10, 4)
     book[2] = 3e19  # finite, but |e|^2 overflows float32
