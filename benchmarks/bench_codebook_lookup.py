@@ -64,7 +64,7 @@ def make_providers(device: str, dtype: torch.dtype, k: int, d: int, cb: torch.Te
         vq = VectorQuantize(dim=d, codebook_size=k, kmeans_init=False).to(device).eval()
         with torch.no_grad():
             vq._codebook.embed.copy_(cb.float()[None])
-        prov["vector-quantize-pytorch"] = (lambda z: vq(z.float()[None])[1][0], False)
+        prov["vector-quantize-pytorch"] = (lambda z: vq(z.float()[None])[1][0], True)  # builds N x K distances
     except Exception:  # not installed, or an API change: then it is simply not in the table
         pass
     for impl in ("ref", "cpu", "triton", "cuda"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..ops import qformer_attention
 
@@ -20,6 +21,7 @@ class MultiHeadAttention(nn.Module):
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(kv_width, hidden)
         self.value = nn.Linear(kv_width, hidden)
+        self.attn_impl = "ref"  # the reference path; QFormer.set_fast switches it
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -27,7 +29,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, causal: bool = False) -> torch.Tensor:
         q, k, v = self._split(self.query(x)), self._split(self.key(kv)), self._split(self.value(kv))
-        out = qformer_attention(q, k, v, causal=causal)
+        out = qformer_attention(q, k, v, causal=causal, impl=self.attn_impl)
         return out.transpose(1, 2).flatten(2)  # (B, Lq, hidden)
 
 
@@ -79,6 +81,61 @@ class QFormerLayer(nn.Module):
             x = self.crossattention(x, encoder_states)
         return self.output_query(self.intermediate_query(x), x)
 
+    def forward_fast(self, x, cross_kv, causal: bool, qkv_weight, qkv_bias, impl: str) -> torch.Tensor:
+        """The same layer with self-attention Q, K, V as one matmul and the cross-attention K / V
+        precomputed (`cross_kv`: (k, v) as (B, H, L, Dh) views, or None)."""
+        b, n, c = x.shape
+        heads = self.attention.self.heads
+        qkv = F.linear(x, qkv_weight, qkv_bias).view(b, n, 3, heads, c // heads)  # (B, Q, 3, H, Dh)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, Q, Dh) strided views
+        att = qformer_attention(q, k, v, causal=causal, impl=impl).transpose(1, 2).reshape(b, n, c)
+        x = self.attention.output(att, x)
+        if cross_kv is not None:
+            cq = self.crossattention.self.query(x).view(b, n, heads, c // heads).transpose(1, 2)
+            att = qformer_attention(cq, *cross_kv, impl=impl).transpose(1, 2).reshape(b, n, c)
+            x = self.crossattention.output(att, x)
+        return self.output_query(self.intermediate_query(x), x)
+
+
+class FusedLinearCache:
+    """Concatenated weights of several nn.Linear, reused while none of them changed.
+
+    The key is each source tensor's (data_ptr, _version): in-place updates (optimizer steps,
+    load_state_dict) bump the version and re-assignment (`.to()`) changes the pointer, so a stale
+    result is never used. A refresh writes into the same storage when shapes and dtypes allow, so
+    a captured CUDA graph that reads it sees the new values. With autograd recording (training)
+    the concatenation is done every call instead, so gradients reach the original weights.
+    """
+
+    def __init__(self):
+        self._entries: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, name: str, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = [lin.weight for lin in linears]
+        biases = [lin.bias for lin in linears]
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in weights + biases)
+        ):
+            return torch.cat(weights), torch.cat(biases)
+        key = tuple((t.data_ptr(), t._version) for t in weights + biases)
+        hit = self._entries.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        with torch.no_grad():
+            if hit is not None and hit[1].shape[0] == sum(w.shape[0] for w in weights) and all(
+                t.dtype == hit[1].dtype and t.device == hit[1].device for t in weights + biases
+            ):
+                w, b = hit[1], hit[2]
+                torch.cat(weights, out=w)
+                torch.cat(biases, out=b)
+            else:
+                w, b = torch.cat(weights), torch.cat(biases)
+        self._entries[name] = (key, w, b)
+        return w, b
+
 
 class QFormer(nn.Module):
     """Learned queries (1, Q, hidden) -> LayerNorm -> layers -> (B, Q, hidden).
@@ -106,11 +163,70 @@ class QFormer(nn.Module):
         self.layers = nn.ModuleList(
             QFormerLayer(hidden, heads, ffn, encoder_width, i % cross_attention_freq == 0, eps) for i in range(layers)
         )
+        self.fast = False
+        self.fast_impl = "auto"
+        self.fused = FusedLinearCache()
+
+    def set_fast(self, on: bool = True, *, impl: str = "auto") -> None:
+        """Fast path on / off: fused projections (one matmul for every cross-attention layer's K / V of
+        the image tokens, one for each layer's self-attention Q / K / V) and attention backend `impl`
+        ("auto": Triton on GPU, SDPA on CPU). Off restores the reference path exactly."""
+        self.fast = bool(on)
+        for layer in self.layers:
+            layer.attention.self.attn_impl = impl if on else "ref"
+            if layer.has_cross_attention:
+                layer.crossattention.self.attn_impl = impl if on else "ref"
+        self.fast_impl = impl
+        self.fused.clear()
+
+    def fused_linears(self) -> dict[str, list[nn.Linear]]:
+        """The fast path's fused projections: name -> the nn.Linear concatenated (output dim)."""
+        groups = {
+            "cross_kv": [
+                lin
+                for layer in self.layers
+                if layer.has_cross_attention
+                for lin in (layer.crossattention.self.key, layer.crossattention.self.value)
+            ]
+        }
+        for i, layer in enumerate(self.layers):
+            att = layer.attention.self
+            groups[f"qkv{i}"] = [att.query, att.key, att.value]
+        return {k: v for k, v in groups.items() if v}
+
+    @torch.no_grad()
+    def refresh_fused(self) -> None:
+        """Bring every fused weight up to date now (in place where possible)."""
+        for name, linears in self.fused_linears().items():
+            self.fused.get(name, linears)
 
     def forward(self, encoder_states: torch.Tensor, query_embeds: torch.Tensor | None = None) -> torch.Tensor:
         if query_embeds is None:
             query_embeds = self.query_tokens.expand(encoder_states.shape[0], -1, -1)
         x = self.norm(query_embeds)  # (B, Q, hidden)
+        if self.fast:
+            return self._forward_fast(x, encoder_states)
         for layer in self.layers:
             x = layer(x, encoder_states, self.causal)
+        return x
+
+    def _forward_fast(self, x: torch.Tensor, encoder_states: torch.Tensor) -> torch.Tensor:
+        b, length, _ = encoder_states.shape
+        hidden = x.shape[-1]
+        cross = [layer for layer in self.layers if layer.has_cross_attention]
+        groups = self.fused_linears()
+        cross_kv: list = []
+        if cross:
+            w, bias = self.fused.get("cross_kv", groups["cross_kv"])
+            heads = cross[0].crossattention.self.heads
+            kv = F.linear(encoder_states, w, bias)  # (B, L, n_cross * 2 * hidden): one matmul for all layers
+            kv = kv.view(b, length, 2 * len(cross), heads, hidden // heads)
+            cross_kv = [(kv[:, :, 2 * i].transpose(1, 2), kv[:, :, 2 * i + 1].transpose(1, 2)) for i in range(len(cross))]
+        j = 0
+        for i, layer in enumerate(self.layers):
+            w, bias = self.fused.get(f"qkv{i}", groups[f"qkv{i}"])
+            kv_i = None
+            if layer.has_cross_attention:
+                kv_i, j = cross_kv[j], j + 1
+            x = layer.forward_fast(x, kv_i, self.causal, w, bias, self.fast_impl)
         return x

@@ -28,6 +28,7 @@ from .checkpoint import (
     ours_to_official,
 )
 from .config import TokenizerConfig, get_config
+from .cuda_graph import GraphedForward
 from .detokenizer import Reconstructor, build_detokenizer
 from .preprocess import InputError, check_codes, images_to_tensor, normalize
 from .qformer import QFormer
@@ -59,6 +60,7 @@ class SeedTokenizer(nn.Module):
             causal=q.is_causal,
         )
         self.quantizer = Quantizer(cfg.quantizer, q.hidden)
+        self._graphs: dict | None = None  # CUDA graphs of the fast path (to_fast(cuda_graph=True))
         self.detokenizer = build_detokenizer(cfg.detokenizer, q)
         self.reconstructor = Reconstructor(cfg.detokenizer, q) if cfg.detokenizer.reconstruction_blocks else None
 
@@ -257,20 +259,70 @@ class SeedTokenizer(nn.Module):
     def generation_embedding(self, codes: torch.Tensor) -> torch.Tensor:
         return self.detokenizer(self.embed_codes(codes))  # (B, 1024)
 
+    # ------------------------------------------------------------------ fast path
+    def to_fast(self, *, cuda_graph: bool = False, attn_impl: str = "auto") -> SeedTokenizer:
+        """Switch to the fast path (returns self; `to_reference()` undoes it).
+
+        - Q-Former: one matmul for all cross-attention layers' K / V of the image tokens, fused
+          Q / K / V per self-attention, attention by `attn_impl` ("auto": the Triton kernel on GPU,
+          torch's SDPA on CPU). Fused weights are cached while the weights do not change
+          (see qformer.FusedLinearCache); ~34M extra values for the full-size model.
+        - ViT attention through SDPA.
+        - cuda_graph=True: `encode` / `encode_embeddings` on CUDA replay a CUDA graph captured per
+          batch shape (removes the launch overhead that dominates at small batch). Graphs are
+          dropped by `to_reference()` or `reset_graphs()`; call the latter after moving the model.
+        Outputs match the reference path within the dtype's tolerance (codes identical in fp32
+        barring exact near-ties).
+        """
+        self.qformer.set_fast(True, impl=attn_impl)
+        for blk in self.vision.blocks:
+            blk.attn.attn_impl = "sdpa"
+        self._graphs = None
+        if cuda_graph:
+            self._graphs = {
+                "codes": GraphedForward(self._pixels_to_codes, prepare=self.qformer.refresh_fused),
+                "embeddings": GraphedForward(self.causal_embeddings, prepare=self.qformer.refresh_fused),
+            }
+        return self
+
+    def to_reference(self) -> SeedTokenizer:
+        """Back to the reference path (the state after construction); returns self."""
+        self.qformer.set_fast(False)
+        for blk in self.vision.blocks:
+            blk.attn.attn_impl = "ref"
+        self._graphs = None
+        return self
+
+    @property
+    def is_fast(self) -> bool:
+        return self.qformer.fast
+
+    def reset_graphs(self) -> None:
+        """Drop captured CUDA graphs (they are re-captured on next use)."""
+        for g in (getattr(self, "_graphs", None) or {}).values():
+            g.reset()
+
+    def _pixels_to_codes(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.lookup(self.causal_embeddings(pixels))
+
+    def _run(self, what: str, pixels: torch.Tensor) -> torch.Tensor:
+        graphs = getattr(self, "_graphs", None)
+        if graphs is not None and pixels.is_cuda:
+            return graphs[what](pixels)
+        return self._pixels_to_codes(pixels) if what == "codes" else self.causal_embeddings(pixels)
+
     # ------------------------------------------------------------------ public inference API
     @torch.no_grad()
     def encode_embeddings(self, images, *, batch_size: int | None = None, progress: bool | None = None) -> torch.Tensor:
         """Causal embeddings before quantization, (B, 32, hidden) in the model's dtype."""
         pixels = self.preprocess(images)
-        return self._batched(lambda x: self.causal_embeddings(x), pixels, batch_size, progress, "encode")
+        return self._batched(lambda x: self._run("embeddings", x), pixels, batch_size, progress, "encode")
 
     @torch.no_grad()
     def encode(self, images, *, batch_size: int | None = None, progress: bool | None = None) -> torch.LongTensor:
         """Images -> codes (B, 32) int64 in [0, codebook_size)."""
         pixels = self.preprocess(images)
-        return self._batched(
-            lambda x: self.quantizer.lookup(self.causal_embeddings(x)), pixels, batch_size, progress, "encode"
-        )
+        return self._batched(lambda x: self._run("codes", x), pixels, batch_size, progress, "encode")
 
     @torch.no_grad()
     def decode(self, codes, *, batch_size: int | None = None, progress: bool | None = None) -> torch.Tensor:

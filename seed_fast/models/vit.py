@@ -37,6 +37,7 @@ class Attention(nn.Module):
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
+        self.attn_impl = "ref"  # SeedTokenizer.to_fast switches it to "sdpa"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -46,7 +47,7 @@ class Attention(nn.Module):
         else:
             qkv = self.qkv(x)
         q, k, v = qkv.view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
-        out = qformer_attention(q, k, v)
+        out = qformer_attention(q, k, v, impl=self.attn_impl)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 

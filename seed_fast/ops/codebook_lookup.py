@@ -186,6 +186,8 @@ def codebook_lookup(
     _check_inputs(z, codebook, metric)
     flat, book = _prepare(z, codebook, metric)
     chosen = choose_impl(flat, book, impl)
+    if check_finite and flat.is_cuda and torch.cuda.is_current_stream_capturing():
+        check_finite = False  # a CUDA graph capture cannot sync to read the result
     indices = torch.ops.seed_fast.codebook_argmin(flat, book, chosen, check_finite).reshape(z.shape[:-1])
     return indices, F.embedding(indices, codebook)
 

@@ -1,16 +1,28 @@
 """Multi-head attention as the Q-Former, ViT and de-tokenizer use it.
 
 `qformer_attention_ref` is the specification: plain torch, scores and softmax in fp32 (fp64 for fp64
-inputs), output in the input dtype. Fused backends are added behind `qformer_attention(impl=...)`.
+inputs), output in the input dtype.
+
+Backends behind `qformer_attention(impl=...)`:
+  "triton"  kernels/qformer_attention.py: forward + backward for small Lq (the 32 queries), registered
+            as the custom ops `seed_fast::qformer_attention_fwd` / `_bwd` (fake impls, autograd) so
+            torch.compile(fullgraph=True) and torch.export see single nodes. CUDA tensors, or CPU
+            tensors under TRITON_INTERPRET=1 (testing only).
+  "sdpa"    torch's scaled_dot_product_attention with a boolean mask, fully masked rows zeroed; the
+            fast path on CPU (torch's fused CPU kernel) and a fallback on GPU.
+  "ref"     the specification above.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+import torch.nn.functional as F
 
-IMPLS = ("auto", "ref")
+IMPLS = ("auto", "ref", "sdpa", "triton")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def qformer_attention_ref(
@@ -48,6 +60,135 @@ def qformer_attention_ref(
     return torch.matmul(probs, v.to(acc)).to(q.dtype)
 
 
+# --------------------------------------------------------------------------------------- SDPA
+def _empty_rows(key_padding_mask: torch.Tensor, lq: int, causal: bool) -> torch.Tensor:
+    """(B, Lq) bool: rows with no key to attend."""
+    keep = key_padding_mask.to(torch.bool)
+    if causal:
+        return ~(keep.cumsum(-1)[:, :lq] > 0)  # row i sees keys 0..i
+    return ~keep.any(-1, keepdim=True).expand(-1, lq)
+
+
+def qformer_attention_sdpa(q, k, v, *, causal=False, key_padding_mask=None, scale=None) -> torch.Tensor:
+    """torch's scaled_dot_product_attention under the reference's contract (fully masked rows give
+    zeros and zero gradients instead of NaN)."""
+    _check_qkv(q, k, v, causal, key_padding_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    lq, lk = q.shape[-2], k.shape[-2]
+    keep = key_padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, Lk)
+    if causal:
+        keep = keep & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+    empty = _empty_rows(key_padding_mask, lq, causal)[:, None, :, None]  # (B, 1, Lq, 1)
+    keep = keep | empty  # let empty rows attend to everything (finite), then zero them below
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+    return out.masked_fill(empty, 0.0)
+
+
+# --------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("seed_fast::qformer_attention_fwd", mutates_args=())
+def qformer_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: (out (B, H, Lq, Dh), lse (B, H, Lq) fp32 base-2 log-sum-exp)."""
+    from ..kernels.qformer_attention import qformer_attention_fwd_triton
+
+    return qformer_attention_fwd_triton(q, k, v, key_padding_mask, causal, scale)
+
+
+@qformer_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, causal, scale):
+    b, h, lq, dh = q.shape
+    out = q.new_empty(b, lq, h, dh).transpose(1, 2)  # the kernel's layout: heads merge for free
+    return out, q.new_empty(b, h, lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("seed_fast::qformer_attention_bwd", mutates_args=())
+def qformer_attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: (dq, dk, dv), contiguous."""
+    from ..kernels.qformer_attention import qformer_attention_bwd_triton
+
+    return qformer_attention_bwd_triton(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale)
+
+
+@qformer_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.seed_fast.qformer_attention_bwd(
+        grad_out, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, None, None, None
+
+
+qformer_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------- dispatch
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def not_supported_reasons(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Why backend `impl` cannot run these inputs; empty when it can."""
+    reasons: list[str] = []
+    if impl in ("ref", "sdpa"):
+        return reasons
+    if impl != "triton":
+        return [f"unknown impl {impl!r}; choose from {IMPLS}"]
+    dtypes = {q.dtype, k.dtype, v.dtype}
+    if len(dtypes) != 1 or not dtypes <= set(_KERNEL_DTYPES):
+        reasons.append(f"dtypes {sorted(map(str, dtypes))}: need one of float32/float16/bfloat16 for q, k and v")
+    if q.shape[-1] > 128:
+        reasons.append(f"head dim {q.shape[-1]} above 128")
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        reasons.append(f"triton unavailable: {e}")
+    if q.device.type == "cpu":
+        if not _triton_interpreting():
+            reasons.append("CPU tensors need TRITON_INTERPRET=1 (the interpreter, for testing)")
+        if torch.bfloat16 in dtypes:
+            reasons.append("the Triton interpreter has no bfloat16")
+    elif q.device.type != "cuda":
+        reasons.append(f"tensors are on {q.device}")
+    return reasons
+
+
+def choose_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto") -> str:
+    """The backend `qformer_attention(impl=...)` would use; raises with the reasons when it cannot."""
+    if impl not in IMPLS:
+        raise ValueError(f"qformer_attention: unknown impl {impl!r}; choose from {IMPLS}")
+    if impl != "auto":
+        reasons = not_supported_reasons(impl, q, k, v)
+        if reasons:
+            raise RuntimeError(f"qformer_attention: impl={impl!r} cannot run these inputs: " + "; ".join(reasons))
+        return impl
+    if q.device.type == "cuda" and not not_supported_reasons("triton", q, k, v):
+        return "triton"
+    if q.dtype == torch.float64:
+        return "ref"
+    return "sdpa"  # CPU: torch's fused kernel beats the reference (benchmarks/bench_qformer_attention.py)
+
+
 def qformer_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,10 +199,23 @@ def qformer_attention(
     scale: float | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Dispatching entry point; same contract as `qformer_attention_ref`."""
-    if impl not in IMPLS:
-        raise ValueError(f"qformer_attention: unknown impl {impl!r}; available here: {IMPLS}")
-    return qformer_attention_ref(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    """Dispatching entry point; same contract as `qformer_attention_ref`.
+
+    impl: "auto" (Triton on CUDA, SDPA on CPU, the reference for fp64), "ref", "sdpa", "triton".
+    The Triton output is a (B, H, Lq, Dh) view of a (B, Lq, H, Dh) buffer, so
+    `out.transpose(1, 2).flatten(2)` merges the heads without a copy.
+    """
+    _check_qkv(q, k, v, causal, key_padding_mask)
+    chosen = choose_impl(q, k, v, impl)
+    if chosen == "ref":
+        return qformer_attention_ref(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if chosen == "sdpa":
+        return qformer_attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.to(torch.bool)
+    out, _ = torch.ops.seed_fast.qformer_attention_fwd(q, k, v, key_padding_mask, causal, scale)
+    return out
 
 
 def _check_qkv(q, k, v, causal, key_padding_mask) -> None:
@@ -76,10 +230,19 @@ def _check_qkv(q, k, v, causal, key_padding_mask) -> None:
         raise ValueError(
             f"qformer_attention: q {tuple(q.shape)} does not match k {tuple(k.shape)} in batch, heads or Dh"
         )
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"qformer_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"qformer_attention: q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(f"qformer_attention: causal needs Lq == Lk, got {q.shape[-2]} and {k.shape[-2]}")
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0], k.shape[-2]):
         raise ValueError(
             f"qformer_attention: key_padding_mask must be (B, Lk) = {(k.shape[0], k.shape[-2])}, "
             f"got {tuple(key_padding_mask.shape)}"
+        )
+    if key_padding_mask is not None and key_padding_mask.dtype.is_floating_point:
+        raise TypeError(
+            "qformer_attention: key_padding_mask must be bool (True = attend), got "
+            f"{key_padding_mask.dtype}; an additive float mask is not accepted"
         )

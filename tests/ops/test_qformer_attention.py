@@ -6,7 +6,18 @@ import pytest
 import torch
 
 from seed_fast.ops import qformer_attention, qformer_attention_ref
+from seed_fast.ops.qformer_attention import choose_impl, not_supported_reasons
 from seed_fast.testing import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _runnable(impl, dtype):
+    x = torch.empty(1, 1, 2, 16, dtype=dtype, device=DEVICE)
+    return not not_supported_reasons(impl, x, x, x)
+
+
+FAST = [i for i in ("sdpa", "triton") if _runnable(i, torch.float32)]
 
 
 def _naive(q, k, v, causal, pad):
@@ -69,3 +80,157 @@ def test_errors():
         qformer_attention(q, q, q, key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="unknown impl"):
         qformer_attention(q, q, q, impl="flash")
+    with pytest.raises(TypeError, match="share a dtype"):
+        qformer_attention(q, q.half(), q)
+    with pytest.raises(TypeError, match="must be bool"):
+        qformer_attention(q, q, q, key_padding_mask=torch.zeros(1, 4))
+
+
+def test_triton_is_tested_here():
+    assert "triton" in FAST, "the Triton kernel must run (GPU, or TRITON_INTERPRET=1 on CPU)"
+
+
+def test_requested_backend_that_cannot_run_says_why():
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(RuntimeError, match="impl='triton' cannot run.*float64"):
+        qformer_attention(q, q, q, impl="triton")
+    assert choose_impl(q, q, q) == "ref"
+
+
+# (causal, Lq, Lk): the issue's odd sizes; causal needs Lq == Lk
+SHAPES = [(False, lq, lk) for lq in (1, 31, 32, 33) for lk in (1, 257, 300)] + [
+    (True, n, n) for n in (1, 31, 32, 33)
+]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _inputs(b, h, lq, lk, dh, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, dh, generator=g) for n in (lq, lk, lk))
+    return [t.to(DEVICE, dtype) for t in (q, k, v)]
+
+
+def _padding(b, lk, seed, fully_padded_row=True):
+    g = torch.Generator().manual_seed(seed)
+    pad = torch.rand(b, lk, generator=g) > 0.4
+    pad[0, 0] = True
+    if fully_padded_row and b > 1:
+        pad[-1] = False  # a batch element with every key padded: its rows must be zeros, no NaN
+    return pad.to(DEVICE)
+
+
+def _bound(impl_out, ref64, dtype, plain):
+    """flash-attention's rule: the kernel's error is at most 2x that of plain torch at `dtype`."""
+    return 2 * (plain.double() - ref64).abs().max() + TOL[dtype]
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal,lq,lk", SHAPES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_forward_matches_reference(impl, dtype, causal, lq, lk, padded):
+    if not _runnable(impl, dtype):
+        pytest.skip(f"{impl} cannot run {dtype} here")
+    q, k, v = _inputs(2, 3, lq, lk, 64, dtype, seed=lq * 1000 + lk)
+    pad = _padding(2, lk, seed=lk) if padded else None
+    out = qformer_attention(q, k, v, causal=causal, key_padding_mask=pad, impl=impl)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref64 = qformer_attention_ref(q.double(), k.double(), v.double(), causal=causal, key_padding_mask=pad)
+    plain = qformer_attention_ref(q, k, v, causal=causal, key_padding_mask=pad)
+    err = (out.double() - ref64).abs().max()
+    assert err <= _bound(out, ref64, dtype, plain), f"{impl} {dtype}: max error {float(err):.3g}"
+    if padded:
+        assert torch.equal(out[-1].float(), torch.zeros_like(out[-1].float())), "fully padded rows must be 0"
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal,lq,lk", [(False, 33, 257), (False, 1, 300), (True, 33, 33), (True, 32, 32)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gradients_match_reference(impl, dtype, causal, lq, lk, padded):
+    q, k, v = _inputs(2, 2, lq, lk, 40, dtype, seed=7 + lq + lk)  # Dh = 40: not a power of two
+    pad = _padding(2, lk, seed=lk + 1) if padded else None
+    g = torch.randn(2, 2, lq, 40, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+
+    def grads(fn, dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        fn(*leaves).backward(g.to(dt))
+        return [t.grad for t in leaves]
+
+    ours = grads(lambda a, b, c: qformer_attention(a, b, c, causal=causal, key_padding_mask=pad, impl=impl), dtype)
+    ref64 = grads(lambda a, b, c: qformer_attention_ref(a, b, c, causal=causal, key_padding_mask=pad), torch.float64)
+    plain = grads(lambda a, b, c: qformer_attention_ref(a, b, c, causal=causal, key_padding_mask=pad), dtype)
+    for name, o, r, p in zip("qkv", ours, ref64, plain):
+        assert o.dtype == dtype and o.shape == r.shape
+        assert torch.isfinite(o).all(), f"d{name} has NaN / inf"
+        err = (o.double() - r).abs().max()
+        bound = 2 * (p.double() - r).abs().max() + 4 * TOL[dtype]
+        assert err <= bound, f"{impl} {dtype} d{name}: max error {float(err):.3g} > {float(bound):.3g}"
+    if padded:  # the fully padded batch element gets no gradient at all
+        for o in ours:
+            assert not o[-1].any()
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_causality(impl):
+    """Changing query j (and key / value j) never changes the outputs of rows i < j."""
+    q, k, v = _inputs(1, 2, 33, 33, 64, torch.float32, seed=11)
+    base = qformer_attention(q, k, v, causal=True, impl=impl)
+    for j in (0, 5, 31, 32):
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for t in (q2, k2, v2):
+            t[:, :, j] += 3.0
+        out = qformer_attention(q2, k2, v2, causal=True, impl=impl)
+        assert torch.equal(out[:, :, :j], base[:, :, :j])
+        if j < 32:
+            assert not torch.equal(out[:, :, j:], base[:, :, j:])
+
+
+def test_triton_output_merges_heads_without_copy():
+    if "triton" not in FAST:
+        pytest.skip("triton cannot run here")
+    q, k, v = _inputs(2, 3, 32, 257, 64, torch.float32, seed=1)
+    out = qformer_attention(q, k, v, impl="triton")
+    merged = out.transpose(1, 2)
+    assert merged.is_contiguous()  # so .flatten(2) is a view
+
+
+def test_non_contiguous_inputs():
+    """The model passes (B, L, H, Dh).transpose(1, 2) views: strides must be honoured."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 32, 3 * 64, generator=g).to(DEVICE)
+    kv = torch.randn(2, 257, 2 * 3 * 64, generator=g).to(DEVICE)
+    q = x.view(2, 32, 3, 64).transpose(1, 2)
+    k, v = (t.reshape(2, 257, 3, 64).transpose(1, 2) for t in kv.split(3 * 64, dim=-1))
+    ref = qformer_attention_ref(q, k, v)
+    for impl in FAST:
+        assert_close(qformer_attention(q, k, v, impl=impl), ref, atol=2e-5, rtol=1e-5, name=impl)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_opcheck(causal, padded):
+    if "triton" not in FAST:
+        pytest.skip("triton cannot run here")
+    q, k, v = _inputs(2, 2, 17, 17, 16, torch.float32, seed=2)
+    for t in (q, k, v):
+        t.requires_grad_()
+    pad = _padding(2, 17, seed=3, fully_padded_row=False) if padded else None
+    torch.library.opcheck(torch.ops.seed_fast.qformer_attention_fwd.default, (q, k, v, pad, causal, 0.25))
+    out, lse = torch.ops.seed_fast.qformer_attention_fwd(q.detach(), k.detach(), v.detach(), pad, causal, 0.25)
+    torch.library.opcheck(
+        torch.ops.seed_fast.qformer_attention_bwd.default,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, pad, causal, 0.25),
+    )
+
+
+def test_torch_compile_fullgraph():
+    if "triton" not in FAST:
+        pytest.skip("triton cannot run here")
+    q, k, v = _inputs(1, 2, 32, 40, 16, torch.float32, seed=4)
+
+    def f(q, k, v):
+        return qformer_attention(q, k, v, impl="triton").sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(q, k, v), f(q, k, v), atol=1e-5, rtol=1e-5, name="compiled")

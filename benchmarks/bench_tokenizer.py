@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""The causal Q-Former and the whole tokenizer (ViT + Q-Former + quantizer), side by side.
+
+Part 1, Q-Former forward on 257 x 1408 image features (full-size, seed-tokenizer-2):
+  transformers' Blip2QFormerModel (eager, the same weights, causal query mask), seed_fast's
+  reference path, seed_fast to_fast(), torch.compile(to_fast()), and on CUDA to_fast() replayed
+  as a CUDA graph.
+Part 2, images -> codes (encode):
+  the reference path, the same model in eager PyTorch with SDPA attention everywhere (the baseline
+  a user gets by switching attention alone), to_fast(), and on CUDA to_fast(cuda_graph=True).
+
+Units: images/s = B / t; Q-Former GFLOP/s uses 2 * multiply-adds of its matmuls (FLOP counted in
+qformer_flop below). Outputs of every provider are compared with the reference before timing.
+
+    python benchmarks/bench_tokenizer.py [--quick] [--device cpu|cuda] [--dtype float16] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import markdown_table, time_fn, write_results  # noqa: E402
+
+from seed_fast import SeedTokenizer  # noqa: E402
+from seed_fast.models.checkpoint import ours_to_hf_qformer  # noqa: E402
+
+
+def qformer_flop(cfg, b: int) -> float:
+    """Matmul FLOP of one Q-Former forward for batch b (2 per multiply-add)."""
+    q, length, enc = cfg.qformer, 257, cfg.vision.width
+    nq, h, f = q.num_queries, q.hidden, q.ffn
+    n_cross = sum(1 for i in range(q.layers) if i % q.cross_attention_freq == 0)
+    per_layer = 4 * nq * h * h + 2 * nq * nq * h + 2 * nq * h * f  # self QKV+out, scores+PV, FFN
+    cross = 2 * nq * h * h + 2 * length * enc * h + 2 * nq * length * h  # Q+out, K+V of the image, attention
+    return 2.0 * b * (q.layers * per_layer + n_cross * cross)
+
+
+def _hf_qformer(tok):
+    import transformers
+
+    cfg = tok.config
+    q = cfg.qformer
+    hf_cfg = transformers.Blip2QFormerConfig(
+        hidden_size=q.hidden, num_hidden_layers=q.layers, num_attention_heads=q.heads, intermediate_size=q.ffn,
+        encoder_hidden_size=cfg.vision.width, cross_attention_frequency=q.cross_attention_freq,
+        layer_norm_eps=q.ln_eps, hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    hf = transformers.Blip2QFormerModel(hf_cfg).eval()
+    sd = ours_to_hf_qformer(tok.state_dict())
+    query_tokens = sd.pop("query_tokens")
+    hf.load_state_dict(sd, strict=True)
+    return hf.to(tok.device, tok.dtype), query_tokens.to(tok.device, tok.dtype)
+
+
+def _timed_row(part, b, name, fn, ref, device, repeats, flop=None):
+    with torch.no_grad():
+        out = fn()
+        if out.is_floating_point():
+            err = f"{((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item():.1e} rel"
+        else:
+            err = f"{(out == ref).float().mean().item() * 100:.2f}% codes equal"
+        t = time_fn(fn, device, warmup=1 if device == "cpu" else 3, repeats=repeats, max_seconds=30)
+    sec = t["median_ms"] / 1e3
+    row = {"part": part, "B": b, "provider": name, "ms": f"{t['median_ms']:.3f}",
+           "iqr": f"{t['q1_ms']:.3f}-{t['q3_ms']:.3f}", "img_s": f"{b / sec:.1f}", "check": err}
+    if flop is not None:
+        row["gflops"] = f"{flop / sec / 1e9:.1f}"
+    print(f"{part:9s} B={b:4d} {name:34s} {row['ms']:>10s} ms  {row['img_s']:>9s} img/s  {err}", flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default float16 on CUDA, float32 on CPU")
+    p.add_argument("--config", default="seed-tokenizer-2")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--qformer-batches", default=None, help="default 1,32,256 (CUDA) or 1,8 (CPU)")
+    p.add_argument("--tokenizer-batches", default=None, help="default 1,32,256 (CUDA) or 1 (CPU)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = args.device
+    dtype = getattr(torch, args.dtype or ("float16" if device == "cuda" else "float32"))
+    cuda = device == "cuda"
+    qb = [int(x) for x in (args.qformer_batches or ("1,32,256" if cuda else "1,8")).split(",")]
+    tb = [int(x) for x in (args.tokenizer_batches or ("1,32,256" if cuda else "1")).split(",")]
+    if args.quick:
+        qb, tb = qb[:2], tb[:1]
+    repeats = 3 if device == "cpu" else 30
+
+    print(f"building {args.config} ({dtype}, {device}) ...", flush=True)
+    tok = SeedTokenizer.from_config(args.config, seed=0).to(device, dtype).eval()
+    cfg = tok.config
+    rows = []
+
+    # ---- part 1: Q-Former forward
+    hf = None
+    with contextlib.suppress(ImportError):
+        hf, query_tokens = _hf_qformer(tok)
+    g = torch.Generator().manual_seed(0)
+    for b in qb:
+        feats = torch.randn(b, 257, cfg.vision.width, generator=g).to(device, dtype)
+        tok.to_reference()
+        with torch.no_grad():
+            ref = tok.qformer(feats)
+        flop = qformer_flop(cfg, b)
+        provs = {}
+        if hf is not None:
+            mask = torch.ones(b, 1, 32, 32, dtype=torch.bool, device=device).tril()
+            qt = query_tokens.expand(b, -1, -1)
+            provs["transformers Blip2QFormerModel"] = (
+                lambda feats=feats, mask=mask, qt=qt: hf(query_embeds=qt, attention_mask=mask,
+                                                          encoder_hidden_states=feats).last_hidden_state, None)
+        provs["seed_fast reference"] = (lambda feats=feats: tok.qformer(feats), "ref")
+        provs["seed_fast to_fast()"] = (lambda feats=feats: tok.qformer(feats), "fast")
+        compiled = torch.compile(tok.qformer, dynamic=False)
+        provs["torch.compile(to_fast())"] = (lambda feats=feats, c=compiled: c(feats), "fast")
+        if cuda:
+            from seed_fast.models.cuda_graph import GraphedForward
+
+            graphed = GraphedForward(tok.qformer, prepare=tok.qformer.refresh_fused)
+            provs["to_fast() + CUDA graph"] = (lambda feats=feats, gr=graphed: gr(feats), "fast")
+        for name, (fn, mode) in provs.items():
+            if mode == "ref":
+                tok.to_reference()
+            elif mode == "fast":
+                tok.to_fast()
+            try:
+                rows.append(_timed_row("Q-Former", b, name, fn, ref, device, repeats, flop))
+            except Exception as e:  # a provider that fails is reported in the table, the run goes on
+                rows.append({"part": "Q-Former", "B": b, "provider": name, "note": f"failed: {str(e)[:80]}"})
+
+    # ---- part 2: images -> codes
+    for b in tb:
+        images = torch.rand(b, 3, 224, 224, generator=g)
+        tok.to_reference()
+        ref_codes = tok.encode(images)
+        modes = {
+            "seed_fast reference (eager)": lambda: tok.to_reference(),
+            "eager + SDPA attention": lambda: _sdpa_everywhere(tok.to_reference()),
+            "seed_fast to_fast()": lambda: tok.to_fast(),
+        }
+        if cuda:
+            modes["to_fast(cuda_graph=True)"] = lambda: tok.to_fast(cuda_graph=True)
+        for name, setup in modes.items():
+            setup()
+            rows.append(_timed_row("tokenizer", b, name, lambda images=images: tok.encode(images), ref_codes,
+                                   device, max(2, repeats // 3)))
+    tok.to_reference()
+
+    columns = [("part", "part"), ("B", "B"), ("provider", "provider"), ("ms", "median ms"), ("iqr", "IQR ms"),
+               ("img_s", "images/s"), ("gflops", "GFLOP/s (Q-Former matmuls)"), ("check", "vs reference"),
+               ("note", "note")]
+    md = (f"{args.config}, {str(dtype).replace('torch.', '')}, random weights (speed does not depend on them). "
+          "Q-Former input: (B, 257, 1408) features; tokenizer: 224 x 224 images -> 32 codes.\n\n")
+    md += markdown_table(rows, columns)
+    folder = write_results(f"bench_tokenizer_{str(dtype).replace('torch.', '')}", device, rows, md, args.out,
+                           {"quick": args.quick, "config": args.config})
+    print(md)
+    print(f"results in {folder}")
+    return 0
+
+
+def _sdpa_everywhere(tok):
+    """Reference structure (no fusion), SDPA for every attention: the eager-PyTorch baseline."""
+    for layer in tok.qformer.layers:
+        layer.attention.self.attn_impl = "sdpa"
+        if layer.has_cross_attention:
+            layer.crossattention.self.attn_impl = "sdpa"
+    for blk in tok.vision.blocks:
+        blk.attn.attn_impl = "sdpa"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

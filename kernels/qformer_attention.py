@@ -1,0 +1,306 @@
+"""Triton attention for the Q-Former's shapes: few queries (32), up to a few hundred keys (257).
+
+Forward: one program per (query tile, batch * head). The tile's queries stay in registers while
+key/value tiles stream by with an online softmax (running max and sum in fp32, base-2 exponentials).
+The whole 257-key row is a handful of tiles, so there is no split over keys. Outputs are written
+(B, Lq, H, Dh) in memory and returned as a (B, H, Lq, Dh) view, so the caller's merge of heads,
+`out.transpose(1, 2).flatten(2)`, needs no copy. The row's log-sum-exp is kept for the backward.
+
+Backward: two kernels in FlashAttention-2's split. dK/dV: one program per (key tile, batch * head)
+loops over the query tiles (one or two for the Q-Former); dQ: one program per (query tile,
+batch * head) loops over the key tiles. Neither needs atomics. delta = rowsum(dO * O) is recomputed
+in both from the tiles they load anyway, instead of a separate launch.
+
+A row with no key to attend (padding mask all False, or causal with a padded prefix) gets zeros
+out and zero gradients: its log-sum-exp is stored as +inf, so every probability exp2(s - lse) is 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _qformer_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smn,
+    sob, soh, som, sod,
+    H, LQ, LK, DH, qk_scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = offs_m < LQ
+    dmask = offs_d < DH
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    hi = LK
+    if CAUSAL:
+        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < LK
+        kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                     mask=nmask[:, None] & dmask[None, :], other=0.0)
+        vt = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                     mask=nmask[:, None] & dmask[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kt))
+        s = s * qk_scale  # base-2 logits
+        valid = nmask[None, :] & mmask[:, None]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * smb + offs_n * smn, mask=nmask, other=0)
+            valid = valid & (keep[None, :] != 0)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing to attend yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+             out.to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + pid_bh * LQ + offs_m, lse, mask=mmask)
+
+
+@triton.jit
+def _scores_to_probs(q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb, smn, qk_scale,
+                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+    """Recompute the (BLOCK_M, BLOCK_N) probabilities of the forward from the saved lse."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(kt), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(kt))
+    p = tl.exp2(s * qk_scale - lse[:, None])
+    valid = nmask[None, :] & mmask[:, None]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + b * smb + offs_n * smn, mask=nmask, other=0)
+        valid = valid & (keep[None, :] != 0)
+    return tl.where(valid, p, 0.0)
+
+
+@triton.jit
+def _qformer_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, do_ptr, lse_ptr, dk_ptr, dv_ptr,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smn,
+    sob, soh, som, sod,
+    sdob, sdoh, sdom, sdod,
+    H, LQ, LK, DH, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    nmask = offs_n < LK
+    dmask = offs_d < DH
+    kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                 mask=nmask[:, None] & dmask[None, :], other=0.0)
+    vt = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                 mask=nmask[:, None] & dmask[None, :], other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # queries before the tile's first key see none of it
+    for start_m in range(lo, LQ, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mmask = offs_m < LQ
+        md = mmask[:, None] & dmask[None, :]
+        q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=md, other=0.0)
+        do = tl.load(do_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
+                     mask=md, other=0.0)
+        o = tl.load(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=md, other=0.0)
+        lse = tl.load(lse_ptr + pid_bh * LQ + offs_m, mask=mmask, other=float("inf"))
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        p = _scores_to_probs(q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb, smn, qk_scale,
+                             CAUSAL, HAS_MASK, IEEE)
+        if IEEE:
+            dv += tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
+            dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(vt))
+        ds = p * (dp - delta[:, None])
+        if IEEE:
+            dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
+        else:
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk = dk * sm_scale
+    out_mask = nmask[:, None] & dmask[None, :]
+    # dK / dV are written contiguous (B, H, LK, DH)
+    base = pid_bh * LK * DH
+    tl.store(dk_ptr + base + offs_n[:, None] * DH + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptr + base + offs_n[:, None] * DH + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _qformer_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smn,
+    sob, soh, som, sod,
+    sdob, sdoh, sdom, sdod,
+    H, LQ, LK, DH, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = offs_m < LQ
+    dmask = offs_d < DH
+    md = mmask[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=md, other=0.0)
+    do = tl.load(do_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=md, other=0.0)
+    o = tl.load(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=md, other=0.0)
+    lse = tl.load(lse_ptr + pid_bh * LQ + offs_m, mask=mmask, other=float("inf"))
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    hi = LK
+    if CAUSAL:
+        hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < LK
+        nd = nmask[:, None] & dmask[None, :]
+        kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=nd, other=0.0)
+        vt = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=nd, other=0.0)
+        p = _scores_to_probs(q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb, smn, qk_scale,
+                             CAUSAL, HAS_MASK, IEEE)
+        if IEEE:
+            dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
+        else:
+            dp = tl.dot(do, tl.trans(vt))
+        ds = p * (dp - delta[:, None])
+        if IEEE:
+            dq += tl.dot(ds, kt.to(tl.float32), input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(kt.dtype), kt)
+    dq = dq * sm_scale
+    tl.store(dq_ptr + pid_bh * LQ * DH + offs_m[:, None] * DH + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=md)
+
+
+# --------------------------------------------------------------------------------------- launchers
+MAX_HEAD_DIM = 128
+
+
+def _blocks(lq: int, dh: int) -> tuple[int, int, int]:
+    block_m = 16 if lq <= 16 else 32  # the Q-Former's 32 queries are one tile
+    block_n = 64
+    block_d = max(16, triton.next_power_of_2(dh))
+    return block_m, block_n, block_d
+
+
+def _mask_args(key_padding_mask: torch.Tensor | None, q: torch.Tensor):
+    if key_padding_mask is None:
+        return q, 0, 0, False  # any pointer: the kernel never reads it
+    m = key_padding_mask.to(torch.uint8)
+    return m, m.stride(0), m.stride(1), True
+
+
+def _check(q, k, v):
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"qformer_attention_triton: float32/float16/bfloat16 only, got {q.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"qformer_attention_triton: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"qformer_attention_triton: head dim {q.shape[-1]} above {MAX_HEAD_DIM}")
+
+
+def qformer_attention_fwd_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+    causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, Lq, Dh), k / v (B, H, Lk, Dh), any strides -> (out (B, H, Lq, Dh) view of a
+    (B, Lq, H, Dh) buffer, lse (B, H, Lq) fp32 base-2 log-sum-exp, +inf for rows with no key)."""
+    _check(q, k, v)
+    bsz, heads, lq, dh = q.shape
+    lk = k.shape[2]
+    out = torch.empty(bsz, lq, heads, dh, dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(bsz, heads, lq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    block_m, block_n, block_d = _blocks(lq, dh)
+    mask, smb, smn, has_mask = _mask_args(key_padding_mask, q)
+    grid = (triton.cdiv(lq, block_m), bsz * heads)
+    _qformer_attention_fwd_kernel[grid](
+        q, k, v, mask, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
+        heads, lq, lk, dh, scale * _LOG2E,
+        CAUSAL=causal, HAS_MASK=has_mask, IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+    )
+    return out, lse
+
+
+def qformer_attention_bwd_triton(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv), contiguous (B, H, L, Dh), in q's dtype."""
+    _check(q, k, v)
+    bsz, heads, lq, dh = q.shape
+    lk = k.shape[2]
+    grad_out = grad_out.to(q.dtype)
+    dq = torch.empty(bsz, heads, lq, dh, dtype=q.dtype, device=q.device)
+    dk = torch.empty(bsz, heads, lk, dh, dtype=q.dtype, device=q.device)
+    dv = torch.empty_like(dk)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_m, block_n, block_d = _blocks(lq, dh)
+    mask, smb, smn, has_mask = _mask_args(key_padding_mask, q)
+    common = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(), *grad_out.stride(),
+              heads, lq, lk, dh, scale * _LOG2E, scale)
+    meta = dict(CAUSAL=causal, HAS_MASK=has_mask, IEEE=q.dtype == torch.float32,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    _qformer_attention_bwd_dkdv_kernel[(triton.cdiv(lk, block_n), bsz * heads)](
+        q, k, v, mask, out, grad_out, lse, dk, dv, *common, **meta)
+    _qformer_attention_bwd_dq_kernel[(triton.cdiv(lq, block_m), bsz * heads)](
+        q, k, v, mask, out, grad_out, lse, dq, *common, **meta)
+    return dq, dk, dv
+
+
+def default_scale(dh: int) -> float:
+    return 1.0 / math.sqrt(dh)

@@ -1,0 +1,136 @@
+"""SeedTokenizer.to_fast(): same outputs as the reference path, reversible, causal, trainable."""
+
+import pytest
+import torch
+
+from seed_fast import SeedTokenizer
+from seed_fast.ops.qformer_attention import not_supported_reasons
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _tok(seed=5):
+    return SeedTokenizer.from_config("tiny", seed=seed, init="unit").to(DEVICE).eval()
+
+
+def _images(n, seed):
+    return torch.rand(n, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+def _triton_runs():
+    x = torch.empty(1, 1, 2, 16, device=DEVICE)
+    return not not_supported_reasons("triton", x, x, x)
+
+
+IMPLS = ["sdpa", "ref"] + (["triton"] if _triton_runs() else [])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fast_path_matches_reference(impl):
+    tok = _tok()
+    imgs = _images(3, seed=1)
+    ref_emb, ref_codes = tok.encode_embeddings(imgs), tok.encode(imgs)
+    tok.to_fast(attn_impl=impl)
+    assert tok.is_fast
+    emb, codes = tok.encode_embeddings(imgs), tok.encode(imgs)
+    err = (emb - ref_emb).abs().max()
+    assert err <= 1e-5 * ref_emb.abs().max(), f"fast path differs by {float(err):.3g}"
+    assert torch.equal(codes, ref_codes)
+
+
+def test_to_reference_restores_the_exact_reference():
+    tok = _tok()
+    imgs = _images(2, seed=2)
+    before = tok.encode_embeddings(imgs)
+    sd = {k: v.clone() for k, v in tok.state_dict().items()}
+    tok.to_fast()
+    assert tok.state_dict().keys() == sd.keys(), "to_fast must not change the checkpoint layout"
+    tok.to_reference()
+    assert not tok.is_fast
+    assert torch.equal(tok.encode_embeddings(imgs), before)
+    assert all(torch.equal(v, sd[k]) for k, v in tok.state_dict().items())
+
+
+def test_fused_weights_follow_weight_changes():
+    tok = _tok().to_fast()
+    imgs = _images(2, seed=3)
+    tok.encode_embeddings(imgs)  # fills the fused-weight cache
+    with torch.no_grad():  # in-place edits, as an optimizer step or load_state_dict does
+        tok.qformer.layers[0].crossattention.self.key.weight.mul_(1.5)
+        tok.qformer.layers[1].attention.self.value.bias.add_(0.3)
+    fast = tok.encode_embeddings(imgs)
+    tok.to_reference()
+    ref = tok.encode_embeddings(imgs)
+    assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # and after re-assigning a parameter (new storage)
+    tok.to_fast()
+    tok.encode_embeddings(imgs)
+    lin = tok.qformer.layers[2].attention.self.query
+    lin.weight = torch.nn.Parameter(lin.weight.detach() * -1.0)
+    fast = tok.encode_embeddings(imgs)
+    ref = tok.to_reference().encode_embeddings(imgs)
+    assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_fast_path_is_causal():
+    tok = _tok().to_fast()
+    feats = tok.image_features(tok.preprocess(_images(1, seed=4)))
+    queries = tok.qformer.query_tokens.detach().clone()
+    with torch.no_grad():
+        base = tok.qformer(feats, queries)
+        for j in (0, 7, 31):
+            q2 = queries.clone()
+            q2[:, j] += 1.0
+            out = tok.qformer(feats, q2)
+            assert torch.equal(out[:, :j], base[:, :j]), f"query {j} changed earlier outputs"
+            assert not torch.equal(out[:, j:], base[:, j:])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fast_path_gradients_match_reference(impl):
+    """Stage-I training through the fast path: gradients reach the original (unfused) weights."""
+    feats = torch.randn(2, 257, 96, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    grads = {}
+    for mode in ("ref", "fast"):
+        tok = _tok(seed=9).train()
+        if mode == "fast":
+            tok.qformer.set_fast(True, impl=impl)
+        out = tok.qformer(feats)
+        (out.square().mean()).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in tok.qformer.named_parameters() if p.grad is not None}
+    assert grads["ref"].keys() == grads["fast"].keys()
+    for name, g in grads["ref"].items():
+        err = (grads["fast"][name] - g).abs().max()
+        assert err <= 1e-4 * g.abs().max() + 1e-7, f"{name}: gradient differs by {float(err):.3g}"
+
+
+def test_fast_path_runs_under_torch_compile():
+    tok = _tok().to_fast()
+    feats = torch.randn(2, 257, 96, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    with torch.no_grad():
+        eager = tok.qformer(feats)
+        compiled = torch.compile(tok.qformer, fullgraph=True, backend="aot_eager")(feats)
+    assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_graph_replay_matches_eager(dtype):
+    tok = _tok().to(dtype)
+    imgs = _images(3, seed=10)
+    ref_codes = tok.encode(imgs)
+    ref_emb = tok.encode_embeddings(imgs)
+    tok.to_fast(cuda_graph=True)
+    for _ in range(3):  # capture, then replays
+        codes, emb = tok.encode(imgs), tok.encode_embeddings(imgs)
+    assert tok._graphs["codes"].num_graphs == 1
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (emb.float() - ref_emb.float()).abs().max() <= tol * ref_emb.float().abs().max()
+    if dtype == torch.float32:
+        assert torch.equal(codes, ref_codes)
+    # a weight change in place is seen by the next replay
+    with torch.no_grad():
+        tok.qformer.layers[0].crossattention.self.value.weight.mul_(0.5)
+    replayed = tok.encode_embeddings(imgs)
+    tok.to_reference()
+    assert (replayed.float() - tok.encode_embeddings(imgs).float()).abs().max() <= tol * ref_emb.float().abs().max()
