@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "codebook_lookup.h"
@@ -39,28 +40,54 @@ constexpr int64_t kSmallN = 64;
 #define SEED_FAST_CPU_CLONES
 #endif
 
+// Panels are a transpose of the codebook in (NR codes x TD dims) tiles, so the source rows and the
+// destination lines a tile touches stay in L1 (a row-by-row copy strided the destination by NR
+// floats and thrashed L1 for large D). Half squared norms are summed with 8 independent partial
+// sums per code, so the loop is not one long latency chain.
 void pack_codebook(const float* cb, int64_t K, int64_t D, float* panels, float* half_norm) {
   const int64_t P = (K + NR - 1) / NR;
-  at::parallel_for(0, P, 16, [&](int64_t p0, int64_t p1) {
+  constexpr int64_t TD = 16;
+  at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       float* dst = panels + p * D * NR;
-      for (int64_t j = 0; j < NR; ++j) {
-        const int64_t k = p * NR + j;
-        if (k < K) {
-          const float* e = cb + k * D;
-          float s = 0.f;
-          for (int64_t d = 0; d < D; ++d) {
-            dst[d * NR + j] = e[d];
-            s += e[d] * e[d];
-          }
-          half_norm[k] = 0.5f * s;
-        } else {
-          for (int64_t d = 0; d < D; ++d) dst[d * NR + j] = 0.f;
-          half_norm[k] = std::numeric_limits<float>::infinity();
+      const int64_t valid = std::min<int64_t>(NR, K - p * NR);
+      for (int64_t d0 = 0; d0 < D; d0 += TD) {
+        const int64_t d1 = std::min(D, d0 + TD);
+        for (int64_t j = 0; j < valid; ++j) {
+          const float* e = cb + (p * NR + j) * D;
+          for (int64_t d = d0; d < d1; ++d) dst[d * NR + j] = e[d];
         }
+        for (int64_t j = valid; j < NR; ++j)
+          for (int64_t d = d0; d < d1; ++d) dst[d * NR + j] = 0.f;
+      }
+      for (int64_t j = 0; j < NR; ++j) {
+        if (j >= valid) {
+          half_norm[p * NR + j] = std::numeric_limits<float>::infinity();
+          continue;
+        }
+        const float* e = cb + (p * NR + j) * D;
+        float part[8] = {};
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8)
+          for (int64_t l = 0; l < 8; ++l) part[l] += e[d + l] * e[d + l];
+        for (; d < D; ++d) part[0] += e[d] * e[d];
+        half_norm[p * NR + j] =
+            0.5f * (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
       }
     }
   });
+}
+
+// A growing per-thread scratch buffer: the packed codebook is rebuilt each call, but its pages are
+// faulted in once, not on every call (50 MB for K = 16384, D = 768).
+float* scratch_floats(size_t n) {
+  thread_local std::unique_ptr<float[]> buf;
+  thread_local size_t cap = 0;
+  if (n > cap) {
+    buf.reset(new float[n]);  // uninitialized: pack_codebook writes every element
+    cap = n;
+  }
+  return buf.get();
 }
 
 // Rows [r0, r0 + MR) of z against panels [p0, p1) (rows past N repeat the last row; their results
@@ -333,9 +360,9 @@ torch::Tensor codebook_argmin_cpu(const torch::Tensor& z, const torch::Tensor& c
     return out;
   }
   const int64_t P = (K + NR - 1) / NR;
-  std::vector<float> panels(static_cast<size_t>(P * D * NR));
-  std::vector<float> half_norm(static_cast<size_t>(P * NR));
-  pack_codebook(cf.data_ptr<float>(), K, D, panels.data(), half_norm.data());
+  float* panels = scratch_floats(static_cast<size_t>(P * D * NR + P * NR));
+  float* half_norm = panels + P * D * NR;
+  pack_codebook(cf.data_ptr<float>(), K, D, panels, half_norm);
   for (int64_t k = 0; k < K; ++k) TORCH_CHECK(std::isfinite(half_norm[k]), kNonFinite, "codebook");
   const float* zp = zf.data_ptr<float>();
   float zsum = 0.f;
@@ -358,7 +385,7 @@ torch::Tensor codebook_argmin_cpu(const torch::Tensor& z, const torch::Tensor& c
     for (int64_t p0 = 0; p0 < P; p0 += chunk_panels) {
       const int64_t p1 = std::min(P, p0 + chunk_panels);
       for (int64_t b = b0; b < b1; ++b)
-        micro(zp, N, D, b * MR, panels.data(), half_norm.data(), p0, p1, &row_v[(b - b0) * MR],
+        micro(zp, N, D, b * MR, panels, half_norm, p0, p1, &row_v[(b - b0) * MR],
                      &row_i[(b - b0) * MR]);
     }
     for (int64_t b = b0; b < b1; ++b)
