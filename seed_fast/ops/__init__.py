@@ -6,11 +6,15 @@ from .codebook_lookup import (
     vector_quantize,
     vector_quantize_ref,
 )
+from .lora_linear import lora_dropout_mask, lora_linear, lora_linear_ref
 from .qformer_attention import qformer_attention, qformer_attention_ref
 
 __all__ = [
     "codebook_lookup",
     "codebook_lookup_ref",
+    "lora_dropout_mask",
+    "lora_linear",
+    "lora_linear_ref",
     "qformer_attention",
     "qformer_attention_ref",
     "vector_quantize",

@@ -1,0 +1,177 @@
+"""Triton LoRA linear: the rank-r product rides in the base matmul's pass.
+
+`_lora_mm_kernel` computes one (BM, BN) tile of  y = x W^T + b + s * drop(x A^T ... ) B^T:
+while the K loop streams x tiles for the base product, the same registers feed x A^T (BM x r),
+so x is read once for both; the epilogue adds s * t B^T and the bias before the single store.
+The t = x A^T part is recomputed by every column tile (r / BN extra FLOP, 1/8 at r = 16 and
+BN = 128) instead of a second launch and a round trip of t through memory.
+
+The same kernel computes the backward dx = dy W + s * drop(dy B A) on transposed operands
+(strides are arguments); `_lora_da_kernel` reduces dA = s * u^T drop(x) over row splits.
+
+Dropout masks are a pure function of (seed, row, column): `_keep` is murmur3's finalizer on
+row * cols + col, matching seed_fast.ops.lora_linear.lora_dropout_mask bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _keep(rows, cols, ncols, seed, thresh):
+    """(len(rows), len(cols)) bool: hash32(row * ncols + col, seed) >= thresh."""
+    idx = (rows[:, None].to(tl.int64) * ncols + cols[None, :].to(tl.int64)).to(tl.uint64) & 0xFFFFFFFF
+    h = (idx * 0x9E3779B1 + seed) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return h >= thresh
+
+
+@triton.jit
+def _lora_mm_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, t_ptr,
+    M, N, K, R,
+    sxm, sxk, swn, swk, sar, sak, sbn, sbr, sym, syn,
+    scaling, seed, thresh, inv_keep,
+    HAS_BIAS: tl.constexpr, DROP_IN: tl.constexpr, DROP_OUT: tl.constexpr, STORE_T: tl.constexpr,
+    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rr = tl.arange(0, BR)
+    mmask = rm < M
+    nmask = rn < N
+    rmask = rr < R
+    acc = tl.zeros((BM, BN), tl.float32)
+    tacc = tl.zeros((BM, BR), tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        kmask = rk < K
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[None, :] * swn + rk[:, None] * swk, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        a = tl.load(a_ptr + rr[None, :] * sar + rk[:, None] * sak, mask=kmask[:, None] & rmask[None, :], other=0.0)
+        xd = x
+        if DROP_IN:
+            xd = tl.where(_keep(rm, rk, K, seed, thresh), x, 0.0)
+        if IEEE:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+            tacc = tl.dot(xd, a, tacc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+            tacc = tl.dot(xd, a, tacc)
+    if DROP_IN:
+        tacc = tacc * inv_keep
+    if STORE_T:  # t (M, R) fp32, written once (by the first column tile) for the backward
+        if pid_n == 0:
+            tl.store(t_ptr + rm[:, None] * R + rr[None, :], tacc, mask=mmask[:, None] & rmask[None, :])
+    b = tl.load(b_ptr + rn[None, :] * sbn + rr[:, None] * sbr, mask=rmask[:, None] & nmask[None, :], other=0.0)
+    if IEEE:
+        lora = tl.dot(tacc, b, input_precision="ieee")
+    else:
+        lora = tl.dot(tacc.to(b.dtype), b)
+    if DROP_OUT:
+        lora = tl.where(_keep(rm, rn, N, seed, thresh), lora * inv_keep, 0.0)
+    acc += scaling * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _lora_da_kernel(
+    u_ptr, x_ptr, part_ptr,
+    M, K, R, sxm, sxk, rows_per_split, seed, thresh,
+    DROP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    """part[split] (R, K) fp32 = u[rows]^T drop(x[rows]) over this split's rows; u is (M, R) fp32."""
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rr = tl.arange(0, BR)
+    kmask = rk < K
+    rmask = rr < R
+    acc = tl.zeros((BR, BK), tl.float32)
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+    for m0 in range(m_start, m_end, BM):
+        rm = m0 + tl.arange(0, BM)
+        mm = rm < m_end
+        u = tl.load(u_ptr + rm[:, None] * R + rr[None, :], mask=mm[:, None] & rmask[None, :], other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=mm[:, None] & kmask[None, :], other=0.0)
+        if DROP:
+            x = tl.where(_keep(rm, rk, K, seed, thresh), x, 0.0)
+        if IEEE:
+            acc = tl.dot(tl.trans(u), x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(u.to(x.dtype)), x, acc)
+    tl.store(part_ptr + pid_s * R * K + rr[:, None] * K + rk[None, :], acc, mask=rmask[:, None] & kmask[None, :])
+
+
+# --------------------------------------------------------------------------------------- launchers
+def _blocks(m: int, n: int, k: int, r: int) -> tuple[int, int, int, int]:
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    bn = 64 if n <= 64 else 128
+    bk = 32 if k <= 32 else 64
+    br = max(16, triton.next_power_of_2(r))
+    return bm, bn, bk, br
+
+
+def lora_mm(
+    x: torch.Tensor, w_t: tuple, a_t: tuple, b_t: tuple, bias: torch.Tensor | None, n: int, r: int,
+    scaling: float, *, seed: int, thresh: int, inv_keep: float, drop_in: bool, drop_out: bool,
+    store_t: bool, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y (M, n) = x W'^T + bias + scaling * drop(x A'^T) B'^T with operands given as
+    (tensor, stride_out, stride_in) triples (so transposed views cost nothing).
+    Returns (y, t (M, r) fp32 or None)."""
+    m, k = x.shape
+    w, swn, swk = w_t
+    a, sar, sak = a_t
+    b, sbn, sbr = b_t
+    y = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    t = torch.empty(m, r, dtype=torch.float32, device=x.device) if store_t else y
+    if m == 0 or n == 0:
+        return y, (t if store_t else None)
+    bm, bn, bk, br = _blocks(m, n, k, r)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _lora_mm_kernel[grid](
+        x, w, bias if bias is not None else y, a, b, y, t,
+        m, n, k, r,
+        x.stride(0), x.stride(1), swn, swk, sar, sak, sbn, sbr, y.stride(0), y.stride(1),
+        scaling, seed, thresh, inv_keep,
+        HAS_BIAS=bias is not None, DROP_IN=drop_in, DROP_OUT=drop_out, STORE_T=store_t,
+        IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk, BR=br,
+    )
+    return y, (t if store_t else None)
+
+
+def lora_da(u: torch.Tensor, x: torch.Tensor, *, seed: int, thresh: int, drop: bool) -> torch.Tensor:
+    """(R, K) fp32 = u^T drop(x) (u (M, R) fp32, x (M, K)), split over rows to fill the GPU."""
+    m, k = x.shape
+    r = u.shape[1]
+    if m == 0:
+        return torch.zeros(r, k, dtype=torch.float32, device=x.device)
+    bm, bk, br = 64 if m > 32 else (32 if m > 16 else 16), 64, max(16, triton.next_power_of_2(r))
+    k_tiles = triton.cdiv(k, bk)
+    if x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        splits = max(1, min(triton.cdiv(m, bm), triton.cdiv(2 * sms, k_tiles)))
+    else:
+        splits = min(2, triton.cdiv(m, bm))  # exercise the split reduction under the interpreter too
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), bm) * bm
+    splits = triton.cdiv(m, rows_per_split)
+    part = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
+    _lora_da_kernel[(k_tiles, splits)](
+        u.contiguous(), x, part, m, k, r, x.stride(0), x.stride(1), rows_per_split, seed, thresh,
+        DROP=drop, IEEE=x.dtype == torch.float32, BM=bm, BK=bk, BR=br,
+    )
+    return part.sum(0)

@@ -1,0 +1,408 @@
+"""LoRA linear layers: y = x W^T + b + scaling * (dropout(x) A^T) B^T, as peft's LoRA Linear computes.
+
+Shapes follow peft: x (..., in), weight (out, in), bias (out,) or None, lora_A (r, in),
+lora_B (out, r). The base weight and bias are frozen in LoRA training; gradients flow to x, A, B
+(and to W / b too if they require grad).
+
+`lora_linear_ref` is the specification (plain torch, fp32 accumulation, output in x's dtype).
+Dropout: peft applies nn.Dropout to x on the LoRA branch only. Here the mask is a pure function of
+(seed, row, column) — `lora_dropout_mask` — so the Triton kernels regenerate it wherever needed
+(forward, dx, dA) instead of storing an (N, in) mask, and the reference reproduces it exactly.
+
+Backends behind `lora_linear(impl=...)`:
+  "triton"  kernels/lora_linear.py: the low-rank product rides in the base matmul's pass (x is read
+            once for both, the LoRA term is added in the epilogue, no extra output round trip);
+            backward dx uses the same kernel on transposed operands, dA a split-M reduction kernel,
+            dB one matmul. CUDA tensors, or CPU under TRITON_INTERPRET=1 (testing).
+  "torch"   addmm chain (base product, then the rank-r update added in place): no (N, out)
+            temporary for the LoRA term; the CPU path.
+  "ref"     the specification.
+`lora_linear_multi` serves a batch whose rows use different adapters (stacked A / B).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+IMPLS = ("auto", "ref", "torch", "triton")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_RANK = 128
+_M32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------------------- dropout mask
+def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
+    """(a * c) mod 2^32 for int64 a in [0, 2^32) without int64 overflow (16-bit halves)."""
+    lo, hi = a & 0xFFFF, a >> 16
+    return (lo * c + ((hi * c) & 0xFFFF) * 65536) & _M32
+
+
+def _hash32(idx: torch.Tensor, seed: int) -> torch.Tensor:
+    """murmur3's 32-bit finalizer of (idx * golden + seed): a counter-based generator the Triton
+    kernels compute bit for bit (kernels/lora_linear.py `_keep`)."""
+    h = (_mul32(idx & _M32, 0x9E3779B1) + (seed & _M32)) & _M32
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    """An element is kept when its 32-bit hash >= this (so P(keep) = 1 - p up to 2^-32)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return min(int(round(p * 2**32)), _M32)
+
+
+def lora_dropout_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """(rows, cols) bool keep-mask of the LoRA dropout for `seed`: element (i, j) is kept when
+    hash32(i * cols + j, seed) >= p * 2^32. Needs rows * cols < 2^32."""
+    if rows * cols >= 2**32:
+        raise ValueError(f"lora dropout: {rows} x {cols} elements exceed the 2^32 counter range")
+    idx = torch.arange(rows * cols, dtype=torch.int64, device=device)
+    return (_hash32(idx, seed) >= dropout_threshold(p)).reshape(rows, cols)
+
+
+# --------------------------------------------------------------------------------------- reference
+def lora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """x W^T + b + scaling * (dropout(x) A^T) B^T, fp32 accumulation (fp64 for fp64 inputs).
+
+    x (..., in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r).
+    dropout_p > 0 needs `seed`: the kept elements are `lora_dropout_mask(seed, N, in, p)` over the
+    flattened rows, scaled by 1 / (1 - p). Returns (..., out) in x's dtype.
+    """
+    _check(x, weight, bias, lora_A, lora_B, dropout_p, seed)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = x.reshape(-1, x.shape[-1]).to(acc)
+    y = flat @ weight.to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    xd = flat
+    if dropout_p > 0:
+        keep = lora_dropout_mask(seed, flat.shape[0], flat.shape[1], dropout_p, device=x.device)
+        xd = flat * keep / (1.0 - dropout_p)
+    y = y + scaling * ((xd @ lora_A.to(acc).t()) @ lora_B.to(acc).t())
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+# --------------------------------------------------------------------------------------- torch path
+class _LoraTorch(torch.autograd.Function):
+    """addmm chain; saves only x (and t = dropout(x) A^T, r columns) for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        flat = x.reshape(-1, x.shape[-1])
+        xd = flat
+        if dropout_p > 0:
+            keep = lora_dropout_mask(seed, flat.shape[0], flat.shape[1], dropout_p, device=x.device)
+            xd = flat * keep.to(flat.dtype) * (1.0 / (1.0 - dropout_p))
+        t = xd @ lora_A.t()  # (N, r)
+        y = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+        y.addmm_(t, lora_B.t(), alpha=scaling)  # rank-r update in place: no (N, out) temporary
+        ctx.save_for_backward(flat, weight, lora_A, lora_B, t)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.has_bias = scaling, dropout_p, seed, bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        flat, weight, lora_A, lora_B, t = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        g = gy.reshape(-1, gy.shape[-1])
+        u = (g @ lora_B) * s  # (N, r)
+        gx = gw = gb = ga = gbb = None
+        keep = None
+        if p > 0 and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
+            keep = lora_dropout_mask(ctx.seed, flat.shape[0], flat.shape[1], p, device=flat.device)
+            keep = keep.to(flat.dtype) * (1.0 / (1.0 - p))
+        if ctx.needs_input_grad[0]:
+            lora_in = u @ lora_A  # (N, in)
+            gx = torch.addmm(lora_in * keep, g, weight) if keep is not None else lora_in.addmm_(g, weight)
+            gx = gx.reshape(*gy.shape[:-1], flat.shape[-1])
+        if ctx.needs_input_grad[1]:
+            gw = g.t() @ flat
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            xd = flat * keep if keep is not None else flat
+            ga = u.t() @ xd
+        if ctx.needs_input_grad[4]:
+            gbb = (g.t() @ t) * s
+        return gx, gw, gb, ga, gbb, None, None, None
+
+
+# --------------------------------------------------------------------------------------- Triton path
+def _keep_args(dropout_p: float) -> tuple[int, float]:
+    return (dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)) if dropout_p > 0 else (0, 1.0)
+
+
+@torch.library.custom_op("seed_fast::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scaling: float, dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward on 2-D x (N, in): (y (N, out), t = dropout(x) A^T (N, r) fp32, kept for the backward)."""
+    from ..kernels.lora_linear import lora_mm
+
+    thresh, inv_keep = _keep_args(dropout_p)
+    return lora_mm(
+        x, (weight, weight.stride(0), weight.stride(1)), (lora_A, lora_A.stride(0), lora_A.stride(1)),
+        (lora_B, lora_B.stride(0), lora_B.stride(1)), bias, weight.shape[0], lora_A.shape[0], scaling,
+        seed=seed, thresh=thresh, inv_keep=inv_keep, drop_in=dropout_p > 0, drop_out=False, store_t=True,
+        out_dtype=x.dtype,
+    )
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("seed_fast::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    t: torch.Tensor, scaling: float, dropout_p: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: (dx (N, in), dA (r, in), dB (out, r)) for 2-D x and grad_y (N, out).
+
+    dx = dy W + s * drop(dy B A) is the forward kernel on transposed operands (it also returns
+    u = dy B); dA = s * u^T drop(x) is a split-row reduction; dB = s * dy^T t is one matmul."""
+    from ..kernels.lora_linear import lora_da, lora_mm
+
+    thresh, inv_keep = _keep_args(dropout_p)
+    drop = dropout_p > 0
+    g = grad_y.contiguous()
+    # operand triples (tensor, stride over the kernel's output dim, stride over its reduction dim)
+    gx, u = lora_mm(
+        g, (weight, weight.stride(1), weight.stride(0)), (lora_B, lora_B.stride(1), lora_B.stride(0)),
+        (lora_A, lora_A.stride(1), lora_A.stride(0)), None, weight.shape[1], lora_A.shape[0], scaling,
+        seed=seed, thresh=thresh, inv_keep=inv_keep, drop_in=False, drop_out=drop, store_t=True, out_dtype=x.dtype,
+    )
+    ga = lora_da(u, x, seed=seed, thresh=thresh, drop=drop) * (scaling * inv_keep)
+    gb = (g.t() @ t.to(g.dtype)) * scaling  # (out, r)
+    return gx, ga.to(lora_A.dtype), gb.to(lora_B.dtype)
+
+
+@lora_linear_bwd.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed):
+    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_fwd(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])
+    ctx.scaling, ctx.dropout_p, ctx.seed, ctx.has_bias = scaling, dropout_p, seed, bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward_fwd(ctx, grad_y, grad_t):
+    x, weight, lora_A, lora_B, t = ctx.saved_tensors
+    gx, ga, gb = torch.ops.seed_fast.lora_linear_bwd(
+        grad_y, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, ctx.seed
+    )
+    gw = grad_y.t() @ x if ctx.needs_input_grad[1] else None  # only when the base weight is trained
+    gbias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return gx, gw, gbias, ga, gb, None, None, None
+
+
+lora_linear_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
+
+
+def lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int | None):
+    flat = x.reshape(-1, x.shape[-1])
+    y, _ = torch.ops.seed_fast.lora_linear_fwd(flat, weight, bias, lora_A, lora_B, scaling, dropout_p, seed or 0)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# --------------------------------------------------------------------------------------- dispatch
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def not_supported_reasons(impl: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> list[str]:
+    """Why backend `impl` cannot run these inputs; empty when it can."""
+    if impl in ("ref", "torch"):
+        return []
+    if impl != "triton":
+        return [f"unknown impl {impl!r}; choose from {IMPLS}"]
+    reasons = []
+    if x.dtype not in _KERNEL_DTYPES:
+        reasons.append(f"dtype {x.dtype} not in float32/float16/bfloat16")
+    if lora_A.shape[0] > _MAX_RANK:
+        reasons.append(f"rank {lora_A.shape[0]} above {_MAX_RANK}")
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        reasons.append(f"triton unavailable: {e}")
+    if x.device.type == "cpu":
+        if not _triton_interpreting():
+            reasons.append("CPU tensors need TRITON_INTERPRET=1 (the interpreter, for testing)")
+        if x.dtype == torch.bfloat16:
+            reasons.append("the Triton interpreter has no bfloat16")
+    elif x.device.type != "cuda":
+        reasons.append(f"tensors are on {x.device}")
+    return reasons
+
+
+def choose_impl(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, impl: str = "auto") -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"lora_linear: unknown impl {impl!r}; choose from {IMPLS}")
+    if impl != "auto":
+        reasons = not_supported_reasons(impl, x, weight, lora_A)
+        if reasons:
+            raise RuntimeError(f"lora_linear: impl={impl!r} cannot run these inputs: " + "; ".join(reasons))
+        return impl
+    if x.device.type == "cuda" and not not_supported_reasons("triton", x, weight, lora_A):
+        return "triton"
+    return "ref" if x.dtype == torch.float64 else "torch"
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Fused LoRA linear; same contract as `lora_linear_ref`.
+
+    impl: "auto" (Triton on CUDA, the addmm chain on CPU, the reference for fp64), "ref", "torch",
+    "triton". dropout_p > 0 without a seed draws one from torch's generator (so torch.manual_seed
+    makes runs repeatable).
+    """
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    _check(x, weight, bias, lora_A, lora_B, dropout_p, seed)
+    chosen = choose_impl(x, weight, lora_A, impl)
+    scaling = float(scaling)
+    if chosen == "ref":
+        return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)
+    if chosen == "torch":
+        return _LoraTorch.apply(x, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
+    return lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
+
+
+def _check(x, weight, bias, lora_A, lora_B, dropout_p, seed) -> None:
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"lora_linear: {name} must be a tensor")
+        if not t.is_floating_point():
+            raise TypeError(f"lora_linear: {name} must be floating point, got {t.dtype}")
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(
+            f"lora_linear: weight (out, in), lora_A (r, in), lora_B (out, r) must be 2-D, got "
+            f"{tuple(weight.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}"
+        )
+    out_f, in_f = weight.shape
+    r = lora_A.shape[0]
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"lora_linear: x's last dim must be in_features={in_f}, got shape {tuple(x.shape)}")
+    if lora_A.shape[1] != in_f:
+        raise ValueError(f"lora_linear: lora_A must be (r, in_features={in_f}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(
+            f"lora_linear: lora_B must be (out_features, r) = ({out_f}, {r}) to match weight and lora_A, "
+            f"got {tuple(lora_B.shape)}"
+        )
+    if r < 1:
+        raise ValueError("lora_linear: rank must be >= 1")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"lora_linear: bias must be (out_features,) = ({out_f},), got {tuple(bias.shape)}")
+    dts = {t.dtype for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
+    if len(dts) != 1:
+        raise TypeError(f"lora_linear: x, weight, bias, lora_A, lora_B must share a dtype, got {sorted(map(str, dts))}")
+    devs = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
+    if len(devs) != 1:
+        raise ValueError(f"lora_linear: tensors are on different devices: {sorted(map(str, devs))}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and seed is None:
+        raise ValueError("lora_linear_ref: dropout_p > 0 needs a seed (the mask is a function of it)")
+
+
+# --------------------------------------------------------------------------------------- multi-adapter
+def _check_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings) -> torch.Tensor:
+    if A_stack.dim() != 3 or B_stack.dim() != 3:
+        raise ValueError(
+            f"lora_linear_multi: A_stack (n, r, in) and B_stack (n, out, r) must be 3-D, got "
+            f"{tuple(A_stack.shape)}, {tuple(B_stack.shape)}"
+        )
+    n, r, _ = A_stack.shape
+    if weight.dim() == 2 and tuple(B_stack.shape) != (n, weight.shape[0], r):
+        raise ValueError(
+            f"lora_linear_multi: B_stack must be (n_adapters, out, r) = ({n}, {weight.shape[0]}, {r}), "
+            f"got {tuple(B_stack.shape)}"
+        )
+    _check(x, weight, bias, A_stack[0], B_stack[0], 0.0, None)
+    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError("lora_linear_multi: adapter_ids must be an int32 / int64 tensor")
+    if adapter_ids.dim() != 1 or x.dim() < 2 or adapter_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"lora_linear_multi: adapter_ids must be (B,) for x (B, ..., in), got {tuple(adapter_ids.shape)} "
+            f"and {tuple(x.shape)}"
+        )
+    if adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= n):
+        raise ValueError(
+            f"lora_linear_multi: adapter ids must lie in [-1, {n}) (-1 = base model only), got "
+            f"min {int(adapter_ids.min())}, max {int(adapter_ids.max())}"
+        )
+    s = torch.as_tensor(scalings, dtype=torch.float32, device=x.device).reshape(-1)
+    if s.numel() != n:
+        raise ValueError(f"lora_linear_multi: need one scaling per adapter ({n}), got {s.numel()}")
+    return s
+
+
+def lora_linear_multi_ref(x, weight, bias, A_stack, B_stack, adapter_ids, scalings) -> torch.Tensor:
+    """Each batch element b uses adapter adapter_ids[b] (-1: none): row-by-row lora_linear_ref.
+
+    x (B, ..., in); A_stack (n, r, in); B_stack (n, out, r); adapter_ids (B,) int; scalings (n,).
+    Adapters of different ranks go in one stack zero-padded to the largest rank.
+    """
+    s = _check_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings)
+    outs = []
+    for b in range(x.shape[0]):
+        i = int(adapter_ids[b])
+        if i < 0:
+            outs.append(lora_linear_ref(x[b], weight, bias, A_stack[0], B_stack[0], 0.0))
+        else:
+            outs.append(lora_linear_ref(x[b], weight, bias, A_stack[i], B_stack[i], float(s[i])))
+    return torch.stack(outs) if outs else x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def lora_linear_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings, *, impl: str = "auto") -> torch.Tensor:
+    """Mixed-adapter batch (serving): base product once, then every row's rank-r update through
+    batched matmuls on gathered adapters: (B, r, in) and (B, out, r), no loop over adapters.
+
+    impl: "auto" / "torch" (this path) or "ref". Same contract as `lora_linear_multi_ref`.
+    """
+    if impl not in ("auto", "torch", "ref"):
+        raise ValueError(f"lora_linear_multi: unknown impl {impl!r}; choose from ('auto', 'torch', 'ref')")
+    if impl == "ref":
+        return lora_linear_multi_ref(x, weight, bias, A_stack, B_stack, adapter_ids, scalings)
+    s = _check_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings)
+    ids = adapter_ids.to(torch.int64)
+    active = ids >= 0
+    idx = ids.clamp_min(0)
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, S, in)
+    y = torch.nn.functional.linear(flat, weight, bias)  # (B, S, out)
+    t = torch.bmm(flat, A_stack[idx].transpose(1, 2))  # (B, S, r)
+    scale = torch.where(active, s[idx], torch.zeros((), device=x.device)).to(x.dtype)  # (B,)
+    y.baddbmm_(t * scale[:, None, None], B_stack[idx].transpose(1, 2))  # += s_b t_b B_b^T, in place
+    return y.reshape(*x.shape[:-1], weight.shape[0])

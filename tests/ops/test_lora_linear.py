@@ -1,0 +1,199 @@
+"""lora_linear / lora_linear_multi: reference vs float64, every backend and dtype vs the reference,
+odd shapes, gradients, the dropout mask, opcheck, torch.compile, errors."""
+
+import pytest
+import torch
+
+from seed_fast.ops import lora_dropout_mask, lora_linear, lora_linear_ref
+from seed_fast.ops.lora_linear import lora_linear_multi, lora_linear_multi_ref, not_supported_reasons
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _runnable(impl, dtype):
+    x = torch.empty(2, 4, dtype=dtype, device=DEVICE)
+    return not not_supported_reasons(impl, x, x, x)
+
+
+IMPLS = [i for i in ("torch", "triton") if _runnable(i, torch.float32)]
+
+
+def _make(n, in_f, out_f, r, dtype, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_f, generator=g)
+    w = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    b = torch.randn(out_f, generator=g) if bias else None
+    a = torch.randn(r, in_f, generator=g) / in_f**0.5
+    bb = torch.randn(out_f, r, generator=g) / r**0.5
+    return [t.to(DEVICE, dtype) if t is not None else None for t in (x, w, b, a, bb)]
+
+
+def test_triton_is_tested_here():
+    assert "triton" in IMPLS, "the Triton kernel must run (GPU, or TRITON_INTERPRET=1 on CPU)"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_reference_matches_float64_formula(p):
+    x, w, b, a, bb = _make(7, 9, 5, 2, torch.float64, seed=0)
+    keep = lora_dropout_mask(11, 7, 9, p, device=DEVICE).double() / (1 - p)
+    expect = x @ w.T + b + 0.5 * ((x * keep) @ a.T) @ bb.T
+    got = lora_linear_ref(x, w, b, a, bb, 0.5, dropout_p=p, seed=11)
+    assert torch.allclose(got, expect, atol=1e-12, rtol=1e-12)
+
+
+def test_dropout_mask_statistics():
+    m = lora_dropout_mask(3, 300, 500, 0.25)
+    assert abs(m.float().mean().item() - 0.75) < 0.01
+    assert abs(m[:, :250].float().mean().item() - m[:, 250:].float().mean().item()) < 0.02  # no layout bias
+    assert not torch.equal(m, lora_dropout_mask(4, 300, 500, 0.25)), "the seed must matter"
+    assert torch.equal(m, lora_dropout_mask(3, 300, 500, 0.25)), "and nothing else"
+    assert lora_dropout_mask(3, 10, 10, 0.0).all()
+
+
+SHAPES = [(1, 1, 1, 1), (5, 17, 1, 3), (3, 1, 17, 1), (33, 1000, 17, 3), (20, 17, 1000, 16), (70, 130, 90, 128)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,in_f,out_f,r", SHAPES)
+@pytest.mark.parametrize("bias,p", [(True, 0.0), (False, 0.0), (True, 0.2)])
+def test_forward_and_gradients_match_reference(impl, dtype, n, in_f, out_f, r, bias, p):
+    if not _runnable(impl, dtype):
+        pytest.skip(f"{impl} cannot run {dtype} here")
+    x, w, b, a, bb = _make(n, in_f, out_f, r, dtype, seed=n + in_f + out_f + r, bias=bias)
+    gy = torch.randn(n, out_f, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+
+    def run(fn, dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x, a, bb)]
+        wb = [t.to(dt) if t is not None else None for t in (w, b)]
+        y = fn(leaves[0], wb[0], wb[1], leaves[1], leaves[2])
+        y.backward(gy.to(dt))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    kw = dict(dropout_p=p, seed=123)
+    ours = run(lambda *t: lora_linear(*t, 0.75, impl=impl, **kw), dtype)
+    ref64 = run(lambda *t: lora_linear_ref(*t, 0.75, **kw), torch.float64)
+    plain = run(lambda *t: lora_linear_ref(*t, 0.75, **kw), dtype)
+    for name, o, r64, pl in zip(("y", "dx", "dA", "dB"), ours, ref64, plain):
+        assert o.dtype == dtype and o.shape == r64.shape, name
+        assert torch.isfinite(o).all(), f"{name} has NaN / inf"
+        err = (o.double() - r64).abs().max()
+        scale = r64.abs().max().clamp_min(1.0)
+        bound = 2 * (pl.double() - r64).abs().max() + TOL[dtype] * scale
+        assert err <= bound, f"{impl} {dtype} {name}: error {float(err):.3g} > {float(bound):.3g}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_expectation_matches_no_dropout(impl):
+    """Averaged over seeds, the dropout output tends to the dropout-free one (inverted scaling)."""
+    x, w, b, a, bb = _make(4, 24, 8, 4, torch.float32, seed=5)
+    clean = lora_linear_ref(x, w, b, a, bb, 2.0)
+    runs = torch.stack([lora_linear(x, w, b, a, bb, 2.0, dropout_p=0.5, seed=s, impl=impl) for s in range(400)])
+    lora_part = (clean - lora_linear_ref(x, w, b, a, bb, 0.0)).abs().mean()
+    assert (runs.mean(0) - clean).abs().mean() < 0.15 * lora_part
+    assert (runs.std(0)).mean() > 0.1 * lora_part  # and the mask really varies
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_is_repeatable_from_torch_seed(impl):
+    x, w, b, a, bb = _make(6, 20, 10, 2, torch.float32, seed=6)
+    torch.manual_seed(9)
+    y1 = lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.3, impl=impl)
+    torch.manual_seed(9)
+    y2 = lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.3, impl=impl)
+    y3 = lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.3, impl=impl)
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+
+
+def test_batched_leading_dims_and_base_weight_grad():
+    x, w, b, a, bb = _make(12, 16, 8, 2, torch.float32, seed=7)
+    x3 = x.reshape(3, 4, 16)
+    for impl in IMPLS:
+        w_ = w.detach().clone().requires_grad_()
+        y = lora_linear(x3, w_, b, a, bb, 0.5, impl=impl)
+        assert y.shape == (3, 4, 8)
+        y.sum().backward()
+        assert torch.allclose(w_.grad, torch.ones(12, 8, device=DEVICE).T @ x, atol=1e-5)
+
+
+def test_errors():
+    x, w, b, a, bb = _make(3, 8, 6, 2, torch.float32, seed=8)
+    with pytest.raises(ValueError, match="lora_B must be"):
+        lora_linear(x, w, b, a, bb[:, :1], 1.0)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        lora_linear(x, w, b, a[:, :5], bb, 1.0)
+    with pytest.raises(ValueError, match="last dim"):
+        lora_linear(x[:, :5], w, b, a, bb, 1.0)
+    with pytest.raises(TypeError, match="share a dtype"):
+        lora_linear(x.half(), w, b, a, bb, 1.0)
+    with pytest.raises(ValueError, match="bias must be"):
+        lora_linear(x, w, b[:3], a, bb, 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_linear(x, w, b, a, bb, 1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="unknown impl"):
+        lora_linear(x, w, b, a, bb, 1.0, impl="cutlass")
+    with pytest.raises(RuntimeError, match="impl='triton' cannot run.*float64"):
+        lora_linear(x.double(), w.double(), b.double(), a.double(), bb.double(), 1.0, impl="triton")
+    with pytest.raises(TypeError, match="floating point"):
+        lora_linear(x.long(), w, b, a, bb, 1.0)
+
+
+def test_opcheck_and_compile():
+    if "triton" not in IMPLS:
+        pytest.skip("triton cannot run here")
+    x, w, b, a, bb = _make(5, 12, 7, 3, torch.float32, seed=9)
+    for p in (0.0, 0.25):
+        args = (x, w, b, a.requires_grad_(), bb.requires_grad_(), 0.5, p, 17)
+        torch.library.opcheck(torch.ops.seed_fast.lora_linear_fwd.default, args)
+        y, t = torch.ops.seed_fast.lora_linear_fwd(x, w, b, a.detach(), bb.detach(), 0.5, p, 17)
+        torch.library.opcheck(
+            torch.ops.seed_fast.lora_linear_bwd.default, (torch.randn_like(y), x, w, a.detach(), bb.detach(), t, 0.5, p, 17)
+        )
+
+    def f(x, a, bb):
+        return lora_linear(x, w, b, a, bb, 0.5, impl="triton").sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x, a, bb), f(x, a, bb), atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------- multi
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_adapters", [1, 4])
+def test_multi_matches_reference(dtype, n_adapters):
+    g = torch.Generator().manual_seed(n_adapters)
+    bsz, seq, in_f, out_f, r = 6, 3, 20, 11, 4
+    x = torch.randn(bsz, seq, in_f, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(out_f, in_f, generator=g) / 5).to(DEVICE, dtype)
+    b = torch.randn(out_f, generator=g).to(DEVICE, dtype)
+    a_s = (torch.randn(n_adapters, r, in_f, generator=g) / 5).to(DEVICE, dtype)
+    b_s = torch.randn(n_adapters, out_f, r, generator=g).to(DEVICE, dtype)
+    ids = torch.randint(-1, n_adapters, (bsz,), generator=g).to(DEVICE)
+    ids[0] = -1  # a row on the base model alone
+    scal = [0.5 + i for i in range(n_adapters)]
+    got = lora_linear_multi(x, w, b, a_s, b_s, ids, scal)
+    ref64 = lora_linear_multi_ref(x.double(), w.double(), b.double(), a_s.double(), b_s.double(), ids, scal)
+    plain = lora_linear_multi_ref(x, w, b, a_s, b_s, ids, scal)
+    err = (got.double() - ref64).abs().max()
+    assert err <= 2 * (plain.double() - ref64).abs().max() + TOL[dtype] * ref64.abs().max()
+    # each row equals the single-adapter op with its adapter
+    for i in range(bsz):
+        k = int(ids[i])
+        single = lora_linear_ref(x[i], w, b, a_s[max(k, 0)], b_s[max(k, 0)], scal[k] if k >= 0 else 0.0)
+        assert (got[i].double() - single.double()).abs().max() <= 4 * TOL[dtype] * single.abs().max().double() + 1e-6
+
+
+def test_multi_errors():
+    x = torch.randn(2, 3, 8)
+    w, a_s, b_s = torch.randn(5, 8), torch.randn(3, 2, 8), torch.randn(3, 5, 2)
+    with pytest.raises(ValueError, match=r"adapter ids must lie in \[-1, 3\)"):
+        lora_linear_multi(x, w, None, a_s, b_s, torch.tensor([0, 3]), [1.0] * 3)
+    with pytest.raises(ValueError, match="adapter_ids must be"):
+        lora_linear_multi(x, w, None, a_s, b_s, torch.tensor([0]), [1.0] * 3)
+    with pytest.raises(TypeError, match="int32 / int64"):
+        lora_linear_multi(x, w, None, a_s, b_s, torch.tensor([0.0, 1.0]), [1.0] * 3)
+    with pytest.raises(ValueError, match="one scaling per adapter"):
+        lora_linear_multi(x, w, None, a_s, b_s, torch.tensor([0, 1]), [1.0])
+    with pytest.raises(ValueError, match="B_stack must be"):
+        lora_linear_multi(x, w, None, a_s, b_s[:, :4], torch.tensor([0, 1]), [1.0] * 3)
