@@ -88,11 +88,12 @@ def main(argv=None) -> int:
     device = args.device
     dtype = getattr(torch, args.dtype or ("float16" if device == "cuda" else "float32"))
     cuda = device == "cuda"
-    qb = [int(x) for x in (args.qformer_batches or ("1,32,256" if cuda else "1,8")).split(",")]
-    tb = [int(x) for x in (args.tokenizer_batches or ("1,32,256" if cuda else "1")).split(",")]
+    qb = args.qformer_batches if args.qformer_batches is not None else ("1,32,256" if cuda else "1,8")
+    tb = args.tokenizer_batches if args.tokenizer_batches is not None else ("1,32,256" if cuda else "1")
+    qb, tb = ([int(x) for x in v.split(",") if x] for v in (qb, tb))  # "" skips a part
     if args.quick:
         qb, tb = qb[:2], tb[:1]
-    repeats = 3 if device == "cpu" else 30
+    repeats = 7 if device == "cpu" else 30
 
     print(f"building {args.config} ({dtype}, {device}) ...", flush=True)
     tok = SeedTokenizer.from_config(args.config, seed=0).to(device, dtype).eval()

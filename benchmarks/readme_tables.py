@@ -56,6 +56,32 @@ def codebook_table(path: Path, k: int = 8192) -> str:
     return "\n".join(lines)
 
 
+def pivot_table(path: Path, title: str, row_keys: list[str], providers: list[str], filt=None, value="ms",
+                unit="median ms") -> str:
+    """A (row keys) x provider table of `value` from a results JSON; the best per row in bold."""
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    rows = [r for r in data["rows"] if value in r and (filt is None or filt(r))]
+    present = [p for p in providers if any(r["provider"] == p for r in rows)]
+    keys = []
+    for r in rows:
+        k = tuple(r[c] for c in row_keys)
+        if k not in keys:
+            keys.append(k)
+    rel = path.relative_to(RESULTS.parent.parent).with_suffix(".md")
+    lines = [f"{title}, {unit} (lower is better), {meta['device']}, torch {meta['versions'].get('torch')}, "
+             f"{meta['date']}, from [{rel}]({rel}):", "",
+             "| " + " | ".join(row_keys) + " | " + " | ".join(present) + " |",
+             "| " + " | ".join("---" for _ in row_keys + present) + " |"]
+    for k in keys:
+        cells = {r["provider"]: float(r[value]) for r in rows if tuple(r[c] for c in row_keys) == k}
+        best = min((cells[p] for p in present if p in cells), default=None)
+        out = [("-" if p not in cells else (f"**{_fmt(cells[p])}**" if cells[p] == best else _fmt(cells[p])))
+               for p in present]
+        lines.append("| " + " | ".join(str(x) for x in k) + " | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="results folder name (default: every folder)")
@@ -64,6 +90,26 @@ def main(argv=None) -> int:
     for folder in folders:
         for path in sorted(folder.glob("bench_codebook_lookup_*.json")):
             print(codebook_table(path))
+            print()
+        path = folder / "bench_qformer_attention.json"
+        if path.exists():
+            provs = ["seed_fast ref (eager)", "torch.compile(ref)", "SDPA (torch default)", "SDPA flash",
+                     "SDPA efficient", "SDPA cudnn", "xformers mem-efficient", "flash-attn 2", "seed_fast sdpa",
+                     "seed_fast triton"]
+            print(pivot_table(path, "`qformer_attention`, 12 heads x 64, 32 queries", ["dtype", "B", "attention", "mode"],
+                              provs, filt=lambda r: r["B"] != 1, value="us", unit="median us"))
+            print()
+        for path in sorted(folder.glob("bench_tokenizer_*.json")):
+            provs = ["transformers Blip2QFormerModel", "seed_fast reference", "seed_fast to_fast()",
+                     "torch.compile(to_fast())", "to_fast() + CUDA graph", "seed_fast reference (eager)",
+                     "eager + SDPA attention", "to_fast(cuda_graph=True)"]
+            print(pivot_table(path, f"Q-Former and tokenizer ({path.stem.rsplit('_', 1)[-1]})", ["part", "B"], provs))
+            print()
+        for path in sorted(folder.glob("bench_lora_linear_*.json")):
+            provs = ["base matmul alone", "peft LoRA Linear", "merged weights", "seed_fast torch", "seed_fast triton",
+                     "peft mixed batch", "seed_fast lora_linear_multi"]
+            print(pivot_table(path, f"LoRA linear ({path.stem.rsplit('_', 1)[-1]})", ["shape", "tokens", "r", "mode"],
+                              provs, filt=lambda r: r["tokens"] != 1 or "decode" in r["shape"]))
             print()
     return 0
 

@@ -180,25 +180,28 @@ class QFormer(nn.Module):
         self.fused.clear()
 
     def fused_linears(self) -> dict[str, list[nn.Linear]]:
-        """The fast path's fused projections: name -> the nn.Linear concatenated (output dim)."""
-        groups = {
-            "cross_kv": [
-                lin
-                for layer in self.layers
-                if layer.has_cross_attention
-                for lin in (layer.crossattention.self.key, layer.crossattention.self.value)
-            ]
-        }
+        """The fast path's fused projections: name -> the nn.Linear concatenated (output dim).
+        "cross_kv": every cross-attention layer's K and V (used on GPU: one matmul for all six);
+        "cross_kv{i}": layer i's K and V (used on CPU, where a (B * 257, 6 * 1536) product falls out
+        of cache before the later layers read it); "qkv{i}": layer i's self-attention Q, K, V."""
+        groups: dict[str, list[nn.Linear]] = {"cross_kv": []}
         for i, layer in enumerate(self.layers):
             att = layer.attention.self
             groups[f"qkv{i}"] = [att.query, att.key, att.value]
+            if layer.has_cross_attention:
+                kv = [layer.crossattention.self.key, layer.crossattention.self.value]
+                groups["cross_kv"] += kv
+                groups[f"cross_kv{i}"] = kv
         return {k: v for k, v in groups.items() if v}
 
     @torch.no_grad()
     def refresh_fused(self) -> None:
-        """Bring every fused weight up to date now (in place where possible)."""
+        """Bring the fused weights the fast path uses on this module's device up to date now
+        (in place where possible): run before a CUDA graph replay that reads them."""
+        all_layers = self.query_tokens.is_cuda
         for name, linears in self.fused_linears().items():
-            self.fused.get(name, linears)
+            if name.startswith("qkv") or (name == "cross_kv") == all_layers:
+                self.fused.get(name, linears)
 
     def forward(self, encoder_states: torch.Tensor, query_embeds: torch.Tensor | None = None) -> torch.Tensor:
         if query_embeds is None:
@@ -213,20 +216,24 @@ class QFormer(nn.Module):
     def _forward_fast(self, x: torch.Tensor, encoder_states: torch.Tensor) -> torch.Tensor:
         b, length, _ = encoder_states.shape
         hidden = x.shape[-1]
-        cross = [layer for layer in self.layers if layer.has_cross_attention]
         groups = self.fused_linears()
-        cross_kv: list = []
-        if cross:
+        cross = [i for i, layer in enumerate(self.layers) if layer.has_cross_attention]
+        heads = self.layers[0].attention.self.heads
+        cross_kv: dict[int, tuple] = {}
+        if cross and encoder_states.is_cuda:
             w, bias = self.fused.get("cross_kv", groups["cross_kv"])
-            heads = cross[0].crossattention.self.heads
             kv = F.linear(encoder_states, w, bias)  # (B, L, n_cross * 2 * hidden): one matmul for all layers
             kv = kv.view(b, length, 2 * len(cross), heads, hidden // heads)
-            cross_kv = [(kv[:, :, 2 * i].transpose(1, 2), kv[:, :, 2 * i + 1].transpose(1, 2)) for i in range(len(cross))]
-        j = 0
+            cross_kv = {i: (kv[:, :, 2 * j].transpose(1, 2), kv[:, :, 2 * j + 1].transpose(1, 2)) for j, i in enumerate(cross)}
         for i, layer in enumerate(self.layers):
             w, bias = self.fused.get(f"qkv{i}", groups[f"qkv{i}"])
             kv_i = None
             if layer.has_cross_attention:
-                kv_i, j = cross_kv[j], j + 1
+                if i in cross_kv:
+                    kv_i = cross_kv[i]
+                else:  # CPU: this layer's K and V in one matmul, just before they are used
+                    wkv, bkv = self.fused.get(f"cross_kv{i}", groups[f"cross_kv{i}"])
+                    kv = F.linear(encoder_states, wkv, bkv).view(b, length, 2, heads, hidden // heads)
+                    kv_i = (kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2))
             x = layer.forward_fast(x, kv_i, self.causal, w, bias, self.fast_impl)
         return x
