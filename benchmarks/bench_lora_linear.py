@@ -59,7 +59,7 @@ def _peft_layer(in_f, out_f, r, adapters, device, dtype, seed=0):
     pm = peft.get_peft_model(model, peft.LoraConfig(**cfg), adapter_name=names[0])
     for n in names[1:]:
         pm.add_adapter(n, peft.LoraConfig(**cfg))
-    pm = pm.to(device, dtype)
+    pm = pm.to(device, dtype).eval()  # peft refuses adapter_names= in training mode
     return pm, pm.base_model.model.proj, names
 
 
