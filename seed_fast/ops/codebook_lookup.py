@@ -13,12 +13,11 @@ see one opaque node.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from ._triton_support import triton_reasons
 
 IMPLS = ("auto", "ref", "cpu", "triton", "cuda")
 METRICS = ("l2", "cosine")
@@ -113,9 +112,6 @@ def _(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_finite: bool = T
 
 
 # --------------------------------------------------------------------------------------- dispatch
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def not_supported_reasons(impl: str, z: torch.Tensor, codebook: torch.Tensor) -> list[str]:
     """Why backend `impl` cannot run these (prepared, 2-D) inputs; empty when it can."""
@@ -136,17 +132,7 @@ def not_supported_reasons(impl: str, z: torch.Tensor, codebook: torch.Tensor) ->
         if _ext.cuda_ext() is None:
             reasons.append(f"CUDA extension not built: {_ext.cuda_ext_error()}")
     elif impl == "triton":
-        try:
-            import triton  # noqa: F401
-        except Exception as e:
-            reasons.append(f"triton unavailable: {type(e).__name__}: {e}")
-        if z.device.type == "cpu":
-            if not _triton_interpreting():
-                reasons.append("CPU tensors need TRITON_INTERPRET=1 (the interpreter, for testing)")
-            if torch.bfloat16 in dtypes:
-                reasons.append("the Triton interpreter has no bfloat16")
-        elif z.device.type != "cuda":
-            reasons.append(f"tensors are on {z.device}")
+        reasons += triton_reasons(z.device, dtypes)
     else:
         reasons.append(f"unknown impl {impl!r}; choose from {IMPLS}")
     return reasons

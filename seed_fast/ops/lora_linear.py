@@ -22,9 +22,9 @@ Backends behind `lora_linear(impl=...)`:
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._triton_support import triton_reasons
 
 IMPLS = ("auto", "ref", "torch", "triton")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -227,9 +227,6 @@ def lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_
 
 
 # --------------------------------------------------------------------------------------- dispatch
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def not_supported_reasons(impl: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> list[str]:
     """Why backend `impl` cannot run these inputs; empty when it can."""
@@ -242,18 +239,7 @@ def not_supported_reasons(impl: str, x: torch.Tensor, weight: torch.Tensor, lora
         reasons.append(f"dtype {x.dtype} not in float32/float16/bfloat16")
     if lora_A.shape[0] > _MAX_RANK:
         reasons.append(f"rank {lora_A.shape[0]} above {_MAX_RANK}")
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        reasons.append(f"triton unavailable: {e}")
-    if x.device.type == "cpu":
-        if not _triton_interpreting():
-            reasons.append("CPU tensors need TRITON_INTERPRET=1 (the interpreter, for testing)")
-        if x.dtype == torch.bfloat16:
-            reasons.append("the Triton interpreter has no bfloat16")
-    elif x.device.type != "cuda":
-        reasons.append(f"tensors are on {x.device}")
-    return reasons
+    return reasons + triton_reasons(x.device, {x.dtype})
 
 
 def choose_impl(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, impl: str = "auto") -> str:

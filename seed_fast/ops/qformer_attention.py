@@ -16,10 +16,11 @@ Backends behind `qformer_attention(impl=...)`:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
+
+from ._triton_support import triton_reasons
 
 IMPLS = ("auto", "ref", "sdpa", "triton")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -143,9 +144,6 @@ qformer_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------- dispatch
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def not_supported_reasons(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Why backend `impl` cannot run these inputs; empty when it can."""
@@ -159,18 +157,7 @@ def not_supported_reasons(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.
         reasons.append(f"dtypes {sorted(map(str, dtypes))}: need one of float32/float16/bfloat16 for q, k and v")
     if q.shape[-1] > 128:
         reasons.append(f"head dim {q.shape[-1]} above 128")
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        reasons.append(f"triton unavailable: {e}")
-    if q.device.type == "cpu":
-        if not _triton_interpreting():
-            reasons.append("CPU tensors need TRITON_INTERPRET=1 (the interpreter, for testing)")
-        if torch.bfloat16 in dtypes:
-            reasons.append("the Triton interpreter has no bfloat16")
-    elif q.device.type != "cuda":
-        reasons.append(f"tensors are on {q.device}")
-    return reasons
+    return reasons + triton_reasons(q.device, dtypes)
 
 
 def choose_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto") -> str:
