@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .models import CheckpointError, InputError, LoadReport, SeedTokenizer, TokenizerConfig, get_config
+from .models import CheckpointError, InputError, LoadReport, SeedLLM, SeedTokenizer, TokenizerConfig, get_config
 
-__all__ = ["CheckpointError", "InputError", "LoadReport", "SeedTokenizer", "TokenizerConfig", "get_config", "__version__"]
+__all__ = ["CheckpointError", "InputError", "LoadReport", "SeedLLM", "SeedTokenizer", "TokenizerConfig", "get_config", "__version__"]

@@ -1,4 +1,4 @@
-"""`seed-fast` command line: tokenize, detokenize, info, demo."""
+"""`seed-fast` command line: tokenize, detokenize, caption, generate, info, demo."""
 
 from __future__ import annotations
 
@@ -115,6 +115,103 @@ def cmd_detokenize(args) -> int:
     return 0
 
 
+def _add_llm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("language model")
+    g.add_argument("--llm", metavar="DIR", help="a SeedLLM folder (save_pretrained) or a transformers LM folder with the image vocabulary")
+    g.add_argument("--tokenizer", metavar="DIR", help="SeedTokenizer folder (default: the --llm folder's own tokenizer/)")
+    g.add_argument("--lora", metavar="DIR", help="a peft LoRA adapter folder to load on top")
+    g.add_argument("--template", help="prompt template (seed-llama-8b, seed-llama-14b, seed-opt, plain; default: from the model)")
+    g.add_argument("--preset", default="tiny-llama", help="random LM preset when no --llm is given (default: tiny-llama)")
+    g.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--max-new-tokens", type=int, default=32)
+
+
+def _load_llm(args, *, need_diffusion: bool = False):
+    import torch
+
+    from .models import CheckpointError
+    from .models.llm import SeedLLM
+
+    dtype = getattr(torch, args.dtype)
+    if args.llm:
+        try:
+            llm = SeedLLM.from_pretrained(
+                args.llm, tokenizer=args.tokenizer, lora=args.lora, template=args.template, dtype=dtype, device=args.device
+            )
+        except (FileNotFoundError, CheckpointError, ValueError) as e:
+            raise SystemExit(f"seed-fast: cannot load --llm {args.llm}: {e}") from None
+        return llm
+    print(
+        f"seed-fast: no --llm given: using a RANDOM {args.preset!r} LM and random tiny tokenizer (seed {args.seed}); "
+        "the output shows the pipeline working, not a trained model",
+        file=sys.stderr,
+    )
+    llm = SeedLLM.from_config(args.preset, seed=args.seed, template=args.template)
+    if need_diffusion:
+        from .models.unclip import tiny_unclip_pipeline
+
+        llm.diffusion = tiny_unclip_pipeline(embed_dim=llm.tokenizer.config.detokenizer.out_dim, seed=args.seed)
+    return llm.to(device=args.device, dtype=dtype)
+
+
+def cmd_caption(args) -> int:
+    from .models import InputError
+
+    llm = _load_llm(args)
+    images = _open_images(args.images)
+    try:
+        if args.question:
+            texts = llm.answer(images, args.question, max_new_tokens=args.max_new_tokens)
+        else:
+            texts = llm.caption(images, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    except InputError as e:
+        raise SystemExit(f"seed-fast caption: {e}") from None
+    if args.json:
+        print(json.dumps([{"image": p, "text": t} for p, t in zip(args.images, texts)]))
+    else:
+        for p, t in zip(args.images, texts):
+            print(f"{p}: {t}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .models import InputError
+
+    llm = _load_llm(args, need_diffusion=not args.tokens_only)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = dict(num_beams=args.num_beams, cfg_scale=args.cfg_scale, seed=args.seed)
+    if args.sample:
+        kw.update(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    try:
+        codes = llm.generate_image_codes(args.texts, **kw)
+        records = [{"text": t, "codes": c.tolist()} for t, c in zip(args.texts, codes)]
+        if not args.tokens_only:
+            if llm.diffusion is None:
+                raise InputError(f"{args.llm} has no diffusion/ pipeline: add --tokens-only, or put the unCLIP pipeline in {args.llm}/diffusion")
+            emb = llm.tokenizer.decode(codes)
+            neg = llm.tokenizer.decode(llm.negative_codes()) if args.guidance > 1 else None
+            from .models.unclip import embeddings_to_images
+
+            images = embeddings_to_images(
+                llm.diffusion, emb, negative_image_embeds=neg, num_inference_steps=args.steps,
+                guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
+            )
+            for i, (rec, im) in enumerate(zip(records, images)):
+                rec["image"] = f"{i:03d}.png"
+                im.save(out / rec["image"])
+    except InputError as e:
+        raise SystemExit(f"seed-fast generate: {e}") from None
+    (out / "codes.json").write_text(json.dumps(records, indent=1))
+    for rec in records:
+        where = f" -> {out / rec['image']}" if "image" in rec else ""
+        print(f"{rec['text']!r}: {' '.join(map(str, rec['codes'][:8]))} ... ({len(rec['codes'])} codes){where}")
+    print(f"wrote {out / 'codes.json'}", file=sys.stderr)
+    return 0
+
+
 def cmd_info(args) -> int:
     from .info import main as info_main
 
@@ -162,6 +259,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write to FILE (.npy for numpy, anything else JSON); default: JSON on stdout")
     _add_model_args(p)
     p.set_defaults(func=cmd_detokenize)
+
+    p = sub.add_parser("caption", help="caption images (or answer --question) with a SeedLLM")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--prompt", help="captioning prompt (default: the template's)")
+    p.add_argument("--question", help="ask this question about every image instead")
+    p.add_argument("--json", action="store_true", help="print JSON [{image, text}]")
+    _add_llm_args(p)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("generate", help="text -> 32 image codes -> image (unCLIP)")
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("--out", required=True, metavar="DIR", help="writes codes.json and one PNG per text")
+    p.add_argument("--tokens-only", action="store_true", help="only the codes: no diffusion pipeline needed")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="LLM-side classifier-free guidance (1 = off)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--steps", type=int, default=20, help="diffusion steps (default: 20)")
+    p.add_argument("--guidance", type=float, default=10.0, help="diffusion guidance scale (default: 10)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    _add_llm_args(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="versions and built backends")
     p.set_defaults(func=cmd_info)

@@ -1,6 +1,7 @@
 from .checkpoint import CheckpointError, LoadReport
 from .config import PRESETS, TokenizerConfig, get_config
+from .llm import ImageVocab, PromptTemplate, SeedLLM
 from .preprocess import InputError
 from .tokenizer import SeedTokenizer
 
-__all__ = ["CheckpointError", "InputError", "LoadReport", "PRESETS", "SeedTokenizer", "TokenizerConfig", "get_config"]
+__all__ = ["CheckpointError", "ImageVocab", "InputError", "LoadReport", "PRESETS", "PromptTemplate", "SeedLLM", "SeedTokenizer", "TokenizerConfig", "get_config"]

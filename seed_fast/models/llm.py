@@ -1,0 +1,789 @@
+"""SeedLLM: a transformers causal LM that reads and writes SEED image codes.
+
+An image in a token sequence is `<img>` + 32 image tokens + `</img>`. Image token `<img_XXXXX>` has
+id `base + code`, where `base` is the text vocabulary size, then `<img>` = base + 8192 and
+`</img>` = base + 8193: for LLaMA's 32000 text tokens that is SEED-LLaMA's released layout
+(vocabulary 40194), so its checkpoints load as they are.
+
+Image -> text: the image's codes go into the prompt, the LM writes text. Text -> image: the prompt
+ends with `<img>`, decoding is restricted to image tokens for exactly 32 steps (every answer is a
+valid image), the codes go through `SeedTokenizer.decode` to the generation embedding and a
+diffusers unCLIP pipeline draws it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError
+from .decoding import KVDecoder, check_sampling, left_pad, pick
+from .preprocess import InputError, check_codes
+
+IMAGE_PLACEHOLDER = "<image>"
+BOI_TOKEN, EOI_TOKEN = "<img>", "</img>"
+
+
+def image_token(code: int) -> str:
+    return f"<img_{code:05d}>"
+
+
+@dataclass(frozen=True)
+class ImageVocab:
+    """Where the image tokens sit in the LM's vocabulary."""
+
+    base: int  # id of <img_00000>: the size of the text vocabulary
+    num_codes: int = 8192
+    tokens_per_image: int = 32
+
+    @property
+    def boi(self) -> int:
+        return self.base + self.num_codes
+
+    @property
+    def eoi(self) -> int:
+        return self.base + self.num_codes + 1
+
+    @property
+    def size(self) -> int:
+        """The smallest LM vocabulary that holds the image tokens."""
+        return self.base + self.num_codes + 2
+
+    def code_id(self, code: int) -> int:
+        return self.base + code
+
+    def image_ids(self, codes) -> list[int]:
+        """One image's codes -> `<img>` + image tokens + `</img>` ids."""
+        return [self.boi] + [self.base + int(c) for c in codes] + [self.eoi]
+
+    def token_names(self) -> list[str]:
+        return [image_token(c) for c in range(self.num_codes)] + [BOI_TOKEN, EOI_TOKEN]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a request becomes text. `<image>` marks where an image's tokens go.
+
+    chat:     wraps the user's turn (`{prompt}`), e.g. Vicuna's "USER: {prompt}\\nASSISTANT:"
+    caption:  the default captioning turn
+    answer:   a question about an image (`{question}`)
+    generate: an image request (`{text}`); `<img>` is appended after the chat wrapper
+    """
+
+    name: str
+    chat: str = "{prompt}"
+    caption: str = "<image>"
+    answer: str = "<image>{question}"
+    generate: str = "{text}"
+    add_bos: bool = True
+
+
+_SEED_LLAMA_CAPTION = "<image>Please provide an accurate and concise description of the given image."
+TEMPLATES = {
+    "seed-llama-8b": PromptTemplate("seed-llama-8b", chat="USER: {prompt}\nASSISTANT:", caption=_SEED_LLAMA_CAPTION),
+    "seed-llama-14b": PromptTemplate("seed-llama-14b", chat="[INST] {prompt} [/INST]\n", caption=_SEED_LLAMA_CAPTION),
+    "seed-opt": PromptTemplate(
+        "seed-opt",
+        caption="<image>a photo of",
+        answer="<image>Question: {question} Short answer.",
+        generate="Generate an image {text}",
+    ),
+    "plain": PromptTemplate("plain"),
+}
+
+
+def get_template(template: str | PromptTemplate) -> PromptTemplate:
+    if isinstance(template, PromptTemplate):
+        return template
+    if isinstance(template, dict):  # as saved in seed_llm.json
+        return PromptTemplate(**template)
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; choose from {sorted(TEMPLATES)} or pass a PromptTemplate")
+    return TEMPLATES[template]
+
+
+# LoRA as released (SEED_SPEC section 4): r 16, alpha 32, dropout 0.05 on the attention and MLP
+# projections; OPT names them out_proj / fc1 / fc2.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2")
+
+
+def seed_lora_config(model: nn.Module, *, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules=None):
+    """A peft LoraConfig with SEED-LLaMA's settings for the projections `model` actually has."""
+    from peft import LoraConfig
+
+    if target_modules is None:
+        present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        target_modules = [t for t in LORA_TARGETS if t in present]
+        if not target_modules:
+            raise ValueError(
+                f"seed_lora_config: none of {LORA_TARGETS} is a Linear in {type(model).__name__}; pass target_modules"
+            )
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM")
+
+
+def _is_extra_trainable(name: str) -> bool:
+    # SEED-LLaMA trains the embeddings, lm_head and norms fully alongside the LoRA weights
+    return "embed_tokens" in name or "lm_head" in name or "norm" in name
+
+
+class SeedLLM(nn.Module):
+    """A causal LM with SEED's image vocabulary, plus the image tokenizer and (optionally) a diffusion
+    pipeline.
+
+    model:           any transformers causal LM (or a peft model around one)
+    text_tokenizer:  its transformers tokenizer
+    tokenizer:       a `SeedTokenizer` (images <-> codes); only the image paths need it
+    template:        a name in TEMPLATES or a PromptTemplate
+    add_image_tokens: add `<img_XXXXX>`, `<img>`, `</img>` to the text tokenizer and resize the
+                     embeddings when they are missing; False raises instead
+    diffusion:       a diffusers StableUnCLIPImg2ImgPipeline (see seed_fast.models.unclip) or None
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        text_tokenizer,
+        tokenizer=None,
+        *,
+        template: str | PromptTemplate | None = None,
+        add_image_tokens: bool = True,
+        diffusion=None,
+        num_codes: int | None = None,
+    ):
+        super().__init__()
+        if not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
+            raise TypeError(f"SeedLLM needs a transformers causal LM, got {type(model).__name__}")
+        if num_codes is None:
+            num_codes = tokenizer.codebook_size if tokenizer is not None else 8192
+        if tokenizer is not None and tokenizer.codebook_size != num_codes:
+            raise ValueError(f"num_codes={num_codes} but the image tokenizer has {tokenizer.codebook_size} codes")
+        self.model = model
+        self.text_tokenizer = text_tokenizer
+        self.tokenizer = tokenizer
+        self.template = get_template(template or _default_template(model))
+        self.diffusion = diffusion
+        self.tokens_per_image = tokenizer.num_codes if tokenizer is not None else 32
+        self.vocab = self._install_image_vocab(num_codes, add_image_tokens)
+        self._decoders: dict[tuple[int, int], KVDecoder] = {}
+        self._compile = False
+
+    # ------------------------------------------------------------------ vocabulary
+    def _install_image_vocab(self, num_codes: int, add: bool) -> ImageVocab:
+        tt = self.text_tokenizer
+        first = tt.convert_tokens_to_ids(image_token(0))
+        if first is not None and first != tt.unk_token_id:
+            vocab = ImageVocab(base=first, num_codes=num_codes, tokens_per_image=self.tokens_per_image)
+            names = vocab.token_names()
+            ids = tt.convert_tokens_to_ids(names)
+            expected = list(range(vocab.base, vocab.size))
+            if ids != expected:
+                bad = next(i for i, (a, b) in enumerate(zip(ids, expected)) if a != b)
+                raise CheckpointError(
+                    f"the text tokenizer has image tokens, but not in SEED's layout: {names[bad]!r} has id {ids[bad]}, "
+                    f"expected {expected[bad]} (= {vocab.base} + {bad})"
+                )
+        else:
+            vocab = ImageVocab(base=len(tt), num_codes=num_codes, tokens_per_image=self.tokens_per_image)
+            if not add:
+                raise CheckpointError(
+                    f"the text tokenizer has no image tokens ({image_token(0)!r} is unknown) and add_image_tokens=False: "
+                    "this model was not trained with SEED's image vocabulary"
+                )
+            added = tt.add_tokens(vocab.token_names(), special_tokens=True)
+            if added != num_codes + 2 or tt.convert_tokens_to_ids(BOI_TOKEN) != vocab.boi:
+                raise CheckpointError(f"adding the image tokens to the text tokenizer did not give ids {vocab.base}..{vocab.eoi}")
+        rows = self.model.get_input_embeddings().weight.shape[0]
+        if rows < vocab.size:
+            if not add:
+                raise CheckpointError(
+                    f"the LM's embedding has {rows} rows but the image vocabulary needs {vocab.size} "
+                    f"(text {vocab.base} + {num_codes} codes + <img>, </img>); load with add_image_tokens=True to resize"
+                )
+            self.model.resize_token_embeddings(vocab.size)
+        if tt.pad_token_id is None:
+            tt.pad_token = tt.eos_token if tt.eos_token is not None else tt.unk_token
+        return vocab
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    # ------------------------------------------------------------------ construction / io
+    @classmethod
+    def from_config(
+        cls,
+        preset: str = "tiny-llama",
+        *,
+        seed: int = 0,
+        tokenizer="tiny",
+        corpus: list[str] | None = None,
+        template: str | None = None,
+        text_vocab_size: int | None = None,
+    ) -> "SeedLLM":
+        """A small random-weight SeedLLM (no downloads): "tiny-llama" or "tiny-opt" LM, a word-level
+        text tokenizer over `corpus` (default: synthetic captions and the templates' words), and a
+        random SeedTokenizer preset (or the SeedTokenizer given)."""
+        from .text_tokenizer import build_word_tokenizer
+        from .tokenizer import SeedTokenizer
+
+        if corpus is None:
+            from ..synthetic import COLORS, COUNTS, SHAPES
+
+            corpus = [" ".join(COLORS), " ".join(SHAPES), " ".join(s + "s" for s in SHAPES), " ".join(COUNTS.values())]
+            corpus += ["left of a an", "a photo of question short answer generate an image", _SEED_LLAMA_CAPTION, "user assistant inst"]
+        text_tok = build_word_tokenizer(corpus, extra_words=(".", ",", "?", "!", ":", "[", "]", "/"), vocab_size=text_vocab_size)
+        if isinstance(tokenizer, str):
+            tokenizer = SeedTokenizer.from_config(tokenizer, seed=seed, init="unit")
+        torch.manual_seed(seed)
+        model = tiny_causal_lm(preset, vocab_size=len(text_tok) + tokenizer.codebook_size + 2)
+        return cls(model, text_tok, tokenizer, template=template or ("seed-opt" if "opt" in preset else "plain"))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        llm_path: str | os.PathLike,
+        *,
+        tokenizer=None,
+        lora=None,
+        template: str | PromptTemplate | None = None,
+        diffusion=None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        add_image_tokens: bool = True,
+        fused_lora: bool = True,
+    ) -> "SeedLLM":
+        """Load a SeedLLM folder (written by `save_pretrained`) or a transformers causal-LM folder
+        (e.g. a downloaded AILab-CVC/seed-llama-8b-sft).
+
+        tokenizer: a SeedTokenizer, a folder for `SeedTokenizer.from_pretrained`, or None (the
+                   folder's own `tokenizer/` when there is one)
+        lora:      None, True / "seed" (a new adapter with SEED's settings, for training), a peft
+                   LoraConfig, or a folder with a saved peft adapter
+        diffusion: a StableUnCLIPImg2ImgPipeline, a local diffusers folder, or None (the folder's
+                   own `diffusion/` when there is one and diffusers is installed)
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .tokenizer import SeedTokenizer
+
+        root = Path(llm_path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"SeedLLM.from_pretrained: no such folder: {root}")
+        meta: dict[str, Any] = {}
+        lm_dir = root
+        if (root / "seed_llm.json").exists():
+            meta = json.loads((root / "seed_llm.json").read_text())
+            lm_dir = root / "llm"
+        if not (lm_dir / "config.json").exists():
+            raise CheckpointError(f"{lm_dir} has no config.json: not a transformers model folder (nor a SeedLLM folder)")
+        kwargs = {"local_files_only": True}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        model = AutoModelForCausalLM.from_pretrained(lm_dir, **kwargs)
+        text_tok = AutoTokenizer.from_pretrained(lm_dir, local_files_only=True)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = SeedTokenizer.from_pretrained(tokenizer)
+        elif tokenizer is None and (root / "tokenizer").is_dir():
+            tokenizer = SeedTokenizer.from_pretrained(root / "tokenizer")
+        if tokenizer is not None and dtype is not None:
+            tokenizer = tokenizer.to(dtype=dtype)
+        if diffusion is None and (root / "diffusion").is_dir():
+            diffusion = root / "diffusion"
+        if isinstance(diffusion, (str, os.PathLike)):
+            from .unclip import load_unclip_pipeline
+
+            diffusion = load_unclip_pipeline(diffusion, dtype=dtype)
+        if lora is None and (root / "lora").is_dir():
+            lora = root / "lora"
+        llm = cls(
+            model,
+            text_tok,
+            tokenizer,
+            template=template or meta.get("template"),
+            add_image_tokens=add_image_tokens,
+            diffusion=diffusion,
+            num_codes=meta.get("image_vocab", {}).get("num_codes"),
+        )
+        if meta and meta.get("image_vocab", {}).get("base", llm.vocab.base) != llm.vocab.base:
+            raise CheckpointError(f"{root}/seed_llm.json says image tokens start at {meta['image_vocab']['base']}, the tokenizer at {llm.vocab.base}")
+        if lora is not None and lora is not False:
+            llm.add_lora(lora, fused=fused_lora)
+        if device is not None:
+            llm.to(device)
+        return llm
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write `seed_llm.json`, `llm/` (a plain transformers folder: base weights, trained
+        embeddings and norms included), `lora/` (the peft adapter, if any), `tokenizer/` (the
+        SeedTokenizer) and `diffusion/` (the pipeline, if any)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        base = self.base_model
+        state = base.state_dict()
+        if self.has_lora:
+            # the base weights under their plain names: drop adapters, unwrap peft's base_layer
+            state = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+            self.model.save_pretrained(out / "lora")
+        base.save_pretrained(out / "llm", state_dict=state)
+        self.text_tokenizer.save_pretrained(out / "llm")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(out / "tokenizer")
+        if self.diffusion is not None:
+            self.diffusion.save_pretrained(out / "diffusion")
+        meta = {"format": "seed_fast.SeedLLM", "template": asdict(self.template), "image_vocab": asdict(self.vocab)}
+        tmp = out / "seed_llm.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(out / "seed_llm.json")
+        return out
+
+    # ------------------------------------------------------------------ LoRA
+    @property
+    def has_lora(self) -> bool:
+        try:
+            from peft import PeftModel
+        except ImportError:
+            return False
+        return isinstance(self.model, PeftModel)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The transformers model (inside peft's wrapper when there is one)."""
+        return self.model.get_base_model() if self.has_lora else self.model
+
+    def add_lora(self, lora=True, *, fused: bool = True, impl: str = "auto") -> "SeedLLM":
+        """Wrap the LM with peft LoRA: True / "seed" for SEED's settings, a LoraConfig, or a saved
+        adapter folder. Embeddings, lm_head and norms are made trainable too (as SEED-LLaMA trained
+        them). fused=True routes the LoRA layers through seed_fast's fused `lora_linear`."""
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if self.has_lora:
+            raise ValueError("this SeedLLM already has a LoRA adapter")
+        if lora is True or lora == "seed":
+            self.model = get_peft_model(self.model, seed_lora_config(self.model))
+        elif isinstance(lora, LoraConfig):
+            self.model = get_peft_model(self.model, lora)
+        elif isinstance(lora, (str, os.PathLike)):
+            if not (Path(lora) / "adapter_config.json").exists():
+                raise CheckpointError(f"{lora} is not a peft adapter folder (no adapter_config.json)")
+            self.model = PeftModel.from_pretrained(self.model, str(lora), is_trainable=True, local_files_only=True)
+        else:
+            raise TypeError(f"lora must be True, 'seed', a peft LoraConfig or an adapter folder, got {type(lora).__name__}")
+        for name, p in self.model.named_parameters():
+            if ".lora_" not in name and _is_extra_trainable(name):
+                p.requires_grad_(True)
+        if fused:
+            from ..lora import apply_fused_lora
+
+            apply_fused_lora(self.model, impl=impl)
+        self._decoders.clear()
+        return self
+
+    def merge_lora(self) -> "SeedLLM":
+        """Fold the adapter into the base weights (for export / fastest inference); returns self."""
+        if self.has_lora:
+            from ..lora import remove_fused_lora
+
+            remove_fused_lora(self.model)
+            self.model = self.model.merge_and_unload()
+            self._decoders.clear()
+        return self
+
+    def compile_decode(self, enable: bool = True) -> "SeedLLM":
+        """Compile the one-token decode step (torch.compile "reduce-overhead": CUDA graphs on GPU)."""
+        self._compile = enable
+        self._decoders.clear()
+        return self
+
+    # ------------------------------------------------------------------ prompts -> ids
+    def image_codes(self, images) -> torch.Tensor:
+        """Images -> codes (N, 32) with the image tokenizer."""
+        if self.tokenizer is None:
+            raise InputError("this SeedLLM has no image tokenizer: pass codes=... instead of images, or load one")
+        return self.tokenizer.encode(images).cpu()
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self.text_tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    def encode_turn(self, text: str, codes=None, *, chat: bool = True, where: str = "prompt") -> list[int]:
+        """One prompt with `<image>` placeholders -> ids, each placeholder replaced by an image's
+        `<img>` + codes + `</img>`. codes: (n_images, 32), one row per placeholder in order."""
+        if not isinstance(text, str):
+            raise InputError(f"{where} must be a string, got {type(text).__name__}")
+        n_images = 0 if codes is None else len(codes)
+        if text.count(IMAGE_PLACEHOLDER) != n_images:
+            raise InputError(f"{where} has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s) were given: {text!r}")
+        if chat:
+            text = self.template.chat.format(prompt=text)
+        ids = [self.text_tokenizer.bos_token_id] if self.template.add_bos and self.text_tokenizer.bos_token_id is not None else []
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        for i, piece in enumerate(pieces):
+            ids += self._text_ids(piece)
+            if i < n_images:
+                ids += self.vocab.image_ids(codes[i])
+        return ids
+
+    def _images_per_prompt(self, images, codes, n_prompts: int, where: str) -> list[torch.Tensor | None]:
+        """images / codes per prompt -> list of (n_i, 32) code tensors (None for no image)."""
+        if images is not None and codes is not None:
+            raise InputError("give images or codes, not both")
+        groups = images if images is not None else codes
+        if groups is None:
+            return [None] * n_prompts
+        if isinstance(groups, torch.Tensor) and codes is not None and groups.dim() == 2:
+            groups = [g[None] for g in groups]  # codes (B, 32): one image per prompt
+        if len(groups) != n_prompts:
+            raise InputError(f"{where}: {n_prompts} prompt(s) but {len(groups)} image group(s)")
+        nested = [list(g) if isinstance(g, (list, tuple)) or _is_code_block(g, codes) else [g] for g in groups]
+        counts = [len(g) for g in nested]
+        flat = [x for g in nested for x in g]
+        if not flat:
+            return [None] * n_prompts
+        if codes is not None:
+            all_codes = check_codes(torch.stack([torch.as_tensor(c) for c in flat]), self.tokens_per_image, self.vocab.num_codes)
+        else:
+            all_codes = self.image_codes(flat)
+        out, i = [], 0
+        for n in counts:
+            out.append(all_codes[i : i + n] if n else None)
+            i += n
+        return out
+
+    # ------------------------------------------------------------------ decoding
+    def _decoder(self, batch: int, max_len: int) -> KVDecoder:
+        limit = getattr(self.base_model.config, "max_position_embeddings", None)
+        if limit is not None and max_len > limit:
+            raise InputError(f"prompt + new tokens = {max_len} exceeds the model's max_position_embeddings ({limit})")
+        max_len = -(-max_len // 64) * 64  # buckets, so a compiled step and its cache are reused
+        if limit is not None:
+            max_len = min(max_len, limit)
+        key = (batch, max_len)
+        dec = self._decoders.get(key)
+        if dec is None:
+            if len(self._decoders) >= 4:
+                self._decoders.clear()
+            dec = self._decoders[key] = KVDecoder(self.model, max_len=max_len, compile=self._compile)
+        else:
+            dec.cache.reset()
+        return dec
+
+    def _generator(self, seed: int | None):
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        rows: list[list[int]],
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        suppress_image_tokens: bool = True,
+        stop_ids: tuple[int, ...] | None = None,
+    ) -> list[list[int]]:
+        """Token-id prompts -> new text tokens per row (up to `max_new_tokens`, stopping after EOS),
+        through the static-KV-cache decoder. With suppress_image_tokens the image vocabulary is
+        masked out (a text answer)."""
+        if not rows or any(len(r) == 0 for r in rows):
+            raise InputError("generate_ids needs at least one non-empty prompt")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_sampling(temperature, top_k, top_p)
+        eos = self.text_tokenizer.eos_token_id
+        stops = set(stop_ids) if stop_ids is not None else ({eos} if eos is not None else set())
+        ids, mask = left_pad(rows, self.text_tokenizer.pad_token_id)
+        with _eval(self.model):
+            dec = self._decoder(len(rows), ids.shape[1] + max_new_tokens)
+            logits = dec.prefill(ids, mask)
+            gen = self._generator(seed)
+            out = torch.empty(len(rows), max_new_tokens, dtype=torch.long, device=dec.device)
+            done = torch.zeros(len(rows), dtype=torch.bool, device=dec.device)
+            stop_t = torch.tensor(sorted(stops), dtype=torch.long, device=dec.device)
+            n = 0
+            for t in range(max_new_tokens):
+                if suppress_image_tokens:
+                    logits[:, self.vocab.base : self.vocab.size] = float("-inf")
+                tok = pick(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+                out[:, t] = tok
+                n = t + 1
+                done |= torch.isin(tok, stop_t)
+                if bool(done.all()) or t == max_new_tokens - 1:
+                    break
+                logits = dec.step(tok)
+        result = []
+        for row in out[:, :n].tolist():
+            cut = next((i for i, x in enumerate(row) if x in stops), None)
+            result.append(row[: cut + 1] if cut is not None else row)
+        return result
+
+    def _decode_text(self, new_ids: list[list[int]]) -> list[str]:
+        return [self.text_tokenizer.decode(r, skip_special_tokens=True).strip() for r in new_ids]
+
+    def generate_text(
+        self, prompts: list[str], images=None, *, codes=None, chat: bool = True, **kwargs
+    ) -> list[str]:
+        """Interleaved prompts (text with `<image>` placeholders; images[i] is the list of prompt
+        i's images, in order) -> text answers. kwargs as in `generate_ids`."""
+        prompts = _as_list(prompts, "prompts")
+        groups = self._images_per_prompt(images, codes, len(prompts), "generate_text")
+        rows = [self.encode_turn(p, g, chat=chat, where=f"prompts[{i}]") for i, (p, g) in enumerate(zip(prompts, groups))]
+        return self._decode_text(self.generate_ids(rows, **kwargs))
+
+    def caption(self, images=None, prompt: str | None = None, *, codes=None, **kwargs) -> list[str]:
+        """One caption per image. prompt: the captioning turn (default: the template's); an
+        `<image>` placeholder in it says where the image goes (else the image comes first)."""
+        groups = images if images is not None else codes
+        n = _count(groups, "images")
+        turn = self.template.caption if prompt is None else (prompt if IMAGE_PLACEHOLDER in prompt else IMAGE_PLACEHOLDER + prompt)
+        return self.generate_text([turn] * n, _one_each(images), codes=_one_each(codes), **kwargs)
+
+    def answer(self, images=None, questions=None, *, codes=None, **kwargs) -> list[str]:
+        """Visual question answering: questions[i] about images[i] (one question string is
+        asked of every image)."""
+        groups = images if images is not None else codes
+        n = _count(groups, "images")
+        if isinstance(questions, str):
+            questions = [questions] * n
+        questions = _as_list(questions, "questions")
+        if len(questions) != n:
+            raise InputError(f"answer: {n} image(s) but {len(questions)} question(s)")
+        turns = [q if IMAGE_PLACEHOLDER in q else self.template.answer.format(question=q) for q in questions]
+        return self.generate_text(turns, _one_each(images), codes=_one_each(codes), **kwargs)
+
+    # ------------------------------------------------------------------ text -> image codes
+    def image_prompt_ids(self, text: str, codes=None, *, where: str = "texts") -> list[int]:
+        """A generation request -> ids ending with `<img>`."""
+        if not text.strip() and codes is None:
+            raise InputError(f"{where} is empty")
+        return self.encode_turn(self.template.generate.format(text=text), codes, where=where) + [self.vocab.boi]
+
+    def unconditional_ids(self) -> list[int]:
+        """The prompt `<img>` alone (LaVIT-style guidance and SEED's negative embedding)."""
+        bos = self.text_tokenizer.bos_token_id
+        return ([bos] if self.template.add_bos and bos is not None else []) + [self.vocab.boi]
+
+    @torch.no_grad()
+    def generate_codes_from_ids(
+        self,
+        rows: list[list[int]],
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_beams: int = 1,
+        cfg_scale: float = 1.0,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Prompts ending with `<img>` -> (B, 32) codes. Decoding sees only the image tokens, for
+        exactly 32 steps, so every result is a valid image.
+
+        cfg_scale > 1: LLM-side classifier-free guidance (LaVIT): logits = u + s * (c - u), u from
+        the prompt `<img>` alone. num_beams > 1: beam search on the (guided) log-probabilities.
+        """
+        if not rows:
+            raise InputError("no prompts given")
+        if any(not r or r[-1] != self.vocab.boi for r in rows):
+            raise InputError("every image prompt must end with the <img> token id")
+        check_sampling(temperature, top_k, top_p)
+        if num_beams < 1:
+            raise InputError(f"num_beams must be >= 1, got {num_beams}")
+        if num_beams > 1 and do_sample:
+            raise InputError("beam search is deterministic: use num_beams=1 with do_sample=True")
+        if cfg_scale < 1.0:
+            raise InputError(f"cfg_scale must be >= 1 (1 disables guidance), got {cfg_scale}")
+        b, nb, n_tok, lo = len(rows), num_beams, self.tokens_per_image, self.vocab.base
+        hi = lo + self.vocab.num_codes
+        guided = cfg_scale > 1.0
+        all_rows = [r for r in rows for _ in range(nb)]
+        if guided:
+            all_rows += [self.unconditional_ids()] * (b * nb)
+        ids, mask = left_pad(all_rows, self.text_tokenizer.pad_token_id)
+        with _eval(self.model):
+            dec = self._decoder(len(all_rows), ids.shape[1] + n_tok)
+            logits = dec.prefill(ids, mask)
+            gen = self._generator(seed)
+            dev = dec.device
+            codes = torch.zeros(b * nb, n_tok, dtype=torch.long, device=dev)
+            beam_scores = torch.zeros(b, nb, device=dev)
+            beam_scores[:, 1:] = float("-inf")  # all beams start equal: expand only the first
+            for t in range(n_tok):
+                scores = logits[:, lo:hi]
+                if guided:
+                    cond, uncond = scores.chunk(2)
+                    scores = uncond + cfg_scale * (cond - uncond)
+                if nb == 1:
+                    tok = pick(scores, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+                else:
+                    logp = torch.log_softmax(scores / temperature, -1).view(b, nb, -1)
+                    total = (beam_scores[..., None] + logp).view(b, -1)
+                    beam_scores, flat = total.topk(nb, dim=-1)  # (B, nb), best first
+                    src = (flat // logp.shape[-1] + torch.arange(b, device=dev)[:, None] * nb).view(-1)
+                    tok = (flat % logp.shape[-1]).view(-1)
+                    codes = codes.index_select(0, src)
+                    if t < n_tok - 1:
+                        dec.reorder(torch.cat([src, src + b * nb]) if guided else src)
+                codes[:, t] = tok
+                if t < n_tok - 1:
+                    step_tok = tok + lo
+                    logits = dec.step(torch.cat([step_tok, step_tok]) if guided else step_tok)
+        return codes.view(b, nb, n_tok)[:, 0].cpu()
+
+    def generate_image_codes(self, texts, *, images=None, codes=None, **kwargs) -> torch.Tensor:
+        """Texts -> (B, 32) image codes in [0, 8192). kwargs: do_sample, temperature, top_k, top_p,
+        num_beams, cfg_scale, seed (see `generate_codes_from_ids`). images / codes: optional input
+        images per text, placed at `<image>` placeholders (editing / interleaved prompts)."""
+        texts = _as_list(texts, "texts")
+        groups = self._images_per_prompt(images, codes, len(texts), "generate_image_codes")
+        rows = [self.image_prompt_ids(t, g, where=f"texts[{i}]") for i, (t, g) in enumerate(zip(texts, groups))]
+        return self.generate_codes_from_ids(rows, **kwargs)
+
+    def negative_codes(self) -> torch.Tensor:
+        """(1, 32) greedy codes for the prompt `<img>` alone: SEED's negative image for guidance."""
+        return self.generate_codes_from_ids([self.unconditional_ids()])
+
+    def generate_image_embeddings(self, texts, *, negative: bool = True, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Texts -> (generation embeddings (B, D), negative embedding (1, D) or None). Needs the
+        image tokenizer but no diffusion pipeline."""
+        if self.tokenizer is None:
+            raise InputError("this SeedLLM has no image tokenizer: it cannot turn codes into embeddings")
+        codes = self.generate_image_codes(texts, **kwargs)
+        emb = self.tokenizer.decode(codes)
+        neg = self.tokenizer.decode(self.negative_codes()) if negative else None
+        return emb, neg
+
+    def generate_images(
+        self,
+        texts,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 10.0,
+        image_seed: int | None = None,
+        progress: bool = True,
+        **kwargs,
+    ):
+        """Texts -> PIL images: codes -> generation embedding -> the unCLIP pipeline, with the
+        `<img>`-only generation as the negative embedding. kwargs go to `generate_image_codes`."""
+        if self.diffusion is None:
+            raise InputError(
+                "no diffusion pipeline is loaded: pass diffusion=... (a StableUnCLIPImg2ImgPipeline or its folder) "
+                "to SeedLLM, or use generate_image_codes / generate_image_embeddings (tokens-only)"
+            )
+        from .unclip import embeddings_to_images
+
+        emb, neg = self.generate_image_embeddings(texts, negative=guidance_scale > 1.0, **kwargs)
+        return embeddings_to_images(
+            self.diffusion,
+            emb,
+            negative_image_embeds=neg,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            seed=image_seed,
+            progress=progress,
+        )
+
+
+class _eval:
+    """Eval mode for the duration of a generation (dropout off), restoring the previous mode."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def _as_list(x, name: str) -> list:
+    if isinstance(x, str):
+        x = [x]
+    if x is None or len(x) == 0:
+        raise InputError(f"{name} is empty: give at least one")
+    return list(x)
+
+
+def _count(groups, name: str) -> int:
+    if groups is None:
+        raise InputError(f"no {name} given (pass images or codes=)")
+    n = len(groups)
+    if n == 0:
+        raise InputError(f"{name} is empty: give at least one")
+    return n
+
+
+def _is_code_block(g, codes) -> bool:
+    """A (n, 32) code tensor for one prompt: n images."""
+    return codes is not None and isinstance(g, torch.Tensor) and g.dim() == 2
+
+
+def _one_each(groups):
+    """B images (or a (B, 32) code tensor) -> B groups of one."""
+    if groups is None:
+        return None
+    if isinstance(groups, torch.Tensor):
+        return [g[None] for g in groups]
+    return [[g] for g in groups]
+
+
+def _default_template(model) -> str:
+    kind = getattr(getattr(model, "config", None), "model_type", "")
+    return {"llama": "seed-llama-8b", "opt": "seed-opt"}.get(kind, "plain")
+
+
+def tiny_causal_lm(preset: str, vocab_size: int) -> nn.Module:
+    """A randomly initialised small transformers LM: "tiny-llama" or "tiny-opt"."""
+    if preset == "tiny-llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            tie_word_embeddings=False,
+        )
+        return LlamaForCausalLM(cfg)
+    if preset == "tiny-opt":
+        from transformers import OPTConfig, OPTForCausalLM
+
+        cfg = OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+        return OPTForCausalLM(cfg)
+    raise ValueError(f"unknown LM preset {preset!r}; choose 'tiny-llama' or 'tiny-opt'")
