@@ -28,7 +28,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY -m seed_fast.info 2>&1 | tee -a "$OUT/session.log"
 
 log "tests on the GPU"
-$PY -m pytest -q -x -p no:cacheprovider -m "not slow" tests/ops tests/models/test_fast_path.py \
+$PY -m pytest -q -x -p no:cacheprovider -m "not slow" tests/ops tests/models/test_fast_path.py tests/models/test_llm.py \
   > "$OUT/tests.log" 2>&1
 echo "tests rc=$?" | tee -a "$OUT/session.log"
 tail -15 "$OUT/tests.log"
@@ -40,12 +40,16 @@ if [ "$QUICK" = "quick" ]; then
   $PY benchmarks/bench_codebook_lookup.py --quick --out "$B" > "$OUT/bench_codebook.log" 2>&1
   $PY benchmarks/bench_qformer_attention.py --quick --out "$B" > "$OUT/bench_attention.log" 2>&1
   $PY benchmarks/bench_tokenizer.py --quick --out "$B" > "$OUT/bench_tokenizer.log" 2>&1
+  $PY benchmarks/bench_lora_linear.py --quick --dtype bfloat16 --out "$B" > "$OUT/bench_lora.log" 2>&1
+  $PY benchmarks/bench_llm_decode.py --quick --out "$B" > "$OUT/bench_llm_decode.log" 2>&1
 else
   for dt in float32 float16; do
     $PY benchmarks/bench_codebook_lookup.py --dtype $dt --out "$B" > "$OUT/bench_codebook_$dt.log" 2>&1
   done
   $PY benchmarks/bench_qformer_attention.py --out "$B" > "$OUT/bench_attention.log" 2>&1
   $PY benchmarks/bench_tokenizer.py --out "$B" > "$OUT/bench_tokenizer.log" 2>&1
+  $PY benchmarks/bench_lora_linear.py --dtype bfloat16 --out "$B" > "$OUT/bench_lora.log" 2>&1
+  $PY benchmarks/bench_llm_decode.py --out "$B" > "$OUT/bench_llm_decode.log" 2>&1
 fi
 log "done; tables in $B"
 ls -la "$B" | tee -a "$OUT/session.log"

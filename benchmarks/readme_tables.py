@@ -57,7 +57,7 @@ def codebook_table(path: Path, k: int = 8192) -> str:
 
 
 def pivot_table(path: Path, title: str, row_keys: list[str], providers: list[str], filt=None, value="ms",
-                unit="median ms") -> str:
+                unit="median ms", higher_is_better=False) -> str:
     """A (row keys) x provider table of `value` from a results JSON; the best per row in bold."""
     data = json.loads(path.read_text())
     meta = data["meta"]
@@ -69,13 +69,14 @@ def pivot_table(path: Path, title: str, row_keys: list[str], providers: list[str
         if k not in keys:
             keys.append(k)
     rel = path.relative_to(RESULTS.parent.parent).with_suffix(".md")
-    lines = [f"{title}, {unit} (lower is better), {meta['device']}, torch {meta['versions'].get('torch')}, "
+    better = "higher" if higher_is_better else "lower"
+    lines = [f"{title}, {unit} ({better} is better), {meta['device']}, torch {meta['versions'].get('torch')}, "
              f"{meta['date']}, from [{rel}]({rel}):", "",
              "| " + " | ".join(row_keys) + " | " + " | ".join(present) + " |",
              "| " + " | ".join("---" for _ in row_keys + present) + " |"]
     for k in keys:
         cells = {r["provider"]: float(r[value]) for r in rows if tuple(r[c] for c in row_keys) == k}
-        best = min((cells[p] for p in present if p in cells), default=None)
+        best = (max if higher_is_better else min)((cells[p] for p in present if p in cells), default=None)
         out = [("-" if p not in cells else (f"**{_fmt(cells[p])}**" if cells[p] == best else _fmt(cells[p])))
                for p in present]
         lines.append("| " + " | ".join(str(x) for x in k) + " | " + " | ".join(out) + " |")
@@ -110,6 +111,12 @@ def main(argv=None) -> int:
                      "peft mixed batch", "seed_fast lora_linear_multi"]
             print(pivot_table(path, f"LoRA linear ({path.stem.rsplit('_', 1)[-1]})", ["shape", "tokens", "r", "mode"],
                               provs, filt=lambda r: r["tokens"] != 1 or "decode" in r["shape"]))
+            print()
+        for path in sorted(folder.glob("bench_llm_decode_*.json")):
+            provs = ["transformers generate", "transformers generate (static)", "seed_fast generate_ids",
+                     "seed_fast generate_ids compiled", "seed_fast image codes (32)"]
+            print(pivot_table(path, f"LLM greedy decoding ({path.stem.split('_', 3)[-1]}), 32 new tokens", ["batch"],
+                              provs, value="tok_s", unit="tokens/s", higher_is_better=True))
             print()
     return 0
 

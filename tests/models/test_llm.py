@@ -404,3 +404,27 @@ def test_generate_images_through_a_tiny_unclip_pipeline():
     assert [im.tobytes() for im in images] == [im.tobytes() for im in again]
     stock_neg = embeddings_to_images(pipe, emb, num_inference_steps=2, guidance_scale=4.0, height=64, width=48, seed=3, progress=False)
     assert [im.tobytes() for im in images] != [im.tobytes() for im in stock_neg]
+
+
+def test_compiled_decode_step_gives_the_same_tokens():
+    llm = SeedLLM.from_config("tiny-llama", seed=7)
+    rows = [llm.encode_turn("two red", None), llm.encode_turn("blue circles left", None)]
+    eager = llm.generate_ids(rows, max_new_tokens=10, stop_ids=())
+    codes = llm.generate_image_codes(["red circle", "blue"], cfg_scale=2.0, num_beams=2)
+    llm.compile_decode()
+    assert llm.generate_ids(rows, max_new_tokens=10, stop_ids=()) == eager
+    assert torch.equal(llm.generate_image_codes(["red circle", "blue"], cfg_scale=2.0, num_beams=2), codes)
+    llm.compile_decode(False)
+    assert llm.generate_ids(rows, max_new_tokens=10, stop_ids=()) == eager
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_on_gpu():
+    llm = SeedLLM.from_config("tiny-llama", seed=7)
+    llm.model.get_output_embeddings().weight.data.mul_(40)  # no near-ties between CPU and GPU rounding
+    rows = [llm.encode_turn("two red", None), llm.encode_turn("blue circles left", None)]
+    eager = llm.generate_ids(rows, max_new_tokens=10, stop_ids=())
+    llm.to("cuda").compile_decode()
+    for _ in range(3):  # replays
+        assert llm.generate_ids(rows, max_new_tokens=10, stop_ids=()) == eager
+    assert llm.generate_image_codes(["red circle"]).shape == (1, 32)
