@@ -121,7 +121,7 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["seed_fast", "seed_fast.models", "seed_fast.ops", "seed_fast.kernels", "seed_fast.export"],
+    packages=["seed_fast", "seed_fast.models", "seed_fast.ops", "seed_fast.train", "seed_fast.kernels", "seed_fast.export"],
     # kernels/ and export/ are plain source folders installed inside the seed_fast namespace, so that
     # no top-level `kernels` package shadows Hugging Face's.
     package_dir={"seed_fast": "seed_fast", "seed_fast.kernels": "kernels", "seed_fast.export": "export"},

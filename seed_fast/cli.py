@@ -285,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_llm_args(p)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("train", help="train a stage (works under torchrun too)")
+    from .train import add_train_args, run_from_args
+
+    add_train_args(p)
+    p.set_defaults(func=run_from_args)
+
     p = sub.add_parser("info", help="versions and built backends")
     p.set_defaults(func=cmd_info)
 

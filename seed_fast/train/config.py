@@ -1,0 +1,170 @@
+"""Training configuration: one JSON (or TOML) file, checked in full before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("stage1", "stage2", "llm")
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # synthetic | folder | tar
+    n: int = 2048  # synthetic: number of training pairs
+    val_n: int = 128  # synthetic: held-out pairs for evaluation
+    seed: int = 0  # synthetic pairs and the shuffling order
+    index: str | None = None  # folder: JSONL / CSV caption index
+    shards: list[str] = field(default_factory=list)  # tar: shard paths (globs allowed)
+    image_size: int = 224
+    workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup: int = 0  # linear warm-up steps, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class Stage2Config:
+    vq_weight: float = 5.0
+    cos_weight: float = 2.0
+    mse_weight: float = 0.5
+    target: str = "pixels"  # "pixels" (a fixed random projection of the downsampled image) or a CLIP vision folder
+    codebook_init: str = "uniform"  # uniform (as released) | kmeans (from the first batch's z)
+    restart_dead_every: int = 0  # steps; 0 disables dead-code restarts
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    out: str
+    steps: int
+    global_batch: int
+    seed: int = 0
+    tokenizer: str = "tiny"  # a preset (random init, seeded) or a SeedTokenizer checkpoint folder
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    strategy: str = "ddp"  # ddp | fsdp (used when launched on several processes)
+    log_every: int = 1
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: only at the end
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        cfg = _build(cls, data, "config")
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        text = p.read_text()
+        try:
+            if p.suffix.lower() == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            else:
+                data = json.loads(text)
+        except (ValueError, ImportError) as e:
+            raise ConfigError(f"{p}: cannot parse: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be an object")
+        return cls.from_dict(data)
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
+        need(self.stage == "stage2", f"stage {self.stage!r} is not implemented yet (stage2 is)")
+        need(bool(self.out), "out (the run folder) must be set")
+        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        need(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
+        need(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
+        need(self.strategy in ("ddp", "fsdp"), f"strategy must be ddp or fsdp, got {self.strategy!r}")
+        for name in ("log_every", "ckpt_every", "keep_checkpoints"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        d = self.data
+        need(d.kind in ("synthetic", "folder", "tar"), f"data.kind must be synthetic, folder or tar, got {d.kind!r}")
+        if d.kind == "synthetic":
+            need(d.n >= self.global_batch, f"data.n ({d.n}) must be >= global_batch ({self.global_batch})")
+            need(d.val_n >= 1, f"data.val_n must be >= 1, got {d.val_n}")
+        if d.kind == "folder":
+            need(d.index is not None and Path(d.index).is_file(), f"data.index must be an existing JSONL / CSV file, got {d.index!r}")
+        if d.kind == "tar":
+            need(bool(d.shards), "data.shards must list at least one tar shard")
+        need(d.image_size >= (48 if d.kind == "synthetic" else 14), f"data.image_size must be >= 48 (synthetic) / 14, got {d.image_size}")
+        need(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
+        o = self.optim
+        need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+        need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        need(0 <= o.warmup < self.steps or o.warmup == 0, f"optim.warmup must be in [0, steps), got {o.warmup}")
+        need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+        need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+        s = self.stage2
+        need(s.codebook_init in ("uniform", "kmeans"), f"stage2.codebook_init must be uniform or kmeans, got {s.codebook_init!r}")
+        need(s.target == "pixels" or Path(s.target).is_dir(), f"stage2.target must be 'pixels' or a CLIP vision model folder, got {s.target!r}")
+        need(min(s.vq_weight, s.cos_weight, s.mse_weight) >= 0, "stage2 loss weights must be >= 0")
+        need(s.restart_dead_every >= 0, f"stage2.restart_dead_every must be >= 0, got {s.restart_dead_every}")
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be an object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required key {name!r}")
+            continue
+        value = data[name]
+        sub = {"data": DataConfig, "optim": OptimConfig, "stage2": Stage2Config}.get(name) if cls is TrainConfig else None
+        if sub is not None:
+            kwargs[name] = _build(sub, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _check_type(value, f.type, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, annotation: str, where: str) -> Any:
+    ann = str(annotation)
+    ok = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "str | None": lambda v: v is None or isinstance(v, str),
+        "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) for x in v),
+    }.get(ann)
+    if ok is not None and not ok(value):
+        raise ConfigError(f"{where} must be {ann}, got {value!r}")
+    return float(value) if ann == "float" else value

@@ -1,0 +1,332 @@
+"""The training loop shared by every stage: torch.distributed (torchrun) or one process, DDP,
+AdamW + warm-up / cosine, metrics to JSONL (+ PNG), atomic checkpoints and exact resume.
+
+A run folder holds:
+  config.json           the config the run started with
+  metrics.jsonl         one line per logged step / evaluation (rank 0)
+  checkpoints/step_N/   state.pt (model, optimizer, scheduler, step), rng_rank{r}.pt per rank
+  checkpoints/latest    the name of the newest complete checkpoint (written last, by rename)
+A checkpoint folder is written under a temporary name and renamed into place, so a kill at any
+moment leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig
+
+
+# ---------------------------------------------------------------------------- distributed
+class Dist:
+    """Rank / world from torchrun's environment; one process when it is absent."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device("cpu")
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        self.started = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.started = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Average scalars over ranks (for logging)."""
+        if self.world == 1 or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+
+    def sum_int(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def close(self) -> None:
+        if self.started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- schedule
+def lr_lambda(cfg: TrainConfig):
+    warm, total, floor = cfg.optim.warmup, cfg.steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    pointer = run / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = run / "checkpoints" / pointer.read_text().strip()
+    return path if (path / "state.pt").exists() else None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run: Path, step: int, state: dict, d: Dist, keep: int) -> Path:
+    """Every rank saves its RNG; rank 0 the rest. Temporary folder, then rename, then `latest`."""
+    ck = run / "checkpoints"
+    final, tmp = ck / f"step_{step:08d}", ck / f".tmp_step_{step:08d}"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    if d.main:
+        torch.save(state, tmp / "state.pt")
+    d.barrier()
+    if d.main:
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write_text(ck / "latest", final.name)
+        done = sorted(p for p in ck.glob("step_*") if p.is_dir())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
+    return final
+
+
+# ---------------------------------------------------------------------------- the loop
+class Task:
+    """What a stage provides to the loop."""
+
+    cfg: TrainConfig
+    module: torch.nn.Module  # forward(batch) -> dict with "loss" (a tensor) and scalar parts
+
+    def dataset(self):
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def on_step_end(self, step: int, batch, out: dict) -> None:  # e.g. dead-code restarts
+        pass
+
+    def on_first_batch(self, batch) -> None:  # e.g. k-means codebook init
+        pass
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def export(self, run: Path) -> None:  # final weights in the project's own format
+        pass
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None, stop_after: int | None = None) -> dict:
+    """Run (or resume) `cfg`. Returns the last logged metrics (rank 0) or {}.
+    stop_after: stop once this many steps are done in this call (without a final checkpoint)."""
+    from .data import BatchLoader, ResumableBatches
+    from .stage2 import Stage2Task
+
+    d = Dist()
+    run = Path(cfg.out)
+    try:
+        if d.main:
+            run.mkdir(parents=True, exist_ok=True)
+            if not resume and latest_checkpoint(run) is not None:
+                raise FileExistsError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
+            _atomic_write_text(run / "config.json", json.dumps(cfg.to_dict(), indent=1))
+            if not resume:
+                (run / "metrics.jsonl").unlink(missing_ok=True)
+        d.barrier()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        random.seed(cfg.seed)
+        task = {"stage2": Stage2Task}[cfg.stage](cfg, d.device)
+        params = task.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        step = 0
+        ck = latest_checkpoint(run) if resume else None
+        if resume and ck is None and d.main:
+            print(f"seed-fast train: no checkpoint in {run}; starting from step 0")
+        if ck is not None:
+            state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
+            task.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            step = int(state["step"])
+            rng = ck / f"rng_rank{d.rank}.pt"
+            if rng.exists():
+                _set_rng_state(torch.load(rng, weights_only=True))
+            _truncate_metrics(run / "metrics.jsonl", step, d)
+        module = task.module
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            module = DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        ds = task.dataset()
+        order = ResumableBatches(len(ds), cfg.global_batch, seed=cfg.data.seed, rank=d.rank, world=d.world, step=step)
+        loader = BatchLoader(ds, order, task.image_size, workers=cfg.data.workers, seed=cfg.seed)
+        todo = cfg.steps - step if stop_after is None else min(cfg.steps - step, stop_after)
+        show = d.main if progress is None else (progress and d.main)
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.stage}", unit="step")
+        amp = torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+        last: dict = {}
+        t0 = time.perf_counter()
+        skipped_total = 0
+        for batch in loader.take(todo):
+            if step == 0:
+                task.on_first_batch(batch)
+            module.train()
+            with amp:
+                out = module(batch)
+            out["loss"].backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            task.on_step_end(step, batch, out)
+            skipped_total += d.sum_int(batch.skipped)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                parts = d.mean({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
+                last = {"step": step, "lr": sched.get_last_lr()[0], **parts, "skipped": skipped_total,
+                        "time_s": round(time.perf_counter() - t0, 3)}
+                _log(run, last, d)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{parts['loss']:.4f}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                _evaluate(task, run, step, d)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                save_checkpoint(run, step, {"model": task.state_dict(), "optimizer": opt.state_dict(),
+                                            "scheduler": sched.state_dict(), "step": step}, d, cfg.keep_checkpoints)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if step == cfg.steps:
+            ev = _evaluate(task, run, step, d)
+            last.update(ev)
+            if d.main:
+                task.export(run)
+                plot_metrics(run)
+        return last if d.main else {}
+    finally:
+        d.close()
+
+
+def _log(run: Path, record: dict, d: Dist) -> None:
+    if d.main:
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _evaluate(task: Task, run: Path, step: int, d: Dist) -> dict:
+    if not d.main:
+        d.barrier()
+        return {}
+    task.module.eval()
+    with torch.no_grad():
+        metrics = task.evaluate()
+    if metrics:
+        _log(run, {"step": step, "eval": True, **metrics}, d)
+    d.barrier()
+    return metrics
+
+
+def _truncate_metrics(path: Path, step: int, d: Dist) -> None:
+    """Drop log lines past the checkpoint being resumed (they will be produced again)."""
+    if not d.main or not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    _atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    p = Path(run) / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+def plot_metrics(run: Path) -> Path | None:
+    """metrics.png: every logged scalar against the step (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(run)
+    train_rows = [r for r in rows if not r.get("eval")]
+    keys = [k for k in (train_rows[0] if train_rows else {}) if k not in ("step", "time_s", "skipped")]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        ax.plot([r["step"] for r in train_rows], [r[k] for r in train_rows])
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    out = run / "metrics.png"
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out

@@ -1,0 +1,215 @@
+"""Stage II: train the quantizer and de-tokenizer on a frozen ViT + causal Q-Former.
+
+total = vq_weight * VQ + cos_weight * mean(1 - cos(blocks(decode(z_q) + pos_embed), causal_emb))
+        + mse_weight * MSE(generation embedding, target image embedding)
+(SEED_SPEC section 3: 5, 2 and 0.5). The target is a CLIP vision model's image embedding when
+`stage2.target` names a transformers CLIPVisionModelWithProjection folder, or for the synthetic set
+a fixed encoder: the image pooled to 8 x 8 and sent through a seeded random projection.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.preprocess import normalize
+from .config import ConfigError, TrainConfig
+from .loop import Task
+
+TRAINED = ("quantizer.", "detokenizer.", "reconstructor.")
+
+
+class PixelTarget(nn.Module):
+    """A frozen stand-in for CLIP on synthetic images: 8 x 8 pooled RGB -> seeded projection ->
+    unit norm * sqrt(out_dim) (so each value is about 1 in size)."""
+
+    def __init__(self, out_dim: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("proj", torch.randn(3 * 64, out_dim, generator=g) / 8.0)
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(pixels.float(), 8).flatten(1) - 0.5  # (B, 192)
+        y = x @ self.proj
+        return F.normalize(y, dim=-1) * y.shape[-1] ** 0.5
+
+
+class ClipTarget(nn.Module):
+    def __init__(self, folder: str, image_mean, image_std):
+        super().__init__()
+        from transformers import CLIPVisionModelWithProjection
+
+        self.model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
+        self.mean, self.std = image_mean, image_std
+        self.size = self.model.config.image_size
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(pixels.float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
+        x = normalize(x, self.mean, self.std).to(self.model.dtype)
+        return self.model(pixel_values=x).image_embeds.float()
+
+
+class Stage2Module(nn.Module):
+    def __init__(self, tok, target: nn.Module, s2):
+        super().__init__()
+        self.tok, self.target, self.w = tok, target, s2
+        self.last_z: torch.Tensor | None = None
+        self.last_codes: torch.Tensor | None = None
+
+    def forward(self, batch) -> dict:
+        tok = self.tok
+        if len(batch) == 0:  # every sample was unreadable: a zero loss that still touches every parameter
+            zero = sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
+            return {"loss": zero, "vq": zero.detach(), "cos": zero.detach(), "mse": zero.detach()}
+        pixels = batch.pixels.to(tok.device)
+        with torch.no_grad():
+            x = normalize(pixels, tok.config.image_mean, tok.config.image_std).to(tok.dtype)
+            causal = tok.causal_embeddings(x)  # (B, 32, hidden), frozen
+        z = tok.quantizer.encode_task_layer(causal)  # (B, 32, code_dim)
+        from ..ops import vector_quantize
+
+        z_st, codes, vq = vector_quantize(z, tok.quantizer.codebook.weight, tok.config.quantizer.beta)
+        dec = tok.quantizer.decode_task_layer(z_st)  # (B, 32, hidden)
+        recon = tok.reconstructor(dec)
+        cos = (1 - F.cosine_similarity(recon.float(), causal.float(), dim=-1)).mean()
+        gen = tok.detokenizer(dec)
+        target = self.target(pixels)
+        mse = F.mse_loss(gen.float(), target)
+        loss = self.w.vq_weight * vq + self.w.cos_weight * cos + self.w.mse_weight * mse
+        self.last_z, self.last_codes = z.detach(), codes.detach()
+        return {"loss": loss, "vq": vq.detach(), "cos": cos.detach(), "mse": mse.detach()}
+
+
+class Stage2Task(Task):
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        from ..models import SeedTokenizer
+
+        self.cfg = cfg
+        if Path(cfg.tokenizer).is_dir():
+            tok = SeedTokenizer.from_pretrained(cfg.tokenizer)
+        else:
+            try:
+                tok = SeedTokenizer.from_config(cfg.tokenizer, seed=cfg.seed, init="unit")
+            except ValueError as e:
+                raise ConfigError(f"tokenizer: {e} (or give a SeedTokenizer checkpoint folder)") from None
+        if tok.reconstructor is None:
+            raise ConfigError("stage 2 needs the reconstruction head: the tokenizer config has reconstruction_blocks=False")
+        tok = tok.to(device)
+        tok.requires_grad_(False)
+        for name, p in tok.named_parameters():
+            if name.startswith(TRAINED):
+                p.requires_grad_(True)
+        out_dim = tok.config.detokenizer.out_dim
+        s2 = cfg.stage2
+        target = PixelTarget(out_dim, seed=cfg.seed) if s2.target == "pixels" else ClipTarget(s2.target, tok.config.image_mean, tok.config.image_std)
+        self.tok = tok
+        self.module = Stage2Module(tok, target.to(device), s2)
+        self.image_size = tok.config.vision.image_size
+
+    def _source(self, split: str):
+        from .data import FolderPairs, SyntheticPairs, TarShards
+
+        d = self.cfg.data
+        if d.kind == "synthetic":
+            n = d.n if split == "train" else d.val_n
+            return SyntheticPairs(n, seed=d.seed, size=d.image_size, split=split)
+        if d.kind == "folder":
+            return FolderPairs(d.index)
+        import glob
+
+        shards = sorted({p for pattern in d.shards for p in (glob.glob(pattern) or [pattern])})
+        return TarShards(shards)
+
+    def dataset(self):
+        return self._source("train")
+
+    def trainable_parameters(self):
+        return [p for p in self.tok.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.tok.state_dict().items() if k.startswith(TRAINED)}
+
+    def load_state_dict(self, state: dict) -> None:
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"stage 2 checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.tok.load_state_dict(state, strict=False)
+
+    def _sync_codebook(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(self.tok.quantizer.codebook.weight.data, src=0)
+
+    def on_first_batch(self, batch) -> None:
+        if self.cfg.stage2.codebook_init != "kmeans" or len(batch) == 0:
+            return
+        from ..models.codebook_utils import kmeans_init
+
+        with torch.no_grad():
+            self.module(batch)
+            z = self.module.last_z.flatten(0, 1).float()
+            k = self.tok.codebook_size
+            if z.shape[0] < k:
+                raise ConfigError(f"k-means init needs at least {k} vectors; the first batch gives {z.shape[0]} (raise global_batch)")
+            self.tok.quantizer.codebook.weight.copy_(kmeans_init(z, k, seed=self.cfg.seed))
+        self._sync_codebook()
+
+    def on_step_end(self, step: int, batch, out: dict) -> None:
+        every = self.cfg.stage2.restart_dead_every
+        if not every or step % every or self.module.last_codes is None:
+            return
+        from ..models.codebook_utils import codebook_usage, restart_dead_codes
+
+        counts = codebook_usage(self.module.last_codes, self.tok.codebook_size)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        with torch.no_grad():
+            restart_dead_codes(self.tok.quantizer.codebook.weight, counts, self.module.last_z.flatten(0, 1), seed=self.cfg.seed + step)
+        self._sync_codebook()
+
+    def evaluate(self) -> dict[str, float]:
+        from ..models.codebook_utils import codebook_stats
+        from .data import make_collate
+
+        d = self.cfg.data
+        ds = self._source("val") if d.kind == "synthetic" else self._source("train")
+        n = min(len(ds), d.val_n)
+        collate = make_collate(self.image_size)
+        codes, cos, mse, tcos = [], [], [], []
+        for i in range(0, n, 32):
+            batch = collate([ds[j] for j in range(i, min(n, i + 32))])
+            if len(batch) == 0:
+                continue
+            tok = self.tok
+            pixels = batch.pixels.to(tok.device)
+            x = normalize(pixels, tok.config.image_mean, tok.config.image_std).to(tok.dtype)
+            causal = tok.causal_embeddings(x)
+            c = tok.quantizer.lookup(causal)
+            dec = tok.quantizer.embed(c)
+            recon = tok.reconstructor(dec)
+            gen = tok.detokenizer(dec).float()
+            target = self.module.target(pixels)
+            codes.append(c)
+            cos.append(F.cosine_similarity(recon.float(), causal.float(), dim=-1).mean(-1))
+            tcos.append(F.cosine_similarity(gen, target, dim=-1))
+            mse.append(((gen - target) ** 2).mean(-1))
+        if not codes:
+            return {}
+        stats = codebook_stats(torch.cat(codes), self.tok.codebook_size)
+        return {
+            "val_recon_cos": float(torch.cat(cos).mean()),
+            "val_target_cos": float(torch.cat(tcos).mean()),
+            "val_mse": float(torch.cat(mse).mean()),
+            "val_codebook_usage": float(stats["usage_fraction"]),
+            "val_perplexity": float(stats["perplexity"]),
+            "val_dead_codes": int(stats["dead"]),
+        }
+
+    def export(self, run: Path) -> None:
+        self.tok.save_pretrained(run / "tokenizer")

@@ -1,0 +1,158 @@
+"""The training launcher: config checks, resume after kill -9, DDP (torchrun, gloo) equals one process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from seed_fast.train import ConfigError, TrainConfig, main
+from seed_fast.train.loop import latest_checkpoint, read_metrics, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(out, **kw):
+    data = {"stage": "stage2", "out": str(out), "steps": 6, "global_batch": 8, "ckpt_every": 2,
+            "data": {"n": 64, "val_n": 16, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1}}
+    for k, v in kw.items():
+        if isinstance(v, dict):
+            data.setdefault(k, {}).update(v)
+        else:
+            data[k] = v
+    return data
+
+
+def _write(tmp_path, data, name="cfg.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps(data))
+    return p
+
+
+def _losses(run):
+    return [(r["step"], r["loss"], r["vq"], r["cos"], r["mse"]) for r in read_metrics(run) if not r.get("eval")]
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"stepz": 3}, r"unknown key\(s\) \['stepz'\]"),
+    ({"steps": "10"}, "config.steps must be int"),
+    ({"steps": 0}, "steps must be >= 1"),
+    ({"stage": "stage9"}, "stage must be one of"),
+    ({"data": {"kind": "webdataset"}}, "data.kind must be"),
+    ({"data": {"kind": "folder", "index": "/nope.jsonl"}}, "data.index must be an existing"),
+    ({"data": {"n": 4}}, r"data.n \(4\) must be >= global_batch"),
+    ({"optim": {"betas": [0.9]}}, "optim.betas"),
+    ({"optim": {"lr": -1}}, "optim.lr must be > 0"),
+    ({"stage2": {"target": "/no/clip"}}, "stage2.target"),
+    ({"stage2": {"codebook_init": "magic"}}, "codebook_init"),
+    ({"precision": "fp8"}, "precision"),
+])
+def test_bad_configs_fail_before_any_work(tmp_path, change, msg):
+    with pytest.raises(ConfigError, match=msg):
+        TrainConfig.from_dict(_cfg(tmp_path / "run", **change))
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_bad_config_and_stage_mismatch(tmp_path, capsys):
+    assert main(["stage2", "--config", str(_write(tmp_path, _cfg(tmp_path / "r", steps=-1)))]) == 2
+    assert "steps must be >= 1" in capsys.readouterr().err
+    assert main(["stage1", "--config", str(_write(tmp_path, _cfg(tmp_path / "r")))]) == 2
+    assert "the command says stage1" in capsys.readouterr().err
+    assert main(["stage2", "--config", str(tmp_path / "missing.json")]) == 2
+    (tmp_path / "broken.json").write_text("{not json")
+    assert main(["stage2", "--config", str(tmp_path / "broken.json")]) == 2
+
+
+def test_stage2_trains_logs_checkpoints_and_exports(tmp_path):
+    cfg = TrainConfig.from_dict(_cfg(tmp_path / "run", steps=12, stage2={"codebook_init": "kmeans", "restart_dead_every": 4},
+                                     global_batch=16))
+    last = train(cfg, progress=False)
+    rows = _losses(tmp_path / "run")
+    assert [r[0] for r in rows] == list(range(1, 13))
+    assert rows[-1][1] < 0.7 * rows[0][1]  # the loss goes down
+    assert 0 < last["val_codebook_usage"] <= 1 and last["val_recon_cos"] > 0
+    ck = latest_checkpoint(tmp_path / "run")
+    assert ck.name == "step_00000012" and len(list((tmp_path / "run" / "checkpoints").glob("step_*"))) == 2
+    from seed_fast import SeedTokenizer
+
+    tok = SeedTokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
+    state = torch.load(ck / "state.pt", weights_only=True)["model"]
+    torch.testing.assert_close(tok.quantizer.codebook.weight, state["quantizer.codebook.weight"])
+    assert (tmp_path / "run" / "metrics.png").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, progress=False)
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    from PIL import Image
+
+    lines = []
+    for i in range(10):
+        Image.new("RGB", (40, 40), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        lines.append({"image": f"{i}.png", "caption": f"red {i}"})
+    (tmp_path / "3.png").write_bytes(b"corrupt")
+    lines[5]["caption"] = ""
+    (tmp_path / "index.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    cfg = TrainConfig.from_dict(_cfg(tmp_path / "run", steps=4, global_batch=10,
+                                     data={"kind": "folder", "index": str(tmp_path / "index.jsonl")}))
+    train(cfg, progress=False)
+    rows = [r for r in read_metrics(tmp_path / "run") if not r.get("eval")]
+    assert [r["skipped"] for r in rows] == [2, 4, 6, 8]
+
+
+def _spawn(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
+    steps = 40
+    ref_cfg = _write(tmp_path, _cfg(tmp_path / "ref", steps=steps, ckpt_every=3), "ref.json")
+    p = _spawn(["-m", "seed_fast.train", "stage2", "--config", str(ref_cfg), "--no-progress"])
+    p.communicate(timeout=600)
+    assert p.returncode == 0
+
+    cfg = _write(tmp_path, _cfg(tmp_path / "run", steps=steps, ckpt_every=3), "run.json")
+    p = _spawn(["-m", "seed_fast.train", "stage2", "--config", str(cfg), "--no-progress"])
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        rows = read_metrics(tmp_path / "run") if (tmp_path / "run" / "metrics.jsonl").exists() else []
+        if rows and rows[-1]["step"] >= 8:
+            break
+        time.sleep(0.01)
+    assert p.poll() is None, "the run ended before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL
+    ck = latest_checkpoint(tmp_path / "run")
+    assert ck is not None and int(ck.name.split("_")[1]) < steps
+    torch.load(ck / "state.pt", weights_only=True)  # intact
+
+    q = _spawn(["-m", "seed_fast.train", "stage2", "--config", str(cfg), "--no-progress", "--resume"])
+    out, err = q.communicate(timeout=600)
+    assert q.returncode == 0, err
+    got, want = _losses(tmp_path / "run"), _losses(tmp_path / "ref")
+    assert [r[0] for r in got] == list(range(1, steps + 1))
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-6, abs=1e-7), f"step {g[0]}"
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    one = _write(tmp_path, _cfg(tmp_path / "one", steps=5), "one.json")
+    two = _write(tmp_path, _cfg(tmp_path / "two", steps=5), "two.json")
+    p = _spawn(["-m", "seed_fast.train", "stage2", "--config", str(one), "--no-progress"])
+    q = _spawn(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "seed_fast.train", "stage2", "--config", str(two), "--no-progress"])
+    _, err_p = p.communicate(timeout=600)
+    _, err_q = q.communicate(timeout=600)
+    assert p.returncode == 0, err_p
+    assert q.returncode == 0, err_q
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, rel=2e-4, abs=1e-6), f"step {x[0]}"
