@@ -99,7 +99,7 @@ class TrainConfig:
                 raise ConfigError(msg)
 
         need(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
-        need(self.stage == "stage2", f"stage {self.stage!r} is not implemented yet (stage2 is)")
+        need(self.stage != "llm", "stage 'llm' is not implemented yet (stage1 and stage2 are)")
         need(bool(self.out), "out (the run folder) must be set")
         need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")

@@ -168,6 +168,19 @@ class TarShards(torch.utils.data.Dataset):
         return state
 
 
+def make_source(cfg, split: str):
+    """The config's dataset. split "val": the synthetic held-out split; for folder / tar data (no
+    held-out split given) the training data itself, so evaluation there measures fit, not transfer."""
+    d = cfg.data
+    if d.kind == "synthetic":
+        return SyntheticPairs(d.n if split == "train" else d.val_n, seed=d.seed, size=d.image_size, split=split)
+    if d.kind == "folder":
+        return FolderPairs(d.index)
+    import glob
+
+    return TarShards(sorted({p for pattern in d.shards for p in (glob.glob(pattern) or [pattern])}))
+
+
 @dataclass
 class Batch:
     pixels: torch.Tensor  # (B, 3, S, S) float in [0, 1]

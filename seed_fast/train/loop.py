@@ -180,6 +180,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     """Run (or resume) `cfg`. Returns the last logged metrics (rank 0) or {}.
     stop_after: stop once this many steps are done in this call (without a final checkpoint)."""
     from .data import BatchLoader, ResumableBatches
+    from .stage1 import Stage1Task
     from .stage2 import Stage2Task
 
     d = Dist()
@@ -195,7 +196,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         d.barrier()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         random.seed(cfg.seed)
-        task = {"stage2": Stage2Task}[cfg.stage](cfg, d.device)
+        task = {"stage1": Stage1Task, "stage2": Stage2Task}[cfg.stage](cfg, d.device)
         params = task.trainable_parameters()
         opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..models.preprocess import normalize
 from .config import ConfigError, TrainConfig
+from .data import make_source
 from .loop import Task
 
 TRAINED = ("quantizer.", "detokenizer.", "reconstructor.")
@@ -112,22 +113,8 @@ class Stage2Task(Task):
         self.module = Stage2Module(tok, target.to(device), s2)
         self.image_size = tok.config.vision.image_size
 
-    def _source(self, split: str):
-        from .data import FolderPairs, SyntheticPairs, TarShards
-
-        d = self.cfg.data
-        if d.kind == "synthetic":
-            n = d.n if split == "train" else d.val_n
-            return SyntheticPairs(n, seed=d.seed, size=d.image_size, split=split)
-        if d.kind == "folder":
-            return FolderPairs(d.index)
-        import glob
-
-        shards = sorted({p for pattern in d.shards for p in (glob.glob(pattern) or [pattern])})
-        return TarShards(shards)
-
     def dataset(self):
-        return self._source("train")
+        return make_source(self.cfg, "train")
 
     def trainable_parameters(self):
         return [p for p in self.tok.parameters() if p.requires_grad]
@@ -178,7 +165,7 @@ class Stage2Task(Task):
         from .data import make_collate
 
         d = self.cfg.data
-        ds = self._source("val") if d.kind == "synthetic" else self._source("train")
+        ds = make_source(self.cfg, "val")
         n = min(len(ds), d.val_n)
         collate = make_collate(self.image_size)
         codes, cos, mse, tcos = [], [], [], []

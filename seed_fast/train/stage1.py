@@ -1,0 +1,192 @@
+"""Stage I: the causal Q-Former learns image-text alignment (contrastive loss only).
+
+Image feature: the LAST causal query's output -> `vision_proj` (hidden -> 256) -> l2 norm. Text
+feature: the Q-Former's own text branch (BLIP-2: word + position embeddings, the same self-attention
+weights as the queries, a separate text FFN, no cross-attention), [CLS] output -> `text_proj` -> l2
+norm. Loss: symmetric InfoNCE with a learned temperature (init 0.07) and label smoothing 0.1;
+negatives are gathered from every rank (`torch.distributed.nn.all_gather` carries the gradients).
+The ViT stays frozen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.preprocess import normalize
+from ..models.qformer import AddNorm, Intermediate
+from ..ops import qformer_attention
+from .config import ConfigError, TrainConfig
+from .data import make_source
+from .loop import Task
+
+
+class QFormerTextBranch(nn.Module):
+    """Text through the Q-Former's layers (self-attention shared with the queries, own FFN)."""
+
+    def __init__(self, qformer, vocab_size: int, max_len: int = 64):
+        super().__init__()
+        layer0 = qformer.layers[0]
+        hidden = layer0.attention.self.query.in_features
+        eps = qformer.norm.eps
+        ffn = layer0.intermediate_query.dense.out_features
+        self.qformer = [qformer]  # not a submodule: its weights belong to the tokenizer
+        self.word_embeddings = nn.Embedding(vocab_size, hidden)
+        self.position_embeddings = nn.Embedding(max_len, hidden)
+        self.intermediate = nn.ModuleList(Intermediate(hidden, ffn) for _ in qformer.layers)
+        self.output = nn.ModuleList(AddNorm(ffn, hidden, eps) for _ in qformer.layers)
+        self.max_len = max_len
+        nn.init.normal_(self.word_embeddings.weight, std=0.02)
+        nn.init.normal_(self.position_embeddings.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask (B, L) -> (B, L, hidden)."""
+        qf = self.qformer[0]
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = qf.norm(self.word_embeddings(ids) + self.position_embeddings(pos)[None])
+        keep = mask.to(torch.bool)
+        for i, layer in enumerate(qf.layers):
+            att = layer.attention.self
+            q, k, v = att._split(att.query(x)), att._split(att.key(x)), att._split(att.value(x))
+            a = qformer_attention(q, k, v, key_padding_mask=keep, impl=att.attn_impl).transpose(1, 2).flatten(2)
+            x = layer.attention.output(a, x)
+            x = self.output[i](self.intermediate[i](x), x)
+        return x
+
+
+class Stage1Module(nn.Module):
+    def __init__(self, tok, text_tokenizer, embed_dim: int = 256):
+        super().__init__()
+        hidden = tok.config.qformer.hidden
+        self.tok = tok
+        self.text_tokenizer = text_tokenizer
+        self.text = QFormerTextBranch(tok.qformer, len(text_tokenizer))
+        self.vision_proj = nn.Linear(hidden, embed_dim)
+        self.text_proj = nn.Linear(hidden, embed_dim)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        tt = self.text_tokenizer
+        rows = [[tt.bos_token_id] + tt(c, add_special_tokens=False).input_ids[: self.text.max_len - 1] for c in captions]
+        n = max(len(r) for r in rows)
+        ids = torch.full((len(rows), n), tt.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), n, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        dev = self.vision_proj.weight.device
+        out = self.text(ids.to(dev), mask.to(dev))
+        return F.normalize(self.text_proj(out[:, 0]).float(), dim=-1)  # [CLS] (B, 256)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        tok = self.tok
+        x = normalize(pixels.to(tok.device), tok.config.image_mean, tok.config.image_std).to(tok.dtype)
+        with torch.no_grad():
+            feats = tok.image_features(x)  # the ViT is frozen
+        causal = tok.qformer(feats)  # (B, 32, hidden)
+        return F.normalize(self.vision_proj(causal[:, -1]).float(), dim=-1)  # the last query
+
+    def forward(self, batch) -> dict:
+        if len(batch) == 0:
+            zero = sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
+            return {"loss": zero, "itc": zero.detach(), "temp": self.temp.detach()}
+        img, txt = self.encode_image(batch.pixels), self.encode_text(batch.captions)
+        offset = 0
+        all_img, all_txt = img, txt
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.nn.functional import all_gather
+
+            all_img, all_txt = torch.cat(all_gather(img)), torch.cat(all_gather(txt))
+            offset = dist.get_rank() * img.shape[0]  # equal local batches (ResumableBatches)
+        temp = self.temp.clamp(0.001, 0.5)
+        labels = torch.arange(img.shape[0], device=img.device) + offset
+        i2t = img @ all_txt.t() / temp
+        t2i = txt @ all_img.t() / temp
+        loss = (F.cross_entropy(i2t, labels, label_smoothing=0.1) + F.cross_entropy(t2i, labels, label_smoothing=0.1)) / 2
+        return {"loss": loss, "itc": loss.detach(), "temp": temp.detach()}
+
+
+def retrieval_at_k(img: torch.Tensor, txt: torch.Tensor, captions: list[str], ks=(1, 5, 10)) -> dict[str, float]:
+    """Image -> text and text -> image recall@k over N pairs. A hit is any item whose caption equals
+    the query's (synthetic captions repeat), so chance R@1 is about (copies of the caption) / N."""
+    sim = img @ txt.t()  # (N, N)
+    same = torch.tensor([[a == b for b in captions] for a in captions], device=sim.device)
+    out = {}
+    for k in ks:
+        k_ = min(k, sim.shape[1])
+        i2t = same.gather(1, sim.topk(k_, dim=1).indices).any(1).float().mean()
+        t2i = same.t().gather(1, sim.t().topk(k_, dim=1).indices).any(1).float().mean()
+        out[f"i2t_r{k}"], out[f"t2i_r{k}"] = float(i2t), float(t2i)
+    out["chance_r1"] = float(same.float().sum(1).div(len(captions)).mean())
+    return out
+
+
+class Stage1Task(Task):
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        from ..models import SeedTokenizer
+        from ..models.text_tokenizer import build_word_tokenizer
+        from ..synthetic import COLORS, COUNTS, SHAPES
+
+        self.cfg = cfg
+        if Path(cfg.tokenizer).is_dir():
+            tok = SeedTokenizer.from_pretrained(cfg.tokenizer)
+        else:
+            try:
+                tok = SeedTokenizer.from_config(cfg.tokenizer, seed=cfg.seed, init="unit")
+            except ValueError as e:
+                raise ConfigError(f"tokenizer: {e} (or give a SeedTokenizer checkpoint folder)") from None
+        if not tok.config.qformer.is_causal:
+            raise ConfigError("stage 1 trains the causal Q-Former; this tokenizer config is not causal")
+        words = list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(COUNTS.values()) + ["left", "of", "a", "an"]
+        text_tok = build_word_tokenizer([" ".join(words)], extra_words=(".", ","))
+        tok = tok.to(device).requires_grad_(False)
+        tok.qformer.requires_grad_(True)
+        self.tok = tok
+        self.module = Stage1Module(tok, text_tok).to(device)
+        self.image_size = tok.config.vision.image_size
+
+    def dataset(self):
+        return make_source(self.cfg, "train")
+
+    def trainable_parameters(self):
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.module.state_dict().items() if not k.startswith("tok.") or k.startswith("tok.qformer.")}
+
+    def load_state_dict(self, state: dict) -> None:
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"stage 1 checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.module.load_state_dict(state, strict=False)
+
+    def evaluate(self) -> dict[str, float]:
+        from .data import make_collate
+
+        d = self.cfg.data
+        ds = make_source(self.cfg, "val")
+        n = min(len(ds), d.val_n)
+        collate = make_collate(self.image_size)
+        imgs, txts, caps = [], [], []
+        for i in range(0, n, 32):
+            batch = collate([ds[j] for j in range(i, min(n, i + 32))])
+            if len(batch):
+                imgs.append(self.module.encode_image(batch.pixels))
+                txts.append(self.module.encode_text(batch.captions))
+                caps += batch.captions
+        if not caps:
+            return {}
+        return {"val_" + k: v for k, v in retrieval_at_k(torch.cat(imgs), torch.cat(txts), caps).items()}
+
+    def export(self, run: Path) -> None:
+        from safetensors.torch import save_file
+
+        self.tok.save_pretrained(run / "tokenizer")
+        heads = {k: v.contiguous() for k, v in self.module.state_dict().items() if not k.startswith("tok.")}
+        save_file(heads, str(run / "itc_heads.safetensors"))
+        self.module.text_tokenizer.save_pretrained(run / "text_tokenizer")
