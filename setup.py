@@ -105,7 +105,8 @@ if _want_cuda():
     )
 
 extras = {
-    "test": ["pytest>=7", "triton>=3.0; platform_system == 'Linux'", "peft>=0.10", "diffusers>=0.30"],
+    "test": ["pytest>=7", "triton>=3.0; platform_system == 'Linux'", "peft>=0.10", "diffusers>=0.30", "matplotlib"],
+    "train": ["matplotlib"],
     "triton": ["triton>=3.0"],
     "llm": ["peft>=0.10"],
     "diffusion": ["diffusers>=0.27"],
