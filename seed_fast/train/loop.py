@@ -145,6 +145,19 @@ def save_checkpoint(run: Path, step: int, state: dict, d: Dist, keep: int) -> Pa
 
 
 # ---------------------------------------------------------------------------- the loop
+def load_tokenizer(cfg: TrainConfig):
+    """The run's starting SeedTokenizer: a checkpoint folder, or a preset with seeded random weights."""
+    from ..models import SeedTokenizer
+    from .config import ConfigError
+
+    if Path(cfg.tokenizer).is_dir():
+        return SeedTokenizer.from_pretrained(cfg.tokenizer)
+    try:
+        return SeedTokenizer.from_config(cfg.tokenizer, seed=cfg.seed, init="unit")
+    except ValueError as e:
+        raise ConfigError(f"tokenizer: {e} (or give a SeedTokenizer checkpoint folder)") from None
+
+
 class Task:
     """What a stage provides to the loop."""
 

@@ -22,7 +22,7 @@ from ..models.qformer import AddNorm, Intermediate
 from ..ops import qformer_attention
 from .config import ConfigError, TrainConfig
 from .data import make_source
-from .loop import Task
+from .loop import Task, load_tokenizer
 
 
 class QFormerTextBranch(nn.Module):
@@ -127,18 +127,11 @@ def retrieval_at_k(img: torch.Tensor, txt: torch.Tensor, captions: list[str], ks
 
 class Stage1Task(Task):
     def __init__(self, cfg: TrainConfig, device: torch.device):
-        from ..models import SeedTokenizer
         from ..models.text_tokenizer import build_word_tokenizer
         from ..synthetic import COLORS, COUNTS, SHAPES
 
         self.cfg = cfg
-        if Path(cfg.tokenizer).is_dir():
-            tok = SeedTokenizer.from_pretrained(cfg.tokenizer)
-        else:
-            try:
-                tok = SeedTokenizer.from_config(cfg.tokenizer, seed=cfg.seed, init="unit")
-            except ValueError as e:
-                raise ConfigError(f"tokenizer: {e} (or give a SeedTokenizer checkpoint folder)") from None
+        tok = load_tokenizer(cfg)
         if not tok.config.qformer.is_causal:
             raise ConfigError("stage 1 trains the causal Q-Former; this tokenizer config is not causal")
         words = list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(COUNTS.values()) + ["left", "of", "a", "an"]

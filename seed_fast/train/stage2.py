@@ -19,7 +19,7 @@ from torch import nn
 from ..models.preprocess import normalize
 from .config import ConfigError, TrainConfig
 from .data import make_source
-from .loop import Task
+from .loop import Task, load_tokenizer
 
 TRAINED = ("quantizer.", "detokenizer.", "reconstructor.")
 
@@ -89,16 +89,9 @@ class Stage2Module(nn.Module):
 
 class Stage2Task(Task):
     def __init__(self, cfg: TrainConfig, device: torch.device):
-        from ..models import SeedTokenizer
 
         self.cfg = cfg
-        if Path(cfg.tokenizer).is_dir():
-            tok = SeedTokenizer.from_pretrained(cfg.tokenizer)
-        else:
-            try:
-                tok = SeedTokenizer.from_config(cfg.tokenizer, seed=cfg.seed, init="unit")
-            except ValueError as e:
-                raise ConfigError(f"tokenizer: {e} (or give a SeedTokenizer checkpoint folder)") from None
+        tok = load_tokenizer(cfg)
         if tok.reconstructor is None:
             raise ConfigError("stage 2 needs the reconstruction head: the tokenizer config has reconstruction_blocks=False")
         tok = tok.to(device)
