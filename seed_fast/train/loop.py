@@ -159,22 +159,34 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 class Task:
-    """What a stage provides to the loop."""
+    """What a stage provides to the loop: `module` (forward(batch) -> dict with "loss" and scalar
+    parts), and which of its state is checkpointed (`keeps(key)`; the frozen rest is rebuilt from
+    the config)."""
 
     cfg: TrainConfig
-    module: torch.nn.Module  # forward(batch) -> dict with "loss" (a tensor) and scalar parts
+    module: torch.nn.Module
+    image_size: int
+
+    def keeps(self, key: str) -> bool:
+        raise NotImplementedError
 
     def dataset(self):
-        raise NotImplementedError
+        from .data import make_source
+
+        return make_source(self.cfg, "train")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        raise NotImplementedError
+        return [p for p in self.module.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict:
-        raise NotImplementedError
+        return {k: v for k, v in self.module.state_dict().items() if self.keeps(k)}
 
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{self.cfg.stage} checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.module.load_state_dict(state, strict=False)
 
     def on_step_end(self, step: int, batch, out: dict) -> None:  # e.g. dead-code restarts
         pass

@@ -142,21 +142,8 @@ class Stage1Task(Task):
         self.module = Stage1Module(tok, text_tok).to(device)
         self.image_size = tok.config.vision.image_size
 
-    def dataset(self):
-        return make_source(self.cfg, "train")
-
-    def trainable_parameters(self):
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-    def state_dict(self) -> dict:
-        return {k: v for k, v in self.module.state_dict().items() if not k.startswith("tok.") or k.startswith("tok.qformer.")}
-
-    def load_state_dict(self, state: dict) -> None:
-        own = self.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"stage 1 checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.module.load_state_dict(state, strict=False)
+    def keeps(self, key: str) -> bool:
+        return not key.startswith("tok.") or key.startswith("tok.qformer.")
 
     def evaluate(self) -> dict[str, float]:
         from .data import make_collate

@@ -106,21 +106,8 @@ class Stage2Task(Task):
         self.module = Stage2Module(tok, target.to(device), s2)
         self.image_size = tok.config.vision.image_size
 
-    def dataset(self):
-        return make_source(self.cfg, "train")
-
-    def trainable_parameters(self):
-        return [p for p in self.tok.parameters() if p.requires_grad]
-
-    def state_dict(self) -> dict:
-        return {k: v for k, v in self.tok.state_dict().items() if k.startswith(TRAINED)}
-
-    def load_state_dict(self, state: dict) -> None:
-        own = self.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"stage 2 checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.tok.load_state_dict(state, strict=False)
+    def keeps(self, key: str) -> bool:
+        return key.startswith(tuple("tok." + t for t in TRAINED))
 
     def _sync_codebook(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:

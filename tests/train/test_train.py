@@ -84,7 +84,7 @@ def test_stage2_trains_logs_checkpoints_and_exports(tmp_path):
 
     tok = SeedTokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
     state = torch.load(ck / "state.pt", weights_only=True)["model"]
-    torch.testing.assert_close(tok.quantizer.codebook.weight, state["quantizer.codebook.weight"])
+    torch.testing.assert_close(tok.quantizer.codebook.weight, state["tok.quantizer.codebook.weight"])
     assert (tmp_path / "run" / "metrics.png").exists()
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, progress=False)
