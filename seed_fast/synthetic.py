@@ -35,8 +35,10 @@ def _plural(n: int, word: str) -> str:
     return f"{COUNTS[n]} {word}{'s' if n > 1 else ''}"
 
 
-def make_pair(rng: random.Random, size: int = 224) -> tuple[Image.Image, str]:
-    """One image: a group of 1-3 identical shapes on the left, one shape on the right."""
+def make_scene(rng: random.Random, size: int = 224) -> tuple[Image.Image, str, dict]:
+    """One image: a group of 1-3 identical shapes on the left, one shape on the right. Returns the
+    image, its caption and the facts behind it (left_color, left_shape, count, right_color,
+    right_shape)."""
     bg = tuple(rng.randint(225, 255) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
@@ -52,7 +54,31 @@ def make_pair(rng: random.Random, size: int = 224) -> tuple[Image.Image, str]:
     _draw(draw, s2, (x, y, x + cell, y + cell), COLORS[c2])
     article = "an" if c2[0] in "aeiou" else "a"
     caption = f"{_plural(n, f'{c1} {s1}')} left of {article} {c2} {s2}"
+    facts = {"left_color": c1, "left_shape": s1, "count": n, "right_color": c2, "right_shape": s2}
+    return img, caption, facts
+
+
+def make_pair(rng: random.Random, size: int = 224) -> tuple[Image.Image, str]:
+    """One image and its caption, e.g. "two red circles left of a blue square"."""
+    img, caption, _ = make_scene(rng, size)
     return img, caption
+
+
+# questions about a scene and the fact that answers each (instruction data for the LLM stage)
+QUESTIONS = (
+    ("what color is the shape on the right?", lambda f: f["right_color"]),
+    ("what shape is on the right?", lambda f: f["right_shape"]),
+    ("what color are the shapes on the left?", lambda f: f["left_color"]),
+    ("what shape is on the left?", lambda f: f["left_shape"]),
+    ("how many shapes are on the left?", lambda f: COUNTS[f["count"]]),
+)
+QUESTION_WORDS = "what color is the shape shapes on right left are how many"
+
+
+def make_question(facts: dict, rng: random.Random) -> tuple[str, str]:
+    """A question about the scene and its one-word answer."""
+    question, answer = rng.choice(QUESTIONS)
+    return question, answer(facts)
 
 
 def sample_images(n: int, seed: int = 0, size: int = 224) -> tuple[list[Image.Image], list[str]]:

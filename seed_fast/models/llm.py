@@ -237,10 +237,11 @@ class SeedLLM(nn.Module):
         from .tokenizer import SeedTokenizer
 
         if corpus is None:
-            from ..synthetic import COLORS, COUNTS, SHAPES
+            from ..synthetic import COLORS, COUNTS, QUESTION_WORDS, SHAPES
 
             corpus = [" ".join(COLORS), " ".join(SHAPES), " ".join(s + "s" for s in SHAPES), " ".join(COUNTS.values())]
             corpus += ["left of a an", "a photo of question short answer generate an image", _SEED_LLAMA_CAPTION, "user assistant inst"]
+            corpus += [QUESTION_WORDS]
         text_tok = build_word_tokenizer(corpus, extra_words=(".", ",", "?", "!", ":", "[", "]", "/"), vocab_size=text_vocab_size)
         if isinstance(tokenizer, str):
             tokenizer = SeedTokenizer.from_config(tokenizer, seed=seed, init="unit")

@@ -275,6 +275,12 @@ def lora_linear(
     """
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    amp = _autocast_dtype(x)
+    if amp is not None:  # as torch.nn.Linear under autocast: compute in the autocast dtype (grads reach the fp32 weights)
+        x, weight, lora_A, lora_B = x.to(amp), weight.to(amp), lora_A.to(amp), lora_B.to(amp)
+        bias = None if bias is None else bias.to(amp)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed, impl=impl)
     _check(x, weight, bias, lora_A, lora_B, dropout_p, seed)
     chosen = choose_impl(x, weight, lora_A, impl)
     scaling = float(scaling)
@@ -283,6 +289,14 @@ def lora_linear(
     if chosen == "torch":
         return _LoraTorch.apply(x, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
     return lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for x's device (and x is a float tensor), else None."""
+    dev = x.device.type
+    if not x.is_floating_point() or dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
 
 
 def _check(x, weight, bias, lora_A, lora_B, dropout_p, seed) -> None:
@@ -380,6 +394,12 @@ def lora_linear_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings, 
     """
     if impl not in ("auto", "torch", "ref"):
         raise ValueError(f"lora_linear_multi: unknown impl {impl!r}; choose from ('auto', 'torch', 'ref')")
+    amp = _autocast_dtype(x)
+    if amp is not None:
+        x, weight, A_stack, B_stack = x.to(amp), weight.to(amp), A_stack.to(amp), B_stack.to(amp)
+        bias = None if bias is None else bias.to(amp)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings, impl=impl)
     if impl == "ref":
         return lora_linear_multi_ref(x, weight, bias, A_stack, B_stack, adapter_ids, scalings)
     s = _check_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings)

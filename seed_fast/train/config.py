@@ -48,6 +48,25 @@ class Stage2Config:
 
 
 @dataclass
+class LLMConfig:
+    model: str = "tiny-llama"  # tiny-llama | tiny-opt (seeded random) | a SeedLLM or transformers folder
+    template: str | None = None  # a prompt template name (default: the model's)
+    mode: str = "pretrain"  # pretrain: caption+image / image+caption | instruct: also question -> answer
+    loss_on: str = "all"  # all tokens | answers (the part after the prompt)
+    image_first_ratio: float = 0.5  # share of image -> caption sequences (the rest caption -> image)
+    qa_ratio: float = 0.5  # instruct: share of samples with a question that become a QA turn
+    lora_r: int = 16  # 0: no LoRA, every weight is trained
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    fused_lora: bool = True  # seed_fast's fused LoRA matmul in the adapters
+    gradient_checkpointing: bool = False
+    max_len: int = 256  # longer sequences are cut (and counted)
+    code_cache: str | None = None  # folder for the cached image codes (default: <out>/codes)
+    encode_batch: int = 32  # images per tokenizer call while filling the cache
+    eval_n: int = 32  # held-out samples captioned / generated at evaluation
+
+
+@dataclass
 class TrainConfig:
     stage: str
     out: str
@@ -64,6 +83,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    llm: LLMConfig = field(default_factory=LLMConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,7 +119,6 @@ class TrainConfig:
                 raise ConfigError(msg)
 
         need(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
-        need(self.stage != "llm", "stage 'llm' is not implemented yet (stage1 and stage2 are)")
         need(bool(self.out), "out (the run folder) must be set")
         need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
@@ -131,6 +150,19 @@ class TrainConfig:
         need(s.target == "pixels" or Path(s.target).is_dir(), f"stage2.target must be 'pixels' or a CLIP vision model folder, got {s.target!r}")
         need(min(s.vq_weight, s.cos_weight, s.mse_weight) >= 0, "stage2 loss weights must be >= 0")
         need(s.restart_dead_every >= 0, f"stage2.restart_dead_every must be >= 0, got {s.restart_dead_every}")
+        m = self.llm
+        need(m.model in ("tiny-llama", "tiny-opt") or Path(m.model).is_dir(), f"llm.model must be tiny-llama, tiny-opt or a model folder, got {m.model!r}")
+        need(m.mode in ("pretrain", "instruct"), f"llm.mode must be pretrain or instruct, got {m.mode!r}")
+        need(m.loss_on in ("all", "answers"), f"llm.loss_on must be all or answers, got {m.loss_on!r}")
+        for name in ("image_first_ratio", "qa_ratio", "lora_dropout"):
+            need(0 <= getattr(m, name) <= 1, f"llm.{name} must be in [0, 1], got {getattr(m, name)}")
+        need(m.lora_r >= 0 and m.lora_alpha >= 1, f"llm.lora_r must be >= 0 and llm.lora_alpha >= 1, got {m.lora_r}, {m.lora_alpha}")
+        need(m.max_len >= 40, f"llm.max_len must be >= 40 (an image alone takes 34 tokens), got {m.max_len}")
+        need(m.encode_batch >= 1 and m.eval_n >= 0, "llm.encode_batch must be >= 1 and llm.eval_n >= 0")
+        if m.template is not None:
+            from ..models.llm import TEMPLATES
+
+            need(m.template in TEMPLATES, f"llm.template must be one of {sorted(TEMPLATES)}, got {m.template!r}")
 
 
 def _build(cls, data: Any, where: str):
@@ -147,7 +179,7 @@ def _build(cls, data: Any, where: str):
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         value = data[name]
-        sub = {"data": DataConfig, "optim": OptimConfig, "stage2": Stage2Config}.get(name) if cls is TrainConfig else None
+        sub = {"data": DataConfig, "optim": OptimConfig, "stage2": Stage2Config, "llm": LLMConfig}.get(name) if cls is TrainConfig else None
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:
@@ -161,6 +193,7 @@ def _check_type(value: Any, annotation: str, where: str) -> Any:
         "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
         "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
         "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
         "str | None": lambda v: v is None or isinstance(v, str),
         "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
         "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) for x in v),

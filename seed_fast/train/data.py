@@ -25,19 +25,22 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 @dataclass
 class Sample:
     image: Image.Image
-    caption: str
+    caption: str | None  # None for instruction rows that only hold a question and its answer
     key: str
+    question: str | None = None
+    answer: str | None = None
 
 
 class SyntheticPairs(torch.utils.data.Dataset):
-    """`n` deterministic synthetic pairs; sample i depends only on (seed, split, i)."""
+    """`n` deterministic synthetic pairs; sample i depends only on (seed, split, i). qa=True also
+    gives each sample a question about its scene and the answer (instruction data)."""
 
-    def __init__(self, n: int, *, seed: int = 0, size: int = 224, split: str = "train"):
+    def __init__(self, n: int, *, seed: int = 0, size: int = 224, split: str = "train", qa: bool = False):
         if n < 1:
             raise ValueError(f"SyntheticPairs needs n >= 1, got {n}")
         if size < 48:
             raise ValueError(f"synthetic images need size >= 48 pixels, got {size}")
-        self.n, self.seed, self.size, self.split = n, seed, size, split
+        self.n, self.seed, self.size, self.split, self.qa = n, seed, size, split, qa
         # different splits draw from disjoint seed streams, so held-out pairs are never trained on
         self._offset = {"train": 0, "val": 1 << 40, "test": 2 << 40}.get(split)
         if self._offset is None:
@@ -47,11 +50,14 @@ class SyntheticPairs(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> Sample:
-        from ..synthetic import make_pair
+        from ..synthetic import make_question, make_scene
 
         rng = random.Random(self.seed * 1_000_003 + self._offset + i)
-        image, caption = make_pair(rng, self.size)
-        return Sample(image, caption, f"{self.split}-{i}")
+        image, caption, facts = make_scene(rng, self.size)
+        question = answer = None
+        if self.qa:
+            question, answer = make_question(facts, random.Random(f"qa-{self.seed}-{self.split}-{i}"))
+        return Sample(image, caption, f"{self.split}-{i}", question, answer)
 
 
 def _open_image(data: bytes | Path) -> Image.Image | None:
@@ -64,29 +70,31 @@ def _open_image(data: bytes | Path) -> Image.Image | None:
 
 class FolderPairs(torch.utils.data.Dataset):
     """Images under `root` with captions from an index file: JSONL lines {"image": path, "caption":
-    text} or a CSV with columns image, caption. Paths are relative to the index file's folder."""
+    text} or a CSV with columns image, caption. Paths are relative to the index file's folder.
+    Instruction data adds "question" and "answer" (the caption may then be left out)."""
 
     def __init__(self, index: str | Path):
         self.index = Path(index)
         if not self.index.is_file():
             raise FileNotFoundError(f"caption index not found: {self.index}")
         root = self.index.parent
-        self.rows: list[tuple[Path, str | None]] = []
+        self.rows: list[tuple[Path, str | None, str | None, str | None]] = []
         self.bad_lines = 0
         if self.index.suffix.lower() == ".csv":
             with self.index.open(newline="") as f:
                 reader = csv.DictReader(f)
-                if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
-                    raise ValueError(f"{self.index}: a CSV index needs the columns image, caption; got {reader.fieldnames}")
+                cols = set(reader.fieldnames or ())
+                if "image" not in cols or not ("caption" in cols or {"question", "answer"} <= cols):
+                    raise ValueError(f"{self.index}: a CSV index needs the columns image and caption (or question, answer); got {reader.fieldnames}")
                 for r in reader:
-                    self.rows.append((root / r["image"], r.get("caption")))
+                    self.rows.append((root / r["image"], r.get("caption"), r.get("question"), r.get("answer")))
         else:
             for line in self.index.read_text().splitlines():
                 if not line.strip():
                     continue
                 try:
                     r = json.loads(line)
-                    self.rows.append((root / r["image"], r.get("caption")))
+                    self.rows.append((root / r["image"], r.get("caption"), r.get("question"), r.get("answer")))
                 except (json.JSONDecodeError, KeyError, TypeError):
                     self.bad_lines += 1
         if not self.rows:
@@ -96,11 +104,19 @@ class FolderPairs(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> Sample | None:
-        path, caption = self.rows[i]
-        if not isinstance(caption, str) or not caption.strip():
+        path, caption, question, answer = self.rows[i]
+        caption = _text(caption)
+        question, answer = _text(question), _text(answer)
+        if question is None or answer is None:
+            question = answer = None
+        if caption is None and question is None:
             return None
         image = _open_image(path)
-        return None if image is None else Sample(image, caption.strip(), str(path))
+        return None if image is None else Sample(image, caption, str(path), question, answer)
+
+
+def _text(value) -> str | None:
+    return value.strip() if isinstance(value, str) and value.strip() else None
 
 
 class TarShards(torch.utils.data.Dataset):
@@ -173,7 +189,8 @@ def make_source(cfg, split: str):
     held-out split given) the training data itself, so evaluation there measures fit, not transfer."""
     d = cfg.data
     if d.kind == "synthetic":
-        return SyntheticPairs(d.n if split == "train" else d.val_n, seed=d.seed, size=d.image_size, split=split)
+        qa = cfg.stage == "llm" and cfg.llm.mode == "instruct"
+        return SyntheticPairs(d.n if split == "train" else d.val_n, seed=d.seed, size=d.image_size, split=split, qa=qa)
     if d.kind == "folder":
         return FolderPairs(d.index)
     import glob
@@ -193,12 +210,12 @@ class Batch:
 
 
 def make_collate(image_size: int):
-    """Samples -> Batch; None samples are dropped and counted in `skipped`."""
+    """Samples -> Batch; None samples (and rows without a caption) are dropped and counted in `skipped`."""
 
     def collate(samples: list[Sample | None]) -> Batch:
         from ..models.preprocess import images_to_tensor
 
-        good = [s for s in samples if s is not None]
+        good = [s for s in samples if s is not None and s.caption is not None]
         skipped = len(samples) - len(good)
         if not good:
             return Batch(torch.zeros(0, 3, image_size, image_size), [], [], skipped)
@@ -268,18 +285,28 @@ class ResumableBatches:
 
 class BatchLoader:
     """Iterates batches from `ResumableBatches`, loading samples in `workers` processes (a
-    DataLoader over the index lists, so worker seeding and prefetch are torch's)."""
+    DataLoader over the index lists, so worker seeding and prefetch are torch's).
 
-    def __init__(self, dataset, order: ResumableBatches, image_size: int, *, workers: int = 0, seed: int = 0):
-        self.dataset, self.order, self.image_size, self.workers, self.seed = dataset, order, image_size, workers, seed
+    collate: an image size (the image-caption `make_collate`) or a collate function. A dataset
+    with `by_epoch = True` is indexed by (epoch, i) pairs, so per-sample random choices can change
+    from epoch to epoch and still repeat exactly on resume."""
+
+    def __init__(self, dataset, order: ResumableBatches, collate, *, workers: int = 0, seed: int = 0):
+        self.dataset, self.order, self.workers, self.seed = dataset, order, workers, seed
+        self.collate = collate if callable(collate) else make_collate(int(collate))
 
     def take(self, steps: int):
         """The next `steps` batches (advances the order as they are produced)."""
-        index_lists = [self.order.next_indices() for _ in range(steps)]
+        by_epoch = getattr(self.dataset, "by_epoch", False)
+        index_lists = []
+        for _ in range(steps):
+            epoch = self.order.epoch
+            idx = self.order.next_indices()
+            index_lists.append([(epoch, i) for i in idx] if by_epoch else idx)
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=index_lists,
-            collate_fn=make_collate(self.image_size),
+            collate_fn=self.collate,
             num_workers=self.workers,
             worker_init_fn=_seed_worker,
             generator=torch.Generator().manual_seed(self.seed + self.order.step),

@@ -166,6 +166,7 @@ class Task:
     cfg: TrainConfig
     module: torch.nn.Module
     image_size: int
+    progress: bool = True  # the loop sets it: progress bars (rank 0) for work such as caching
 
     def keeps(self, key: str) -> bool:
         raise NotImplementedError
@@ -174,6 +175,16 @@ class Task:
         from .data import make_source
 
         return make_source(self.cfg, "train")
+
+    def collate(self):
+        """samples -> the batch `module` takes (default: images and captions)."""
+        from .data import make_collate
+
+        return make_collate(self.image_size)
+
+    @property
+    def workers(self) -> int:
+        return self.cfg.data.workers
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -206,6 +217,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     stop_after: stop once this many steps are done in this call (without a final checkpoint)."""
     from .data import BatchLoader, ResumableBatches
     from .stage1 import Stage1Task
+    from .llm import LLMTask
     from .stage2 import Stage2Task
 
     d = Dist()
@@ -221,7 +233,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         d.barrier()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         random.seed(cfg.seed)
-        task = {"stage1": Stage1Task, "stage2": Stage2Task}[cfg.stage](cfg, d.device)
+        task = {"stage1": Stage1Task, "stage2": Stage2Task, "llm": LLMTask}[cfg.stage](cfg, d.device)
         params = task.trainable_parameters()
         opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -244,11 +256,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             module = DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        show = d.main if progress is None else (progress and d.main)
+        task.progress = show
         ds = task.dataset()
         order = ResumableBatches(len(ds), cfg.global_batch, seed=cfg.data.seed, rank=d.rank, world=d.world, step=step)
-        loader = BatchLoader(ds, order, task.image_size, workers=cfg.data.workers, seed=cfg.seed)
+        loader = BatchLoader(ds, order, task.collate(), workers=task.workers, seed=cfg.seed)
         todo = cfg.steps - step if stop_after is None else min(cfg.steps - step, stop_after)
-        show = d.main if progress is None else (progress and d.main)
         bar = None
         if show:
             from tqdm.auto import tqdm

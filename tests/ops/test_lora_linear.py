@@ -117,6 +117,28 @@ def test_batched_leading_dims_and_base_weight_grad():
         assert torch.allclose(w_.grad, torch.ones(12, 8, device=DEVICE).T @ x, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_autocast_computes_in_the_autocast_dtype_and_grads_reach_fp32_weights(impl):
+    # as torch.nn.Linear: under autocast the fp32 inputs and weights are used in the autocast dtype
+    amp = torch.bfloat16 if _runnable(impl, torch.bfloat16) else torch.float16  # the interpreter has no bf16
+    x, w, b, a, bb = _make(13, 24, 20, 4, torch.float32, seed=int(torch.randint(0, 2**31, (1,))))
+    for t in (x, w, b, a, bb):
+        t.requires_grad_(True)
+    with torch.autocast(DEVICE, dtype=amp):
+        y = lora_linear(x, w, b, a, bb, 0.5, impl=impl)
+    assert y.dtype == amp
+    want = lora_linear_ref(*(t.detach().to(amp) for t in (x, w, b, a, bb)), 0.5)
+    torch.testing.assert_close(y.float(), want.float(), atol=TOL[amp] * 5, rtol=TOL[amp])
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (x, w, b, a, bb))
+    ids = torch.tensor([0, -1, 1, 0], device=DEVICE)
+    xs = torch.randn(4, 3, 24, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=amp):
+        got = lora_linear_multi(xs, w.detach(), b.detach(), torch.stack([a, a * 2]).detach(), torch.stack([bb, bb]).detach(), ids,
+                                torch.tensor([0.5, 1.0]))
+    assert got.dtype == amp
+
+
 def test_errors():
     x, w, b, a, bb = _make(3, 8, 6, 2, torch.float32, seed=8)
     with pytest.raises(ValueError, match="lora_B must be"):

@@ -46,7 +46,7 @@ def test_folder_pairs_skip_and_count_bad_samples(tmp_path):
     csv.write_text("image,caption\na.png,red\nc.png,blue\n")
     assert [FolderPairs(csv)[i].caption for i in range(2)] == ["red", "blue"]
     (tmp_path / "bad.csv").write_text("path,text\na.png,red\n")
-    with pytest.raises(ValueError, match="image, caption"):
+    with pytest.raises(ValueError, match="columns image and caption"):
         FolderPairs(tmp_path / "bad.csv")
     with pytest.raises(FileNotFoundError):
         FolderPairs(tmp_path / "none.jsonl")

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _cfg(out, **kw):
     data = {"stage": "stage2", "out": str(out), "steps": 6, "global_batch": 8, "ckpt_every": 2,
-            "data": {"n": 64, "val_n": 16, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1}}
+            "data": {"n": 64, "val_n": 16, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1},
+            "llm": {"lora_dropout": 0.0, "eval_n": 8}}
     for k, v in kw.items():
         if isinstance(v, dict):
             data.setdefault(k, {}).update(v)
@@ -44,7 +45,6 @@ def _losses(run):
     ({"steps": "10"}, "config.steps must be int"),
     ({"steps": 0}, "steps must be >= 1"),
     ({"stage": "stage9"}, "stage must be one of"),
-    ({"stage": "llm"}, "not implemented yet"),
     ({"data": {"kind": "webdataset"}}, "data.kind must be"),
     ({"data": {"kind": "folder", "index": "/nope.jsonl"}}, "data.index must be an existing"),
     ({"data": {"n": 4}}, r"data.n \(4\) must be >= global_batch"),
@@ -144,7 +144,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
         assert g == pytest.approx(w, rel=1e-6, abs=1e-7), f"step {g[0]}"
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "llm"])
 def test_torchrun_two_processes_match_one(tmp_path, stage):
     # stage 1 gathers contrastive negatives across ranks: the 2-process loss equals the 1-process
     # loss on the same global batch only if the gather (and its gradient) is right
