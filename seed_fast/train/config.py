@@ -75,7 +75,7 @@ class TrainConfig:
     seed: int = 0
     tokenizer: str = "tiny"  # a preset (random init, seeded) or a SeedTokenizer checkpoint folder
     precision: str = "fp32"  # fp32 | bf16 (autocast)
-    strategy: str = "ddp"  # ddp | fsdp (used when launched on several processes)
+    strategy: str = "ddp"  # ddp | fsdp (llm stage; used when launched on several processes)
     log_every: int = 1
     ckpt_every: int = 100
     keep_checkpoints: int = 2
@@ -124,6 +124,8 @@ class TrainConfig:
         need(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
         need(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
         need(self.strategy in ("ddp", "fsdp"), f"strategy must be ddp or fsdp, got {self.strategy!r}")
+        need(self.strategy != "fsdp" or self.stage == "llm",
+             f"strategy 'fsdp' is for the llm stage; {self.stage} trains the tokenizer, small enough to replicate: use ddp")
         for name in ("log_every", "ckpt_every", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")

@@ -318,36 +318,61 @@ class LLMModule(nn.Module):
         return {"loss": loss, **parts}
 
 
+def build_llm(cfg: TrainConfig, tok):
+    """The stage's SeedLLM: the model of `cfg.llm.model` with the image vocabulary, LoRA (or every
+    weight trainable), gradient checkpointing as configured."""
+    from ..models.llm import SeedLLM, seed_lora_config
+
+    m = cfg.llm
+    if m.model in ("tiny-llama", "tiny-opt"):
+        llm = SeedLLM.from_config(m.model, seed=cfg.seed, tokenizer=tok, template=m.template)
+    else:
+        llm = SeedLLM.from_pretrained(m.model, tokenizer=tok, template=m.template, fused_lora=m.fused_lora)
+    if llm.vocab.num_codes != tok.codebook_size:
+        raise ConfigError(f"llm.model has {llm.vocab.num_codes} image tokens but the tokenizer has {tok.codebook_size} codes")
+    if not llm.has_lora:
+        if m.lora_r > 0:
+            llm.add_lora(seed_lora_config(llm.model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout), fused=m.fused_lora)
+        else:
+            llm.model.requires_grad_(True)
+    base = llm.base_model
+    base.config.use_cache = False
+    if m.gradient_checkpointing:
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"llm.gradient_checkpointing: {type(base).__name__} does not support it")
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return llm
+
+
 class LLMTask(Task):
     def __init__(self, cfg: TrainConfig, device: torch.device):
-        from ..models.llm import SeedLLM, seed_lora_config
-
-        self.cfg, m = cfg, cfg.llm
+        self.cfg = cfg
         self.progress = True
         tok = load_tokenizer(cfg).requires_grad_(False).eval()
-        if m.model in ("tiny-llama", "tiny-opt"):
-            llm = SeedLLM.from_config(m.model, seed=cfg.seed, tokenizer=tok, template=m.template)
-        else:
-            llm = SeedLLM.from_pretrained(m.model, tokenizer=tok, template=m.template, fused_lora=m.fused_lora)
-        if llm.vocab.num_codes != tok.codebook_size:
-            raise ConfigError(f"llm.model has {llm.vocab.num_codes} image tokens but the tokenizer has {tok.codebook_size} codes")
-        if not llm.has_lora:
-            if m.lora_r > 0:
-                llm.add_lora(seed_lora_config(llm.model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout), fused=m.fused_lora)
-            else:
-                llm.model.requires_grad_(True)
-        base = llm.base_model
-        base.config.use_cache = False
-        if m.gradient_checkpointing:
-            if not getattr(base, "supports_gradient_checkpointing", False):
-                raise ConfigError(f"llm.gradient_checkpointing: {type(base).__name__} does not support it")
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        llm.to(device)
+        llm = build_llm(cfg, tok).to(device)
+        llm.tokenizer = None  # frozen and used only to fill the code cache: kept out of the DDP / FSDP module
         self.llm, self.tok = llm, tok
         self.module = LLMModule(llm)
         self.image_size = tok.config.vision.image_size
         self._trained = {"llm.model." + n for n, p in llm.model.named_parameters() if p.requires_grad}
         self._caches: dict[str, dict] = {}
+
+    def shard(self) -> None:
+        """FSDP2: every decoder layer is a unit, and the transformers model is the root (not this
+        task's wrapper module), so evaluation's direct generate calls gather the weights too."""
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in self.fsdp_units():
+            fully_shard(unit)
+        fully_shard(self.llm.base_model)
+        self.sharded = True
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """One FSDP unit per transformer block (LLaMA / OPT decoder layers); the root holds the rest."""
+        units = [m for m in self.llm.base_model.modules() if type(m).__name__.endswith(("DecoderLayer", "Block"))]
+        if not units:
+            raise ConfigError(f"strategy fsdp: no decoder layers found in {type(self.llm.base_model).__name__}")
+        return units
 
     @property
     def workers(self) -> int:
@@ -415,7 +440,25 @@ class LLMTask(Task):
         return out
 
     def export(self, run: Path) -> None:
-        self.llm.save_pretrained(run / "llm")
+        """`run/llm`: a SeedLLM folder. A sharded model is gathered (every rank calls this) and rank 0
+        writes it through an unsharded copy."""
+        if not self.sharded:
+            self.llm.tokenizer = self.tok
+            try:
+                self.llm.save_pretrained(run / "llm")
+            finally:
+                self.llm.tokenizer = None
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() == 0:
+            copy = LLMModule(build_llm(self.cfg, self.tok))
+            copy.llm.tokenizer = None
+            copy.load_state_dict(full)
+            copy.llm.tokenizer = self.tok
+            copy.llm.save_pretrained(run / "llm")
+        dist.barrier()
 
 
 def _norm(text: str) -> str:

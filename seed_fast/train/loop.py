@@ -199,6 +199,48 @@ class Task:
             raise ValueError(f"{self.cfg.stage} checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.module.load_state_dict(state, strict=False)
 
+    # ------------------------------------------------------------------ FSDP (strategy "fsdp")
+    sharded: bool = False  # set by shard(): evaluation and export then run on every rank
+
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        """The submodules that become their own FSDP units (the root is sharded as well)."""
+        from .config import ConfigError
+
+        raise ConfigError(f"strategy 'fsdp' is supported for the llm stage; {self.cfg.stage} trains the tokenizer (small enough to replicate): use ddp")
+
+    def shard(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in self.fsdp_units():
+            fully_shard(unit)
+        fully_shard(self.module)
+        self.sharded = True
+
+    def full_state(self, opt) -> tuple[dict, dict]:
+        """(kept model state, optimizer state) gathered in full on rank 0 (FSDP: a collective)."""
+        if not self.sharded:
+            return self.state_dict(), opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model = {k: v for k, v in get_model_state_dict(self.module, options=o).items() if self.keeps(k)}
+        return model, get_optimizer_state_dict(self.module, opt, options=o)
+
+    def load_full_state(self, model: dict, optim: dict, opt) -> None:
+        if not self.sharded:
+            self.load_state_dict(model)
+            opt.load_state_dict(optim)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        want = {k for k in self.module.state_dict() if self.keeps(k)}
+        missing, unexpected = sorted(want - set(model)), sorted(set(model) - want)
+        if missing or unexpected:
+            raise ValueError(f"{self.cfg.stage} checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        o = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.module, model, options=o)
+        set_optimizer_state_dict(self.module, opt, optim, options=StateDictOptions(full_state_dict=True))
+
     def on_step_end(self, step: int, batch, out: dict) -> None:  # e.g. dead-code restarts
         pass
 
@@ -234,6 +276,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         random.seed(cfg.seed)
         task = {"stage1": Stage1Task, "stage2": Stage2Task, "llm": LLMTask}[cfg.stage](cfg, d.device)
+        fsdp = d.world > 1 and cfg.strategy == "fsdp"
+        if fsdp:
+            task.shard()
         params = task.trainable_parameters()
         opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -243,8 +288,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             print(f"seed-fast train: no checkpoint in {run}; starting from step 0")
         if ck is not None:
             state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
-            task.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
+            was = state.get("strategy", "ddp")
+            if was != ("fsdp" if fsdp else "ddp"):
+                raise ValueError(f"{ck} was written by a {was} run; resume it with the same strategy (the optimizer state differs)")
+            task.load_full_state(state["model"], state["optimizer"], opt)
             sched.load_state_dict(state["scheduler"])
             step = int(state["step"])
             rng = ck / f"rng_rank{d.rank}.pt"
@@ -252,7 +299,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                 _set_rng_state(torch.load(rng, weights_only=True))
             _truncate_metrics(run / "metrics.jsonl", step, d)
         module = task.module
-        if d.world > 1:
+        if d.world > 1 and not fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             module = DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
@@ -296,8 +343,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 _evaluate(task, run, step, d)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save_checkpoint(run, step, {"model": task.state_dict(), "optimizer": opt.state_dict(),
-                                            "scheduler": sched.state_dict(), "step": step}, d, cfg.keep_checkpoints)
+                model_state, optim_state = task.full_state(opt)
+                save_checkpoint(run, step, {"model": model_state, "optimizer": optim_state, "scheduler": sched.state_dict(),
+                                            "step": step, "strategy": "fsdp" if fsdp else "ddp"}, d, cfg.keep_checkpoints)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -305,8 +353,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if step == cfg.steps:
             ev = _evaluate(task, run, step, d)
             last.update(ev)
-            if d.main:
+            if d.main or task.sharded:  # a sharded model is gathered for export by every rank
                 task.export(run)
+            if d.main:
                 plot_metrics(run)
         return last if d.main else {}
     finally:
@@ -320,7 +369,7 @@ def _log(run: Path, record: dict, d: Dist) -> None:
 
 
 def _evaluate(task: Task, run: Path, step: int, d: Dist) -> dict:
-    if not d.main:
+    if not d.main and not task.sharded:  # a sharded model's forward needs every rank
         d.barrier()
         return {}
     task.module.eval()
@@ -329,7 +378,7 @@ def _evaluate(task: Task, run: Path, step: int, d: Dist) -> dict:
     if metrics:
         _log(run, {"step": step, "eval": True, **metrics}, d)
     d.barrier()
-    return metrics
+    return metrics if d.main else {}
 
 
 def _truncate_metrics(path: Path, step: int, d: Dist) -> None:

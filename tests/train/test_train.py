@@ -53,6 +53,7 @@ def _losses(run):
     ({"stage2": {"target": "/no/clip"}}, "stage2.target"),
     ({"stage2": {"codebook_init": "magic"}}, "codebook_init"),
     ({"precision": "fp8"}, "precision"),
+    ({"strategy": "fsdp"}, "strategy 'fsdp' is for the llm stage"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, change, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -161,6 +162,39 @@ def test_torchrun_two_processes_match_one(tmp_path, stage):
     assert len(a) == len(b) == 5
     for x, y in zip(a, b):
         assert x == pytest.approx(y, rel=2e-4, abs=1e-6), f"step {x[0]}"
+
+
+def test_fsdp_two_processes_match_one_and_resume(tmp_path):
+    # the llm stage sharded with FSDP2 over 2 gloo ranks, stopped after 3 steps and resumed, gives
+    # the single-process loss curve; checkpoints hold the gathered full state
+    base = dict(stage="llm", steps=5)  # no dropout: its masks depend on the row within the local batch
+    one = _write(tmp_path, _cfg(tmp_path / "one", **base), "one.json")
+    two = _write(tmp_path, _cfg(tmp_path / "two", strategy="fsdp", **base), "two.json")
+    p = _spawn(["-m", "seed_fast.train", "llm", "--config", str(one), "--no-progress"])
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    run2 = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "seed_fast.train", "llm",
+            "--config", str(two), "--no-progress"]
+    for extra in (["--stop-after", "3"], ["--resume"]):
+        q = _spawn(run2 + extra)
+        _, err = q.communicate(timeout=600)
+        assert q.returncode == 0, err
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, rel=2e-4, abs=1e-6), f"step {x[0]}"
+    s1 = torch.load(latest_checkpoint(tmp_path / "one") / "state.pt", weights_only=True)["model"]
+    s2 = torch.load(latest_checkpoint(tmp_path / "two") / "state.pt", weights_only=True)["model"]
+    assert s1.keys() == s2.keys() and all(type(v) is torch.Tensor for v in s2.values())
+    # Adam turns float-rounding differences of near-zero gradients into lr-sized steps, so compare
+    # the bulk: a wrong gather or shard order would move nearly every element
+    for k in s1:
+        assert s1[k].shape == s2[k].shape, k
+        assert ((s1[k] - s2[k]).abs() > 1e-4).float().mean() < 0.05, k
+    ev1 = [r for r in read_metrics(tmp_path / "one") if r.get("eval")][-1]
+    ev2 = [r for r in read_metrics(tmp_path / "two") if r.get("eval")][-1]
+    assert ev1["val_i2t_loss"] == pytest.approx(ev2["val_i2t_loss"], rel=1e-3)
+    assert (tmp_path / "two" / "llm" / "seed_llm.json").exists()
 
 
 def test_stage1_retrieval_beats_chance(tmp_path):
