@@ -38,6 +38,12 @@ class OptimConfig:
 
 
 @dataclass
+class Stage1Config:
+    init: str | None = None  # a BLIP-2 checkpoint (LAVIS .pth or transformers file / folder): Q-Former, text branch, projections
+    text_tokenizer: str | None = None  # a transformers tokenizer folder (BLIP-2: bert-base-uncased); default: a word tokenizer
+
+
+@dataclass
 class Stage2Config:
     vq_weight: float = 5.0
     cos_weight: float = 2.0
@@ -45,6 +51,7 @@ class Stage2Config:
     target: str = "pixels"  # "pixels" (a fixed random projection of the downsampled image) or a CLIP vision folder
     codebook_init: str = "uniform"  # uniform (as released) | kmeans (from the first batch's z)
     restart_dead_every: int = 0  # steps; 0 disables dead-code restarts
+    itc_heads: str | None = None  # a stage-I run folder: evaluation then also measures retrieval with codes
 
 
 @dataclass
@@ -82,6 +89,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     llm: LLMConfig = field(default_factory=LLMConfig)
 
@@ -152,6 +160,11 @@ class TrainConfig:
         need(s.target == "pixels" or Path(s.target).is_dir(), f"stage2.target must be 'pixels' or a CLIP vision model folder, got {s.target!r}")
         need(min(s.vq_weight, s.cos_weight, s.mse_weight) >= 0, "stage2 loss weights must be >= 0")
         need(s.restart_dead_every >= 0, f"stage2.restart_dead_every must be >= 0, got {s.restart_dead_every}")
+        need(s.itc_heads is None or (Path(s.itc_heads) / "itc_heads.safetensors").is_file(),
+             f"stage2.itc_heads must be a stage-I run folder holding itc_heads.safetensors, got {s.itc_heads!r}")
+        s1 = self.stage1
+        need(s1.init is None or Path(s1.init).exists(), f"stage1.init must be an existing BLIP-2 checkpoint file or folder, got {s1.init!r}")
+        need(s1.text_tokenizer is None or Path(s1.text_tokenizer).is_dir(), f"stage1.text_tokenizer must be a tokenizer folder, got {s1.text_tokenizer!r}")
         m = self.llm
         need(m.model in ("tiny-llama", "tiny-opt") or Path(m.model).is_dir(), f"llm.model must be tiny-llama, tiny-opt or a model folder, got {m.model!r}")
         need(m.mode in ("pretrain", "instruct"), f"llm.mode must be pretrain or instruct, got {m.mode!r}")
@@ -181,7 +194,7 @@ def _build(cls, data: Any, where: str):
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         value = data[name]
-        sub = {"data": DataConfig, "optim": OptimConfig, "stage2": Stage2Config, "llm": LLMConfig}.get(name) if cls is TrainConfig else None
+        sub = {"data": DataConfig, "optim": OptimConfig, "stage1": Stage1Config, "stage2": Stage2Config, "llm": LLMConfig}.get(name) if cls is TrainConfig else None
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:

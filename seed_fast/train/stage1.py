@@ -10,6 +10,7 @@ The ViT stays frozen.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -59,28 +60,39 @@ class QFormerTextBranch(nn.Module):
 
 
 class Stage1Module(nn.Module):
-    def __init__(self, tok, text_tokenizer, embed_dim: int = 256):
+    def __init__(self, tok, text_tokenizer, embed_dim: int = 256, max_len: int = 64):
         super().__init__()
         hidden = tok.config.qformer.hidden
         self.tok = tok
         self.text_tokenizer = text_tokenizer
-        self.text = QFormerTextBranch(tok.qformer, len(text_tokenizer))
+        self.text = QFormerTextBranch(tok.qformer, len(text_tokenizer), max_len=max_len)
         self.vision_proj = nn.Linear(hidden, embed_dim)
         self.text_proj = nn.Linear(hidden, embed_dim)
         self.temp = nn.Parameter(torch.tensor(0.07))
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        tt = self.text_tokenizer
-        rows = [[tt.bos_token_id] + tt(c, add_special_tokens=False).input_ids[: self.text.max_len - 1] for c in captions]
+    def text_ids(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions -> (ids, mask) (B, L): [CLS] text [SEP] with a BERT-style tokenizer (BLIP-2's),
+        else bos + text."""
+        tt, n_max = self.text_tokenizer, self.text.max_len
+        if getattr(tt, "cls_token_id", None) is not None:
+            rows = [tt(c, truncation=True, max_length=n_max).input_ids for c in captions]
+        else:
+            rows = [[tt.bos_token_id] + tt(c, add_special_tokens=False).input_ids[: n_max - 1] for c in captions]
         n = max(len(r) for r in rows)
         ids = torch.full((len(rows), n), tt.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(rows), n, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
+        return ids, mask
+
+    def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         dev = self.vision_proj.weight.device
         out = self.text(ids.to(dev), mask.to(dev))
         return F.normalize(self.text_proj(out[:, 0]).float(), dim=-1)  # [CLS] (B, 256)
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        return self.encode_ids(*self.text_ids(captions))
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         tok = self.tok
@@ -125,6 +137,51 @@ def retrieval_at_k(img: torch.Tensor, txt: torch.Tensor, captions: list[str], ks
     return out
 
 
+def blip2_text_branch(sd: dict) -> dict:
+    """The text branch, projections and temperature of a BLIP-2 state dict under Stage1Module's
+    names. LAVIS: `Qformer.bert.embeddings.{word,position}_embeddings`, `Qformer.bert.encoder.layer.N.
+    {intermediate,output}`, `vision_proj`, `text_proj`, `temp`. transformers
+    (Blip2ForImageTextRetrieval): `embeddings.*`, `qformer.encoder.layer.N.{intermediate,output}`,
+    `vision_projection`, `text_projection`. Other keys are not returned."""
+    out = {}
+    for key, value in sd.items():
+        k = key
+        for prefix in ("Qformer.bert.", "qformer."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+                break
+        m = re.fullmatch(r"encoder\.layer\.(\d+)\.(intermediate|output)\.(.+)", k)
+        if m:
+            out[f"text.{m.group(2)}.{m.group(1)}.{m.group(3)}"] = value
+        elif k in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"):
+            out["text." + k.split(".", 1)[1]] = value
+        elif key.startswith(("vision_proj.", "text_proj.")) or key == "temp":
+            out[key] = value
+        elif key.startswith(("vision_projection.", "text_projection.")):
+            out[key.replace("_projection.", "_proj.", 1)] = value
+    return out
+
+
+def load_itc_heads(tok, run: str | Path) -> "Stage1Module":
+    """A stage-I run's text branch, projections and temperature (`itc_heads.safetensors` and
+    `text_tokenizer/`) around the tokenizer `tok`; missing or unexpected keys raise."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from ..models.checkpoint import CheckpointError
+
+    run = Path(run)
+    heads = load_file(str(run / "itc_heads.safetensors"))
+    text_tok = AutoTokenizer.from_pretrained(run / "text_tokenizer", local_files_only=True)
+    module = Stage1Module(tok, text_tok, max_len=heads["text.position_embeddings.weight"].shape[0])
+    own = {k for k in module.state_dict() if not k.startswith("tok.")}
+    missing, unexpected = sorted(own - set(heads)), sorted(set(heads) - own)
+    if missing or unexpected:
+        raise CheckpointError(f"{run}/itc_heads.safetensors does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    module.load_state_dict(heads, strict=False)
+    return module.to(tok.device).eval()
+
+
 class Stage1Task(Task):
     def __init__(self, cfg: TrainConfig, device: torch.device):
         from ..models.text_tokenizer import build_word_tokenizer
@@ -134,12 +191,44 @@ class Stage1Task(Task):
         tok = load_tokenizer(cfg)
         if not tok.config.qformer.is_causal:
             raise ConfigError("stage 1 trains the causal Q-Former; this tokenizer config is not causal")
-        words = list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(COUNTS.values()) + ["left", "of", "a", "an"]
-        text_tok = build_word_tokenizer([" ".join(words)], extra_words=(".", ","))
+        s1 = cfg.stage1
+        if s1.text_tokenizer:
+            from transformers import AutoTokenizer
+
+            text_tok = AutoTokenizer.from_pretrained(s1.text_tokenizer, local_files_only=True)
+        else:
+            words = list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(COUNTS.values()) + ["left", "of", "a", "an"]
+            text_tok = build_word_tokenizer([" ".join(words)], extra_words=(".", ","))
+        heads = {}
+        if s1.init:
+            from ..models.checkpoint import load_state_dict_file
+
+            init = Path(s1.init)
+            files = sorted(init.glob("*.safetensors")) if init.is_dir() else [init]
+            if not files:
+                raise ConfigError(f"stage1.init: no *.safetensors files in the folder {init}")
+            sd = {k: v for f in files for k, v in load_state_dict_file(f).items()}
+            tok.load_blip2_qformer(sd, strict=False)
+            heads = blip2_text_branch(sd)
+            words = heads.get("text.word_embeddings.weight")
+            if words is not None and words.shape[0] < len(text_tok):
+                raise ConfigError(f"stage1.init has {words.shape[0]} word embeddings but the text tokenizer has {len(text_tok)} "
+                                  "tokens: give BLIP-2's tokenizer as stage1.text_tokenizer")
+        pos = heads.get("text.position_embeddings.weight")
         tok = tok.to(device).requires_grad_(False)
         tok.qformer.requires_grad_(True)
         self.tok = tok
-        self.module = Stage1Module(tok, text_tok).to(device)
+        module = Stage1Module(tok, text_tok, max_len=pos.shape[0] if pos is not None else 64)
+        if heads:
+            words = heads.get("text.word_embeddings.weight")
+            if words is not None and words.shape[0] != module.text.word_embeddings.weight.shape[0]:
+                module.text.word_embeddings = nn.Embedding.from_pretrained(words.clone(), freeze=False)
+            missing, unexpected = module.load_state_dict(heads, strict=False)
+            unexpected = [k for k in unexpected if not k.startswith("tok.")]
+            if unexpected:
+                raise ConfigError(f"stage1.init: text-branch keys that do not fit: {unexpected[:5]}")
+            self.init_report = {"loaded": sorted(heads), "kept_random": sorted(k for k in missing if not k.startswith("tok."))}
+        self.module = module.to(device)
         self.image_size = tok.config.vision.image_size
 
     def keeps(self, key: str) -> bool:

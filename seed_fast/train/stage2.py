@@ -104,6 +104,11 @@ class Stage2Task(Task):
         target = PixelTarget(out_dim, seed=cfg.seed) if s2.target == "pixels" else ClipTarget(s2.target, tok.config.image_mean, tok.config.image_std)
         self.tok = tok
         self.module = Stage2Module(tok, target.to(device), s2)
+        self.itc = None
+        if s2.itc_heads:  # stage I's text branch and projections: retrieval with codes at evaluation
+            from .stage1 import load_itc_heads
+
+            self.itc = load_itc_heads(tok, s2.itc_heads)
         self.image_size = tok.config.vision.image_size
 
     def keeps(self, key: str) -> bool:
@@ -148,7 +153,7 @@ class Stage2Task(Task):
         ds = make_source(self.cfg, "val")
         n = min(len(ds), d.val_n)
         collate = make_collate(self.image_size)
-        codes, cos, mse, tcos = [], [], [], []
+        codes, cos, mse, tcos, caps, f_code, f_cont, f_txt = [], [], [], [], [], [], [], []
         for i in range(0, n, 32):
             batch = collate([ds[j] for j in range(i, min(n, i + 32))])
             if len(batch) == 0:
@@ -163,13 +168,27 @@ class Stage2Task(Task):
             gen = tok.detokenizer(dec).float()
             target = self.module.target(pixels)
             codes.append(c)
+            if self.itc is not None:
+                caps += batch.captions
+                f_code.append(F.normalize(self.itc.vision_proj(recon[:, -1]).float(), dim=-1))
+                f_cont.append(F.normalize(self.itc.vision_proj(causal[:, -1]).float(), dim=-1))
+                f_txt.append(self.itc.encode_text(batch.captions))
             cos.append(F.cosine_similarity(recon.float(), causal.float(), dim=-1).mean(-1))
             tcos.append(F.cosine_similarity(gen, target, dim=-1))
             mse.append(((gen - target) ** 2).mean(-1))
         if not codes:
             return {}
         stats = codebook_stats(torch.cat(codes), self.tok.codebook_size)
-        return {
+        extra = {}
+        if caps:  # SEED's protocol: image features from the codes (decoded, reconstructed, last query)
+            from .stage1 import retrieval_at_k
+
+            txt = torch.cat(f_txt)
+            for name, feats in (("code", f_code), ("embed", f_cont)):
+                r = retrieval_at_k(torch.cat(feats), txt, caps)
+                extra.update({f"val_{name}_{k}": v for k, v in r.items() if k != "chance_r1"})
+            extra["val_chance_r1"] = r["chance_r1"]
+        return {**extra,
             "val_recon_cos": float(torch.cat(cos).mean()),
             "val_target_cos": float(torch.cat(tcos).mean()),
             "val_mse": float(torch.cat(mse).mean()),
