@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -405,7 +405,7 @@ class LLMTask(Task):
         samples = [data[i] for i in idx]
         if not samples:
             return {}
-        build = SequenceBuilder(self.llm, self.cfg.llm.__class__(**{**asdict(m), "loss_on": "answers"}), seed=self.cfg.seed)
+        build = SequenceBuilder(self.llm, replace(m, loss_on="answers"), seed=self.cfg.seed)
         out: dict[str, float] = {}
         capd = [s for s in samples if s.caption is not None]
         qad = [s for s in samples if s.question is not None and s.answer is not None] if m.mode == "instruct" else []

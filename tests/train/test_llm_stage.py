@@ -10,18 +10,13 @@ import torch
 from seed_fast.train import ConfigError, TrainConfig
 from seed_fast.train.llm import IGNORE, CachedPairs, CodedSample, LLMTask, SequenceBuilder, build_code_cache
 from seed_fast.train.loop import read_metrics, train
+from cfgs import merged  # tests/train/cfgs.py (pytest puts this folder on sys.path)
 
 
 def _cfg(out, **kw):
-    data = {"stage": "llm", "out": str(out), "steps": 4, "global_batch": 8, "ckpt_every": 2,
-            "data": {"n": 48, "val_n": 8, "image_size": 64}, "optim": {"lr": 2e-3, "warmup": 1},
-            "llm": {"eval_n": 8, "lora_dropout": 0.0}}
-    for k, v in kw.items():
-        if isinstance(v, dict):
-            data.setdefault(k, {}).update(v)
-        else:
-            data[k] = v
-    return data
+    return merged({"stage": "llm", "out": str(out), "steps": 4, "global_batch": 8, "ckpt_every": 2,
+                  "data": {"n": 48, "val_n": 8, "image_size": 64}, "optim": {"lr": 2e-3, "warmup": 1},
+                  "llm": {"eval_n": 8, "lora_dropout": 0.0}}, **kw)
 
 
 @pytest.fixture(scope="module")

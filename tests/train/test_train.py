@@ -13,20 +13,15 @@ import torch
 
 from seed_fast.train import ConfigError, TrainConfig, main
 from seed_fast.train.loop import latest_checkpoint, read_metrics, train
+from cfgs import merged  # tests/train/cfgs.py (pytest puts this folder on sys.path)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(out, **kw):
-    data = {"stage": "stage2", "out": str(out), "steps": 6, "global_batch": 8, "ckpt_every": 2,
-            "data": {"n": 64, "val_n": 16, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1},
-            "llm": {"lora_dropout": 0.0, "eval_n": 8}}
-    for k, v in kw.items():
-        if isinstance(v, dict):
-            data.setdefault(k, {}).update(v)
-        else:
-            data[k] = v
-    return data
+    return merged({"stage": "stage2", "out": str(out), "steps": 6, "global_batch": 8, "ckpt_every": 2,
+                  "data": {"n": 64, "val_n": 16, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1},
+                  "llm": {"lora_dropout": 0.0, "eval_n": 8}}, **kw)
 
 
 def _write(tmp_path, data, name="cfg.json"):
