@@ -277,8 +277,7 @@ def lora_linear(
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     amp = _autocast_dtype(x)
     if amp is not None:  # as torch.nn.Linear under autocast: compute in the autocast dtype (grads reach the fp32 weights)
-        x, weight, lora_A, lora_B = x.to(amp), weight.to(amp), lora_A.to(amp), lora_B.to(amp)
-        bias = None if bias is None else bias.to(amp)
+        x, weight, bias, lora_A, lora_B = _cast(amp, x, weight, bias, lora_A, lora_B)
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed, impl=impl)
     _check(x, weight, bias, lora_A, lora_B, dropout_p, seed)
@@ -297,6 +296,10 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     if not x.is_floating_point() or dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
         return None
     return torch.get_autocast_dtype(dev)
+
+
+def _cast(dtype: torch.dtype, *tensors):
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def _check(x, weight, bias, lora_A, lora_B, dropout_p, seed) -> None:
@@ -396,8 +399,7 @@ def lora_linear_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings, 
         raise ValueError(f"lora_linear_multi: unknown impl {impl!r}; choose from ('auto', 'torch', 'ref')")
     amp = _autocast_dtype(x)
     if amp is not None:
-        x, weight, A_stack, B_stack = x.to(amp), weight.to(amp), A_stack.to(amp), B_stack.to(amp)
-        bias = None if bias is None else bias.to(amp)
+        x, weight, bias, A_stack, B_stack = _cast(amp, x, weight, bias, A_stack, B_stack)
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings, impl=impl)
     if impl == "ref":
