@@ -2,54 +2,99 @@
 # One call on a lent GPU machine: build the CUDA extension there, run the GPU tests, run the
 # benchmarks, leave logs and tables under $OUT (the device tool brings them back).
 #
-#   bash benchmarks/gpu_session.sh [quick]      # run from the repository root on the GPU machine
+#   bash benchmarks/gpu_session.sh [quick|bench|tests]   # from the repository root on the GPU machine
+#
+#   (none)   build, GPU tests, full benchmarks
+#   quick    build, GPU tests, quick benchmarks (fewer shapes and repeats)
+#   targets  build, GPU tests, the kernels' and tokenizer's benchmarks on the shapes their issues
+#            set targets for (codebook N<=8192 K=8192; attention batch 1/32/256; LoRA 4096 tokens
+#            r 16; tokenizer batch 1/256)
+#   bench    build, full benchmarks, no tests
+#   tests    build, GPU tests only
+#   rest     build, the benchmarks `targets` leaves out (fp16 codebook, LLM decode), no tests
 #
 # The machine's own python3 (with torch, triton, transformers) is used; nothing is downloaded.
+# Every step is time-boxed (STEP_LIMIT_* seconds) so one slow step cannot eat the whole call, and
+# everything is packed into $OUT/gpu_session.tar.gz after each step (the device tool brings back at
+# most 8 files), next to session.log and summary.md.
 set -u
 OUT=${OUT:-/tmp/seed_fast_gpu_out}
-mkdir -p "$OUT"
-QUICK=${1:-}
+W=${GPU_SESSION_WORK:-/tmp/seed_fast_gpu_work}
+rm -rf "$W"
+mkdir -p "$OUT" "$W/results"
+MODE=${1:-full}
 PY=${PYTHON:-python3}
-log() { echo "== $*" | tee -a "$OUT/session.log"; }
+log() { echo "== $*" | tee -a "$W/session.log"; }
+pack() {
+  cp "$W/session.log" "$OUT/session.log" 2>/dev/null
+  tar -czf "$OUT/gpu_session.tar.gz.tmp" -C "$W" . && mv "$OUT/gpu_session.tar.gz.tmp" "$OUT/gpu_session.tar.gz"
+}
+step() {  # step NAME LIMIT LOGFILE CMD...
+  local name=$1 limit=$2 logf=$3
+  shift 3
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$W/$logf" 2>&1
+  local rc=$?
+  echo "$name rc=$rc in $(( $(date +%s) - t0 )) s (limit $limit s)" | tee -a "$W/session.log"
+  pack
+  return $rc
+}
 
 log "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$OUT/session.log"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$OUT/session.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$W/session.log"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$W/session.log"
+$PY -c "import transformers, peft; print('transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee -a "$W/session.log"
 
-log "build (C++ and CUDA extensions, in place)"
+log "build (editable install: C++ and CUDA extensions for this GPU; offline, no dependencies fetched)"
 ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
-start=$(date +%s)
 SEED_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 \
-  $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-rc=$?
-echo "build rc=$rc in $(( $(date +%s) - start )) s (arch $ARCH)" | tee -a "$OUT/session.log"
-tail -5 "$OUT/build.log"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-$PY -m seed_fast.info 2>&1 | tee -a "$OUT/session.log"
+  step build "${STEP_LIMIT_BUILD:-300}" build.log $PY -m pip install --no-deps --no-build-isolation --no-index -e .
+tail -3 "$W/build.log"
+$PY -m seed_fast.info 2>&1 | tee -a "$W/session.log"
 
-log "tests on the GPU"
-$PY -m pytest -q -x -p no:cacheprovider -m "not slow" tests/ops tests/models/test_fast_path.py tests/models/test_llm.py \
-  > "$OUT/tests.log" 2>&1
-echo "tests rc=$?" | tee -a "$OUT/session.log"
-tail -15 "$OUT/tests.log"
-
-log "benchmarks"
-B="$OUT/results"
-mkdir -p "$B"
-if [ "$QUICK" = "quick" ]; then
-  $PY benchmarks/bench_codebook_lookup.py --quick --out "$B" > "$OUT/bench_codebook.log" 2>&1
-  $PY benchmarks/bench_qformer_attention.py --quick --out "$B" > "$OUT/bench_attention.log" 2>&1
-  $PY benchmarks/bench_tokenizer.py --quick --out "$B" > "$OUT/bench_tokenizer.log" 2>&1
-  $PY benchmarks/bench_lora_linear.py --quick --dtype bfloat16 --out "$B" > "$OUT/bench_lora.log" 2>&1
-  $PY benchmarks/bench_llm_decode.py --quick --out "$B" > "$OUT/bench_llm_decode.log" 2>&1
-else
-  for dt in float32 float16; do
-    $PY benchmarks/bench_codebook_lookup.py --dtype $dt --out "$B" > "$OUT/bench_codebook_$dt.log" 2>&1
-  done
-  $PY benchmarks/bench_qformer_attention.py --out "$B" > "$OUT/bench_attention.log" 2>&1
-  $PY benchmarks/bench_tokenizer.py --out "$B" > "$OUT/bench_tokenizer.log" 2>&1
-  $PY benchmarks/bench_lora_linear.py --dtype bfloat16 --out "$B" > "$OUT/bench_lora.log" 2>&1
-  $PY benchmarks/bench_llm_decode.py --out "$B" > "$OUT/bench_llm_decode.log" 2>&1
+if [ "$MODE" != "bench" ] && [ "$MODE" != "rest" ]; then
+  log "tests on the GPU"
+  # TEST_PATHS narrows the run (the Triton kernels compile per shape and dtype: the whole set takes
+  # minutes); -rfE lists every failure by name, --durations shows where the time went
+  step tests "${STEP_LIMIT_TESTS:-240}" tests.log $PY -m pytest -q -rfE --durations=15 -p no:cacheprovider -m "not slow" \
+    ${TEST_PATHS:-tests/ops tests/models/test_fast_path.py tests/models/test_llm.py}
+  grep -E "passed|failed|error" "$W/tests.log" | tail -3
+  grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -30
 fi
-log "done; tables in $B"
-ls -la "$B" | tee -a "$OUT/session.log"
+
+B="$W/results"
+L=${STEP_LIMIT_BENCH:-120}
+if [ "$MODE" = "targets" ]; then
+  log "benchmarks on the target shapes"
+  step bench_codebook_f32 "$L" bench_codebook_float32.log $PY benchmarks/bench_codebook_lookup.py --quick --dtype float32 --out "$B"
+  step bench_attention "$L" bench_attention.log $PY benchmarks/bench_qformer_attention.py --quick --batches 1,32,256 --out "$B"
+  step bench_lora "$L" bench_lora.log $PY benchmarks/bench_lora_linear.py --dtype bfloat16 --tokens 1,4096,16384 --ranks 16 \
+    --shapes "OPT-2.7B qkv/out,LLaMA-7B attn" --out "$B"
+  step bench_tokenizer "$L" bench_tokenizer.log $PY benchmarks/bench_tokenizer.py --qformer-batches 1,256 --tokenizer-batches 1,256 --out "$B"
+elif [ "$MODE" = "rest" ]; then
+  log "benchmarks left out of targets"
+  step bench_codebook_f16 "$L" bench_codebook_float16.log $PY benchmarks/bench_codebook_lookup.py --quick --dtype float16 --out "$B"
+  step bench_llm_decode "$L" bench_llm_decode.log $PY benchmarks/bench_llm_decode.py --out "$B"
+elif [ "$MODE" != "tests" ]; then
+  log "benchmarks"
+  Q=""
+  [ "$MODE" = "quick" ] && Q="--quick"
+  step bench_codebook_f32 "$L" bench_codebook_float32.log $PY benchmarks/bench_codebook_lookup.py $Q --dtype float32 --out "$B"
+  step bench_attention "$L" bench_attention.log $PY benchmarks/bench_qformer_attention.py $Q --batches 1,32,256 --out "$B"
+  step bench_lora "$L" bench_lora.log $PY benchmarks/bench_lora_linear.py $Q --dtype bfloat16 --out "$B"
+  step bench_tokenizer "$L" bench_tokenizer.log $PY benchmarks/bench_tokenizer.py $Q --out "$B"
+  step bench_codebook_f16 "$L" bench_codebook_float16.log $PY benchmarks/bench_codebook_lookup.py $Q --dtype float16 --out "$B"
+  step bench_llm_decode "$L" bench_llm_decode.log $PY benchmarks/bench_llm_decode.py $Q --out "$B"
+fi
+log "done"
+find "$W/results" -type f | sed "s|$W/||" | tee -a "$W/session.log"
+# a short summary last: the device tool returns only the tail of the output
+for f in "$W"/results/*/*.md; do
+  [ -f "$f" ] || continue
+  echo "### $(basename "$f")" >> "$W/summary.md"
+  head -c 3500 "$f" >> "$W/summary.md"
+  echo >> "$W/summary.md"
+done
+pack
+cp "$W/summary.md" "$OUT/summary.md" 2>/dev/null
+cat "$W/session.log" | grep -E "rc=|passed|failed" | tail -20

@@ -47,12 +47,14 @@ codebook_argmin_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_
   const int64_t k_start = static_cast<int64_t>(blockIdx.y) * codes_per_split;
   const int64_t k_end = min(k_start + codes_per_split, K);
 
+  // Start from this split's first code at +inf: a row whose scores are all NaN (possible only with
+  // check_finite=False) still gets a valid index, and any real score replaces it.
   float best_v[TM];
   int best_i[TM];
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     best_v[i] = INFINITY;
-    best_i[i] = 0x7fffffff;
+    best_i[i] = static_cast<int>(k_start);
   }
   for (int64_t k0 = k_start; k0 < k_end; k0 += BN) {
     float acc[TM][TN];
@@ -120,7 +122,7 @@ codebook_argmin_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_
       }
     }
     const int64_t row = row0 + ty + 16 * i;
-    if (tx == 0 && row < N && idx != 0x7fffffff) {
+    if (tx == 0 && row < N) {
       const unsigned long long packed =
           (static_cast<unsigned long long>(ordered_key(v)) << 32) | static_cast<unsigned int>(idx);
       atomicMin(out + row, packed);

@@ -24,7 +24,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def test_expected_backends_are_present():
-    assert "cpu" in IMPLS, "the C++ kernel must be built on every machine"
+    z = torch.empty(2, 4)  # the C++ kernel takes CPU tensors, also on a GPU machine
+    assert not not_supported_reasons("cpu", z, z), "the C++ kernel must be built on every machine"
     assert "triton" in IMPLS, "the Triton kernel must run (GPU, or TRITON_INTERPRET=1 on CPU)"
 
 
@@ -57,7 +58,7 @@ def test_reference_matches_float64_loop(metric, shape, k, d):
 
 def _check_achieves_min(z, book, idx, metric, exact_fraction=0.99):
     """Indices achieve the float64 minimum distance up to fp32 rounding of the kernel's scores."""
-    z64, e64 = z.double().reshape(-1, z.shape[-1]), book.double()
+    z64, e64 = z.double().cpu().reshape(-1, z.shape[-1]), book.double().cpu()
     if metric == "cosine":
         z64 = torch.nn.functional.normalize(z64, dim=-1)
         e64 = torch.nn.functional.normalize(e64, dim=-1)
@@ -147,11 +148,11 @@ def test_far_from_origin_low_precision(impl, dtype):
 
 
 def test_auto_picks_a_kernel_and_falls_back():
-    z = torch.randn(4, 8)
+    z = torch.randn(4, 8, device=DEVICE)
     assert choose_impl(z, z) == ("cpu" if DEVICE == "cpu" else "triton")
     assert choose_impl(z.double(), z.double()) == "ref"  # no kernel takes fp64
     with pytest.raises(RuntimeError, match=r"impl='cpu' cannot run.*float64"):
-        codebook_lookup(z.double(), z.double(), impl="cpu")
+        codebook_lookup(z.double().cpu(), z.double().cpu(), impl="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"impl='cuda' cannot run.*not a CUDA device"):
             codebook_lookup(z, z, impl="cuda")
