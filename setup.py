@@ -122,11 +122,11 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["seed_fast", "seed_fast.models", "seed_fast.ops", "seed_fast.train", "seed_fast.kernels", "seed_fast.export"],
+    packages=["seed_fast", "seed_fast.models", "seed_fast.ops", "seed_fast.train", "seed_fast.recipes", "seed_fast.kernels", "seed_fast.export"],
     # kernels/ and export/ are plain source folders installed inside the seed_fast namespace, so that
     # no top-level `kernels` package shadows Hugging Face's.
     package_dir={"seed_fast": "seed_fast", "seed_fast.kernels": "kernels", "seed_fast.export": "export"},
-    package_data={"seed_fast": ["assets/*", "_build_info.json"]},
+    package_data={"seed_fast": ["assets/*", "assets/default_model/*", "assets/default_model/*/*", "assets/default_model/*/*/*", "_build_info.json"]},
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pillow", "tqdm", "transformers>=4.40"],
     extras_require=extras,
     entry_points={"console_scripts": ["seed-fast=seed_fast.cli:main"]},

@@ -219,26 +219,42 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    """Tokenize synthetic images, decode the codes, check causality and batch invariance."""
-    import torch
+def _load_model(args):
+    from .default_model import DefaultModelError, load_default
 
-    from .models import SeedTokenizer
-    from .synthetic import sample_images
+    try:
+        return load_default(args.checkpoint)
+    except DefaultModelError as e:
+        raise SystemExit(f"seed-fast {args.command}: {e}") from None
+
+
+def cmd_demo(args) -> int:
+    """The whole system on the embedded default model: images -> codes -> captions / answers,
+    text -> codes -> images, an HTML report with a PNG grid and a metrics table."""
+    from .demo import run_demo
 
     t0 = time.perf_counter()
-    tok = SeedTokenizer.from_config(args.config, seed=args.seed, init="unit")  # codes depend on the image
-    print(f"tokenizer: preset {args.config!r} ({tok.extra_repr()}), RANDOM weights (seed {args.seed}, init 'unit')")
-    print("  (the trained embedded default model arrives with the demo issue; this run shows the pipeline)")
-    images, captions = sample_images(args.num_images, seed=args.seed)
-    codes = tok.encode(images)
-    emb = tok.decode(codes)
-    for cap, c in zip(captions, codes):
-        print(f"  {cap:<48} -> {' '.join(f'{int(x):4d}' for x in c[:12])} ... ({len(c)} codes)")
-    print(f"generation embedding: {tuple(emb.shape)}, mean norm {emb.norm(dim=-1).mean():.3f}")
-    alone = torch.cat([tok.encode([im]) for im in images])
-    print(f"batch invariance: {'ok' if torch.equal(alone, codes) else 'MISMATCH'}")
-    print(f"done in {time.perf_counter() - t0:.1f} s")
+    m = _load_model(args)
+    print(f"model: {m.folder} (loaded in {time.perf_counter() - t0:.1f} s)")
+    run_demo(m, args.out, image_paths=args.images, n_images=args.num_images, eval_n=args.eval_n,
+             steps=args.steps, progress=not args.no_progress)
+    print(f"demo done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Retrieval, caption, answer, generation and reconstruction metrics on held-out scenes."""
+    from .demo import evaluate, metrics_markdown
+
+    t0 = time.perf_counter()
+    m = _load_model(args)
+    metrics = evaluate(m, args.n, n_gen=args.n_generation, steps=args.steps, progress=not args.no_progress)
+    print(metrics_markdown(metrics))
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(metrics, indent=1))
+    print(f"eval done in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
@@ -294,11 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions and built backends")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="run the pipeline on synthetic images")
-    p.add_argument("--config", default="tiny")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=6)
+    p = sub.add_parser("demo", help="the whole system on the embedded default model: codes, captions, images, report")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="extra images to tokenize and caption")
+    p.add_argument("--checkpoint", default=None, help="a model folder (default: the embedded model)")
+    p.add_argument("--out", default="seed_fast_demo", help="report folder (default: ./seed_fast_demo)")
+    p.add_argument("--num-images", type=int, default=6, help="held-out synthetic scenes to show")
+    p.add_argument("--eval-n", type=int, default=48, help="held-out scenes for the metrics table")
+    p.add_argument("--steps", type=int, default=20, help="decoder diffusion steps")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="retrieval / caption / generation metrics of a model on held-out scenes")
+    p.add_argument("--checkpoint", default=None, help="a model folder (default: the embedded model)")
+    p.add_argument("--n", type=int, default=256, help="held-out scenes (default 256)")
+    p.add_argument("--n-generation", type=int, default=None, help="of them, drawn for generation / reconstruction (default all)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--json", default=None, help="also write the metrics to this file")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

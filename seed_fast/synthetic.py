@@ -81,6 +81,28 @@ def make_question(facts: dict, rng: random.Random) -> tuple[str, str]:
     return question, answer(facts)
 
 
+_NUMBERS = {v: k for k, v in COUNTS.items()}
+
+
+def parse_caption(text: str) -> dict | None:
+    """The facts a caption states, or None when it does not follow the scene grammar
+    "<count> <color> <shape>[s] left of a|an <color> <shape>" (case and a final period ignored)."""
+    words = text.lower().strip().rstrip(".").split()
+    if len(words) != 8 or words[3:5] != ["left", "of"] or words[5] not in ("a", "an"):
+        return None
+    count, c1, s1, _, _, _, c2, s2 = words
+    n = _NUMBERS.get(count)
+    if n is None or c1 not in COLORS or c2 not in COLORS or s2 not in SHAPES:
+        return None
+    if n > 1:
+        if not s1.endswith("s") or s1[:-1] not in SHAPES:
+            return None
+        s1 = s1[:-1]
+    elif s1 not in SHAPES:
+        return None
+    return {"left_color": c1, "left_shape": s1, "count": n, "right_color": c2, "right_shape": s2}
+
+
 def sample_images(n: int, seed: int = 0, size: int = 224) -> tuple[list[Image.Image], list[str]]:
     rng = random.Random(seed)
     pairs = [make_pair(rng, size) for _ in range(n)]

@@ -175,6 +175,19 @@ def _tiny() -> TokenizerConfig:
     )
 
 
+def _mini() -> TokenizerConfig:
+    """The embedded default model's size: 64 px images in 8 px patches (65 tokens), 32 causal
+    queries, 1024 codes of 16 dims, a 256-d generation embedding (stage I's image-feature width).
+    A few MB; trains on CPU."""
+    return TokenizerConfig(
+        name="mini",
+        vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_hidden=384),
+        qformer=QFormerConfig(hidden=128, layers=4, heads=4, ffn=256),
+        quantizer=QuantizerConfig(codebook_size=1024, code_dim=16),
+        detokenizer=DetokenizerConfig(depth=2, heads=4, down_dims=(64, 32, 8), out_dim=256),
+    )
+
+
 def _seed_tokenizer_2_rq1() -> TokenizerConfig:
     cfg = _seed_tokenizer_2()
     cfg.name = "seed-tokenizer-2-rq1"
@@ -194,6 +207,7 @@ PRESETS = {
     "seed-tokenizer-2-rq1": _seed_tokenizer_2_rq1,
     "seed-v1": _seed_v1,
     "tiny": _tiny,
+    "mini": _mini,
 }
 
 

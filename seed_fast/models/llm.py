@@ -753,15 +753,17 @@ def _default_template(model) -> str:
 
 
 def tiny_causal_lm(preset: str, vocab_size: int) -> nn.Module:
-    """A randomly initialised small transformers LM: "tiny-llama" or "tiny-opt"."""
-    if preset == "tiny-llama":
+    """A randomly initialised small transformers LM: "tiny-llama" / "tiny-opt" (tests), or
+    "mini-llama" (the embedded default model's LM: 256 wide, 4 layers, about 3 M parameters)."""
+    if preset in ("tiny-llama", "mini-llama"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        mini = preset == "mini-llama"
         cfg = LlamaConfig(
             vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
+            hidden_size=256 if mini else 64,
+            intermediate_size=512 if mini else 128,
+            num_hidden_layers=4 if mini else 2,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=512,
@@ -787,4 +789,4 @@ def tiny_causal_lm(preset: str, vocab_size: int) -> nn.Module:
             pad_token_id=3,
         )
         return OPTForCausalLM(cfg)
-    raise ValueError(f"unknown LM preset {preset!r}; choose 'tiny-llama' or 'tiny-opt'")
+    raise ValueError(f"unknown LM preset {preset!r}; choose 'tiny-llama', 'tiny-opt' or 'mini-llama'")

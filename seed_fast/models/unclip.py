@@ -360,6 +360,10 @@ def load_unclip_pipeline(
     except (OSError, ValueError) as e:
         raise ValueError(f"{str(index_file)!r} is not valid JSON: {e}") from e
     class_name = index.get("_class_name") if isinstance(index, dict) else None
+    if class_name == "SeedImageDecoderPipeline":  # the embedded model's pixel-space decoder
+        from .image_decoder import load_image_decoder
+
+        return load_image_decoder(folder, device=device, dtype=dtype)
     if class_name not in _LOADABLE_CLASS_NAMES:
         raise ValueError(
             f"{str(index_file)!r} describes a {class_name!r} pipeline; expected one of {list(_LOADABLE_CLASS_NAMES)} "
@@ -403,9 +407,29 @@ def embeddings_to_images(
     ``pipe`` may be a plain ``StableUnCLIPImg2ImgPipeline``; it is wrapped (modules shared) when a negative is given.
     ``seed`` makes a CPU generator (reproducible across devices); pass either ``seed`` or ``generator``.
     """
+    from .image_decoder import SeedImageDecoderPipeline
+
+    if isinstance(pipe, SeedImageDecoderPipeline):  # the embedded model's pixel decoder: same arguments
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value != pipe.image_size:
+                raise ValueError(f"{name}: this decoder draws {pipe.image_size} px images, got {value}")
+        return list(
+            pipe(
+                image_embeds,
+                negative_image_embeds=negative_image_embeds,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                progress=progress,
+            ).images
+        )
     if not isinstance(pipe, StableUnCLIPImg2ImgPipeline):
         raise TypeError(
-            "pipe must be a diffusers StableUnCLIPImg2ImgPipeline (see load_unclip_pipeline), "
+            "pipe must be a diffusers StableUnCLIPImg2ImgPipeline (see load_unclip_pipeline) or a SeedImageDecoderPipeline, "
             f"got {type(pipe).__module__}.{type(pipe).__qualname__}"
         )
     dim = int(pipe.image_normalizer.mean.shape[-1])

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("stage1", "stage2", "llm")
+STAGES = ("stage1", "stage2", "llm", "decoder")
+LM_PRESETS = ("tiny-llama", "tiny-opt", "mini-llama")
 
 
 class ConfigError(ValueError):
@@ -48,7 +49,7 @@ class Stage2Config:
     vq_weight: float = 5.0
     cos_weight: float = 2.0
     mse_weight: float = 0.5
-    target: str = "pixels"  # "pixels" (a fixed random projection of the downsampled image) or a CLIP vision folder
+    target: str = "pixels"  # "pixels" (a fixed random projection of the downsampled image), "itc" (stage I's image feature; needs itc_heads) or a CLIP vision folder
     codebook_init: str = "uniform"  # uniform (as released) | kmeans (from the first batch's z)
     restart_dead_every: int = 0  # steps; 0 disables dead-code restarts
     itc_heads: str | None = None  # a stage-I run folder: evaluation then also measures retrieval with codes
@@ -74,6 +75,12 @@ class LLMConfig:
 
 
 @dataclass
+class DecoderConfig:
+    image_size: int = 32  # the decoder's output pixels (square)
+    null_prob: float = 0.1  # share of zero embeddings (the classifier-free guidance null)
+
+
+@dataclass
 class TrainConfig:
     stage: str
     out: str
@@ -92,6 +99,7 @@ class TrainConfig:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,7 +165,9 @@ class TrainConfig:
         need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
         s = self.stage2
         need(s.codebook_init in ("uniform", "kmeans"), f"stage2.codebook_init must be uniform or kmeans, got {s.codebook_init!r}")
-        need(s.target == "pixels" or Path(s.target).is_dir(), f"stage2.target must be 'pixels' or a CLIP vision model folder, got {s.target!r}")
+        need(s.target in ("pixels", "itc") or Path(s.target).is_dir(),
+             f"stage2.target must be 'pixels', 'itc' or a CLIP vision model folder, got {s.target!r}")
+        need(s.target != "itc" or s.itc_heads is not None, "stage2.target 'itc' needs stage2.itc_heads (a stage-I run folder)")
         need(min(s.vq_weight, s.cos_weight, s.mse_weight) >= 0, "stage2 loss weights must be >= 0")
         need(s.restart_dead_every >= 0, f"stage2.restart_dead_every must be >= 0, got {s.restart_dead_every}")
         need(s.itc_heads is None or (Path(s.itc_heads) / "itc_heads.safetensors").is_file(),
@@ -165,8 +175,11 @@ class TrainConfig:
         s1 = self.stage1
         need(s1.init is None or Path(s1.init).exists(), f"stage1.init must be an existing BLIP-2 checkpoint file or folder, got {s1.init!r}")
         need(s1.text_tokenizer is None or Path(s1.text_tokenizer).is_dir(), f"stage1.text_tokenizer must be a tokenizer folder, got {s1.text_tokenizer!r}")
+        dc = self.decoder
+        need(dc.image_size >= 8 and dc.image_size % 8 == 0, f"decoder.image_size must be a multiple of 8, got {dc.image_size}")
+        need(0 <= dc.null_prob < 1, f"decoder.null_prob must be in [0, 1), got {dc.null_prob}")
         m = self.llm
-        need(m.model in ("tiny-llama", "tiny-opt") or Path(m.model).is_dir(), f"llm.model must be tiny-llama, tiny-opt or a model folder, got {m.model!r}")
+        need(m.model in LM_PRESETS or Path(m.model).is_dir(), f"llm.model must be one of {LM_PRESETS} or a model folder, got {m.model!r}")
         need(m.mode in ("pretrain", "instruct"), f"llm.mode must be pretrain or instruct, got {m.mode!r}")
         need(m.loss_on in ("all", "answers"), f"llm.loss_on must be all or answers, got {m.loss_on!r}")
         for name in ("image_first_ratio", "qa_ratio", "lora_dropout"):
@@ -194,7 +207,7 @@ def _build(cls, data: Any, where: str):
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         value = data[name]
-        sub = {"data": DataConfig, "optim": OptimConfig, "stage1": Stage1Config, "stage2": Stage2Config, "llm": LLMConfig}.get(name) if cls is TrainConfig else None
+        sub = {"data": DataConfig, "optim": OptimConfig, "stage1": Stage1Config, "stage2": Stage2Config, "llm": LLMConfig, "decoder": DecoderConfig}.get(name) if cls is TrainConfig else None
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:

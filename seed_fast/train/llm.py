@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, TrainConfig
+from .config import LM_PRESETS, ConfigError, TrainConfig
 from .data import make_source
 from .loop import Task, load_tokenizer
 
@@ -324,7 +324,7 @@ def build_llm(cfg: TrainConfig, tok):
     from ..models.llm import SeedLLM, seed_lora_config
 
     m = cfg.llm
-    if m.model in ("tiny-llama", "tiny-opt"):
+    if m.model in LM_PRESETS:
         llm = SeedLLM.from_config(m.model, seed=cfg.seed, tokenizer=tok, template=m.template)
     else:
         llm = SeedLLM.from_pretrained(m.model, tokenizer=tok, template=m.template, fused_lora=m.fused_lora)

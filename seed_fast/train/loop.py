@@ -261,6 +261,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from .stage1 import Stage1Task
     from .llm import LLMTask
     from .stage2 import Stage2Task
+    from .decoder import DecoderTask
 
     d = Dist()
     run = Path(cfg.out)
@@ -275,7 +276,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         d.barrier()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         random.seed(cfg.seed)
-        task = {"stage1": Stage1Task, "stage2": Stage2Task, "llm": LLMTask}[cfg.stage](cfg, d.device)
+        task = {"stage1": Stage1Task, "stage2": Stage2Task, "llm": LLMTask, "decoder": DecoderTask}[cfg.stage](cfg, d.device)
         fsdp = d.world > 1 and cfg.strategy == "fsdp"
         if fsdp:
             task.shard()

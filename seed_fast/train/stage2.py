@@ -56,6 +56,23 @@ class ClipTarget(nn.Module):
         return self.model(pixel_values=x).image_embeds.float()
 
 
+class ItcTarget(nn.Module):
+    """The stage-I image feature as the generation target, for tokenizers that serve as their own
+    CLIP (the embedded model): the last causal query -> stage I's `vision_proj` -> unit norm *
+    sqrt(dim). It reads the frozen causal embeddings stage II computes anyway, not pixels."""
+
+    uses_causal = True
+
+    def __init__(self, vision_proj: nn.Linear):
+        super().__init__()
+        self.proj = vision_proj
+
+    @torch.no_grad()
+    def forward(self, causal: torch.Tensor) -> torch.Tensor:
+        y = self.proj(causal[:, -1]).float()
+        return F.normalize(y, dim=-1) * y.shape[-1] ** 0.5
+
+
 class Stage2Module(nn.Module):
     def __init__(self, tok, target: nn.Module, s2):
         super().__init__()
@@ -80,7 +97,7 @@ class Stage2Module(nn.Module):
         recon = tok.reconstructor(dec)
         cos = (1 - F.cosine_similarity(recon.float(), causal.float(), dim=-1)).mean()
         gen = tok.detokenizer(dec)
-        target = self.target(pixels)
+        target = self.target(causal) if getattr(self.target, "uses_causal", False) else self.target(pixels)
         mse = F.mse_loss(gen.float(), target)
         loss = self.w.vq_weight * vq + self.w.cos_weight * cos + self.w.mse_weight * mse
         self.last_z, self.last_codes = z.detach(), codes.detach()
@@ -101,14 +118,26 @@ class Stage2Task(Task):
                 p.requires_grad_(True)
         out_dim = tok.config.detokenizer.out_dim
         s2 = cfg.stage2
-        target = PixelTarget(out_dim, seed=cfg.seed) if s2.target == "pixels" else ClipTarget(s2.target, tok.config.image_mean, tok.config.image_std)
-        self.tok = tok
-        self.module = Stage2Module(tok, target.to(device), s2)
         self.itc = None
         if s2.itc_heads:  # stage I's text branch and projections: retrieval with codes at evaluation
             from .stage1 import load_itc_heads
 
             self.itc = load_itc_heads(tok, s2.itc_heads)
+        if s2.target == "pixels":
+            target = PixelTarget(out_dim, seed=cfg.seed)
+        elif s2.target == "itc":
+            if self.itc is None:
+                raise ConfigError("stage2.target 'itc' needs stage2.itc_heads (the stage-I run whose vision_proj it uses)")
+            proj_dim = self.itc.vision_proj.out_features
+            if proj_dim != out_dim:
+                raise ConfigError(
+                    f"stage2.target 'itc': stage I's vision_proj gives {proj_dim} dims but detokenizer.out_dim is {out_dim}"
+                )
+            target = ItcTarget(self.itc.vision_proj)
+        else:
+            target = ClipTarget(s2.target, tok.config.image_mean, tok.config.image_std)
+        self.tok = tok
+        self.module = Stage2Module(tok, target.to(device), s2)
         self.image_size = tok.config.vision.image_size
 
     def keeps(self, key: str) -> bool:
@@ -166,7 +195,8 @@ class Stage2Task(Task):
             dec = tok.quantizer.embed(c)
             recon = tok.reconstructor(dec)
             gen = tok.detokenizer(dec).float()
-            target = self.module.target(pixels)
+            tgt = self.module.target
+            target = tgt(causal) if getattr(tgt, "uses_causal", False) else tgt(pixels)
             codes.append(c)
             if self.itc is not None:
                 caps += batch.captions

@@ -1,0 +1,120 @@
+"""The embedded default model: a small SEED stack trained on the synthetic shapes, shipped in the package.
+
+    from seed_fast.default_model import load_default
+    m = load_default()                     # or load_default("path/to/folder")
+    codes = m.tokenizer.encode(images)     # (B, 32)
+    m.llm.caption(images); m.llm.answer(images, ["what color is the shape on the right?"])
+    m.render(m.llm.generate_image_embeddings(["one red circle left of a blue square"], negative=False)[0])
+
+The folder (seed_fast/assets/default_model, or any folder `seed_fast.recipes.default_model --install
+--dest` wrote) holds:
+
+    tokenizer/   SeedTokenizer (config.json, model.safetensors)
+    llm/         SeedLLM: the LM with the image vocabulary (llm/) and its LoRA adapter (lora/)
+    decoder/     SeedImageDecoderPipeline (diffusers unet/ + scheduler/)
+    itc/         stage I's text branch and projections (retrieval), text_tokenizer/
+    checker.safetensors   the independent scene checker (evaluation only)
+    recipe.json  how it was trained (seeds, data, stage configs) and its metrics
+
+Weights are stored in float16 to fit the package (about 20 MB); they load as float32.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_DIR = Path(__file__).parent / "assets" / "default_model"
+PARTS = ("tokenizer", "llm", "decoder", "itc", "checker.safetensors", "recipe.json")
+
+
+class DefaultModelError(FileNotFoundError):
+    pass
+
+
+def check_folder(folder: str | Path) -> Path:
+    """The folder, if it holds every part of a default-model checkpoint; else a clear error."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DefaultModelError(f"--checkpoint {str(folder)!r} is not a folder")
+    missing = [p for p in PARTS if not (root / p).exists()]
+    if missing:
+        raise DefaultModelError(
+            f"{str(root)!r} is not a complete seed_fast model folder: missing {missing} "
+            f"(expected {list(PARTS)}; `python -m seed_fast.recipes.default_model --install --dest DIR` writes one)"
+        )
+    return root
+
+
+@dataclass
+class DefaultModel:
+    tokenizer: Any  # SeedTokenizer
+    llm: Any  # SeedLLM (tokenizer attached, decoder as its diffusion pipeline)
+    decoder: Any  # SeedImageDecoderPipeline
+    itc: Any  # stage-I heads (text features for retrieval)
+    checker: Any  # SceneChecker
+    recipe: dict
+    folder: Path
+
+    def render(self, embeds: torch.Tensor, *, steps: int = 20, guidance: float = 2.0, seed: int = 0, progress: bool = False):
+        """Generation embeddings (B, D) -> PIL images (the decoder's resolution)."""
+        from .models.unclip import embeddings_to_images
+
+        return embeddings_to_images(self.decoder, embeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed, progress=progress)
+
+
+def load_default(folder: str | Path | None = None) -> DefaultModel:
+    from .checker import SceneChecker
+    from .models import SeedTokenizer
+    from .models.image_decoder import load_image_decoder
+    from .models.llm import SeedLLM
+    from .train.stage1 import load_itc_heads
+
+    root = check_folder(DEFAULT_DIR if folder is None else folder)
+    if folder is None and not (root / "tokenizer" / "model.safetensors").is_file():
+        raise DefaultModelError(f"the embedded model is not installed in {root}")
+    tok = SeedTokenizer.from_pretrained(root / "tokenizer").float().eval()
+    decoder = load_image_decoder(root / "decoder", dtype=torch.float32)
+    llm = SeedLLM.from_pretrained(root / "llm", tokenizer=tok, diffusion=decoder, dtype=torch.float32)
+    llm.model.eval()
+    itc = load_itc_heads(tok, root / "itc").float().eval()
+    checker = SceneChecker.load(root / "checker.safetensors")
+    recipe = json.loads((root / "recipe.json").read_text())
+    return DefaultModel(tok, llm, decoder, itc, checker, recipe, root)
+
+
+def _half_safetensors(folder: Path) -> None:
+    """Rewrite every float32 tensor of every .safetensors file under `folder` as float16."""
+    from safetensors.torch import load_file, save_file
+
+    for f in folder.rglob("*.safetensors"):
+        sd = load_file(str(f))
+        save_file({k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in sd.items()}, str(f), metadata={"format": "pt"})
+
+
+def assemble(work: Path, dest: Path, *, recipe: dict, metrics: dict) -> Path:
+    """Copy the finished stage outputs of a recipe run into a model folder (fp16 weights)."""
+    work, dest = Path(work), Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    shutil.copytree(work / "stage2" / "tokenizer", tmp / "tokenizer")
+    llm_src = work / "lora" / "llm"
+    shutil.copytree(llm_src, tmp / "llm", ignore=shutil.ignore_patterns("tokenizer", "diffusion"))
+    shutil.copytree(work / "decoder" / "decoder", tmp / "decoder")
+    (tmp / "itc").mkdir()
+    shutil.copy2(work / "stage1" / "itc_heads.safetensors", tmp / "itc" / "itc_heads.safetensors")
+    shutil.copytree(work / "stage1" / "text_tokenizer", tmp / "itc" / "text_tokenizer")
+    shutil.copy2(work / "checker" / "checker.safetensors", tmp / "checker.safetensors")
+    _half_safetensors(tmp)
+    (tmp / "recipe.json").write_text(json.dumps({"recipe": recipe, "metrics": metrics}, indent=1))
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.replace(dest)
+    return dest

@@ -1,0 +1,175 @@
+"""A small pixel-space diffusion decoder: generation embeddings -> images, for the embedded model.
+
+SEED renders its generation embedding with Stable unCLIP: the embedding conditions a UNet through its
+class-embedding projection (added to the timestep embedding) and the UNet denoises VAE latents. The
+embedded default model keeps that interface at a size that trains on a CPU: a diffusers
+``UNet2DConditionModel`` that denoises 64 x 64 pixels directly (no VAE), conditioned on the embedding
+twice, through ``class_embed_type="projection"`` as unCLIP does and as the single token its
+cross-attention blocks attend to, and a diffusers DDIM scheduler that predicts the clean sample.
+
+``SeedImageDecoderPipeline(image_embeds, negative_image_embeds=None, num_inference_steps, guidance_scale,
+generator)`` takes the same arguments as ``SeedUnCLIPPipeline`` does through
+``seed_fast.models.unclip.embeddings_to_images``, which accepts either. Classifier-free guidance uses
+``negative_image_embeds`` when given, else the learned-null zeros the decoder was trained with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+
+__all__ = ["SeedImageDecoderPipeline", "decoder_training_loss", "load_image_decoder", "mini_image_decoder"]
+
+
+class SeedImageDecoderPipeline(DiffusionPipeline):
+    """Generation embeddings (B, D) -> images with a pixel-space UNet and a DDIM scheduler."""
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DConditionModel, scheduler: DDIMScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def image_embedding_dim(self) -> int:
+        return int(self.unet.config.projection_class_embeddings_input_dim)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=emb[:, None, :], class_labels=emb).sample
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image_embeds: torch.Tensor,
+        negative_image_embeds: torch.Tensor | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        progress: bool | None = None,
+        **unused: Any,
+    ):
+        if unused:
+            raise TypeError(f"SeedImageDecoderPipeline got unexpected arguments {sorted(unused)}")
+        if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 2:
+            raise ValueError(f"image_embeds must be a (B, D) tensor, got {getattr(image_embeds, 'shape', type(image_embeds))}")
+        dim = self.image_embedding_dim
+        if image_embeds.shape[1] != dim:
+            raise ValueError(f"image_embeds has D={image_embeds.shape[1]}, this decoder takes D={dim}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        device, dtype = self.unet.device, self.unet.dtype
+        emb = image_embeds.to(device=device, dtype=dtype)
+        batch = emb.shape[0]
+        use_cfg = guidance_scale > 1.0
+        if use_cfg:
+            neg = torch.zeros_like(emb) if negative_image_embeds is None else negative_image_embeds.to(device, dtype)
+            if neg.shape != emb.shape:
+                raise ValueError(f"negative_image_embeds must have shape {tuple(emb.shape)}, got {tuple(neg.shape)}")
+            emb = torch.cat([neg, emb])
+        size = self.image_size
+        shape = (batch, self.unet.config.in_channels, size, size)
+        x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        x = x * self.scheduler.init_noise_sigma
+        if progress is not None:
+            self.set_progress_bar_config(disable=not progress)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            inp = torch.cat([x, x]) if use_cfg else x
+            out = self._denoise(self.scheduler.scale_model_input(inp, t), t, emb)
+            if use_cfg:
+                uncond, cond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+        images = (x.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            result = images
+        else:
+            arr = images.permute(0, 2, 3, 1).cpu().numpy()
+            result = arr if output_type == "np" else [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+        if not return_dict:
+            return (result,)
+        return ImagePipelineOutput(images=result)
+
+
+def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0) -> SeedImageDecoderPipeline:
+    """The embedded model's decoder architecture with seeded random weights (about 3 M parameters)."""
+    if image_size % 8:
+        raise ValueError(f"image_size must be a multiple of 8 (three down-samplings), got {image_size}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=image_size,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64, 128),
+            layers_per_block=1,
+            norm_num_groups=16,
+            cross_attention_dim=embed_dim,
+            attention_head_dim=16,
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=embed_dim,
+        )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="sample",
+        clip_sample=True,
+        set_alpha_to_one=True,
+    )
+    pipe = SeedImageDecoderPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def decoder_training_loss(
+    pipe: SeedImageDecoderPipeline,
+    images: torch.Tensor,
+    embeds: torch.Tensor,
+    *,
+    null_prob: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One denoising loss: images (B, 3, H, W) in [-1, 1], embeds (B, D). Random timesteps, the
+    scheduler's noise, and with probability `null_prob` the zero embedding (for guidance)."""
+    b = images.shape[0]
+    sched = pipe.scheduler
+    t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(images.device)
+    noise = torch.randn(images.shape, generator=generator).to(images)
+    noisy = sched.add_noise(images, noise, t)
+    if null_prob > 0:
+        keep = (torch.rand(b, generator=generator) >= null_prob).to(embeds)[:, None]
+        embeds = embeds * keep
+    pred = pipe._denoise(noisy, t, embeds)
+    target = {"sample": images, "epsilon": noise}[sched.config.prediction_type]
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+def load_image_decoder(folder, *, device=None, dtype: torch.dtype | None = None) -> SeedImageDecoderPipeline:
+    """A saved SeedImageDecoderPipeline folder (unet/ and scheduler/), local files only."""
+    from pathlib import Path
+
+    root = Path(folder)
+    missing = [name for name in ("unet", "scheduler") if not (root / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{str(root)!r} is not a SeedImageDecoderPipeline folder: no {missing} subfolder(s)")
+    unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
+    scheduler = DDIMScheduler.from_pretrained(str(root / "scheduler"), local_files_only=True)
+    pipe = SeedImageDecoderPipeline(unet=unet.float() if dtype is None else unet.to(dtype), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe

@@ -1,0 +1,142 @@
+"""Reproduce the embedded default model from scratch on a CPU (about 40 minutes on 2 cores).
+
+    python -m seed_fast.recipes.default_model --work runs/default [--install]
+
+Every stage is the project's own training code (`seed_fast.train`), run in this process, on the
+synthetic colored-shapes data (`seed_fast.synthetic`, 64 px, seeded):
+
+  1. stage1    ViT + causal Q-Former + text branch, image-text contrastive       (`mini` preset)
+  2. stage2    quantizer (1024 codes) + de-tokenizer; generation target: stage I's image feature
+  3. llm       `mini-llama` (4 layers, 256 wide) with the image vocabulary, every weight trained on
+               image->caption, caption->image and question->answer sequences
+  4. lora      a LoRA adapter (r 16) instruction-tuned on top of (3), as SEED-LLaMA tunes its LLM
+  5. decoder   pixel-space diffusion UNet (diffusers) conditioned on the generation embedding
+  6. checker   an independent scene classifier trained on rendered scenes (for evaluation only)
+
+A finished stage is skipped when the recipe is run again (an interrupted one resumes from its last
+checkpoint). `--install` then writes the small fp16 copy into seed_fast/assets/default_model
+(or `--dest`), with `recipe.json` (this recipe, the seeds, the metrics) beside the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+SEED = 0
+DATA = {"kind": "synthetic", "n": 8192, "val_n": 256, "image_size": 64, "seed": SEED}
+
+RECIPE: dict[str, dict] = {
+    "stage1": {
+        "stage": "stage1", "steps": 800, "global_batch": 64, "tokenizer": "mini",
+        "optim": {"lr": 5e-4, "warmup": 40, "weight_decay": 0.05},
+    },
+    "stage2": {
+        "stage": "stage2", "steps": 600, "global_batch": 64,
+        "optim": {"lr": 1e-3, "warmup": 20},
+        "stage2": {"codebook_init": "kmeans", "restart_dead_every": 20, "target": "itc"},
+    },
+    "llm": {
+        "stage": "llm", "steps": 1500, "global_batch": 32,
+        "optim": {"lr": 1e-3, "warmup": 50, "weight_decay": 0.01},
+        "llm": {"model": "mini-llama", "mode": "instruct", "lora_r": 0, "eval_n": 64, "qa_ratio": 0.3},
+    },
+    "lora": {
+        "stage": "llm", "steps": 300, "global_batch": 32,
+        "optim": {"lr": 1e-3, "warmup": 20},
+        "llm": {"mode": "instruct", "lora_r": 16, "lora_alpha": 32, "eval_n": 64, "qa_ratio": 0.5},
+    },
+    "decoder": {
+        "stage": "decoder", "steps": 700, "global_batch": 64,
+        "optim": {"lr": 1e-3, "warmup": 30, "weight_decay": 0.0},
+        "decoder": {"image_size": 32, "null_prob": 0.1},
+    },
+    "checker": {"steps": 600, "batch": 64, "seed": 7},
+}
+ORDER = ("stage1", "stage2", "llm", "lora", "decoder", "checker")
+
+
+def stage_config(name: str, work: Path, recipe: dict | None = None) -> dict:
+    """The training config of one stage, with the folders of the stages before it filled in."""
+    r = copy.deepcopy((recipe or RECIPE)[name])
+    r.update(out=str(work / name), seed=SEED, data=dict(DATA), ckpt_every=max(1, r["steps"] // 3), eval_every=r["steps"])
+    if name == "stage2":
+        r["tokenizer"] = str(work / "stage1" / "tokenizer")
+        r["stage2"]["itc_heads"] = str(work / "stage1")
+    elif name in ("llm", "decoder"):
+        r["tokenizer"] = str(work / "stage2" / "tokenizer")
+    elif name == "lora":
+        r["tokenizer"] = str(work / "stage2" / "tokenizer")
+        r["llm"]["model"] = str(work / "llm" / "llm")
+    return r
+
+
+def _done(work: Path, name: str) -> bool:
+    return (work / name / "DONE").is_file()
+
+
+def run_stage(name: str, work: Path, recipe: dict | None = None, *, progress: bool = True) -> dict:
+    if _done(work, name):
+        print(f"[recipe] {name}: done already ({work / name})")
+        return json.loads((work / name / "DONE").read_text())
+    t0 = time.perf_counter()
+    if name == "checker":
+        from ..checker import checker_accuracy, train_checker
+
+        c = (recipe or RECIPE)["checker"]
+        model = train_checker(steps=c["steps"], batch=c["batch"], seed=c["seed"], progress=progress)
+        (work / name).mkdir(parents=True, exist_ok=True)
+        model.save(work / name / "checker.safetensors")
+        metrics = {f"real_{k}": v for k, v in checker_accuracy(model).items()}
+    else:
+        from ..train.config import TrainConfig
+        from ..train.loop import latest_checkpoint, train
+
+        cfg = TrainConfig.from_dict(stage_config(name, work, recipe))
+        resume = latest_checkpoint(Path(cfg.out)) is not None
+        metrics = train(cfg, resume=resume, progress=progress)
+    metrics = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    (work / name / "DONE").write_text(json.dumps(metrics, indent=1))
+    print(f"[recipe] {name}: {metrics}")
+    return metrics
+
+
+def install(work: Path, dest: Path, metrics: dict) -> Path:
+    """The shipped copy: fp16 safetensors + configs, about 20 MB."""
+    from ..default_model import assemble
+
+    return assemble(work, dest, recipe={"seed": SEED, "data": DATA, "stages": RECIPE}, metrics=metrics)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m seed_fast.recipes.default_model", description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="runs/default_model", help="folder for the stage runs (resumable)")
+    p.add_argument("--only", nargs="+", choices=ORDER, help="run only these stages (their inputs must exist)")
+    p.add_argument("--install", action="store_true", help="then write the shipped copy (see --dest)")
+    p.add_argument("--dest", default=None, help="default: the package's assets/default_model folder")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    metrics = {}
+    for name in args.only or ORDER:
+        metrics[name] = run_stage(name, work)
+    print(f"[recipe] stages finished in {time.perf_counter() - t0:.0f} s")
+    if args.install:
+        from ..default_model import DEFAULT_DIR
+
+        dest = Path(args.dest) if args.dest else DEFAULT_DIR
+        if dest.exists():
+            shutil.rmtree(dest)
+        out = install(work, dest, metrics)
+        print(f"[recipe] installed into {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

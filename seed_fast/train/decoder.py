@@ -1,0 +1,106 @@
+"""Decoder stage: train the pixel-space diffusion decoder on generation embeddings from codes.
+
+unCLIP's decoder is trained on CLIP image embeddings and SEED feeds it the embedding its
+de-tokenizer rebuilds from 32 codes. The embedded model's decoder is small enough to be trained on
+exactly what it will receive: image -> frozen tokenizer -> codes -> generation embedding, and the
+target is the same image at `decoder.image_size` pixels (in [-1, 1]). With probability
+`decoder.null_prob` the embedding is replaced by zeros, the null that classifier-free guidance uses.
+
+    seed-fast train decoder --config run.json     (tokenizer: a stage-II tokenizer folder)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, TrainConfig
+from .data import make_collate, make_source
+from .loop import Task, load_tokenizer
+
+
+def embeddings_from_pixels(tok, pixels: torch.Tensor) -> torch.Tensor:
+    """pixels (B, 3, S, S) in [0, 1] -> generation embeddings through the codes (B, D), float32."""
+    from ..models.preprocess import normalize
+
+    x = normalize(pixels.to(tok.device), tok.config.image_mean, tok.config.image_std).to(tok.dtype)
+    codes = tok.quantizer.lookup(tok.causal_embeddings(x))
+    return tok.generation_embedding(codes).float()
+
+
+def decoder_targets(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """pixels in [0, 1] -> the decoder's training images at `size` in [-1, 1] (area down-sampling)."""
+    if pixels.shape[-1] != size:
+        pixels = F.interpolate(pixels.float(), size=(size, size), mode="area")
+    return pixels.float() * 2 - 1
+
+
+class DecoderModule(nn.Module):
+    def __init__(self, tok, pipe, dcfg, seed: int):
+        super().__init__()
+        self.tok, self.unet, self.dcfg = tok, pipe.unet, dcfg
+        self.pipe = pipe
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def forward(self, batch) -> dict:
+        from ..models.image_decoder import decoder_training_loss
+
+        if len(batch) == 0:
+            zero = sum(p.sum() * 0 for p in self.unet.parameters())
+            return {"loss": zero}
+        with torch.no_grad():
+            emb = embeddings_from_pixels(self.tok, batch.pixels)
+            images = decoder_targets(batch.pixels, self.dcfg.image_size).to(emb.device)
+        loss = decoder_training_loss(self.pipe, images, emb, null_prob=self.dcfg.null_prob, generator=self.gen)
+        return {"loss": loss}
+
+
+class DecoderTask(Task):
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        from ..models.image_decoder import mini_image_decoder
+
+        self.cfg = cfg
+        tok = load_tokenizer(cfg)
+        if tok.config.detokenizer.kind != "mlp" or tok.config.detokenizer.rq_queries != 1:
+            raise ConfigError("the decoder stage needs a tokenizer whose generation embedding is one vector (detokenizer kind 'mlp')")
+        tok = tok.to(device).eval().requires_grad_(False)
+        d = cfg.decoder
+        self.tok = tok
+        self.pipe = mini_image_decoder(tok.config.detokenizer.out_dim, d.image_size, seed=cfg.seed)
+        self.pipe.unet.to(device)
+        self.module = DecoderModule(tok, self.pipe, d, cfg.seed)
+        self.image_size = tok.config.vision.image_size
+
+    def keeps(self, key: str) -> bool:
+        return key.startswith("unet.")
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.pipe.unet.parameters())
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out denoising loss at fixed timesteps and fixed noise (comparable across runs)."""
+        ds = make_source(self.cfg, "val")
+        n = min(len(ds), self.cfg.data.val_n)
+        collate = make_collate(self.image_size)
+        g = torch.Generator().manual_seed(1234)
+        sched = self.pipe.scheduler
+        losses = {t: [] for t in (50, 300, 700)}
+        for i in range(0, n, 64):
+            batch = collate([ds[j] for j in range(i, min(n, i + 64))])
+            if len(batch) == 0:
+                continue
+            emb = embeddings_from_pixels(self.tok, batch.pixels)
+            images = decoder_targets(batch.pixels, self.cfg.decoder.image_size).to(emb.device)
+            for t, acc in losses.items():
+                noise = torch.randn(images.shape, generator=g).to(images)
+                tt = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
+                pred = self.pipe._denoise(sched.add_noise(images, noise, tt), tt, emb)
+                acc.append(F.mse_loss(pred.float(), images, reduction="sum").item() / images[0].numel())
+        return {f"val_mse_t{t}": sum(v) / max(1, n) for t, v in losses.items()}
+
+    def export(self, run: Path) -> None:
+        self.pipe.save_pretrained(run / "decoder")
