@@ -36,9 +36,9 @@ RECIPE: dict[str, dict] = {
         "optim": {"lr": 5e-4, "warmup": 40, "weight_decay": 0.05},
     },
     "stage2": {
-        "stage": "stage2", "steps": 600, "global_batch": 64,
+        "stage": "stage2", "steps": 800, "global_batch": 64,
         "optim": {"lr": 1e-3, "warmup": 20},
-        "stage2": {"codebook_init": "kmeans", "restart_dead_every": 20, "target": "itc"},
+        "stage2": {"codebook_init": "kmeans", "restart_dead_every": 20, "target": "itc", "itc_weight": 2.0},
     },
     "llm": {
         "stage": "llm", "steps": 1500, "global_batch": 32,
@@ -62,8 +62,10 @@ ORDER = ("stage1", "stage2", "llm", "lora", "decoder", "checker")
 
 def stage_config(name: str, work: Path, recipe: dict | None = None) -> dict:
     """The training config of one stage, with the folders of the stages before it filled in."""
-    r = copy.deepcopy((recipe or RECIPE)[name])
-    r.update(out=str(work / name), seed=SEED, data=dict(DATA), ckpt_every=max(1, r["steps"] // 3), eval_every=r["steps"])
+    recipe = recipe or RECIPE
+    r = copy.deepcopy(recipe[name])
+    data = dict(recipe.get("data", DATA))
+    r.update(out=str(work / name), seed=SEED, data=data, ckpt_every=max(1, r["steps"] // 3), eval_every=r["steps"])
     if name == "stage2":
         r["tokenizer"] = str(work / "stage1" / "tokenizer")
         r["stage2"]["itc_heads"] = str(work / "stage1")
@@ -106,11 +108,12 @@ def run_stage(name: str, work: Path, recipe: dict | None = None, *, progress: bo
     return metrics
 
 
-def install(work: Path, dest: Path, metrics: dict) -> Path:
+def install(work: Path, dest: Path, metrics: dict, recipe: dict | None = None) -> Path:
     """The shipped copy: fp16 safetensors + configs, about 20 MB."""
     from ..default_model import assemble
 
-    return assemble(work, dest, recipe={"seed": SEED, "data": DATA, "stages": RECIPE}, metrics=metrics)
+    recipe = recipe or RECIPE
+    return assemble(work, dest, recipe={"seed": SEED, "data": recipe.get("data", DATA), "stages": recipe}, metrics=metrics)
 
 
 def main(argv=None) -> int:

@@ -49,6 +49,7 @@ class Stage2Config:
     vq_weight: float = 5.0
     cos_weight: float = 2.0
     mse_weight: float = 0.5
+    itc_weight: float = 0.0  # > 0: also match stage I's retrieval feature from codes (needs itc_heads)
     target: str = "pixels"  # "pixels" (a fixed random projection of the downsampled image), "itc" (stage I's image feature; needs itc_heads) or a CLIP vision folder
     codebook_init: str = "uniform"  # uniform (as released) | kmeans (from the first batch's z)
     restart_dead_every: int = 0  # steps; 0 disables dead-code restarts
@@ -168,7 +169,8 @@ class TrainConfig:
         need(s.target in ("pixels", "itc") or Path(s.target).is_dir(),
              f"stage2.target must be 'pixels', 'itc' or a CLIP vision model folder, got {s.target!r}")
         need(s.target != "itc" or s.itc_heads is not None, "stage2.target 'itc' needs stage2.itc_heads (a stage-I run folder)")
-        need(min(s.vq_weight, s.cos_weight, s.mse_weight) >= 0, "stage2 loss weights must be >= 0")
+        need(min(s.vq_weight, s.cos_weight, s.mse_weight, s.itc_weight) >= 0, "stage2 loss weights must be >= 0")
+        need(s.itc_weight == 0 or s.itc_heads is not None, "stage2.itc_weight needs stage2.itc_heads (a stage-I run folder)")
         need(s.restart_dead_every >= 0, f"stage2.restart_dead_every must be >= 0, got {s.restart_dead_every}")
         need(s.itc_heads is None or (Path(s.itc_heads) / "itc_heads.safetensors").is_file(),
              f"stage2.itc_heads must be a stage-I run folder holding itc_heads.safetensors, got {s.itc_heads!r}")

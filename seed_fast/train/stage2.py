@@ -74,9 +74,10 @@ class ItcTarget(nn.Module):
 
 
 class Stage2Module(nn.Module):
-    def __init__(self, tok, target: nn.Module, s2):
+    def __init__(self, tok, target: nn.Module, s2, itc_proj: nn.Linear | None = None):
         super().__init__()
         self.tok, self.target, self.w = tok, target, s2
+        self.itc_proj = itc_proj  # stage I's vision_proj (frozen), for the retrieval-feature loss
         self.last_z: torch.Tensor | None = None
         self.last_codes: torch.Tensor | None = None
 
@@ -100,8 +101,17 @@ class Stage2Module(nn.Module):
         target = self.target(causal) if getattr(self.target, "uses_causal", False) else self.target(pixels)
         mse = F.mse_loss(gen.float(), target)
         loss = self.w.vq_weight * vq + self.w.cos_weight * cos + self.w.mse_weight * mse
+        parts = {"vq": vq.detach(), "cos": cos.detach(), "mse": mse.detach()}
+        if self.w.itc_weight > 0:
+            # the retrieval feature rebuilt from codes (last query -> vision_proj) against the continuous one
+            f_rec = self.itc_proj(recon[:, -1]).float()
+            with torch.no_grad():
+                f_ref = self.itc_proj(causal[:, -1]).float()
+            itc = (1 - F.cosine_similarity(f_rec, f_ref, dim=-1)).mean()
+            loss = loss + self.w.itc_weight * itc
+            parts["itc"] = itc.detach()
         self.last_z, self.last_codes = z.detach(), codes.detach()
-        return {"loss": loss, "vq": vq.detach(), "cos": cos.detach(), "mse": mse.detach()}
+        return {"loss": loss, **parts}
 
 
 class Stage2Task(Task):
@@ -137,7 +147,10 @@ class Stage2Task(Task):
         else:
             target = ClipTarget(s2.target, tok.config.image_mean, tok.config.image_std)
         self.tok = tok
-        self.module = Stage2Module(tok, target.to(device), s2)
+        if s2.itc_weight > 0 and self.itc is None:
+            raise ConfigError("stage2.itc_weight needs stage2.itc_heads (the stage-I run whose vision_proj it uses)")
+        proj = self.itc.vision_proj.requires_grad_(False) if self.itc is not None else None
+        self.module = Stage2Module(tok, target.to(device), s2, proj)
         self.image_size = tok.config.vision.image_size
 
     def keeps(self, key: str) -> bool:

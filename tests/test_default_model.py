@@ -1,0 +1,98 @@
+"""The embedded default model's machinery: the recipe's stages on a tiny budget produce a folder that
+loads, evaluates and runs the demo (report + grid); the caption parser; the checker's verdicts."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from seed_fast.checker import HEADS, SceneChecker  # noqa: E402
+from seed_fast.default_model import DefaultModelError, check_folder, load_default  # noqa: E402
+from seed_fast.recipes import default_model as recipe_mod  # noqa: E402
+from seed_fast.synthetic import make_scene, parse_caption  # noqa: E402
+
+
+def test_caption_parser_reads_back_every_scene_and_refuses_the_rest():
+    rng = random.Random(11)
+    for _ in range(300):
+        _, caption, facts = make_scene(rng, 64)
+        assert parse_caption(caption) == facts
+        assert parse_caption(caption.upper() + ".") == facts
+    for bad in ("", "one red circles left of a blue square", "two red circle left of a blue square",
+                "one pink circle left of a blue square", "one red circle right of a blue square",
+                "four red circles left of a blue square", "one red circle left of a blue"):
+        assert parse_caption(bad) is None, bad
+
+
+def test_checker_judges_every_object_fact():
+    m = SceneChecker()
+    facts = [{"left_color": "red", "left_shape": "circle", "count": 2, "right_color": "blue", "right_shape": "square"}]
+    pred = m.predict(torch.rand(1, 3, 64, 64))[0]
+    assert set(pred) == set(HEADS) and all(pred[k] in HEADS[k] for k in HEADS)
+    row = m.judge(torch.rand(1, 3, 64, 64), facts)[0]
+    assert row["objects_ok"] == all(row[k] for k in ("left_color", "left_shape", "right_color", "right_shape"))
+    with pytest.raises(ValueError, match="2 images but 1 fact sets"):
+        m.judge(torch.rand(2, 3, 32, 32), facts)
+
+
+def _tiny_recipe():
+    r = copy.deepcopy(recipe_mod.RECIPE)
+    r["data"] = {"kind": "synthetic", "n": 64, "val_n": 8, "image_size": 64, "seed": 0}
+    for name in ("stage1", "stage2", "llm", "lora", "decoder"):
+        r[name].update(steps=2, global_batch=8)
+        r[name]["optim"]["warmup"] = 0
+    r["llm"]["llm"].update(model="tiny-llama", eval_n=2)
+    r["lora"]["llm"].update(eval_n=2)
+    r["stage2"]["stage2"]["codebook_init"] = "uniform"  # k-means needs 1024 vectors: more than 2 tiny batches give
+    r["decoder"]["decoder"]["image_size"] = 16
+    r["checker"] = {"steps": 3, "batch": 8, "seed": 7}
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    work = tmp_path_factory.mktemp("recipe")
+    recipe = _tiny_recipe()
+    metrics = {name: recipe_mod.run_stage(name, work, recipe, progress=False) for name in recipe_mod.ORDER}
+    dest = recipe_mod.install(work, work / "model", metrics, recipe)
+    return work, dest
+
+
+def test_the_recipe_skips_finished_stages(tiny_model, capsys):
+    work, _ = tiny_model
+    again = recipe_mod.run_stage("stage1", work, _tiny_recipe(), progress=False)
+    assert "done already" in capsys.readouterr().out and "seconds" in again
+
+
+def test_the_installed_folder_loads_evaluates_and_demos(tiny_model, tmp_path):
+    from seed_fast.demo import evaluate, run_demo
+
+    _, dest = tiny_model
+    m = load_default(dest)
+    assert m.tokenizer.config.name == "mini" and m.decoder.image_size == 16
+    for f in dest.rglob("*.safetensors"):  # shipped in half precision
+        from safetensors.torch import load_file
+
+        assert all(v.dtype != torch.float32 for v in load_file(str(f)).values()), f
+    metrics = evaluate(m, 4, n_gen=2, steps=2, progress=False)
+    for key in ("retrieval_i2t_r1", "caption_objects_ok", "answer_exact", "generation_objects_ok", "reconstruction_objects_ok"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    out = run_demo(m, tmp_path / "demo", n_images=2, eval_n=4, steps=2, progress=False)
+    assert (tmp_path / "demo" / "report.html").read_text().count("<img") >= 2 + 2 + 4
+    assert (tmp_path / "demo" / "grid.png").stat().st_size > 0 and "generation_objects_ok" in out
+
+
+def test_partial_folders_are_refused(tiny_model, tmp_path):
+    import shutil
+
+    _, dest = tiny_model
+    part = tmp_path / "partial"
+    shutil.copytree(dest, part)
+    shutil.rmtree(part / "decoder")
+    with pytest.raises(DefaultModelError, match=r"missing \['decoder'\]"):
+        check_folder(part)
+    with pytest.raises(DefaultModelError, match="not a folder"):
+        load_default(tmp_path / "absent")
