@@ -41,12 +41,13 @@ RECIPE: dict[str, dict] = {
         "stage2": {"codebook_init": "kmeans", "restart_dead_every": 20, "target": "itc", "itc_weight": 2.0},
     },
     "llm": {
-        "stage": "llm", "steps": 1500, "global_batch": 32,
+        "stage": "llm", "steps": 2500, "global_batch": 32, "data": {"n": 32768},
         "optim": {"lr": 1e-3, "warmup": 50, "weight_decay": 0.01},
-        "llm": {"model": "mini-llama", "mode": "instruct", "lora_r": 0, "eval_n": 64, "qa_ratio": 0.3},
+        "llm": {"model": "mini-llama", "mode": "instruct", "lora_r": 0, "eval_n": 64, "qa_ratio": 0.3,
+                "image_first_ratio": 0.6},
     },
     "lora": {
-        "stage": "llm", "steps": 300, "global_batch": 32,
+        "stage": "llm", "steps": 300, "global_batch": 32, "data": {"n": 32768},
         "optim": {"lr": 1e-3, "warmup": 20},
         "llm": {"mode": "instruct", "lora_r": 16, "lora_alpha": 32, "eval_n": 64, "qa_ratio": 0.5},
     },
@@ -65,6 +66,7 @@ def stage_config(name: str, work: Path, recipe: dict | None = None) -> dict:
     recipe = recipe or RECIPE
     r = copy.deepcopy(recipe[name])
     data = dict(recipe.get("data", DATA))
+    data.update(r.pop("data", {}))  # a stage may see more of the synthetic stream (same seed)
     r.update(out=str(work / name), seed=SEED, data=data, ckpt_every=max(1, r["steps"] // 3), eval_every=r["steps"])
     if name == "stage2":
         r["tokenizer"] = str(work / "stage1" / "tokenizer")
