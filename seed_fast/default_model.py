@@ -97,15 +97,16 @@ def _half_safetensors(folder: Path) -> None:
         save_file({k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in sd.items()}, str(f), metadata={"format": "pt"})
 
 
-def assemble(work: Path, dest: Path, *, recipe: dict, metrics: dict) -> Path:
-    """Copy the finished stage outputs of a recipe run into a model folder (fp16 weights)."""
+def assemble(work: Path, dest: Path, *, recipe: dict, metrics: dict, llm_stage: str = "lora") -> Path:
+    """Copy the finished stage outputs of a recipe run into a model folder (fp16 weights).
+    llm_stage: the run whose SeedLLM is shipped ("lora": the adapter stage, or "llm")."""
     work, dest = Path(work), Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     shutil.copytree(work / "stage2" / "tokenizer", tmp / "tokenizer")
-    llm_src = work / "lora" / "llm"
+    llm_src = work / llm_stage / "llm"
     shutil.copytree(llm_src, tmp / "llm", ignore=shutil.ignore_patterns("tokenizer", "diffusion"))
     shutil.copytree(work / "decoder" / "decoder", tmp / "decoder")
     (tmp / "itc").mkdir()

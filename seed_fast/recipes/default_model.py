@@ -43,8 +43,10 @@ RECIPE: dict[str, dict] = {
     "llm": {
         "stage": "llm", "steps": 2500, "global_batch": 32, "data": {"n": 32768},
         "optim": {"lr": 1e-3, "warmup": 50, "weight_decay": 0.01},
-        "llm": {"model": "mini-llama", "mode": "instruct", "lora_r": 0, "eval_n": 64, "qa_ratio": 0.3,
-                "image_first_ratio": 0.6},
+        # "seed-opt": captions and answers have distinct prompts ("a photo of" / "Question: ...");
+        # with "plain" both start right after the image and the model may caption with a question
+        "llm": {"model": "mini-llama", "template": "seed-opt", "mode": "instruct", "lora_r": 0, "eval_n": 64,
+                "qa_ratio": 0.3, "image_first_ratio": 0.6},
     },
     "lora": {
         "stage": "llm", "steps": 300, "global_batch": 32, "data": {"n": 32768},
