@@ -409,11 +409,11 @@ def embeddings_to_images(
     """
     from .image_decoder import SeedImageDecoderPipeline
 
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if seed is not None:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
     if isinstance(pipe, SeedImageDecoderPipeline):  # the embedded model's pixel decoder: same arguments
-        if seed is not None and generator is not None:
-            raise ValueError("pass either seed or generator, not both")
-        if seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
         for name, value in (("height", height), ("width", width)):
             if value is not None and value != pipe.image_size:
                 raise ValueError(f"{name}: this decoder draws {pipe.image_size} px images, got {value}")
@@ -447,10 +447,6 @@ def embeddings_to_images(
                 f"{name} must be a positive multiple of {multiple} (the VAE scale factor is {pipe.vae_scale_factor}), "
                 f"got {value}"
             )
-    if seed is not None and generator is not None:
-        raise ValueError("pass either seed or generator, not both")
-    if seed is not None:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
 
     device = pipe._execution_device
     dtype = pipe.unet.dtype
