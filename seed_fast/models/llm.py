@@ -755,38 +755,24 @@ def _default_template(model) -> str:
 def tiny_causal_lm(preset: str, vocab_size: int) -> nn.Module:
     """A randomly initialised small transformers LM: "tiny-llama" / "tiny-opt" (tests), or
     "mini-llama" (the embedded default model's LM: 256 wide, 4 layers, about 3 M parameters)."""
+    common = dict(vocab_size=vocab_size, num_attention_heads=4, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
     if preset in ("tiny-llama", "mini-llama"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         mini = preset == "mini-llama"
         cfg = LlamaConfig(
-            vocab_size=vocab_size,
             hidden_size=256 if mini else 64,
             intermediate_size=512 if mini else 128,
             num_hidden_layers=4 if mini else 2,
-            num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=3,
             tie_word_embeddings=False,
+            **common,
         )
         return LlamaForCausalLM(cfg)
     if preset == "tiny-opt":
         from transformers import OPTConfig, OPTForCausalLM
 
-        cfg = OPTConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=512,
-            word_embed_proj_dim=64,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=3,
-        )
+        cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, word_embed_proj_dim=64, **common)
         return OPTForCausalLM(cfg)
     raise ValueError(f"unknown LM preset {preset!r}; choose 'tiny-llama', 'tiny-opt' or 'mini-llama'")

@@ -105,8 +105,11 @@ class Stage2Module(nn.Module):
         if self.w.itc_weight > 0:
             # the retrieval feature rebuilt from codes (last query -> vision_proj) against the continuous one
             f_rec = self.itc_proj(recon[:, -1]).float()
-            with torch.no_grad():
-                f_ref = self.itc_proj(causal[:, -1]).float()
+            if getattr(self.target, "uses_causal", False):
+                f_ref = target  # the same projection, scaled: the cosine does not see the scale
+            else:
+                with torch.no_grad():
+                    f_ref = self.itc_proj(causal[:, -1]).float()
             itc = (1 - F.cosine_similarity(f_rec, f_ref, dim=-1)).mean()
             loss = loss + self.w.itc_weight * itc
             parts["itc"] = itc.detach()
