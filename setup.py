@@ -105,12 +105,15 @@ if _want_cuda():
     )
 
 extras = {
-    "test": ["pytest>=7", "triton>=3.0; platform_system == 'Linux'", "peft>=0.10", "diffusers>=0.30", "matplotlib"],
+    "test": ["pytest>=7", "triton>=3.0; platform_system == 'Linux'", "peft>=0.10", "diffusers>=0.30", "matplotlib",
+             "onnx>=1.16", "onnxruntime>=1.18", "scikit-image"],
     "train": ["matplotlib"],
     "triton": ["triton>=3.0"],
     "llm": ["peft>=0.10"],
     "diffusion": ["diffusers>=0.27"],
-    "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript"],
+    "export": ["onnx>=1.16", "onnxruntime>=1.18"],
+    # seed_fast.runtime: no torch (install seed_fast with --no-deps, or copy runtime.py)
+    "runtime": ["numpy", "onnxruntime>=1.18", "tokenizers", "pillow"],
     "gpu": ["onnxruntime-gpu>=1.18", "xformers", "triton>=3.0"],
     "bench": ["matplotlib", "triton>=3.0"],
 }

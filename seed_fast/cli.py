@@ -1,4 +1,4 @@
-"""`seed-fast` command line: tokenize, detokenize, caption, generate, info, demo."""
+"""`seed-fast` command line: tokenize, detokenize, caption, generate, train, info, demo, eval, export, ort-run."""
 
 from __future__ import annotations
 
@@ -258,6 +258,36 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    if args.target == "onnx":
+        from .export import ExportError, export_onnx
+
+        try:
+            man = export_onnx(args.part, args.out, checkpoint=args.checkpoint, fp16=args.fp16, opset=args.opset,
+                              image_dtype=args.image_dtype, progress=not args.no_progress)
+        except (ExportError, FileNotFoundError) as e:
+            print(f"seed-fast export: error: {e}", file=sys.stderr)
+            return 2
+        print(f"{'part':<12} {'files':<40} {'MB':>9} {'s':>7}  parity (onnxruntime vs torch)")
+        for part, rep in man["reports"].items():
+            if part in man["parts"]:
+                parity = ", ".join(f"{k} {v:.3g}" for k, v in rep["parity"].items())
+                print(f"{part:<12} {' '.join(rep['files']):<40} {rep['megabytes']:>9.2f} {rep['seconds']:>7.1f}  {parity}")
+        print(f"manifest: {Path(args.out) / 'seed_fast_onnx.json'}  (run it: seed-fast ort-run --model {args.out} ...)")
+        return 0
+    from .export import TensorRTError, build_engines
+
+    try:
+        engines = build_engines(args.onnx, args.out, parts=args.part, fp16=not args.fp32, max_batch=args.max_batch,
+                                opt_batch=args.opt_batch, max_seq=args.max_seq, workspace_gb=args.workspace_gb)
+    except TensorRTError as e:
+        print(f"seed-fast export tensorrt: error: {e}", file=sys.stderr)
+        return 2
+    for part, path in engines.items():
+        print(f"{part}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seed-fast", description="SEED image tokenizer tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -320,6 +350,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("export", help="ONNX files for every part (and TensorRT engines from them)")
+    tsub = p.add_subparsers(dest="target", required=True)
+    q = tsub.add_parser("onnx", help="export parts to ONNX, checked against torch in onnxruntime")
+    q.add_argument("--part", nargs="+", default=["all"], choices=["tokenizer", "detokenizer", "llm", "decoder", "all"])
+    q.add_argument("--checkpoint", default=None, help="a model folder (default: the embedded model)")
+    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--fp16", action="store_true", help="fp16 weights (the code search keeps fp32 distances)")
+    q.add_argument("--opset", type=int, default=17)
+    q.add_argument("--image-dtype", default="uint8", choices=["uint8", "float32"], help="tokenizer input (default uint8)")
+    q.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_export)
+    q = tsub.add_parser("tensorrt", help="TensorRT engines from an ONNX export (needs the tensorrt package)")
+    q.add_argument("--onnx", required=True, metavar="DIR", help="a folder written by `seed-fast export onnx`")
+    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--part", nargs="+", default=None, help="default: every exported part")
+    q.add_argument("--fp32", action="store_true", help="no fp16 layers")
+    q.add_argument("--max-batch", type=int, default=8)
+    q.add_argument("--opt-batch", type=int, default=1)
+    q.add_argument("--max-seq", type=int, default=512, help="LLM: new tokens and past length up to this")
+    q.add_argument("--workspace-gb", type=float, default=4.0)
+
+    sub.add_parser("ort-run", help="run an exported stack with onnxruntime, no torch (see seed-fast ort-run -h)", add_help=False)
+
     p = sub.add_parser("eval", help="retrieval / caption / generation metrics of a model on held-out scenes")
     p.add_argument("--checkpoint", default=None, help="a model folder (default: the embedded model)")
     p.add_argument("--n", type=int, default=256, help="held-out scenes (default 256)")
@@ -332,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ort-run"]:  # torch-free: handled before the parser imports the training code
+        from .runtime import main as ort_main
+
+        return ort_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -8,7 +8,7 @@ twice, through ``class_embed_type="projection"`` as unCLIP does and as the singl
 cross-attention blocks attend to, and a diffusers DDIM scheduler that predicts the clean sample.
 
 ``SeedImageDecoderPipeline(image_embeds, negative_image_embeds=None, num_inference_steps, guidance_scale,
-generator)`` takes the same arguments as ``SeedUnCLIPPipeline`` does through
+generator, latents=None)`` takes the same arguments as ``SeedUnCLIPPipeline`` does through
 ``seed_fast.models.unclip.embeddings_to_images``, which accepts either. Classifier-free guidance uses
 ``negative_image_embeds`` when given, else the learned-null zeros the decoder was trained with.
 """
@@ -53,6 +53,7 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
         num_inference_steps: int = 20,
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         progress: bool | None = None,
@@ -80,7 +81,12 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
             emb = torch.cat([neg, emb])
         size = self.image_size
         shape = (batch, self.unet.config.in_channels, size, size)
-        x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+        if latents is None:
+            x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            x = latents.to(device=device, dtype=dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
         if progress is not None:

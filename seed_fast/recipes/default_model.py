@@ -5,7 +5,7 @@
 Every stage is the project's own training code (`seed_fast.train`), run in this process, on the
 synthetic colored-shapes data (`seed_fast.synthetic`, 64 px, seeded):
 
-  1. stage1    ViT + causal Q-Former + text branch, image-text contrastive       (`mini` preset)
+  1. stage1    ViT + causal Q-Former + text branch, image-text contrastive, the ViT trained too (`mini`)
   2. stage2    quantizer (1024 codes) + de-tokenizer; generation target: stage I's image feature
   3. llm       `mini-llama` (4 layers, 256 wide) with the image vocabulary, every weight trained on
                image->caption, caption->image and question->answer sequences
@@ -34,6 +34,8 @@ RECIPE: dict[str, dict] = {
     "stage1": {
         "stage": "stage1", "steps": 800, "global_batch": 64, "tokenizer": "mini",
         "optim": {"lr": 5e-4, "warmup": 40, "weight_decay": 0.05},
+        # no pretrained ViT at this size (SEED's is EVA-CLIP): learn it with the Q-Former, CLIP-style
+        "stage1": {"train_vit": True},
     },
     "stage2": {
         "stage": "stage2", "steps": 800, "global_batch": 64,

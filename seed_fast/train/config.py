@@ -42,6 +42,7 @@ class OptimConfig:
 class Stage1Config:
     init: str | None = None  # a BLIP-2 checkpoint (LAVIS .pth or transformers file / folder): Q-Former, text branch, projections
     text_tokenizer: str | None = None  # a transformers tokenizer folder (BLIP-2: bert-base-uncased); default: a word tokenizer
+    train_vit: bool = False  # also train the ViT (CLIP-style, for a stack with no pretrained ViT); SEED keeps EVA-CLIP frozen
 
 
 @dataclass

@@ -5,7 +5,8 @@ feature: the Q-Former's own text branch (BLIP-2: word + position embeddings, the
 weights as the queries, a separate text FFN, no cross-attention), [CLS] output -> `text_proj` -> l2
 norm. Loss: symmetric InfoNCE with a learned temperature (init 0.07) and label smoothing 0.1;
 negatives are gathered from every rank (`torch.distributed.nn.all_gather` carries the gradients).
-The ViT stays frozen.
+The ViT stays frozen (SEED starts from EVA-CLIP) unless `stage1.train_vit` is set: a stack with no
+pretrained ViT (the embedded `mini` one) then learns it here too, CLIP-style.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class Stage1Module(nn.Module):
         self.vision_proj = nn.Linear(hidden, embed_dim)
         self.text_proj = nn.Linear(hidden, embed_dim)
         self.temp = nn.Parameter(torch.tensor(0.07))
+        self.train_vit = False
 
     def text_ids(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """captions -> (ids, mask) (B, L): [CLS] text [SEP] with a BERT-style tokenizer (BLIP-2's),
@@ -97,8 +99,8 @@ class Stage1Module(nn.Module):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         tok = self.tok
         x = normalize(pixels.to(tok.device), tok.config.image_mean, tok.config.image_std).to(tok.dtype)
-        with torch.no_grad():
-            feats = tok.image_features(x)  # the ViT is frozen
+        with torch.set_grad_enabled(self.train_vit and torch.is_grad_enabled()):
+            feats = tok.image_features(x)  # frozen unless stage1.train_vit
         causal = tok.qformer(feats)  # (B, 32, hidden)
         return F.normalize(self.vision_proj(causal[:, -1]).float(), dim=-1)  # the last query
 
@@ -217,8 +219,12 @@ class Stage1Task(Task):
         pos = heads.get("text.position_embeddings.weight")
         tok = tok.to(device).requires_grad_(False)
         tok.qformer.requires_grad_(True)
+        if s1.train_vit:
+            tok.vision.requires_grad_(True)
+            tok.ln_vision.requires_grad_(True)
         self.tok = tok
         module = Stage1Module(tok, text_tok, max_len=pos.shape[0] if pos is not None else 64)
+        module.train_vit = s1.train_vit
         if heads:
             words = heads.get("text.word_embeddings.weight")
             if words is not None and words.shape[0] != module.text.word_embeddings.weight.shape[0]:
@@ -232,7 +238,8 @@ class Stage1Task(Task):
         self.image_size = tok.config.vision.image_size
 
     def keeps(self, key: str) -> bool:
-        return not key.startswith("tok.") or key.startswith("tok.qformer.")
+        trained = ("tok.qformer.",) + (("tok.vision.", "tok.ln_vision.") if self.cfg.stage1.train_vit else ())
+        return not key.startswith("tok.") or key.startswith(trained)
 
     def evaluate(self) -> dict[str, float]:
         from .data import make_collate

@@ -1,0 +1,404 @@
+"""Export the SEED stack to ONNX, one file per part, with a manifest the torch-free runtime reads.
+
+Every part is traced on the reference path (standard ONNX ops only, no custom domain), checked with
+`onnx.checker`, then run in onnxruntime (CPU) on fresh random inputs and compared with torch before
+the export reports success. The fused kernels (Triton / CUDA) do not enter the graphs: see
+`seed_fast.export.tensorrt_build` for why and how TensorRT handles the standard-op graphs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .graphs import CODE_CHUNK, DetokenizerGraph, LMGraph, TokenizerGraph, UNetGraph, kv_shape
+
+MANIFEST = "seed_fast_onnx.json"
+FORMAT = 1
+PARTS = ("tokenizer", "detokenizer", "llm", "decoder")
+DEFAULT_OPSET = 17
+TWO_GB = 2**31
+# fp32 parity bound (relative to the largest reference value); fp16 graphs get a looser one
+RTOL = {False: 1e-4, True: 2e-2}
+
+
+class ExportError(RuntimeError):
+    """An export that could not be made or failed its checks."""
+
+
+@dataclass
+class PartReport:
+    part: str
+    files: list[str]
+    seconds: float
+    megabytes: float
+    parity: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_checkpoint(checkpoint: str | os.PathLike | None, parts: tuple[str, ...]) -> dict[str, Any]:
+    """The torch objects a set of parts needs, from a checkpoint folder (None: the embedded default).
+
+    Accepted folders: a default-model folder (tokenizer/, llm/, decoder/), a SeedLLM folder
+    (seed_llm.json [+ tokenizer/]), a SeedTokenizer folder (config.json + weights) or a
+    SeedImageDecoderPipeline folder (unet/ + scheduler/)."""
+    from ..default_model import DEFAULT_DIR
+
+    root = Path(DEFAULT_DIR if checkpoint is None else checkpoint).expanduser()
+    if not root.is_dir():
+        raise ExportError(f"--checkpoint {str(root)!r} is not a folder")
+    found: dict[str, Any] = {}
+    want_tok = bool({"tokenizer", "detokenizer"} & set(parts))
+    tok_dir = next((d for d in (root / "tokenizer", root) if _is_tokenizer_dir(d)), None)
+    llm_dir = next((d for d in (root / "llm", root) if (d / "seed_llm.json").is_file()), None)
+    dec_dir = next((d for d in (root / "decoder", root) if (d / "unet").is_dir() and (d / "scheduler").is_dir()), None)
+    if want_tok or "llm" in parts:
+        if tok_dir is None and llm_dir is not None and _is_tokenizer_dir(llm_dir / "tokenizer"):
+            tok_dir = llm_dir / "tokenizer"
+    if want_tok:
+        if tok_dir is None:
+            raise ExportError(f"{root}: no SeedTokenizer folder (config.json + model.safetensors) in it or in tokenizer/")
+        from ..models import SeedTokenizer
+
+        found["tokenizer"] = SeedTokenizer.from_pretrained(tok_dir)
+    if "llm" in parts:
+        if llm_dir is None:
+            raise ExportError(f"{root}: no SeedLLM folder (seed_llm.json) in it or in llm/")
+        from ..models.llm import SeedLLM
+
+        found["llm"] = SeedLLM.from_pretrained(llm_dir, tokenizer=found.get("tokenizer"), fused_lora=False)
+    if "decoder" in parts:
+        if dec_dir is None:
+            raise ExportError(f"{root}: no image-decoder folder (unet/ + scheduler/) in it or in decoder/")
+        from ..models.image_decoder import load_image_decoder
+
+        if (dec_dir / "vae").is_dir() or (dec_dir / "image_encoder").is_dir():
+            raise ExportError(f"{dec_dir} is a Stable unCLIP pipeline: its export (text encoder, UNet, VAE) is not supported yet; "
+                              "the decoder export takes a SeedImageDecoderPipeline folder")
+        found["decoder"] = load_image_decoder(dec_dir)
+    return found
+
+
+def _is_tokenizer_dir(d: Path) -> bool:
+    if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
+        return False
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return cfg.get("class") == "SeedTokenizer" or ("qformer" in cfg and "vision" in cfg)
+
+
+# ------------------------------------------------------------------------------------- utilities
+def _export(module, args, path: Path, *, input_names, output_names, dynamic_axes, opset: int) -> None:
+    module.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent python branches
+        torch.onnx.export(
+            module, tuple(args), str(path), dynamo=False, opset_version=opset,
+            input_names=list(input_names), output_names=list(output_names), dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
+
+
+def _finish_file(path: Path, external_data: bool | None) -> list[str]:
+    """onnx.checker on the file; weights moved to one `<name>.data` file beside it when the model is
+    over 2 GB (protobuf's limit) or external_data=True. Returns the file names written."""
+    import onnx
+
+    tmp_dir = path.parent
+    size = sum(f.stat().st_size for f in tmp_dir.iterdir() if f.is_file())
+    use_external = size >= TWO_GB if external_data is None else external_data
+    if use_external:
+        model = onnx.load(str(path), load_external_data=True)
+        for f in list(tmp_dir.iterdir()):
+            if f != path and f.is_file():
+                f.unlink()  # the exporter's one-file-per-tensor data
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+        del model
+    onnx.checker.check_model(str(path))
+    return sorted(f.name for f in tmp_dir.iterdir() if f.is_file())
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max() / max(scale, 1e-12)) if b.size else 0.0
+
+
+def _check(name: str, rel: float, fp16: bool) -> None:
+    if not rel <= RTOL[fp16]:
+        raise ExportError(f"{name}: onnxruntime differs from torch by {rel:.3g} (relative; bound {RTOL[fp16]:g})")
+
+
+def _eval_dtype(module: torch.nn.Module, fp16: bool) -> torch.nn.Module:
+    module.eval()
+    return module.half() if fp16 else module.float()
+
+
+# ---------------------------------------------------------------------------------------- parts
+def export_tokenizer(tok, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET, image_dtype: str = "uint8",
+                     external_data: bool | None = None, seed: int = 0) -> tuple[PartReport, dict]:
+    """SeedTokenizer -> tokenizer.onnx: images (B, 3, S, S) -> codes (B, 32) int64."""
+    if image_dtype not in ("uint8", "float32"):
+        raise ExportError(f"image_dtype must be 'uint8' or 'float32', got {image_dtype!r}")
+    t0 = time.perf_counter()
+    was_fast = tok.is_fast
+    tok.to_reference()
+    _eval_dtype(tok, fp16)
+    s = tok.config.vision.image_size
+    g = torch.Generator().manual_seed(seed)
+    uint8 = image_dtype == "uint8"
+
+    def images(b):
+        if uint8:
+            return torch.randint(0, 256, (b, 3, s, s), generator=g, dtype=torch.uint8)
+        return torch.rand(b, 3, s, s, generator=g)
+
+    graph = TokenizerGraph(tok, uint8=uint8)
+    try:
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            path = Path(tmp) / "tokenizer.onnx"
+            _export(graph, [images(2)], path, input_names=["images"], output_names=["codes"],
+                    dynamic_axes={"images": {0: "batch"}, "codes": {0: "batch"}}, opset=opset)
+            files = _finish_file(path, external_data)
+            x = images(3)
+            got = _session(path).run(None, {"images": x.numpy()})[0]
+            with torch.no_grad():
+                ref = tok.encode(x.float() / 255.0 if uint8 else x).cpu().numpy()
+            same = float((got == ref).mean())
+            if not fp16 and same < 1.0:
+                raise ExportError(f"tokenizer: onnxruntime codes differ from torch's at {int((got != ref).sum())} of {ref.size} positions")
+            _move(Path(tmp), folder, files)
+    finally:
+        if was_fast:
+            tok.to_fast()
+    info = {
+        "file": "tokenizer.onnx", "image_size": s, "image_dtype": image_dtype, "num_codes": tok.num_codes,
+        "codebook_size": tok.codebook_size, "code_chunk": CODE_CHUNK, "resize": "bicubic",
+        "inputs": {"images": ["batch", 3, s, s]}, "outputs": {"codes": ["batch", tok.num_codes]},
+    }
+    return _report("tokenizer", folder, files, t0, {"codes_equal": same}), info
+
+
+def export_detokenizer(tok, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
+                       external_data: bool | None = None, seed: int = 0) -> tuple[PartReport, dict]:
+    """SeedTokenizer's quantizer + de-tokenizer -> detokenizer.onnx: codes (B, 32) -> embedding."""
+    t0 = time.perf_counter()
+    _eval_dtype(tok, fp16)
+    g = torch.Generator().manual_seed(seed + 1)
+    n, k = tok.num_codes, tok.codebook_size
+    graph = DetokenizerGraph(tok)
+    with torch.no_grad():
+        out_shape = list(graph(torch.zeros(1, n, dtype=torch.long)).shape[1:])
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = Path(tmp) / "detokenizer.onnx"
+        _export(graph, [torch.randint(0, k, (2, n), generator=g)], path, input_names=["codes"], output_names=["embedding"],
+                dynamic_axes={"codes": {0: "batch"}, "embedding": {0: "batch"}}, opset=opset)
+        files = _finish_file(path, external_data)
+        codes = torch.randint(0, k, (3, n), generator=g)
+        got = _session(path).run(None, {"codes": codes.numpy()})[0]
+        with torch.no_grad():
+            ref = tok.decode(codes).float().numpy()
+        rel = _rel(got, ref)
+        _check("detokenizer", rel, fp16)
+        _move(Path(tmp), folder, files)
+    info = {"file": "detokenizer.onnx", "num_codes": n, "codebook_size": k,
+            "inputs": {"codes": ["batch", n]}, "outputs": {"embedding": ["batch", *out_shape]}}
+    return _report("detokenizer", folder, files, t0, {"max_rel_err": rel}), info
+
+
+def _lm_inputs(batch: int, past: int, new: int, vocab: int, layers: int, heads: int, head_dim: int, dtype, g, pad_rows: int = 1):
+    ids = torch.randint(0, vocab, (batch, new), generator=g)
+    mask = torch.ones(batch, past + new, dtype=torch.long)
+    for r in range(min(pad_rows, batch)):
+        mask[r, : min(2, past + new - 1)] = 0  # a left-padded row
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    kv = [torch.randn(batch, heads, past, head_dim, generator=g).to(dtype) for _ in range(2 * layers)]
+    return [ids, mask, pos, *kv]
+
+
+def export_llm(llm, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
+               external_data: bool | None = None, seed: int = 0) -> tuple[PartReport, dict]:
+    """SeedLLM -> llm.onnx (LoRA merged into the weights, in place) with KV-cache inputs and
+    outputs; one graph serves prefill (past length 0) and decode (one new token)."""
+    t0 = time.perf_counter()
+    if llm.has_lora:
+        llm.merge_lora()
+    model = _eval_dtype(llm.model, fp16)
+    layers, heads, head_dim = kv_shape(model.config)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    dtype = torch.float16 if fp16 else torch.float32
+    names_in = ["input_ids", "attention_mask", "position_ids"] + [f"past_{kv}_{i}" for i in range(layers) for kv in ("key", "value")]
+    names_out = ["logits"] + [f"present_{kv}_{i}" for i in range(layers) for kv in ("key", "value")]
+    dyn = {"input_ids": {0: "batch", 1: "new"}, "attention_mask": {0: "batch", 1: "total"},
+           "position_ids": {0: "batch", 1: "new"}, "logits": {0: "batch"}}
+    dyn.update({n: {0: "batch", 2: "past"} for n in names_in[3:]})
+    dyn.update({n: {0: "batch", 2: "total"} for n in names_out[1:]})
+    g = torch.Generator().manual_seed(seed + 2)
+    graph = LMGraph(model).eval()
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = Path(tmp) / "llm.onnx"
+        _export(graph, _lm_inputs(2, 3, 4, vocab, layers, heads, head_dim, dtype, g), path,
+                input_names=names_in, output_names=names_out, dynamic_axes=dyn, opset=opset)
+        files = _finish_file(path, external_data)
+        sess = _session(path)
+        worst = 0.0
+        for b, p, t in ((1, 0, 7), (3, 5, 1), (2, 9, 3)):  # prefill, decode, a chunk after a cache
+            x = _lm_inputs(b, p, t, vocab, layers, heads, head_dim, dtype, g)
+            got = sess.run(None, dict(zip(names_in, (v.numpy() for v in x))))
+            with torch.no_grad():
+                ref = [r.float().numpy() for r in graph(*x)]
+            worst = max(worst, *(_rel(a.astype(np.float32), r) for a, r in zip(got, ref)))
+        _check("llm", worst, fp16)
+        _move(Path(tmp), folder, files)
+    tt = llm.text_tokenizer
+    if not getattr(tt, "is_fast", False):
+        raise ExportError("the LLM's text tokenizer is not a fast (tokenizers-backed) tokenizer: the runtime needs its tokenizer.json")
+    tt.backend_tokenizer.save(str(folder / "text_tokenizer.json"))
+    tpl = llm.template
+    info = {
+        "file": "llm.onnx", "num_layers": layers, "kv_heads": heads, "head_dim": head_dim, "vocab_size": vocab,
+        "kv_dtype": "float16" if fp16 else "float32", "inputs": names_in, "outputs": names_out,
+        "text_tokenizer": "text_tokenizer.json",
+        "bos_id": tt.bos_token_id, "eos_id": tt.eos_token_id, "pad_id": tt.pad_token_id,
+        "image_vocab": {"base": llm.vocab.base, "num_codes": llm.vocab.num_codes, "tokens_per_image": llm.tokens_per_image},
+        "template": {"name": tpl.name, "chat": tpl.chat, "caption": tpl.caption, "answer": tpl.answer,
+                     "generate": tpl.generate, "add_bos": tpl.add_bos},
+        "max_positions": getattr(model.config, "max_position_embeddings", None),
+    }
+    return _report("llm", folder, files + ["text_tokenizer.json"], t0, {"max_rel_err": worst}), info
+
+
+def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
+                   external_data: bool | None = None, seed: int = 0) -> tuple[PartReport, dict]:
+    """SeedImageDecoderPipeline -> decoder_unet.onnx (the denoiser) + the scheduler's constants
+    (the runtime runs the DDIM loop in numpy)."""
+    from diffusers import DDIMScheduler
+
+    if not hasattr(pipe, "_denoise") or not isinstance(pipe.scheduler, DDIMScheduler):
+        raise ExportError(f"the decoder export takes a SeedImageDecoderPipeline with a DDIM scheduler, got {type(pipe).__name__}")
+    t0 = time.perf_counter()
+    _eval_dtype(pipe.unet, fp16)
+    c, s, d = pipe.unet.config.in_channels, pipe.image_size, pipe.image_embedding_dim
+    g = torch.Generator().manual_seed(seed + 3)
+    t_max = pipe.scheduler.config.num_train_timesteps
+
+    def inputs(b):
+        return [torch.randn(b, c, s, s, generator=g), torch.randint(0, t_max, (b,), generator=g), torch.randn(b, d, generator=g)]
+
+    graph = UNetGraph(pipe).eval()
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = Path(tmp) / "decoder_unet.onnx"
+        _export(graph, inputs(2), path, input_names=["sample", "timestep", "embedding"], output_names=["prediction"],
+                dynamic_axes={n: {0: "batch"} for n in ("sample", "timestep", "embedding", "prediction")}, opset=opset)
+        files = _finish_file(path, external_data)
+        x = inputs(3)
+        got = _session(path).run(None, {"sample": x[0].numpy(), "timestep": x[1].numpy(), "embedding": x[2].numpy()})[0]
+        with torch.no_grad():
+            ref = graph(*x).numpy()
+        rel = _rel(got, ref)
+        _check("decoder", rel, fp16)
+        _move(Path(tmp), folder, files)
+    sc = pipe.scheduler
+    cfg = {k: v for k, v in dict(sc.config).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
+    info = {
+        "file": "decoder_unet.onnx", "image_size": s, "in_channels": c, "embed_dim": d,
+        "scheduler": {"class": type(sc).__name__, **cfg, "alphas_cumprod": [float(a) for a in sc.alphas_cumprod],
+                      "final_alpha_cumprod": float(sc.final_alpha_cumprod)},
+        "null_embedding": "zeros",
+    }
+    return _report("decoder", folder, files, t0, {"max_rel_err": rel}), info
+
+
+def _move(src: Path, dst: Path, files: list[str]) -> None:
+    for name in files:
+        target = dst / name
+        if target.exists():
+            target.unlink()
+        shutil.move(str(src / name), str(target))
+
+
+def _report(part: str, folder: Path, files: list[str], t0: float, parity: dict) -> PartReport:
+    mb = sum((folder / f).stat().st_size for f in files if (folder / f).exists()) / 2**20
+    return PartReport(part, files, round(time.perf_counter() - t0, 2), round(mb, 3), parity)
+
+
+# ----------------------------------------------------------------------------------------- entry
+def export_onnx(parts=("all",), out: str | os.PathLike = "onnx", *, checkpoint: str | os.PathLike | None = None,
+                objects: dict[str, Any] | None = None, fp16: bool = False, opset: int = DEFAULT_OPSET,
+                image_dtype: str = "uint8", external_data: bool | None = None, progress: bool = True) -> dict:
+    """Export parts ("tokenizer", "detokenizer", "llm", "decoder" or "all") of a checkpoint (None: the
+    embedded default model) or of torch objects given as objects={"tokenizer": ..., "llm": ...,
+    "decoder": ...} into `out`, and merge them into its manifest (seed_fast_onnx.json).
+    Returns the manifest. Raises ExportError when a part cannot be exported or fails its checks."""
+    parts = tuple(parts)
+    if "all" in parts:
+        parts = PARTS
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise ExportError(f"unknown part(s) {bad}: choose from {list(PARTS)} or 'all'")
+    if not 7 <= opset <= 23:
+        raise ExportError(f"opset must lie in [7, 23] (torch's exporter), got {opset}")
+    if opset < 14:
+        raise ExportError(f"opset {opset} is too old for these graphs (scaled-dot-product attention, trilu): use 14 or newer")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise ExportError(f"ONNX export needs onnx and onnxruntime: pip install onnx onnxruntime ({e})") from None
+    objs = dict(objects or {})
+    if objects is None or any(p not in objs and not (p == "detokenizer" and "tokenizer" in objs) for p in parts):
+        loaded = load_checkpoint(checkpoint, tuple(p for p in parts if p not in objs and not (p == "detokenizer" and "tokenizer" in objs)))
+        objs = {**loaded, **objs}
+    if "llm" in parts and objs.get("llm") is None:
+        raise ExportError("part 'llm' needs a SeedLLM")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    man_path = folder / MANIFEST
+    manifest = json.loads(man_path.read_text()) if man_path.is_file() else {}
+    if manifest.get("format", FORMAT) != FORMAT:
+        raise ExportError(f"{man_path} has format {manifest.get('format')}; this exporter writes format {FORMAT}")
+    manifest.update(format=FORMAT, producer="seed_fast", torch=torch.__version__, opset=opset, fp16=fp16)
+    manifest.setdefault("parts", {})
+    manifest.setdefault("reports", {})
+    kw = {"fp16": fp16, "opset": opset, "external_data": external_data}
+    steps = {
+        "tokenizer": lambda: export_tokenizer(objs["tokenizer"], folder, image_dtype=image_dtype, **kw),
+        "detokenizer": lambda: export_detokenizer(objs["tokenizer"], folder, **kw),
+        "llm": lambda: export_llm(objs["llm"], folder, **kw),
+        "decoder": lambda: export_decoder(objs["decoder"], folder, **kw),
+    }
+    it = parts
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(parts, desc="export onnx", unit="part")
+    for part in it:
+        if progress:
+            it.set_postfix_str(part)
+        report, info = steps[part]()
+        manifest["parts"][part] = info
+        manifest["reports"][part] = asdict(report)
+        tmp = man_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, man_path)
+    return manifest

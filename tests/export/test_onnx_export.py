@@ -1,0 +1,204 @@
+"""ONNX export: every part traced, checked and run in onnxruntime, compared with torch.
+
+The runtime (seed_fast.runtime, numpy + onnxruntime) is what deployment uses, so parity is checked
+through it: codes identical, embeddings and logits within 1e-4 relative (fp32), greedy captions and
+generated codes identical token for token, the denoising loop equal given the same noise.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from seed_fast import SeedLLM  # noqa: E402
+from seed_fast.export import ExportError, export_onnx  # noqa: E402
+from seed_fast.export.graphs import nearest_code  # noqa: E402
+from seed_fast.models.image_decoder import mini_image_decoder  # noqa: E402
+from seed_fast.ops import codebook_lookup_ref  # noqa: E402
+from seed_fast.runtime import SeedRuntime  # noqa: E402
+from seed_fast.synthetic import sample_images  # noqa: E402
+
+
+def _fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-opt"])
+def exported(request, tmp_path_factory):
+    llm = SeedLLM.from_config(request.param, seed=3, template="seed-opt")
+    tok = llm.tokenizer
+    dim = tok.decode(torch.zeros(1, tok.num_codes, dtype=torch.long)).shape[-1]
+    dec = mini_image_decoder(embed_dim=dim, image_size=16, seed=5)
+    out = tmp_path_factory.mktemp(f"onnx-{request.param}")
+    manifest = export_onnx(["all"], out, objects={"tokenizer": tok, "llm": llm, "decoder": dec}, progress=False)
+    return llm, dec, SeedRuntime(out, providers=["CPUExecutionProvider"]), manifest, out
+
+
+def test_manifest_lists_every_part_with_its_checks(exported):
+    _, _, rt, manifest, out = exported
+    assert set(manifest["parts"]) == {"tokenizer", "detokenizer", "llm", "decoder"}
+    on_disk = json.loads((out / "seed_fast_onnx.json").read_text())
+    assert on_disk["parts"] == manifest["parts"]
+    for part, rep in manifest["reports"].items():
+        for f in rep["files"]:
+            assert (out / f).is_file(), (part, f)
+    assert manifest["reports"]["tokenizer"]["parity"]["codes_equal"] == 1.0
+    for part in ("detokenizer", "llm", "decoder"):
+        assert manifest["reports"][part]["parity"]["max_rel_err"] <= 1e-4
+
+
+def test_graphs_hold_standard_ops_only(exported):
+    import onnx
+
+    out = exported[4]
+    for f in ("tokenizer.onnx", "detokenizer.onnx", "llm.onnx", "decoder_unet.onnx"):
+        domains = {n.domain for n in onnx.load(str(out / f), load_external_data=False).graph.node}
+        assert domains <= {"", "ai.onnx"}, (f, domains)
+
+
+def test_nearest_code_matches_reference_on_odd_shapes():
+    g = torch.Generator().manual_seed(_fresh_seed())
+    for n, k, d, chunk in ((1, 1, 1, 256), (37, 300, 7, 64), (64, 1024, 32, 256), (5, 513, 16, 512)):
+        z, book = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+        ref, _ = codebook_lookup_ref(z, book)
+        got = nearest_code(z, book, chunk)
+        assert torch.equal(got, ref), (n, k, d, chunk)
+    # ties: the lowest index wins across chunk borders, as in the reference
+    book = torch.zeros(600, 4)
+    got = nearest_code(torch.ones(3, 4), book, 256)
+    assert got.tolist() == [0, 0, 0]
+
+
+def test_codes_identical_on_random_and_real_images(exported):
+    llm, _, rt, _, _ = exported
+    tok = llm.tokenizer
+    s = tok.config.vision.image_size
+    g = torch.Generator().manual_seed(_fresh_seed())
+    x = torch.randint(0, 256, (4, 3, s, s), generator=g, dtype=torch.uint8)
+    assert np.array_equal(rt.tokenize(x.numpy()), tok.encode(x).numpy())
+    scenes, _ = sample_images(3, seed=_fresh_seed() % 1000, size=s)
+    assert np.array_equal(rt.tokenize(scenes), tok.encode(scenes).numpy())
+    skimage = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    real = [Image.fromarray(getattr(skimage, n)()) for n in ("astronaut", "coffee", "chelsea", "rocket")]
+    assert np.array_equal(rt.tokenize(real), tok.encode(real).numpy())
+    # float input is accepted too (range-checked, converted to the graph's uint8)
+    xf = x.float().numpy() / 255.0
+    assert np.array_equal(rt.tokenize(xf), tok.encode(x).numpy())
+
+
+def test_embeddings_and_logits_within_1e4(exported):
+    llm, _, rt, _, _ = exported
+    g = torch.Generator().manual_seed(_fresh_seed())
+    codes = torch.randint(0, llm.tokenizer.codebook_size, (5, 32), generator=g)
+    assert _rel(rt.embed(codes.numpy()), llm.tokenizer.decode(codes).numpy()) <= 1e-4
+    # prefill logits of a left-padded batch, against the transformers model run directly
+    rows = [[llm.text_tokenizer.bos_token_id] + torch.randint(4, 50, (n,), generator=g).tolist() for n in (3, 9)]
+    ids, mask, pos, _ = rt._prefill(rows)
+    logits, _ = rt._lm_step(ids, mask, pos, rt._past(len(rows)))
+    with torch.no_grad():
+        ref = llm.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                        position_ids=torch.from_numpy(pos)).logits[:, -1]
+    assert _rel(logits, ref.numpy()) <= 1e-4
+
+
+def test_greedy_captions_and_answers_identical_token_for_token(exported):
+    llm, _, rt, _, _ = exported
+    g = torch.Generator().manual_seed(_fresh_seed())
+    codes = torch.randint(0, llm.tokenizer.codebook_size, (4, 32), generator=g)
+    rows = [llm.encode_turn(llm.template.caption, codes[i: i + 1]) for i in range(4)]
+    assert rt.generate_ids(rows, max_new_tokens=12) == llm.generate_ids(rows, max_new_tokens=12)
+    assert rt.caption(codes=codes.numpy(), max_new_tokens=12) == llm.caption(codes=codes, max_new_tokens=12)
+    qs = ["what color is the shape on the right?", "how many shapes are on the left?", "what shape", "color"]
+    assert rt.answer(qs, codes=codes.numpy(), max_new_tokens=6) == llm.answer(codes=codes, questions=qs, max_new_tokens=6)
+
+
+def test_generated_codes_identical_with_and_without_guidance(exported):
+    llm, _, rt, _, _ = exported
+    texts = ["one red circle left of a blue square", "three green triangles left of a yellow circle"]
+    assert np.array_equal(rt.generate_codes(texts), llm.generate_image_codes(texts).numpy())
+    assert np.array_equal(rt.generate_codes(texts, cfg_scale=3.0), llm.generate_image_codes(texts, cfg_scale=3.0).numpy())
+
+
+def test_denoising_loop_matches_the_pipeline_given_the_same_noise(exported):
+    llm, dec, rt, _, _ = exported
+    g = torch.Generator().manual_seed(_fresh_seed())
+    emb = torch.randn(2, dec.image_embedding_dim, generator=g)
+    noise = torch.randn(2, 3, 16, 16, generator=g)
+    for guidance in (1.0, 2.5):
+        ref = dec(emb, num_inference_steps=7, guidance_scale=guidance, latents=noise, output_type="np").images
+        got = rt.render(emb.numpy(), steps=7, guidance=guidance, noise=noise.numpy())
+        assert got.shape == ref.shape == (2, 16, 16, 3)
+        assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_text_to_image_end_to_end(exported):
+    _, _, rt, _, _ = exported
+    imgs = rt.text_to_image(["two blue squares left of a red circle"], steps=3, seed=1)
+    assert imgs.shape == (1, 16, 16, 3) and imgs.dtype == np.float32
+    assert 0.0 <= imgs.min() and imgs.max() <= 1.0 and imgs.std() > 0
+
+
+def test_external_data_and_fp16(tmp_path):
+    llm = SeedLLM.from_config("tiny-llama", seed=4)
+    m = export_onnx(["llm", "detokenizer"], tmp_path, objects={"tokenizer": llm.tokenizer, "llm": llm},
+                    external_data=True, progress=False)
+    assert (tmp_path / "llm.onnx.data").is_file() and (tmp_path / "detokenizer.onnx.data").is_file()
+    assert "llm.onnx.data" in m["reports"]["llm"]["files"]
+    rt = SeedRuntime(tmp_path, providers=["CPUExecutionProvider"])
+    codes = torch.randint(0, llm.tokenizer.codebook_size, (2, 32))
+    assert rt.caption(codes=codes.numpy(), max_new_tokens=5) == llm.caption(codes=codes, max_new_tokens=5)
+    # fp16: checked against torch at fp16's tolerance, runs on the CPU provider
+    llm16 = SeedLLM.from_config("tiny-llama", seed=4)
+    m16 = export_onnx(["llm", "tokenizer"], tmp_path / "fp16", objects={"tokenizer": llm16.tokenizer, "llm": llm16},
+                      fp16=True, progress=False)
+    assert m16["fp16"] and m16["parts"]["llm"]["kv_dtype"] == "float16"
+    assert m16["reports"]["llm"]["parity"]["max_rel_err"] <= 2e-2
+    rt16 = SeedRuntime(tmp_path / "fp16", providers=["CPUExecutionProvider"])
+    assert len(rt16.caption(codes=codes.numpy(), max_new_tokens=3)) == 2
+
+
+def test_lora_is_merged_into_the_exported_weights(tmp_path):
+    llm = SeedLLM.from_config("tiny-llama", seed=6)
+    llm.add_lora(True, fused=False)
+    g = torch.Generator().manual_seed(_fresh_seed())
+    with torch.no_grad():  # a non-zero adapter, so merging changes the logits
+        for name, p in llm.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    codes = torch.randint(0, llm.tokenizer.codebook_size, (2, 32), generator=g)
+    rows = [llm.encode_turn(llm.template.caption, codes[i: i + 1]) for i in range(2)]
+    want = llm.generate_ids(rows, max_new_tokens=8)
+    export_onnx(["llm"], tmp_path, objects={"llm": llm}, progress=False)
+    assert not llm.has_lora
+    assert SeedRuntime(tmp_path, providers=["CPUExecutionProvider"]).generate_ids(rows, max_new_tokens=8) == want
+
+
+def test_export_errors_are_clear(tmp_path):
+    with pytest.raises(ExportError, match="unknown part"):
+        export_onnx(["vae"], tmp_path, progress=False)
+    with pytest.raises(ExportError, match="opset"):
+        export_onnx(["tokenizer"], tmp_path, opset=11, progress=False)
+    with pytest.raises(ExportError, match="not a folder"):
+        export_onnx(["tokenizer"], tmp_path, checkpoint=tmp_path / "nope", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="no SeedTokenizer folder"):
+        export_onnx(["tokenizer"], tmp_path / "out", checkpoint=tmp_path / "empty", progress=False)
+    with pytest.raises(ExportError, match="no SeedLLM folder"):
+        export_onnx(["llm"], tmp_path / "out", checkpoint=tmp_path / "empty", progress=False)
+    with pytest.raises(ExportError, match="image_dtype"):
+        from seed_fast import SeedTokenizer
+
+        export_onnx(["tokenizer"], tmp_path / "out", objects={"tokenizer": SeedTokenizer.from_config("tiny")},
+                    image_dtype="int16", progress=False)
