@@ -12,6 +12,12 @@
 #   bench    build, full benchmarks, no tests
 #   tests    build, GPU tests only
 #   rest     build, the benchmarks `targets` leaves out (fp16 codebook, LLM decode), no tests
+#   suite    build, then benchmarks/run_all.py (every benchmark, summary tables + JSON + PNG) within
+#            SUITE_BUDGET seconds (default 400); SUITE_TESTS=1 first runs the regression guard and
+#            export tests
+#
+# Wheels the machine lacks (diffusers, for the embedded model's decoder) can be carried in .wheels/
+# (git-ignored; the device tool's `carry`): they are installed offline with --no-deps first.
 #
 # The machine's own python3 (with torch, triton, transformers) is used; nothing is downloaded.
 # Every step is time-boxed (STEP_LIMIT_* seconds) so one slow step cannot eat the whole call, and
@@ -45,12 +51,36 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a "$W/session.log"
 $PY -c "import transformers, peft; print('transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee -a "$W/session.log"
 
+if ls .wheels/*.whl >/dev/null 2>&1; then
+  log "carried wheels"
+  $PY -m pip install -q --no-deps --no-index .wheels/*.whl 2>&1 | tail -3 | tee -a "$W/session.log"
+fi
+
 log "build (editable install: C++ and CUDA extensions for this GPU; offline, no dependencies fetched)"
 ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
 SEED_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 \
   step build "${STEP_LIMIT_BUILD:-300}" build.log $PY -m pip install --no-deps --no-build-isolation --no-index -e .
 tail -3 "$W/build.log"
 $PY -m seed_fast.info 2>&1 | tee -a "$W/session.log"
+
+if [ "$MODE" = "suite" ] && [ -n "${SUITE_TESTS:-}" ]; then
+  log "regression guard and export tests"
+  step tests "${STEP_LIMIT_TESTS:-90}" tests.log $PY -m pytest -q -rfE -p no:cacheprovider -m "not slow" \
+    ${TEST_PATHS:-tests/test_fast_path_guard.py tests/export/test_onnx_export.py}
+  grep -E "passed|failed|error" "$W/tests.log" | tail -3
+  grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -30
+fi
+if [ "$MODE" = "suite" ]; then
+  DEV=$($PY -c "import sys; sys.path.insert(0, 'benchmarks'); from common import device_name; print(device_name('cuda'))")
+  log "benchmarks/run_all.py (budget ${SUITE_BUDGET:-400} s)"
+  step suite "$(( ${SUITE_BUDGET:-400} + 60 ))" suite.log $PY benchmarks/run_all.py --device cuda --budget "${SUITE_BUDGET:-400}" \
+    --out "$W/results/$DEV"
+  tail -25 "$W/suite.log" | tee -a "$W/session.log"
+  cp "$W/results/$DEV/summary.md" "$OUT/summary_suite.md" 2>/dev/null
+  cp "$W/results/$DEV/summary.png" "$OUT/summary.png" 2>/dev/null
+  pack
+  exit 0
+fi
 
 if [ "$MODE" != "bench" ] && [ "$MODE" != "rest" ]; then
   log "tests on the GPU"

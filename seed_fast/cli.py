@@ -1,4 +1,4 @@
-"""`seed-fast` command line: tokenize, detokenize, caption, generate, train, info, demo, eval, export, ort-run."""
+"""`seed-fast` command line: tokenize, detokenize, caption, generate, train, info, demo, eval, export, ort-run, bench."""
 
 from __future__ import annotations
 
@@ -288,6 +288,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def bench_script() -> Path:
+    """benchmarks/run_all.py of the source checkout this package was installed from."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: the benchmarks ship with the source checkout (git clone, then pip install -e .)")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seed-fast", description="SEED image tokenizer tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -372,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workspace-gb", type=float, default=4.0)
 
     sub.add_parser("ort-run", help="run an exported stack with onnxruntime, no torch (see seed-fast ort-run -h)", add_help=False)
+    sub.add_parser("bench", help="every benchmark, tables + JSON + PNG in benchmarks/results/<device> (see seed-fast bench -h)", add_help=False)
 
     p = sub.add_parser("eval", help="retrieval / caption / generation metrics of a model on held-out scenes")
     p.add_argument("--checkpoint", default=None, help="a model folder (default: the embedded model)")
@@ -390,6 +399,16 @@ def main(argv=None) -> int:
         from .runtime import main as ort_main
 
         return ort_main(argv[1:])
+    if argv[:1] == ["bench"]:  # benchmarks/run_all.py parses its own arguments
+        try:
+            script = bench_script()
+        except FileNotFoundError as e:
+            print(f"seed-fast bench: error: {e}", file=sys.stderr)
+            return 2
+        import runpy
+
+        mod = runpy.run_path(str(script), run_name="seed_fast_bench")
+        return mod["main"](argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -130,6 +130,8 @@ class SeedRuntime:
             info = self._need(part)
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
+            # idle worker threads must not spin: they would steal the cores from the caller's own work
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._sessions[part] = ort.InferenceSession(str(self.folder / info["file"]), opts, providers=self.providers)
         return self._sessions[part]
 

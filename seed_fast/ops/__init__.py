@@ -6,6 +6,7 @@ from .codebook_lookup import (
     vector_quantize,
     vector_quantize_ref,
 )
+from .dispatch_log import record_dispatch
 from .lora_linear import lora_dropout_mask, lora_linear, lora_linear_ref
 from .qformer_attention import qformer_attention, qformer_attention_ref
 
@@ -17,6 +18,7 @@ __all__ = [
     "lora_linear_ref",
     "qformer_attention",
     "qformer_attention_ref",
+    "record_dispatch",
     "vector_quantize",
     "vector_quantize_ref",
 ]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from . import dispatch_log as _dispatch
 from ._triton_support import triton_reasons
 
 IMPLS = ("auto", "ref", "cpu", "triton", "cuda")
@@ -172,6 +173,8 @@ def codebook_lookup(
     _check_inputs(z, codebook, metric)
     flat, book = _prepare(z, codebook, metric)
     chosen = choose_impl(flat, book, impl)
+    if _dispatch._logs:
+        _dispatch.note("codebook_lookup", chosen)
     if check_finite and flat.is_cuda and torch.cuda.is_current_stream_capturing():
         check_finite = False  # a CUDA graph capture cannot sync to read the result
     indices = torch.ops.seed_fast.codebook_argmin(flat, book, chosen, check_finite).reshape(z.shape[:-1])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from . import dispatch_log as _dispatch
 from ._triton_support import triton_reasons
 
 IMPLS = ("auto", "ref", "torch", "triton")
@@ -282,6 +283,8 @@ def lora_linear(
             return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed, impl=impl)
     _check(x, weight, bias, lora_A, lora_B, dropout_p, seed)
     chosen = choose_impl(x, weight, lora_A, impl)
+    if _dispatch._logs:
+        _dispatch.note("lora_linear", chosen)
     scaling = float(scaling)
     if chosen == "ref":
         return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import dispatch_log as _dispatch
 from ._triton_support import triton_reasons
 
 IMPLS = ("auto", "ref", "sdpa", "triton")
@@ -194,6 +195,8 @@ def qformer_attention(
     """
     _check_qkv(q, k, v, causal, key_padding_mask)
     chosen = choose_impl(q, k, v, impl)
+    if _dispatch._logs:
+        _dispatch.note("qformer_attention", chosen)
     if chosen == "ref":
         return qformer_attention_ref(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if chosen == "sdpa":
