@@ -127,7 +127,7 @@ def main(argv=None) -> int:
           "(numpy + onnxruntime). Outputs checked equal before timing.\n\n" + markdown_table(rows, cols))
     import onnxruntime
 
-    folder = write_results("export", dev, rows, md, args.out, extra={"onnxruntime": onnxruntime.__version__, "providers": providers})
+    folder = write_results("bench_export", dev, rows, md, args.out, extra={"onnxruntime": onnxruntime.__version__, "providers": providers})
     print(md)
     print(f"results in {folder}")
     tmp.cleanup()

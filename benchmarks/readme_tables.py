@@ -118,6 +118,13 @@ def main(argv=None) -> int:
             print(pivot_table(path, f"LLM greedy decoding ({path.stem.split('_', 3)[-1]}), 32 new tokens", ["batch"],
                               provs, value="tok_s", unit="tokens/s", higher_is_better=True))
             print()
+        path = folder / "bench_export.json"
+        if path.exists():
+            provs = ["torch eager", "torch to_fast", "torch (static KV cache)", "onnxruntime CPU", "onnxruntime CUDA",
+                     "onnxruntime Tensorrt"]
+            print(pivot_table(path, "Embedded model, torch vs the exported ONNX in seed_fast.runtime", ["part", "workload"],
+                              provs, value="median_ms"))
+            print()
     return 0
 
 

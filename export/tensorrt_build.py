@@ -7,7 +7,7 @@ multi-head-attention kernels, and MatMul + bias + activation into one GEMM epilo
 build with stock TensorRT and run under onnxruntime's TensorRT provider without a plugin library.
 Our Triton / CUDA kernels would need a TensorRT plugin each (IPluginV3, built per architecture and
 shipped beside the engine); that buys nothing for the Q-Former attention (32 queries: TensorRT's fused
-MHA covers it) and little for the codebook search (about 1% of the tokenizer), so it is not done.
+MHA covers it) and little for the codebook search (well under 1% of the tokenizer), so it is not done.
 
 Each engine gets one optimization profile per dynamic input: batch in [1, max_batch] (opt at
 opt_batch) and, for the LLM, new tokens in [1, max_seq] and past length in [0, max_seq].

@@ -67,6 +67,12 @@ class LavitConfig:
 
 LAVIT_PRESETS = {
     "lavit": LavitConfig(),
+    # the embedded model's ViT (`mini` SeedTokenizer preset: 64 px, 8 px patches, 128 wide), so a LaVIT
+    # tokenizer can be trained on CPU over a trained ViT
+    "mini-lavit": LavitConfig(
+        name="mini-lavit", vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_hidden=384),
+        heads=4, merger_depth=2, mlp_hidden=256, codebook_size=1024, code_dim=16, llm_dim=256, decoder_depth=2,
+    ),
     "tiny-lavit": LavitConfig(
         name="tiny-lavit", vision=VisionConfig(image_size=64, patch_size=8, width=64, depth=2, heads=4, mlp_hidden=128),
         heads=4, merger_depth=2, mlp_hidden=128, codebook_size=512, code_dim=16, llm_dim=96, decoder_depth=2,
@@ -108,6 +114,8 @@ def select_tokens(log_probs: torch.Tensor, mode: str = "threshold", *, threshold
     straight-through hard sample, as F.gumbel_softmax(hard=True)).
 
     mode "gumbel": sample (training; upstream samples at inference too, so its token counts vary);
+         "expected": keep the round(sum of p(keep)) most likely patches: deterministic, and as many
+                     tokens as the sampler keeps on average (the default at inference);
          "threshold": keep where p(keep) >= threshold (deterministic);
          "topk": keep the k most likely patches (deterministic, fixed length).
     Every image keeps at least its most likely patch."""
@@ -122,6 +130,11 @@ def select_tokens(log_probs: torch.Tensor, mode: str = "threshold", *, threshold
         soft = ((log_probs + g) / tau).softmax(-1)
         hard = F.one_hot(soft.argmax(-1), 2).to(soft)
         keep = (hard - soft.detach() + soft)[..., 0]
+    elif mode == "expected":
+        p = log_probs[..., 0].exp()
+        count = p.sum(-1).round().clamp(1, n).long()  # (B,)
+        rank = p.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)  # each patch's rank
+        keep = (rank < count[:, None]).to(log_probs.dtype)
     elif mode == "threshold":
         if not 0.0 <= threshold <= 1.0:
             raise InputError(f"threshold must lie in [0, 1], got {threshold}")
@@ -132,7 +145,7 @@ def select_tokens(log_probs: torch.Tensor, mode: str = "threshold", *, threshold
         idx = log_probs[..., 0].topk(k, dim=-1).indices
         keep = torch.zeros_like(log_probs[..., 0]).scatter(1, idx, 1.0)
     else:
-        raise InputError(f"unknown selection mode {mode!r}; choose 'gumbel', 'threshold' or 'topk'")
+        raise InputError(f"unknown selection mode {mode!r}; choose 'gumbel', 'expected', 'threshold' or 'topk'")
     none = (keep.detach() > 0.5).sum(-1) == 0  # (B,)
     if bool(none.any()):
         best = F.one_hot(log_probs[..., 0].argmax(-1), n).to(keep)
@@ -308,7 +321,7 @@ class LavitTokenizer(nn.Module):
         x = normalize(x, self.config.image_mean, self.config.image_std)
         return self.encoder(x.to(self.quantize.embedding.weight.dtype))[:, 1:]
 
-    def select(self, feats: torch.Tensor, mode: str = "threshold", **kwargs) -> torch.Tensor:
+    def select(self, feats: torch.Tensor, mode: str = "expected", **kwargs) -> torch.Tensor:
         return select_tokens(self.token_predictor(feats), mode, **kwargs)
 
     def merged(self, feats: torch.Tensor, keep: torch.Tensor, impl: str | None = None):
@@ -321,9 +334,9 @@ class LavitTokenizer(nn.Module):
         return codes.masked_fill(~valid, -1)
 
     @torch.no_grad()
-    def encode(self, images, *, mode: str = "threshold", **select_kwargs) -> list[torch.Tensor]:
+    def encode(self, images, *, mode: str = "expected", **select_kwargs) -> list[torch.Tensor]:
         """Images -> one int64 code tensor per image (its length varies). mode as in select_tokens
-        (default deterministic threshold 0.5; "gumbel" reproduces upstream's sampling)."""
+        (default "expected": deterministic; "gumbel" reproduces upstream's sampling)."""
         feats = self.features(images)
         keep = self.select(feats, mode, **select_kwargs)
         tokens, valid = self.merged(feats, keep)

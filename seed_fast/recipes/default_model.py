@@ -1,4 +1,8 @@
-"""Reproduce the embedded default model from scratch on a CPU (about 40 minutes on 2 cores).
+"""Reproduce the embedded default model from scratch on a CPU (about 50 minutes on 2 idle cores).
+
+Version 2 took 65 minutes on 2 cores shared with other work: stage1 305 s, stage2 253 s, llm 1078 s,
+lora 321 s, decoder 1841 s (about 1.55 s per step when the cores are idle, so about 18 minutes),
+checker 85 s.
 
     python -m seed_fast.recipes.default_model --work runs/default [--install]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("stage1", "stage2", "llm", "decoder")
+STAGES = ("stage1", "stage2", "llm", "decoder", "lavit")
 LM_PRESETS = ("tiny-llama", "tiny-opt", "mini-llama")
 
 
@@ -83,6 +83,18 @@ class DecoderConfig:
 
 
 @dataclass
+class LavitTrainConfig:
+    preset: str = "tiny-lavit"  # seed_fast.models.lavit.LAVIT_PRESETS
+    vit_from: str | None = None  # a SeedTokenizer folder whose (trained) ViT the tokenizer reads; else random, frozen
+    keep_ratio: float | None = None  # target fraction of patches kept (default: the preset's, 1/3)
+    keep_weight: float | None = None  # weight of the keep-ratio loss (default: the preset's, 2)
+    vq_weight: float = 1.0  # codebook + 0.25 x commitment, on l2-normalized vectors
+    tau: float = 1.0  # Gumbel-softmax temperature
+    codebook_init: str = "kmeans"  # kmeans (cosine, from the first batch's vectors) | random (as released: normalized randn)
+    restart_dead_every: int = 10  # steps; 0 disables dead-code restarts
+
+
+@dataclass
 class TrainConfig:
     stage: str
     out: str
@@ -102,6 +114,7 @@ class TrainConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     llm: LLMConfig = field(default_factory=LLMConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    lavit: LavitTrainConfig = field(default_factory=LavitTrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -178,6 +191,15 @@ class TrainConfig:
         s1 = self.stage1
         need(s1.init is None or Path(s1.init).exists(), f"stage1.init must be an existing BLIP-2 checkpoint file or folder, got {s1.init!r}")
         need(s1.text_tokenizer is None or Path(s1.text_tokenizer).is_dir(), f"stage1.text_tokenizer must be a tokenizer folder, got {s1.text_tokenizer!r}")
+        lv = self.lavit
+        from ..models.lavit import LAVIT_PRESETS
+
+        need(lv.preset in LAVIT_PRESETS, f"lavit.preset must be one of {sorted(LAVIT_PRESETS)}, got {lv.preset!r}")
+        need(lv.vit_from is None or Path(lv.vit_from).is_dir(), f"lavit.vit_from must be a SeedTokenizer folder, got {lv.vit_from!r}")
+        need(lv.codebook_init in ("kmeans", "random"), f"lavit.codebook_init must be kmeans or random, got {lv.codebook_init!r}")
+        need(lv.keep_ratio is None or 0 < lv.keep_ratio <= 1, f"lavit.keep_ratio must be in (0, 1], got {lv.keep_ratio}")
+        need(min(lv.vq_weight, lv.keep_weight or 0.0) >= 0 and lv.tau > 0, "lavit: vq_weight, keep_weight must be >= 0 and tau > 0")
+        need(lv.restart_dead_every >= 0, f"lavit.restart_dead_every must be >= 0, got {lv.restart_dead_every}")
         dc = self.decoder
         need(dc.image_size >= 8 and dc.image_size % 8 == 0, f"decoder.image_size must be a multiple of 8, got {dc.image_size}")
         need(0 <= dc.null_prob < 1, f"decoder.null_prob must be in [0, 1), got {dc.null_prob}")
@@ -210,7 +232,7 @@ def _build(cls, data: Any, where: str):
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         value = data[name]
-        sub = {"data": DataConfig, "optim": OptimConfig, "stage1": Stage1Config, "stage2": Stage2Config, "llm": LLMConfig, "decoder": DecoderConfig}.get(name) if cls is TrainConfig else None
+        sub = {"data": DataConfig, "optim": OptimConfig, "stage1": Stage1Config, "stage2": Stage2Config, "llm": LLMConfig, "decoder": DecoderConfig, "lavit": LavitTrainConfig}.get(name) if cls is TrainConfig else None
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:
