@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     flips = flip_rates(device)
     md += "\n## Code flips with fp16 inputs (against float64 on the same fp16 values)\n\n"
     md += markdown_table(flips, [(k, k) for k in flips[0]])
-    folder = write_results(f"bench_codebook_lookup_{args.dtype}", device, rows, md, args.out, {"quick": args.quick})
+    folder = write_results(f"bench_codebook_lookup_{args.dtype}", device, rows, md, args.out, {"quick": args.quick}, roofline_math="fp32")
     _plot(rows, folder / f"bench_codebook_lookup_{args.dtype}.png", device)
     print(md)
     print(f"results in {folder}")

@@ -176,7 +176,7 @@ def main(argv=None) -> int:
           "2 T in out + 4 T r (in + out) (base weight frozen).\n\n")
     md += markdown_table(rows, columns)
     folder = write_results(f"bench_lora_linear_{str(dtype).replace('torch.', '')}", device, rows, md, args.out,
-                           {"quick": args.quick})
+                           {"quick": args.quick}, roofline_math="tensor16" if dtype in (torch.float16, torch.bfloat16) else "fp32")
     print(md)
     print(f"results in {folder}")
     return 0

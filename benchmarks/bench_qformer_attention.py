@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     md = (f"{HEADS} heads x {DH}, {LQ} queries; self = causal 32 x 32, cross = 32 x {LK_IMAGE}; {repeats} timed "
           "repeats.\nFLOP fwd = 4 B H Dh pairs; fwd+bwd = 3.5 x fwd; GB/s = (q + k + v + out) bytes / t.\n\n")
     md += markdown_table(rows, columns)
-    folder = write_results("bench_qformer_attention", device, rows, md, args.out, {"quick": args.quick})
+    folder = write_results("bench_qformer_attention", device, rows, md, args.out, {"quick": args.quick}, roofline_math="fp32")
     print(md)
     print(f"results in {folder}")
     return 0

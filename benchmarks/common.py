@@ -111,7 +111,53 @@ def versions() -> dict:
     return out
 
 
-def write_results(name: str, device: str, rows: list[dict], markdown: str, out_dir: str | None, extra: dict | None = None):
+# Spec-sheet peaks (dense): FP32 without tensor cores, fp16/bf16 tensor cores (TFLOP/s), memory (TB/s).
+# Matched by substring of torch.cuda.get_device_name(); first match wins.
+GPU_PEAKS = (
+    ("H200", {"fp32": 67.0, "tensor16": 989.0, "tb_s": 4.8}),
+    ("H100 PCIe", {"fp32": 51.0, "tensor16": 756.0, "tb_s": 2.0}),
+    ("H100", {"fp32": 67.0, "tensor16": 989.0, "tb_s": 3.35}),
+    ("A100-SXM4-80GB", {"fp32": 19.5, "tensor16": 312.0, "tb_s": 2.04}),
+    ("A100", {"fp32": 19.5, "tensor16": 312.0, "tb_s": 1.555}),
+    ("V100", {"fp32": 15.7, "tensor16": 125.0, "tb_s": 0.9}),
+)
+
+
+def gpu_peaks(gpu_name: str) -> dict | None:
+    for key, peaks in GPU_PEAKS:
+        if key.lower() in gpu_name.lower():
+            return peaks
+    return None
+
+
+def roofline_fraction(tflops: float | None, tb_s: float | None, peaks: dict, math: str) -> float | None:
+    """Achieved / roofline bound at this arithmetic intensity = max(F / F_peak, B / B_peak), where
+    F and B are the achieved FLOP/s and bytes/s. math: "fp32" (CUDA cores) or "tensor16"."""
+    parts = []
+    if tflops is not None:
+        parts.append(tflops / peaks[math])
+    if tb_s is not None:
+        parts.append(tb_s / peaks["tb_s"])
+    return max(parts) if parts else None
+
+
+def _row_roofline(row: dict, peaks: dict, default_math: str) -> float | None:
+    def num(key, scale):
+        try:
+            return float(row[key]) * scale
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    tflops = num("tflops", 1.0)
+    if tflops is None:
+        tflops = num("gflops", 1e-3)
+    tb_s = num("gbs", 1e-3)
+    math = "tensor16" if str(row.get("dtype", "")) in ("float16", "bfloat16") else default_math
+    return roofline_fraction(tflops, tb_s, peaks, math)
+
+
+def write_results(name: str, device: str, rows: list[dict], markdown: str, out_dir: str | None, extra: dict | None = None,
+                  roofline_math: str | None = None):
     """benchmarks/results/<device>/<name>.{md,json} (+ the caller's PNG). Returns the folder."""
     folder = Path(out_dir) if out_dir else Path(__file__).parent / "results" / device_name(device)
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,6 +169,21 @@ def write_results(name: str, device: str, rows: list[dict], markdown: str, out_d
         "threads": torch.get_num_threads(),
     }
     meta.update(extra or {})
+    if device == "cuda" and roofline_math is not None:
+        peaks = gpu_peaks(meta["device"])
+        if peaks is not None:
+            lines = []
+            for r in rows:
+                frac = _row_roofline(r, peaks, roofline_math)
+                if frac is not None:
+                    r["roofline"] = f"{100 * frac:.1f}%"
+                    lines.append(r)
+            meta["roofline_peaks"] = peaks
+            if lines:
+                keys = [k for k in lines[0] if k not in ("roofline", "iqr", "err", "agree", "peak_mb", "note", "check")]
+                markdown += ("\n\nRoofline fraction = max(achieved FLOP/s / peak, achieved bytes/s / peak bandwidth), spec peaks "
+                             f"{peaks} (TFLOP/s, TB/s; `{roofline_math}` unless the row is fp16 / bf16 on tensor cores):\n\n"
+                             + markdown_table(lines, [(k, k) for k in keys] + [("roofline", "roofline")]))
     (folder / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     header = f"# {name}\n\ndevice: {meta['device']}; date: {meta['date']}; torch threads: {meta['threads']}\n\n"
     header += "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "\n\n"
