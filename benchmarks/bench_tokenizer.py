@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import markdown_table, time_fn, write_results  # noqa: E402
+from common import markdown_table, peak_extra_bytes, time_fn, write_results  # noqa: E402
 
 from seed_fast import SeedTokenizer  # noqa: E402
 from seed_fast.models.checkpoint import ours_to_hf_qformer  # noqa: E402
@@ -33,7 +33,7 @@ from seed_fast.models.checkpoint import ours_to_hf_qformer  # noqa: E402
 
 def qformer_flop(cfg, b: int) -> float:
     """Matmul FLOP of one Q-Former forward for batch b (2 per multiply-add)."""
-    q, length, enc = cfg.qformer, 257, cfg.vision.width
+    q, length, enc = cfg.qformer, cfg.vision.num_tokens, cfg.vision.width
     nq, h, f = q.num_queries, q.hidden, q.ffn
     n_cross = sum(1 for i in range(q.layers) if i % q.cross_attention_freq == 0)
     per_layer = 4 * nq * h * h + 2 * nq * nq * h + 2 * nq * h * f  # self QKV+out, scores+PV, FFN
@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default float16 on CUDA, float32 on CPU")
-    p.add_argument("--config", default="seed-tokenizer-2")
+    p.add_argument("--config", default="seed-tokenizer-2", help="a preset (random weights) or a SeedTokenizer folder, "
+                   "e.g. seed_fast/assets/default_model/tokenizer (the embedded model)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--qformer-batches", default=None, help="default 1,32,256 (CUDA) or 1,8 (CPU)")
     p.add_argument("--tokenizer-batches", default=None, help="default 1,32,256 (CUDA) or 1 (CPU)")
@@ -96,7 +97,11 @@ def main(argv=None) -> int:
     repeats = 7 if device == "cpu" else 30
 
     print(f"building {args.config} ({dtype}, {device}) ...", flush=True)
-    tok = SeedTokenizer.from_config(args.config, seed=0).to(device, dtype).eval()
+    from pathlib import Path
+
+    folder_cfg = Path(args.config).is_dir()
+    tok = (SeedTokenizer.from_pretrained(args.config) if folder_cfg else SeedTokenizer.from_config(args.config, seed=0))
+    tok = tok.to(device, dtype).eval()
     cfg = tok.config
     rows = []
 
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
         hf, query_tokens = _hf_qformer(tok)
     g = torch.Generator().manual_seed(0)
     for b in qb:
-        feats = torch.randn(b, 257, cfg.vision.width, generator=g).to(device, dtype)
+        feats = torch.randn(b, cfg.vision.num_tokens, cfg.vision.width, generator=g).to(device, dtype)
         tok.to_reference()
         with torch.no_grad():
             ref = tok.qformer(feats)
@@ -139,7 +144,7 @@ def main(argv=None) -> int:
 
     # ---- part 2: images -> codes
     for b in tb:
-        images = torch.rand(b, 3, 224, 224, generator=g)
+        images = torch.rand(b, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
         tok.to_reference()
         ref_codes = tok.encode(images)
         modes = {
@@ -153,15 +158,31 @@ def main(argv=None) -> int:
             setup()
             rows.append(_timed_row("tokenizer", b, name, lambda images=images: tok.encode(images), ref_codes,
                                    device, max(2, repeats // 3)))
+            peak = peak_extra_bytes(lambda images=images: tok.encode(images), device)
+            rows[-1]["peak_mb"] = f"{peak / 2**20:.1f}" if peak is not None else "n/a"
     tok.to_reference()
 
+    # ---- part 3: codes -> generation embedding (the de-tokenizer, reference path: no fused kernel of ours)
+    for b in sorted({1, *tb, 32}):
+        codes = torch.randint(0, tok.codebook_size, (b, tok.num_codes), generator=g)
+        with torch.no_grad():
+            ref_emb = tok.decode(codes)
+        rows.append(_timed_row("de-tokenizer", b, "seed_fast decode", lambda codes=codes: tok.decode(codes), ref_emb,
+                               device, repeats))
+        peak = peak_extra_bytes(lambda codes=codes: tok.decode(codes), device)
+        rows[-1]["peak_mb"] = f"{peak / 2**20:.1f}" if peak is not None else "n/a"
+
     columns = [("part", "part"), ("B", "B"), ("provider", "provider"), ("ms", "median ms"), ("iqr", "IQR ms"),
-               ("img_s", "images/s"), ("gflops", "GFLOP/s (Q-Former matmuls)"), ("check", "vs reference"),
+               ("img_s", "images/s"), ("gflops", "GFLOP/s (Q-Former matmuls)"), ("peak_mb", "peak extra MB"), ("check", "vs reference"),
                ("note", "note")]
-    md = (f"{args.config}, {str(dtype).replace('torch.', '')}, random weights (speed does not depend on them). "
-          "Q-Former input: (B, 257, 1408) features; tokenizer: 224 x 224 images -> 32 codes.\n\n")
+    v = cfg.vision
+    weights = "the embedded model's weights" if folder_cfg else "random weights (speed does not depend on them)"
+    md = (f"{cfg.name}, {str(dtype).replace('torch.', '')}, {weights}. Q-Former input: (B, {v.num_tokens}, {v.width}) "
+          f"features; tokenizer: {v.image_size} x {v.image_size} images -> {tok.num_codes} codes; de-tokenizer: codes -> "
+          "generation embedding.\n\n")
     md += markdown_table(rows, columns)
-    folder = write_results(f"bench_tokenizer_{str(dtype).replace('torch.', '')}", device, rows, md, args.out,
+    suffix = "_embedded" if folder_cfg else ""
+    folder = write_results(f"bench_tokenizer{suffix}_{str(dtype).replace('torch.', '')}", device, rows, md, args.out,
                            {"quick": args.quick, "config": args.config})
     print(md)
     print(f"results in {folder}")

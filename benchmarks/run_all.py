@@ -38,6 +38,9 @@ BENCHES = {
                  limits=(240, 120)),
     "tokenizer": dict(script="bench_tokenizer.py", cpu=[], cuda=["--qformer-batches", "1,256", "--tokenizer-batches", "1,256"],
                       quick=["--quick"], limits=(240, 210)),
+    "tokenizer-embedded": dict(script="bench_tokenizer.py", cpu=["--config", "seed_fast/assets/default_model/tokenizer"],
+                               cuda=["--config", "seed_fast/assets/default_model/tokenizer", "--dtype", "float32"],
+                               quick=["--config", "seed_fast/assets/default_model/tokenizer", "--quick"], limits=(120, 60)),
     "llm": dict(script="bench_llm_decode.py", cpu=[], cuda=["--quick"], quick=["--quick"], limits=(180, 120)),
     "export": dict(script="bench_export.py", cpu=[], cuda=[], quick=["--quick"], limits=(180, 120)),
 }
