@@ -367,11 +367,11 @@ def export_onnx(parts=("all",), out: str | os.PathLike = "onnx", *, checkpoint: 
     except ImportError as e:
         raise ExportError(f"ONNX export needs onnx and onnxruntime: pip install onnx onnxruntime ({e})") from None
     objs = dict(objects or {})
-    if objects is None or any(p not in objs and not (p == "detokenizer" and "tokenizer" in objs) for p in parts):
-        loaded = load_checkpoint(checkpoint, tuple(p for p in parts if p not in objs and not (p == "detokenizer" and "tokenizer" in objs)))
-        objs = {**loaded, **objs}
-    if "llm" in parts and objs.get("llm") is None:
-        raise ExportError("part 'llm' needs a SeedLLM")
+    # the torch object each part is traced from (the detokenizer is part of the SeedTokenizer)
+    source = {"tokenizer": "tokenizer", "detokenizer": "tokenizer", "llm": "llm", "decoder": "decoder"}
+    to_load = tuple(p for p in parts if objs.get(source[p]) is None)
+    if to_load:
+        objs = {**load_checkpoint(checkpoint, to_load), **{k: v for k, v in objs.items() if v is not None}}
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     man_path = folder / MANIFEST
