@@ -141,6 +141,23 @@ class FlamingoConnector(nn.Module):
         finally:
             self._latents = None
 
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, media: torch.Tensor,
+                 media_mask: torch.Tensor | None = None, max_new_tokens: int = 16, **generate_kwargs) -> torch.Tensor:
+        """Greedy (by default) continuation through the LM's own `generate` and KV cache, the
+        resampled latents set for the whole call: every new token cross-attends to the media.
+        Returns the LM's output ids (prompt included)."""
+        if media.shape[0] != input_ids.shape[0]:
+            raise InputError(f"{input_ids.shape[0]} sequences but {media.shape[0]} media items")
+        lm = self.lm[0]
+        self._latents = self.resampler(media, media_mask).to(lm.get_input_embeddings().weight.dtype)
+        try:
+            kw = dict(do_sample=False, max_new_tokens=max_new_tokens)
+            kw.update(generate_kwargs)
+            return lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        finally:
+            self._latents = None
+
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()

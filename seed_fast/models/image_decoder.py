@@ -109,21 +109,32 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=result)
 
 
-def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0) -> SeedImageDecoderPipeline:
-    """The embedded model's decoder architecture with seeded random weights (about 3 M parameters)."""
-    if image_size % 8:
-        raise ValueError(f"image_size must be a multiple of 8 (three down-samplings), got {image_size}")
+def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0,
+                       channels: tuple[int, ...] = (32, 64, 128)) -> SeedImageDecoderPipeline:
+    """The embedded model's decoder architecture with seeded random weights.
+
+    `channels` gives one UNet level per entry (full resolution first; each level halves the
+    resolution); the coarsest level cross-attends to the embedding. The default, 3 levels, is about
+    4 M parameters. Adding a cheap full-resolution level in front, e.g. (16, 32, 64, 128) at 64 px,
+    costs about as much per level as the others (pixels x channels^2 stay constant)."""
+    channels = tuple(int(c) for c in channels)
+    if len(channels) < 2 or any(c < 8 or c % 8 for c in channels):
+        raise ValueError(f"channels must be at least 2 levels of multiples of 8, got {channels}")
+    down = 2 ** (len(channels) - 1)
+    if image_size % down:
+        raise ValueError(f"image_size must be a multiple of {down} ({len(channels) - 1} down-samplings), got {image_size}")
+    levels = len(channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             sample_size=image_size,
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64, 128),
+            down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+            block_out_channels=channels,
             layers_per_block=1,
-            norm_num_groups=16,
+            norm_num_groups=min(16, min(channels) // 2) if min(channels) < 32 else 16,
             cross_attention_dim=embed_dim,
             attention_head_dim=16,
             class_embed_type="projection",

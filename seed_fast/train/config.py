@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("stage1", "stage2", "llm", "decoder", "lavit")
+STAGES = ("stage1", "stage2", "llm", "decoder", "lavit", "flamingo")
 LM_PRESETS = ("tiny-llama", "tiny-opt", "mini-llama")
 
 
@@ -80,6 +80,7 @@ class LLMConfig:
 class DecoderConfig:
     image_size: int = 32  # the decoder's output pixels (square)
     null_prob: float = 0.1  # share of zero embeddings (the classifier-free guidance null)
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # UNet levels, full resolution first
 
 
 @dataclass
@@ -92,6 +93,19 @@ class LavitTrainConfig:
     tau: float = 1.0  # Gumbel-softmax temperature
     codebook_init: str = "kmeans"  # kmeans (cosine, from the first batch's vectors) | random (as released: normalized randn)
     restart_dead_every: int = 10  # steps; 0 disables dead-code restarts
+
+
+@dataclass
+class FlamingoTrainConfig:
+    lm: str | None = None  # frozen LM: a SeedLLM / transformers causal-LM folder (default: the embedded model's LLM)
+    vit_from: str | None = None  # frozen SeedTokenizer folder giving the media (default: the embedded model's tokenizer)
+    media: str = "vit"  # vit: ViT patch features | qformer: the 32 causal Q-Former embeddings (pre-quantization)
+    every: int = 1  # a gated cross-attention block before every `every`-th LM layer
+    num_latents: int = 32  # Perceiver Resampler outputs
+    resampler_depth: int = 2
+    prompt: str | None = None  # text before the caption (default: the LM template's caption turn without the image)
+    eval_n: int = 64  # held-out images captioned at evaluation
+    max_new_tokens: int = 16
 
 
 @dataclass
@@ -115,6 +129,7 @@ class TrainConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     lavit: LavitTrainConfig = field(default_factory=LavitTrainConfig)
+    flamingo: FlamingoTrainConfig = field(default_factory=FlamingoTrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,8 +215,20 @@ class TrainConfig:
         need(lv.keep_ratio is None or 0 < lv.keep_ratio <= 1, f"lavit.keep_ratio must be in (0, 1], got {lv.keep_ratio}")
         need(min(lv.vq_weight, lv.keep_weight or 0.0) >= 0 and lv.tau > 0, "lavit: vq_weight, keep_weight must be >= 0 and tau > 0")
         need(lv.restart_dead_every >= 0, f"lavit.restart_dead_every must be >= 0, got {lv.restart_dead_every}")
+        fl = self.flamingo
+        need(fl.media in ("vit", "qformer"), f"flamingo.media must be vit or qformer, got {fl.media!r}")
+        for name in ("lm", "vit_from"):
+            v = getattr(fl, name)
+            need(v is None or Path(v).is_dir(), f"flamingo.{name} must be a folder, got {v!r}")
+        need(fl.every >= 1 and fl.num_latents >= 1 and fl.resampler_depth >= 1,
+             f"flamingo.every, num_latents and resampler_depth must be >= 1, got {fl.every}, {fl.num_latents}, {fl.resampler_depth}")
+        need(fl.eval_n >= 0 and fl.max_new_tokens >= 1, "flamingo.eval_n must be >= 0 and flamingo.max_new_tokens >= 1")
         dc = self.decoder
-        need(dc.image_size >= 8 and dc.image_size % 8 == 0, f"decoder.image_size must be a multiple of 8, got {dc.image_size}")
+        down = 2 ** (len(dc.channels) - 1)
+        need(len(dc.channels) >= 2 and all(isinstance(c, int) and c >= 8 and c % 8 == 0 for c in dc.channels),
+             f"decoder.channels must be 2 or more multiples of 8, got {dc.channels}")
+        need(dc.image_size >= down and dc.image_size % down == 0,
+             f"decoder.image_size must be a multiple of {down} (one halving per level after the first), got {dc.image_size}")
         need(0 <= dc.null_prob < 1, f"decoder.null_prob must be in [0, 1), got {dc.null_prob}")
         m = self.llm
         need(m.model in LM_PRESETS or Path(m.model).is_dir(), f"llm.model must be one of {LM_PRESETS} or a model folder, got {m.model!r}")
@@ -232,7 +259,7 @@ def _build(cls, data: Any, where: str):
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         value = data[name]
-        sub = {"data": DataConfig, "optim": OptimConfig, "stage1": Stage1Config, "stage2": Stage2Config, "llm": LLMConfig, "decoder": DecoderConfig, "lavit": LavitTrainConfig}.get(name) if cls is TrainConfig else None
+        sub = {"data": DataConfig, "optim": OptimConfig, "stage1": Stage1Config, "stage2": Stage2Config, "llm": LLMConfig, "decoder": DecoderConfig, "lavit": LavitTrainConfig, "flamingo": FlamingoTrainConfig}.get(name) if cls is TrainConfig else None
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:

@@ -53,8 +53,12 @@ def test_bad_inputs_are_clear_errors(pipe):
         pipe(torch.randn(2, 16), negative_image_embeds=torch.randn(1, 16), guidance_scale=2.0)
     with pytest.raises(TypeError, match="unexpected"):
         pipe(torch.randn(1, 16), noise_level=0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        mini_image_decoder(16, 18)
     with pytest.raises(ValueError, match="multiple of 8"):
-        mini_image_decoder(16, 20)
+        mini_image_decoder(16, 20, channels=(8, 16, 32, 32))
+    with pytest.raises(ValueError, match="channels"):
+        mini_image_decoder(16, 16, channels=(12,))
 
 
 def test_save_load_and_the_unclip_entry_points(pipe, tmp_path):

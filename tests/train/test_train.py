@@ -49,6 +49,9 @@ def _losses(run):
     ({"stage2": {"codebook_init": "magic"}}, "codebook_init"),
     ({"precision": "fp8"}, "precision"),
     ({"strategy": "fsdp"}, "strategy 'fsdp' is for the llm stage"),
+    ({"decoder": {"channels": [32]}}, "decoder.channels must be 2 or more"),
+    ({"decoder": {"channels": [16, 20]}}, "decoder.channels must be 2 or more multiples of 8"),
+    ({"decoder": {"channels": [16, 32, 64, 128], "image_size": 36}}, "decoder.image_size must be a multiple of 8"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, change, msg):
     with pytest.raises(ConfigError, match=msg):
