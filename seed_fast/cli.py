@@ -247,9 +247,22 @@ def cmd_eval(args) -> int:
     from .demo import evaluate, metrics_markdown
 
     t0 = time.perf_counter()
-    m = _load_model(args)
-    metrics = evaluate(m, args.n, n_gen=args.n_generation, steps=args.steps, progress=not args.no_progress)
-    print(metrics_markdown(metrics))
+    if args.lavit or args.flamingo:
+        from .related_eval import evaluate_flamingo, evaluate_lavit, related_markdown
+
+        try:
+            if args.lavit:
+                metrics = evaluate_lavit(args.lavit, args.n, progress=not args.no_progress)
+            else:
+                compare = None if args.no_compare else _load_model(args)
+                metrics = evaluate_flamingo(args.flamingo, args.n, compare=compare, progress=not args.no_progress)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"seed-fast eval: {e}") from None
+        print(related_markdown(metrics))
+    else:
+        m = _load_model(args)
+        metrics = evaluate(m, args.n, n_gen=args.n_generation, steps=args.steps, progress=not args.no_progress)
+        print(metrics_markdown(metrics))
     if args.json:
         import json
 
@@ -389,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--json", default=None, help="also write the metrics to this file")
     p.add_argument("--no-progress", action="store_true")
+    rel = p.add_mutually_exclusive_group()
+    rel.add_argument("--lavit", metavar="RUN", help="evaluate a `seed-fast train lavit` run instead (tokens per image, ...)")
+    rel.add_argument("--flamingo", metavar="RUN", help="evaluate a `seed-fast train flamingo` run instead (captions from continuous features)")
+    p.add_argument("--no-compare", action="store_true", help="with --flamingo: skip SEED's captions on the same scenes")
     p.set_defaults(func=cmd_eval)
     return parser
 

@@ -1,0 +1,71 @@
+"""`seed-fast eval --lavit / --flamingo`: the related tokenizers measured on SEED's held-out scenes."""
+
+import pytest
+import torch
+
+from seed_fast import SeedLLM, SeedTokenizer
+from seed_fast.cli import main
+from seed_fast.demo import test_scenes as held_out_scenes
+from seed_fast.related_eval import evaluate_flamingo, evaluate_lavit, load_lavit_run, related_markdown
+from seed_fast.train import TrainConfig
+from seed_fast.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def lavit_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lavit_eval") / "run"
+    train(TrainConfig.from_dict({"stage": "lavit", "out": str(out), "steps": 3, "global_batch": 8, "ckpt_every": 3,
+                                 "data": {"n": 24, "val_n": 8, "image_size": 64}, "optim": {"lr": 2e-3, "warmup": 1},
+                                 "lavit": {"preset": "tiny-lavit"}}), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def flamingo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flamingo_eval")
+    SeedLLM.from_config("tiny-llama", seed=0).save_pretrained(root / "llm")
+    SeedTokenizer.from_config("mini", seed=1).save_pretrained(root / "tok")
+    train(TrainConfig.from_dict({"stage": "flamingo", "out": str(root / "run"), "steps": 2, "global_batch": 8, "ckpt_every": 2,
+                                 "data": {"n": 16, "val_n": 8, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1},
+                                 "flamingo": {"lm": str(root / "llm"), "vit_from": str(root / "tok"), "eval_n": 0,
+                                              "num_latents": 4, "max_new_tokens": 4}}), progress=False)
+    return root / "run"
+
+
+def test_lavit_eval_counts_tokens_and_is_deterministic(lavit_run):
+    m = evaluate_lavit(lavit_run, n=12, batch=5, progress=False)
+    tok, _ = load_lavit_run(lavit_run)
+    codes = tok.encode(held_out_scenes(12)[0])
+    lengths = torch.tensor([len(c) for c in codes], dtype=torch.float32)
+    assert m["tokens_per_image_mean"] == pytest.approx(float(lengths.mean()))
+    assert m["tokens_per_image_min"] == int(lengths.min()) >= 1 and m["tokens_per_image_max"] == int(lengths.max()) <= 64
+    assert m["llm_tokens_per_image_mean"] == pytest.approx(m["tokens_per_image_mean"] + 2)
+    assert m["kept_share"] == pytest.approx(m["tokens_per_image_mean"] / 64)
+    assert m["deterministic"] is True and 0 < m["codebook_usage"] <= 1 and -1 <= m["feature_reconstruction_cos"] <= 1
+    md = related_markdown(m)
+    assert "codes per image (mean)" in md and "same codes run to run | yes" in md
+
+
+def test_flamingo_eval_with_and_without_seed_next_to_it(flamingo_run):
+    m = evaluate_flamingo(flamingo_run, n=4, progress=False)
+    assert 0 <= m["caption_objects_ok"] <= 1 and m["llm_tokens_per_image_mean"] == 0 and m["resampled_latents_per_image"] == 4
+    assert "seed_caption_objects_ok" not in m
+    from seed_fast.default_model import load_default
+
+    both = evaluate_flamingo(flamingo_run, n=4, compare=load_default(), progress=False)
+    assert both["seed_llm_tokens_per_image"] == 34 and both["caption_objects_ok"] == m["caption_objects_ok"]
+    assert both["seed_caption_objects_ok"] >= 0.5  # the shipped SEED stack captions these scenes well
+    assert "(SEED, 32 codes)" in related_markdown(both)
+
+
+def test_eval_cli_names_a_run_that_is_not_one(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="not a LaVIT stage output"):
+        main(["eval", "--lavit", str(tmp_path), "--n", "2"])
+    with pytest.raises(SystemExit, match="not a flamingo stage output"):
+        main(["eval", "--flamingo", str(tmp_path), "--n", "2", "--no-compare"])
+
+
+def test_eval_cli_lavit_prints_the_table(lavit_run, capsys, tmp_path):
+    assert main(["eval", "--lavit", str(lavit_run), "--n", "4", "--no-progress", "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "lavit on 4 held-out scenes" in out and (tmp_path / "m.json").is_file()
