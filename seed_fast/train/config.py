@@ -81,6 +81,7 @@ class DecoderConfig:
     image_size: int = 32  # the decoder's output pixels (square)
     null_prob: float = 0.1  # share of zero embeddings (the classifier-free guidance null)
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # UNet levels, full resolution first
+    ema: float = 0.0  # EMA decay of the UNet weights used for evaluation and export (e.g. 0.999); 0: off
 
 
 @dataclass
@@ -230,6 +231,7 @@ class TrainConfig:
         need(dc.image_size >= down and dc.image_size % down == 0,
              f"decoder.image_size must be a multiple of {down} (one halving per level after the first), got {dc.image_size}")
         need(0 <= dc.null_prob < 1, f"decoder.null_prob must be in [0, 1), got {dc.null_prob}")
+        need(0 <= dc.ema < 1, f"decoder.ema must be in [0, 1), got {dc.ema}")
         m = self.llm
         need(m.model in LM_PRESETS or Path(m.model).is_dir(), f"llm.model must be one of {LM_PRESETS} or a model folder, got {m.model!r}")
         need(m.mode in ("pretrain", "instruct"), f"llm.mode must be pretrain or instruct, got {m.mode!r}")

@@ -11,6 +11,7 @@ target is the same image at `decoder.image_size` pixels (in [-1, 1]). With proba
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -43,7 +44,28 @@ class DecoderModule(nn.Module):
         super().__init__()
         self.tok, self.unet, self.dcfg = tok, pipe.unet, dcfg
         self.pipe = pipe
-        self.gen = torch.Generator().manual_seed(seed)
+        # the exponential moving average of the UNet's weights (decoder.ema > 0): checkpointed with the
+        # run, used for evaluation and export
+        self.ema_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval() if dcfg.ema > 0 else None
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> None:
+        """ema = decay * ema + (1 - decay) * weights, decay warming up as (1 + step) / (10 + step)."""
+        if self.ema_unet is None:
+            return
+        decay = min(self.dcfg.ema, (1 + step) / (10 + step))
+        for e, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+
+    def inference_pipe(self):
+        """The pipeline evaluation and export use: the EMA weights when there are some."""
+        if self.ema_unet is None:
+            return self.pipe
+        from ..models.image_decoder import SeedImageDecoderPipeline
+
+        pipe = SeedImageDecoderPipeline(unet=self.ema_unet, scheduler=self.pipe.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def forward(self, batch) -> dict:
         from ..models.image_decoder import decoder_training_loss
@@ -54,7 +76,9 @@ class DecoderModule(nn.Module):
         with torch.no_grad():
             emb = embeddings_from_pixels(self.tok, batch.pixels)
             images = decoder_targets(batch.pixels, self.dcfg.image_size).to(emb.device)
-        loss = decoder_training_loss(self.pipe, images, emb, null_prob=self.dcfg.null_prob, generator=self.gen)
+        # timesteps, noise and nulls from torch's global generator: the loop checkpoints it, so a resumed
+        # run draws exactly what the uninterrupted one would have
+        loss = decoder_training_loss(self.pipe, images, emb, null_prob=self.dcfg.null_prob)
         return {"loss": loss}
 
 
@@ -75,7 +99,10 @@ class DecoderTask(Task):
         self.image_size = tok.config.vision.image_size
 
     def keeps(self, key: str) -> bool:
-        return key.startswith("unet.")
+        return key.startswith(("unet.", "ema_unet."))
+
+    def on_step_end(self, step: int, batch, out: dict) -> None:
+        self.module.update_ema(step)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.pipe.unet.parameters())
@@ -87,7 +114,8 @@ class DecoderTask(Task):
         n = min(len(ds), self.cfg.data.val_n)
         collate = make_collate(self.image_size)
         g = torch.Generator().manual_seed(1234)
-        sched = self.pipe.scheduler
+        pipe = self.module.inference_pipe()
+        sched = pipe.scheduler
         losses = {t: [] for t in (50, 300, 700)}
         for i in range(0, n, 64):
             batch = collate([ds[j] for j in range(i, min(n, i + 64))])
@@ -98,9 +126,9 @@ class DecoderTask(Task):
             for t, acc in losses.items():
                 noise = torch.randn(images.shape, generator=g).to(images)
                 tt = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
-                pred = self.pipe._denoise(sched.add_noise(images, noise, tt), tt, emb)
+                pred = pipe._denoise(sched.add_noise(images, noise, tt), tt, emb)
                 acc.append(F.mse_loss(pred.float(), images, reduction="sum").item() / images[0].numel())
         return {f"val_mse_t{t}": sum(v) / max(1, n) for t, v in losses.items()}
 
     def export(self, run: Path) -> None:
-        self.pipe.save_pretrained(run / "decoder")
+        self.module.inference_pipe().save_pretrained(run / "decoder")
