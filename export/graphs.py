@@ -125,3 +125,31 @@ class UNetGraph(nn.Module):
     def forward(self, sample, timestep, embedding):
         dt = self.unet.dtype
         return self.pipe._denoise(sample.to(dt), timestep, embedding.to(dt)).float()
+
+
+class UnclipUNetGraph(nn.Module):
+    """Stable unCLIP's denoiser: latents (B, 4, h, w), timestep (B,) int64, text states (B, T, C) and
+    class labels (B, 2D: the noise-augmented image embedding and its noise-level embedding) -> the
+    noise (or v) prediction (B, 4, h, w) fp32, as StableUnCLIPImg2ImgPipeline calls its UNet."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels):
+        dt = self.unet.dtype
+        out = self.unet(sample.to(dt), timestep, encoder_hidden_states=encoder_hidden_states.to(dt),
+                        class_labels=class_labels.to(dt)).sample
+        return out.float()
+
+
+class VaeDecodeGraph(nn.Module):
+    """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (fp32): vae.decode(latents / scaling_factor)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+
+    def forward(self, latents):
+        return self.vae.decode(latents.to(self.vae.dtype) / self.scale).sample.float()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .graphs import CODE_CHUNK, DetokenizerGraph, LMGraph, TokenizerGraph, UNetGraph, kv_shape
+from .graphs import CODE_CHUNK, DetokenizerGraph, LMGraph, TokenizerGraph, UnclipUNetGraph, UNetGraph, VaeDecodeGraph, kv_shape
 
 MANIFEST = "seed_fast_onnx.json"
 FORMAT = 1
@@ -61,7 +61,8 @@ def load_checkpoint(checkpoint: str | os.PathLike | None, parts: tuple[str, ...]
     want_tok = bool({"tokenizer", "detokenizer"} & set(parts))
     tok_dir = next((d for d in (root / "tokenizer", root) if _is_tokenizer_dir(d)), None)
     llm_dir = next((d for d in (root / "llm", root) if (d / "seed_llm.json").is_file()), None)
-    dec_dir = next((d for d in (root / "decoder", root) if (d / "unet").is_dir() and (d / "scheduler").is_dir()), None)
+    dec_dirs = [root / "decoder", root / "diffusion", root] + ([llm_dir / "diffusion"] if llm_dir is not None else [])
+    dec_dir = next((d for d in dec_dirs if (d / "unet").is_dir() and (d / "scheduler").is_dir()), None)
     if want_tok or "llm" in parts:
         if tok_dir is None and llm_dir is not None and _is_tokenizer_dir(llm_dir / "tokenizer"):
             tok_dir = llm_dir / "tokenizer"
@@ -80,12 +81,14 @@ def load_checkpoint(checkpoint: str | os.PathLike | None, parts: tuple[str, ...]
     if "decoder" in parts:
         if dec_dir is None:
             raise ExportError(f"{root}: no image-decoder folder (unet/ + scheduler/) in it or in decoder/")
-        from ..models.image_decoder import load_image_decoder
+        if (dec_dir / "vae").is_dir():  # Stable unCLIP (SEED's released decoder)
+            from ..models.unclip import load_unclip_pipeline
 
-        if (dec_dir / "vae").is_dir() or (dec_dir / "image_encoder").is_dir():
-            raise ExportError(f"{dec_dir} is a Stable unCLIP pipeline: its export (text encoder, UNet, VAE) is not supported yet; "
-                              "the decoder export takes a SeedImageDecoderPipeline folder")
-        found["decoder"] = load_image_decoder(dec_dir)
+            found["decoder"] = load_unclip_pipeline(str(dec_dir), dtype=torch.float32)
+        else:
+            from ..models.image_decoder import load_image_decoder
+
+            found["decoder"] = load_image_decoder(dec_dir)
     return found
 
 
@@ -293,10 +296,13 @@ def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAU
                    external_data: bool | None = None, seed: int = 0) -> tuple[PartReport, dict]:
     """SeedImageDecoderPipeline -> decoder_unet.onnx (the denoiser) + the scheduler's constants
     (the runtime runs the DDIM loop in numpy)."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, StableUnCLIPImg2ImgPipeline
 
+    if isinstance(pipe, StableUnCLIPImg2ImgPipeline):
+        return export_unclip_decoder(pipe, folder, fp16=fp16, opset=opset, external_data=external_data, seed=seed)
     if not hasattr(pipe, "_denoise") or not isinstance(pipe.scheduler, DDIMScheduler):
-        raise ExportError(f"the decoder export takes a SeedImageDecoderPipeline with a DDIM scheduler, got {type(pipe).__name__}")
+        raise ExportError(f"the decoder export takes a SeedImageDecoderPipeline or a Stable unCLIP pipeline with a DDIM "
+                          f"scheduler, got {type(pipe).__name__}")
     t0 = time.perf_counter()
     _eval_dtype(pipe.unet, fp16)
     c, s, d = pipe.unet.config.in_channels, pipe.image_size, pipe.image_embedding_dim
@@ -328,6 +334,83 @@ def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAU
         "null_embedding": "zeros",
     }
     return _report("decoder", folder, files, t0, {"max_rel_err": rel}), info
+
+
+def _scheduler_info(sc) -> dict:
+    cfg = {k: v for k, v in dict(sc.config).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
+    info = {"class": type(sc).__name__, **cfg, "alphas_cumprod": [float(a) for a in sc.alphas_cumprod]}
+    if hasattr(sc, "final_alpha_cumprod"):
+        info["final_alpha_cumprod"] = float(sc.final_alpha_cumprod)
+    return info
+
+
+def export_unclip_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
+                          external_data: bool | None = None, seed: int = 0) -> tuple[PartReport, dict]:
+    """Stable unCLIP (SEED's decoder) -> decoder_unet.onnx + decoder_vae.onnx + the constants the
+    runtime needs to run StableUnCLIPImg2ImgPipeline's loop in numpy: the empty prompt's text states
+    (SEED renders with prompt ""), the image normalizer, the noise-augmentation schedule and the DDIM
+    scheduler. The text encoder is not exported: with a fixed prompt its output is a constant."""
+    from diffusers import DDIMScheduler
+
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        raise ExportError(f"the unCLIP export runs the DDIM loop in the runtime; this pipeline's scheduler is "
+                          f"{type(pipe.scheduler).__name__} (load it with a DDIMScheduler)")
+    t0 = time.perf_counter()
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        _eval_dtype(m, fp16)
+    g = torch.Generator().manual_seed(seed + 5)
+    unet, vae = pipe.unet, pipe.vae
+    c, h = unet.config.in_channels, unet.config.sample_size
+    d2 = unet.config.projection_class_embeddings_input_dim
+    d = int(pipe.image_normalizer.mean.shape[-1])
+    if d2 != 2 * d:
+        raise ExportError(f"the UNet's class projection takes {d2} values, expected 2 x the image embedding ({d})")
+    with torch.no_grad():
+        pos, neg = pipe.encode_prompt(prompt=[""], device=torch.device("cpu"), num_images_per_prompt=1,
+                                      do_classifier_free_guidance=True)
+    pos, neg = pos.float(), neg.float()
+    t_max = pipe.scheduler.config.num_train_timesteps
+
+    def unet_inputs(b):
+        return [torch.randn(b, c, h, h, generator=g), torch.randint(0, t_max, (b,), generator=g),
+                pos.expand(b, -1, -1) + 0.1 * torch.randn(b, *pos.shape[1:], generator=g), torch.randn(b, d2, generator=g)]
+
+    parity = {}
+    files: list[str] = []
+    names = ["sample", "timestep", "encoder_hidden_states", "class_labels"]
+    graphs = (
+        ("decoder_unet.onnx", UnclipUNetGraph(unet).eval(), unet_inputs, names, ["prediction"],
+         {n: {0: "batch"} for n in names + ["prediction"]}),
+        ("decoder_vae.onnx", VaeDecodeGraph(vae).eval(), lambda b: [torch.randn(b, c, h, h, generator=g)], ["latents"], ["images"],
+         {"latents": {0: "batch"}, "images": {0: "batch"}}),
+    )
+    for fname, graph, inputs, in_names, out_names, axes in graphs:
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            path = Path(tmp) / fname
+            _export(graph, inputs(2), path, input_names=in_names, output_names=out_names, dynamic_axes=axes, opset=opset)
+            written = _finish_file(path, external_data)
+            x = inputs(3)
+            got = _session(path).run(None, {n: v.numpy() for n, v in zip(in_names, x)})[0]
+            with torch.no_grad():
+                ref = graph(*x).numpy()
+            rel = _rel(got, ref)
+            _check(f"decoder ({fname})", rel, fp16)
+            parity[f"{fname.split('.')[0]}_max_rel_err"] = rel
+            _move(Path(tmp), folder, written)
+            files += written
+    np.savez(folder / "decoder_prompt.npz", positive=pos.numpy(), negative=neg.numpy())
+    files.append("decoder_prompt.npz")
+    norm = pipe.image_normalizer
+    info = {
+        "kind": "unclip", "file": "decoder_unet.onnx", "vae_file": "decoder_vae.onnx", "prompt_file": "decoder_prompt.npz",
+        "embed_dim": d, "in_channels": c, "latent_size": h, "image_size": h * int(pipe.vae_scale_factor),
+        "vae_scaling_factor": float(vae.config.scaling_factor),
+        "normalizer_mean": norm.mean.detach().float().flatten().tolist(), "normalizer_std": norm.std.detach().float().flatten().tolist(),
+        "noising_alphas_cumprod": [float(a) for a in pipe.image_noising_scheduler.alphas_cumprod],
+        "scheduler": _scheduler_info(pipe.scheduler),
+        "null_embedding": "zeros (the whole class label, as diffusers' unconditional half)",
+    }
+    return _report("decoder", folder, files, t0, parity), info
 
 
 def _move(src: Path, dst: Path, files: list[str]) -> None:

@@ -379,10 +379,12 @@ class SeedRuntime:
 
     # ------------------------------------------------------------------------------------ decoder
     def render(self, embeddings, *, steps: int = 20, guidance: float = 2.0, seed: int = 0, noise=None,
-               negative=None) -> np.ndarray:
+               negative=None, **unclip_kwargs) -> np.ndarray:
         """Generation embeddings (B, D) -> images (B, S, S, 3) float32 in [0, 1] through the
         exported UNet and a numpy DDIM loop. noise: the starting sample (B, C, S, S) (default: a
-        seeded numpy normal draw). guidance > 1 uses `negative` (B, D) or the decoder's zero null."""
+        seeded numpy normal draw). guidance > 1 uses `negative` (B, D) or the decoder's zero null.
+        A Stable unCLIP decoder also takes noise_level (default 0) and embed_noise (B, D): the
+        noise of the embedding's augmentation (default: the next draw of the same seeded generator)."""
         info = self._need("decoder")
         if self._ddim is None:
             self._ddim = DDIM(info["scheduler"])
@@ -392,6 +394,11 @@ class SeedRuntime:
             raise RuntimeInputError(f"embeddings must be (B, {d}), got shape {e.shape}")
         if not np.isfinite(e).all():
             raise RuntimeInputError("embeddings contain NaN/inf")
+        if info.get("kind") == "unclip":
+            return self._render_unclip(info, e, steps=steps, guidance=guidance, seed=seed, noise=noise, negative=negative,
+                                       **unclip_kwargs)
+        if unclip_kwargs:
+            raise RuntimeInputError(f"{sorted(unclip_kwargs)}: only a Stable unCLIP decoder takes these")
         b = e.shape[0]
         if noise is None:
             x = np.random.default_rng(seed).standard_normal((b, c, s, s)).astype(np.float32)
@@ -415,9 +422,99 @@ class SeedRuntime:
             x = self._ddim.step(out, int(t), x, steps)
         return np.clip(x.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0)
 
+    def _render_unclip(self, info: dict, e: np.ndarray, *, steps: int, guidance: float, seed: int, noise, negative,
+                       noise_level: int = 0, embed_noise=None) -> np.ndarray:
+        """StableUnCLIPImg2ImgPipeline's loop (empty prompt, DDIM eta 0) over the exported UNet and VAE."""
+        b, d = e.shape
+        c, h = info["in_channels"], info["latent_size"]
+        ac = np.asarray(info["noising_alphas_cumprod"], dtype=np.float64)
+        if not 0 <= noise_level < len(ac):
+            raise RuntimeInputError(f"noise_level must lie in [0, {len(ac)}), got {noise_level}")
+        rng = np.random.default_rng(seed)
+        if noise is None:
+            x = rng.standard_normal((b, c, h, h)).astype(np.float32)
+        else:
+            x = np.asarray(noise, dtype=np.float32)
+            if x.shape != (b, c, h, h):
+                raise RuntimeInputError(f"noise must have shape {(b, c, h, h)}, got {x.shape}")
+        if embed_noise is None:
+            embed_noise = rng.standard_normal((b, d)).astype(np.float32)
+        embed_noise = np.asarray(embed_noise, dtype=np.float32)
+        if embed_noise.shape != (b, d):
+            raise RuntimeInputError(f"embed_noise must have shape {(b, d)}, got {embed_noise.shape}")
+        labels = unclip_class_labels(e, embed_noise, noise_level, info, ac)
+        use_cfg = guidance > 1.0
+        prompt = self._unclip_prompt(info)
+        states = np.repeat(prompt["positive"], b, axis=0)
+        if use_cfg:
+            if negative is None:
+                neg = np.zeros_like(labels)  # diffusers' unconditional half: zeros for the whole class label
+            else:
+                neg_e = np.asarray(negative, dtype=np.float32)
+                if neg_e.shape != e.shape:
+                    raise RuntimeInputError(f"negative must have shape {e.shape}, got {neg_e.shape}")
+                neg = unclip_class_labels(neg_e, rng.standard_normal((b, d)).astype(np.float32), noise_level, info, ac)
+            labels = np.concatenate([neg, labels])
+            states = np.concatenate([np.repeat(prompt["negative"], b, axis=0), states])
+        sess = self.session("decoder")
+        for t in self._ddim.timesteps(steps):
+            inp = np.concatenate([x, x]) if use_cfg else x
+            out = sess.run(None, {"sample": inp, "timestep": np.full(len(inp), t, np.int64),
+                                  "encoder_hidden_states": states, "class_labels": labels})[0]
+            if use_cfg:
+                uncond, cond = out[:b], out[b:]
+                out = uncond + guidance * (cond - uncond)
+            x = self._ddim.step(out, int(t), x, steps)
+        images = self._vae_session(info).run(None, {"latents": x})[0]
+        return np.clip(images.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0)
+
+    def _unclip_prompt(self, info: dict) -> dict:
+        path = self.folder / info["prompt_file"]
+        if not path.is_file():
+            raise RuntimeInputError(f"{self.folder}: the manifest lists {info['prompt_file']} but the file is missing")
+        with np.load(path) as z:
+            return {"positive": z["positive"].astype(np.float32), "negative": z["negative"].astype(np.float32)}
+
+    def _vae_session(self, info: dict):
+        if "decoder_vae" not in self._sessions:
+            import onnxruntime as ort
+
+            path = self.folder / info["vae_file"]
+            if not path.is_file():
+                raise RuntimeInputError(f"{self.folder}: the manifest lists {info['vae_file']} but the file is missing")
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self._sessions["decoder_vae"] = ort.InferenceSession(str(path), opts, providers=self.providers)
+        return self._sessions["decoder_vae"]
+
     def text_to_image(self, texts, *, cfg_scale: float = 1.0, **render_kwargs) -> np.ndarray:
         """Texts -> codes -> embeddings -> images (B, S, S, 3) in [0, 1]."""
         return self.render(self.embed(self.generate_codes(texts, cfg_scale=cfg_scale)), **render_kwargs)
+
+
+def timestep_embedding(t: np.ndarray, dim: int, max_period: float = 10000.0) -> np.ndarray:
+    """diffusers' get_timestep_embedding with flip_sin_to_cos=True, downscale_freq_shift=0 (cos first)."""
+    half = dim // 2
+    # float32 in torch's order of operations, so that large arguments round the same way
+    exponent = np.float32(-np.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = np.exp(exponent).astype(np.float32)
+    arg = np.asarray(t, dtype=np.float32)[:, None] * freqs[None]
+    emb = np.concatenate([np.cos(arg), np.sin(arg)], axis=-1)
+    if dim % 2:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)
+
+
+def unclip_class_labels(e: np.ndarray, noise: np.ndarray, level: int, info: dict, ac: np.ndarray) -> np.ndarray:
+    """StableUnCLIPImg2ImgPipeline.noise_image_embeddings in numpy: normalize, noise to `level`,
+    unnormalize, then append the level's timestep embedding -> (B, 2D)."""
+    mean = np.asarray(info["normalizer_mean"], dtype=np.float32)
+    std = np.asarray(info["normalizer_std"], dtype=np.float32)
+    z = (e - mean) / std
+    z = (np.sqrt(ac[level]) * z + np.sqrt(1.0 - ac[level]) * noise).astype(np.float32)
+    z = z * std + mean
+    return np.concatenate([z, timestep_embedding(np.full(len(e), level), e.shape[1])], axis=1).astype(np.float32)
 
 
 def to_pil(images: np.ndarray) -> list:
