@@ -43,10 +43,18 @@ def shape_profiles(part: str, info: dict, *, max_batch: int = 8, opt_batch: int 
         return {"images": tuple((n, 3, s, s) for n in b)}
     if part == "detokenizer":
         return {"codes": tuple((n, info["num_codes"]) for n in b)}
+    # classifier-free guidance doubles the denoiser's batch
+    b2 = (1, 2 * opt_batch, 2 * max_batch)
+    if part == "decoder" and info.get("kind") == "unclip":
+        c, h, d = info["in_channels"], info["latent_size"], info["embed_dim"]
+        return {"sample": tuple((n, c, h, h) for n in b2), "timestep": tuple((n,) for n in b2),
+                "encoder_hidden_states": tuple((n, info["text_len"], info["text_dim"]) for n in b2),
+                "class_labels": tuple((n, 2 * d) for n in b2)}
+    if part == "decoder_vae":
+        c, h = info["in_channels"], info["latent_size"]
+        return {"latents": tuple((n, c, h, h) for n in b)}
     if part == "decoder":
         c, s, d = info["in_channels"], info["image_size"], info["embed_dim"]
-        # classifier-free guidance doubles the batch
-        b2 = (1, 2 * opt_batch, 2 * max_batch)
         return {"sample": tuple((n, c, s, s) for n in b2), "timestep": tuple((n,) for n in b2),
                 "embedding": tuple((n, d) for n in b2)}
     if part == "llm":
@@ -78,7 +86,12 @@ def build_engines(onnx_dir: str | os.PathLike, out: str | os.PathLike, *, parts=
     missing = [p for p in parts if p not in have]
     if missing:
         raise TensorRTError(f"parts {missing} are not in {man_path} (exported: {sorted(have)})")
-    profiles = {p: shape_profiles(p, have[p], max_batch=max_batch, opt_batch=opt_batch, max_seq=max_seq) for p in parts}
+    # one engine per ONNX file: a Stable unCLIP decoder has two (the UNet, and the VAE decoder as decoder_vae)
+    files = {p: have[p]["file"] for p in parts}
+    if "decoder" in parts and have["decoder"].get("kind") == "unclip":
+        files["decoder_vae"] = have["decoder"]["vae_file"]
+    profiles = {p: shape_profiles(p, have.get(p, have.get("decoder")), max_batch=max_batch, opt_batch=opt_batch, max_seq=max_seq)
+                for p in files}
     try:
         import tensorrt as trt
     except ImportError:
@@ -87,14 +100,14 @@ def build_engines(onnx_dir: str | os.PathLike, out: str | os.PathLike, *, parts=
     out_dir.mkdir(parents=True, exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
     engines = {}
-    for part in parts:
+    for part in files:
         builder = trt.Builder(logger)
         flags = 0
         if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and int(trt.__version__.split(".")[0]) < 10:
             flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
-        onnx_path = root / have[part]["file"]
+        onnx_path = root / files[part]
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise TensorRTError(f"TensorRT could not parse {onnx_path}: {errors}")

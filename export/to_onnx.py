@@ -404,6 +404,7 @@ def export_unclip_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int 
     info = {
         "kind": "unclip", "file": "decoder_unet.onnx", "vae_file": "decoder_vae.onnx", "prompt_file": "decoder_prompt.npz",
         "embed_dim": d, "in_channels": c, "latent_size": h, "image_size": h * int(pipe.vae_scale_factor),
+        "text_len": int(pos.shape[1]), "text_dim": int(pos.shape[2]),
         "vae_scaling_factor": float(vae.config.scaling_factor),
         "normalizer_mean": norm.mean.detach().float().flatten().tolist(), "normalizer_std": norm.std.detach().float().flatten().tolist(),
         "noising_alphas_cumprod": [float(a) for a in pipe.image_noising_scheduler.alphas_cumprod],

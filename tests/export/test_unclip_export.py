@@ -80,3 +80,22 @@ def test_unclip_runtime_errors_are_clear(exported):
         rt.render(np.zeros((2, 32), np.float32), steps=2, guidance=2.0, negative=np.zeros((1, 32)))
     img = rt.render(np.zeros((1, 32), np.float32), steps=2, guidance=2.0, negative=np.ones((1, 32), np.float32), seed=3)
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+def test_tensorrt_profiles_cover_both_unclip_graphs(exported):
+    """Every input of both files has a (min, opt, max) profile, and the graphs run at its extremes."""
+    import onnxruntime as ort
+
+    from seed_fast.export.tensorrt_build import shape_profiles
+
+    _, folder, man = exported
+    info = man["parts"]["decoder"]
+    for name, fname in (("decoder", info["file"]), ("decoder_vae", info["vae_file"])):
+        prof = shape_profiles(name, info, max_batch=3, opt_batch=2)
+        sess = ort.InferenceSession(str(folder / fname), providers=["CPUExecutionProvider"])
+        assert {i.name for i in sess.get_inputs()} == set(prof)
+        for k in (0, 2):  # min and max shapes
+            feed = {n: (np.zeros(shape[k], np.int64) if n == "timestep" else np.zeros(shape[k], np.float32)) for n, shape in prof.items()}
+            out = sess.run(None, feed)[0]
+            assert out.shape[0] == next(iter(prof.values()))[k][0]
+    assert shape_profiles("decoder", info, max_batch=3)["class_labels"][2] == (6, 64)  # guidance doubles the batch
