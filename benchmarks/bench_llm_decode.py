@@ -11,6 +11,16 @@ Same model, same prompts (random text ids, left-padded to `--prompt` tokens), gr
 Tokens per second = batch * new tokens / wall time of the whole call (prefill included); every
 provider's tokens are compared with transformers generate's first (column "same tokens").
 
+Two more tables:
+  prefill   the prompt pass alone: transformers forward (dynamic cache, full logits, as generate's
+            first step computes them) vs seed_fast's KVDecoder.prefill (static cache, last-position
+            logits only); tokens/s = batch * prompt tokens / time. The decode rate is then
+            batch * (new - 1) / (generate time - prefill time), a derived number, labeled so.
+  lora      SEED-LLaMA's LoRA (r 16 on every attention and MLP projection, seed_lora_config) with
+            random non-zero B (a zero B would be timing a no-op's output): peft's own LoRA layers vs
+            seed_fast's fused lora_linear vs the adapter merged, prefill and greedy generate; each
+            provider's tokens compared with peft's.
+
 Models (random weights, real shapes): llama-7b (SEED-LLaMA 8B's LM: 4096 x 32 layers, vocab
 40194), opt-2.7b (SEED v1), llama-small (768 x 12 layers, vocab 40194; the CPU default).
 
@@ -67,6 +77,7 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-lora", action="store_true", help="skip the LoRA table")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = args.device
@@ -81,8 +92,7 @@ def main() -> int:
     model, n_new, pad = llm.model, args.new, llm.text_tokenizer.pad_token_id
     rows = []
     for b in batches:
-        g = torch.Generator().manual_seed(b)
-        prompts = [torch.randint(4, 32000, (args.prompt - (i % 5),), generator=g).tolist() for i in range(b)]
+        prompts = _prompts(b, args.prompt)
         from seed_fast.models.decoding import left_pad
 
         ids, mask = left_pad(prompts, pad)
@@ -122,15 +132,128 @@ def main() -> int:
             rows.append(row)
             print(f"{name} B={b:<3d} {pname:34s} {row['ms']:>9s} ms  {row['tok_s']:>9s} tok/s  same tokens: {same}", flush=True)
 
+    pre_rows = prefill_rows(llm, name, batches, args, device, repeats)
+    lora_rows = [] if args.no_lora else lora_table(llm, name, batches[:1], args, device, repeats)
+
     columns = [("model", "model"), ("batch", "batch"), ("provider", "provider"), ("ms", "median ms / call"),
                ("iqr", "IQR ms"), ("tok_s", "tokens/s"), ("same", "same tokens as generate")]
     md = (f"dtype {str(dtype).replace('torch.', '')}; prompt {args.prompt} tokens (left-padded, lengths vary by up to 4), "
           f"{n_new} new tokens greedy, random weights. tokens/s = batch x new tokens / call time (prefill included).\n\n")
     md += markdown_table(rows, columns)
-    folder = write_results(f"bench_llm_decode_{name}", device, rows, md, args.out, {"quick": args.quick})
+    md += ("\n\nPrefill alone (the prompt pass), and the decode rate derived from it: decode tok/s = "
+           "batch x (new - 1) / (generate ms - prefill ms).\n\n")
+    md += markdown_table(pre_rows, [("model", "model"), ("batch", "batch"), ("provider", "provider"), ("ms", "median ms"),
+                                    ("iqr", "IQR ms"), ("tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s (derived)")])
+    if lora_rows:
+        md += ("\n\nLoRA at LLM level: SEED-LLaMA's adapter (r 16, alpha 32, every attention and MLP projection), "
+               "random non-zero weights, dropout off (eval).\n\n")
+        md += markdown_table(lora_rows, [("model", "model"), ("batch", "batch"), ("provider", "LoRA path"), ("pre_ms", "prefill ms"),
+                                         ("pre_tok_s", "prefill tokens/s"), ("gen_ms", "generate ms"), ("gen_tok_s", "generate tokens/s"),
+                                         ("same", "same tokens as peft")])
+    every = rows + [dict(r, table="prefill") for r in pre_rows] + [dict(r, table="lora") for r in lora_rows]
+    folder = write_results(f"bench_llm_decode_{name}", device, every, md, args.out, {"quick": args.quick})
     print(md)
     print(f"results in {folder}")
     return 0
+
+
+def _prompts(b: int, length: int):
+    g = torch.Generator().manual_seed(b)
+    return [torch.randint(4, 32000, (length - (i % 5),), generator=g).tolist() for i in range(b)]
+
+
+def prefill_rows(llm, name, batches, args, device, repeats) -> list[dict]:
+    """The prompt pass alone: transformers' forward vs our static-cache prefill."""
+    from transformers import DynamicCache
+
+    from seed_fast.models.decoding import left_pad
+
+    model, rows = llm.model, []
+    for b in batches:
+        prompts = _prompts(b, args.prompt)
+        ids, mask = left_pad(prompts, llm.text_tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        toks = int(mask.sum())
+
+        def hf():
+            return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(), use_cache=True).logits[:, -1]
+
+        def ours():
+            return llm._decoder(b, ids.shape[1] + args.new).prefill(ids, mask)
+
+        def full():
+            return llm.generate_ids(prompts, max_new_tokens=args.new, suppress_image_tokens=False, stop_ids=())
+
+        with torch.no_grad():
+            a, c = hf().float(), ours()
+            err = (a - c).abs().max().item()
+            t_hf = time_fn(hf, device, warmup=1, repeats=repeats, max_seconds=20)
+            t_ours = time_fn(ours, device, warmup=1, repeats=repeats, max_seconds=20)
+            t_full = time_fn(full, device, warmup=1, repeats=max(3, repeats // 2), max_seconds=30)
+        for pname, tm in (("transformers forward (dynamic cache)", t_hf), ("seed_fast KVDecoder.prefill", t_ours)):
+            row = {"model": name, "batch": b, "provider": pname, "ms": f"{tm['median_ms']:.1f}",
+                   "iqr": f"{tm['q1_ms']:.1f}-{tm['q3_ms']:.1f}", "tok_s": f"{toks / tm['median_ms'] * 1e3:.0f}",
+                   "prompt_tokens": toks, "max_abs_logit_diff": err, "decode_tok_s": "-"}
+            if pname.startswith("seed_fast"):
+                dec_ms = t_full["median_ms"] - tm["median_ms"]
+                row["decode_tok_s"] = f"{b * (args.new - 1) / dec_ms * 1e3:.1f}" if dec_ms > 0 else "-"
+            rows.append(row)
+            print(f"{name} B={b:<3d} prefill {pname:38s} {row['ms']:>9s} ms  {row['tok_s']:>9s} tok/s  "
+                  f"decode {row['decode_tok_s']} tok/s  (max |logit diff| {err:.2e})", flush=True)
+    return rows
+
+
+def lora_table(llm, name, batches, args, device, repeats) -> list[dict]:
+    """peft LoRA vs fused LoRA vs merged, on the same adapter weights."""
+    import copy
+
+    from seed_fast.models.decoding import left_pad
+
+    rows = []
+    base = llm
+    for b in batches:
+        prompts = _prompts(b, args.prompt)
+        ids, mask = left_pad(prompts, llm.text_tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        toks = int(mask.sum())
+        variants = {}
+        peft_llm = copy.deepcopy(base).add_lora(True, fused=False)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for pname, p in peft_llm.model.named_parameters():
+                if "lora_B" in pname:  # peft starts B at zero: the adapter would add exactly nothing
+                    p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p))
+        peft_llm.model.eval()
+        variants["peft LoRA (unmerged)"] = peft_llm
+        fused = copy.deepcopy(peft_llm)
+        from seed_fast.lora import apply_fused_lora
+
+        apply_fused_lora(fused.model)
+        variants["seed_fast fused lora_linear"] = fused
+        variants["merged into the base weights"] = copy.deepcopy(peft_llm).merge_lora()
+        want = None
+        for pname, v in variants.items():
+            def pre(v=v):
+                return v._decoder(b, ids.shape[1] + args.new).prefill(ids, mask)
+
+            def gen(v=v):
+                return v.generate_ids(prompts, max_new_tokens=args.new, suppress_image_tokens=False, stop_ids=())
+
+            with torch.no_grad():
+                got = gen()
+                want = got if want is None else want
+                same = "yes" if got == want else f"{sum(x == y for x, y in zip(got, want))}/{b} rows"
+                tp = time_fn(pre, device, warmup=1, repeats=repeats, max_seconds=20)
+                tg = time_fn(gen, device, warmup=1, repeats=max(3, repeats // 2), max_seconds=30)
+            row = {"model": name, "batch": b, "provider": pname, "pre_ms": f"{tp['median_ms']:.1f}",
+                   "pre_tok_s": f"{toks / tp['median_ms'] * 1e3:.0f}", "gen_ms": f"{tg['median_ms']:.1f}",
+                   "gen_tok_s": f"{b * args.new / tg['median_ms'] * 1e3:.1f}", "same": same}
+            rows.append(row)
+            print(f"{name} B={b:<3d} LoRA {pname:32s} prefill {row['pre_ms']:>8s} ms  generate {row['gen_ms']:>8s} ms "
+                  f"{row['gen_tok_s']:>8s} tok/s  same tokens: {same}", flush=True)
+        del variants, peft_llm, fused
+    return rows
 
 
 if __name__ == "__main__":

@@ -83,6 +83,21 @@ def pivot_table(path: Path, title: str, row_keys: list[str], providers: list[str
     return "\n".join(lines)
 
 
+def related_table(path: Path) -> str:
+    """SEED vs LaVIT vs Flamingo-style: one row per model (bench_related)."""
+    data = json.loads(path.read_text())
+    meta, rows = data["meta"], data["rows"]
+    rel = path.relative_to(RESULTS.parent.parent).with_suffix(".md")
+    cols = [("codes_per_image", "codes / image"), ("llm_tokens_per_image", "LLM tokens / image"),
+            ("tok_img_s", "tokenizer images/s"), ("pre_img_s", "LLM prefill images/s")]
+    lines = [f"What an image costs an LLM, batch {rows[0]['batch']}, {meta['device']}, torch {meta['versions'].get('torch')}, "
+             f"{meta['date']}, from [{rel}]({rel}):", "",
+             "| model | " + " | ".join(h for _, h in cols) + " |", "| --- | " + " | ".join("---" for _ in cols) + " |"]
+    for r in rows:
+        lines.append(f"| {r['model']} | " + " | ".join(str(r[k]) for k, _ in cols) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="results folder name (default: every folder)")
@@ -115,8 +130,26 @@ def main(argv=None) -> int:
         for path in sorted(folder.glob("bench_llm_decode_*.json")):
             provs = ["transformers generate", "transformers generate (static)", "seed_fast generate_ids",
                      "seed_fast generate_ids compiled", "seed_fast image codes (32)"]
-            print(pivot_table(path, f"LLM greedy decoding ({path.stem.split('_', 3)[-1]}), 32 new tokens", ["batch"],
-                              provs, value="tok_s", unit="tokens/s", higher_is_better=True))
+            model = path.stem.split('_', 3)[-1]
+            print(pivot_table(path, f"LLM greedy decoding ({model}), 32 new tokens", ["batch"],
+                              provs, value="tok_s", unit="tokens/s", higher_is_better=True, filt=lambda r: "table" not in r))
+            print()
+            rows = json.loads(path.read_text())["rows"]
+            if any(r.get("table") == "prefill" for r in rows):
+                print(pivot_table(path, f"LLM prefill alone ({model}), 64-token prompts", ["batch"],
+                                  ["transformers forward (dynamic cache)", "seed_fast KVDecoder.prefill"], value="tok_s",
+                                  unit="prompt tokens/s", higher_is_better=True, filt=lambda r: r.get("table") == "prefill"))
+                print()
+            if any(r.get("table") == "lora" for r in rows):
+                lora = ["peft LoRA (unmerged)", "seed_fast fused lora_linear", "merged into the base weights"]
+                for value, what in (("pre_tok_s", "prefill, prompt tokens/s"), ("gen_tok_s", "greedy generate, tokens/s")):
+                    print(pivot_table(path, f"LLM with SEED-LLaMA's LoRA (r 16) ({model}), {what.split(',')[0]}", ["batch"], lora,
+                                      value=value, unit=what.split(", ")[1], higher_is_better=True,
+                                      filt=lambda r: r.get("table") == "lora"))
+                    print()
+        path = folder / "bench_related.json"
+        if path.exists():
+            print(related_table(path))
             print()
         path = folder / "bench_export.json"
         if path.exists():

@@ -41,8 +41,9 @@ BENCHES = {
     "tokenizer-embedded": dict(script="bench_tokenizer.py", cpu=["--config", "seed_fast/assets/default_model/tokenizer"],
                                cuda=["--config", "seed_fast/assets/default_model/tokenizer", "--dtype", "float32"],
                                quick=["--config", "seed_fast/assets/default_model/tokenizer", "--quick"], limits=(120, 60)),
-    "llm": dict(script="bench_llm_decode.py", cpu=[], cuda=["--quick"], quick=["--quick"], limits=(180, 120)),
+    "llm": dict(script="bench_llm_decode.py", cpu=[], cuda=["--quick"], quick=["--quick"], limits=(240, 180)),
     "export": dict(script="bench_export.py", cpu=[], cuda=[], quick=["--quick"], limits=(180, 120)),
+    "related": dict(script="bench_related.py", cpu=[], cuda=["--quick"], quick=["--quick", "--batch", "4"], limits=(120, 90)),
 }
 ORDER = list(BENCHES)
 

@@ -48,6 +48,6 @@ def test_summary_tables_json_and_headline(tmp_path):
 def test_bench_cli_rejects_unknown_benchmarks():
     r = subprocess.run([sys.executable, "-m", "seed_fast.cli", "bench", "--only", "nope"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "invalid choice" in r.stderr
-    assert set(run_all.ORDER) == {"codebook", "codebook-fp16", "attention", "lora", "tokenizer", "tokenizer-embedded", "llm", "export"}
+    assert set(run_all.ORDER) == {"codebook", "codebook-fp16", "attention", "lora", "tokenizer", "tokenizer-embedded", "llm", "export", "related"}
     for name, b in run_all.BENCHES.items():
         assert (ROOT / "benchmarks" / b["script"]).is_file(), name
