@@ -123,17 +123,21 @@ class SeedRuntime:
                                     f"seed-fast export onnx --part {part} --out {self.folder}")
         return self.parts[part]
 
-    def session(self, part: str):
-        if part not in self._sessions:
+    def session(self, part: str, key: str = "file"):
+        """The onnxruntime session of a part's file (`key`: the manifest entry naming it)."""
+        name = part if key == "file" else f"{part}:{key}"
+        if name not in self._sessions:
             import onnxruntime as ort
 
-            info = self._need(part)
+            path = self.folder / self._need(part)[key]
+            if not path.is_file():
+                raise RuntimeInputError(f"{self.folder}: the manifest lists {path.name} but the file is missing")
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
             # idle worker threads must not spin: they would steal the cores from the caller's own work
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._sessions[part] = ort.InferenceSession(str(self.folder / info["file"]), opts, providers=self.providers)
-        return self._sessions[part]
+            self._sessions[name] = ort.InferenceSession(str(path), opts, providers=self.providers)
+        return self._sessions[name]
 
     @property
     def text_tokenizer(self):
@@ -465,7 +469,7 @@ class SeedRuntime:
                 uncond, cond = out[:b], out[b:]
                 out = uncond + guidance * (cond - uncond)
             x = self._ddim.step(out, int(t), x, steps)
-        images = self._vae_session(info).run(None, {"latents": x})[0]
+        images = self.session("decoder", "vae_file").run(None, {"latents": x})[0]
         return np.clip(images.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0)
 
     def _unclip_prompt(self, info: dict) -> dict:
@@ -474,19 +478,6 @@ class SeedRuntime:
             raise RuntimeInputError(f"{self.folder}: the manifest lists {info['prompt_file']} but the file is missing")
         with np.load(path) as z:
             return {"positive": z["positive"].astype(np.float32), "negative": z["negative"].astype(np.float32)}
-
-    def _vae_session(self, info: dict):
-        if "decoder_vae" not in self._sessions:
-            import onnxruntime as ort
-
-            path = self.folder / info["vae_file"]
-            if not path.is_file():
-                raise RuntimeInputError(f"{self.folder}: the manifest lists {info['vae_file']} but the file is missing")
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._sessions["decoder_vae"] = ort.InferenceSession(str(path), opts, providers=self.providers)
-        return self._sessions["decoder_vae"]
 
     def text_to_image(self, texts, *, cfg_scale: float = 1.0, **render_kwargs) -> np.ndarray:
         """Texts -> codes -> embeddings -> images (B, S, S, 3) in [0, 1]."""
