@@ -40,7 +40,7 @@ def decoder_targets(pixels: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class DecoderModule(nn.Module):
-    def __init__(self, tok, pipe, dcfg, seed: int):
+    def __init__(self, tok, pipe, dcfg):
         super().__init__()
         self.tok, self.unet, self.dcfg = tok, pipe.unet, dcfg
         self.pipe = pipe
@@ -95,7 +95,7 @@ class DecoderTask(Task):
         self.tok = tok
         self.pipe = mini_image_decoder(tok.config.detokenizer.out_dim, d.image_size, seed=cfg.seed, channels=tuple(d.channels))
         self.pipe.unet.to(device)
-        self.module = DecoderModule(tok, self.pipe, d, cfg.seed)
+        self.module = DecoderModule(tok, self.pipe, d)
         self.image_size = tok.config.vision.image_size
 
     def keeps(self, key: str) -> bool:
