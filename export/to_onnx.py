@@ -305,7 +305,7 @@ def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAU
                           f"scheduler, got {type(pipe).__name__}")
     t0 = time.perf_counter()
     _eval_dtype(pipe.unet, fp16)
-    c, s, d = pipe.unet.config.in_channels, pipe.image_size, pipe.image_embedding_dim
+    c, s, d = pipe.image_channels, pipe.image_size, pipe.image_embedding_dim
     g = torch.Generator().manual_seed(seed + 3)
     t_max = pipe.scheduler.config.num_train_timesteps
 

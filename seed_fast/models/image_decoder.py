@@ -3,9 +3,13 @@
 SEED renders its generation embedding with Stable unCLIP: the embedding conditions a UNet through its
 class-embedding projection (added to the timestep embedding) and the UNet denoises VAE latents. The
 embedded default model keeps that interface at a size that trains on a CPU: a diffusers
-``UNet2DConditionModel`` that denoises 64 x 64 pixels directly (no VAE), conditioned on the embedding
-twice, through ``class_embed_type="projection"`` as unCLIP does and as the single token its
-cross-attention blocks attend to, and a diffusers DDIM scheduler that predicts the clean sample.
+``UNet2DConditionModel`` that denoises pixels directly (no VAE), conditioned on the embedding twice,
+through ``class_embed_type="projection"`` as unCLIP does and as the single token its cross-attention
+blocks attend to, and a diffusers DDIM scheduler that predicts the clean sample. With ``patch`` > 1
+the pipeline folds each patch x patch block of pixels into channels (``pixel_unshuffle``) before the
+UNet and unfolds the prediction after it, so the UNet runs at 1/patch of the image's resolution; the
+patch size is read back from the UNet's input channels (3 * patch**2), so saved folders need nothing
+else.
 
 ``SeedImageDecoderPipeline(image_embeds, negative_image_embeds=None, num_inference_steps, guidance_scale,
 generator, latents=None)`` takes the same arguments as ``SeedUnCLIPPipeline`` does through
@@ -39,11 +43,25 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
         return int(self.unet.config.projection_class_embeddings_input_dim)
 
     @property
+    def patch(self) -> int:
+        """Pixels per UNet cell along each side: the UNet sees the image space-to-depth folded into
+        (3 * patch**2) channels at 1/patch of its resolution (1: plain pixels)."""
+        return _patch_of(int(self.unet.config.in_channels))
+
+    @property
+    def image_channels(self) -> int:
+        return 3
+
+    @property
     def image_size(self) -> int:
-        return int(self.unet.config.sample_size)
+        return int(self.unet.config.sample_size) * self.patch
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=emb[:, None, :], class_labels=emb).sample
+        p = self.patch
+        if p > 1:
+            x = torch.nn.functional.pixel_unshuffle(x, p)
+        out = self.unet(x, t, encoder_hidden_states=emb[:, None, :], class_labels=emb).sample
+        return torch.nn.functional.pixel_shuffle(out, p) if p > 1 else out
 
     @torch.no_grad()
     def __call__(
@@ -80,7 +98,7 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
                 raise ValueError(f"negative_image_embeds must have shape {tuple(emb.shape)}, got {tuple(neg.shape)}")
             emb = torch.cat([neg, emb])
         size = self.image_size
-        shape = (batch, self.unet.config.in_channels, size, size)
+        shape = (batch, self.image_channels, size, size)
         if latents is None:
             x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
@@ -109,27 +127,43 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=result)
 
 
+def _patch_of(in_channels: int) -> int:
+    p = int(round((in_channels / 3) ** 0.5))
+    if p < 1 or 3 * p * p != in_channels:
+        raise ValueError(f"a SeedImageDecoderPipeline UNet takes 3 * patch**2 input channels, got {in_channels}")
+    return p
+
+
 def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0,
-                       channels: tuple[int, ...] = (32, 64, 128)) -> SeedImageDecoderPipeline:
+                       channels: tuple[int, ...] = (32, 64, 128), patch: int = 1) -> SeedImageDecoderPipeline:
     """The embedded model's decoder architecture with seeded random weights.
 
     `channels` gives one UNet level per entry (full resolution first; each level halves the
     resolution); the coarsest level cross-attends to the embedding. The default, 3 levels, is about
     4 M parameters. Adding a cheap full-resolution level in front, e.g. (16, 32, 64, 128) at 64 px,
-    costs about as much per level as the others (pixels x channels^2 stay constant)."""
+    costs about as much per level as the others (pixels x channels^2 stay constant).
+
+    `patch` > 1 folds each patch x patch block of pixels into channels (space-to-depth) before the
+    UNet and unfolds its output: a 64 px decoder with patch 2 costs about what a 32 px one does, but
+    draws every pixel."""
     channels = tuple(int(c) for c in channels)
+    if int(patch) != patch or patch < 1:
+        raise ValueError(f"patch must be a positive integer, got {patch}")
+    if image_size % patch:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}")
     if len(channels) < 2 or any(c < 8 or c % 8 for c in channels):
         raise ValueError(f"channels must be at least 2 levels of multiples of 8, got {channels}")
     down = 2 ** (len(channels) - 1)
-    if image_size % down:
-        raise ValueError(f"image_size must be a multiple of {down} ({len(channels) - 1} down-samplings), got {image_size}")
+    if image_size % (down * patch):
+        raise ValueError(f"image_size must be a multiple of {down * patch} ({len(channels) - 1} down-samplings"
+                         f"{f' of {image_size // patch} px after the {patch}x{patch} patches' if patch > 1 else ''}), got {image_size}")
     levels = len(channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=image_size,
-            in_channels=3,
-            out_channels=3,
+            sample_size=image_size // patch,
+            in_channels=3 * patch * patch,
+            out_channels=3 * patch * patch,
             down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
             up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
             block_out_channels=channels,

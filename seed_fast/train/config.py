@@ -55,6 +55,10 @@ class Stage2Config:
     codebook_init: str = "uniform"  # uniform (as released) | kmeans (from the first batch's z)
     restart_dead_every: int = 0  # steps; 0 disables dead-code restarts
     itc_heads: str | None = None  # a stage-I run folder: evaluation then also measures retrieval with codes
+    # the quantizer is first trained here, so its shape may be set here (None: the tokenizer's); a new shape
+    # starts the quantizer from seeded random weights
+    codebook_size: int | None = None
+    code_dim: int | None = None
 
 
 @dataclass
@@ -82,6 +86,7 @@ class DecoderConfig:
     null_prob: float = 0.1  # share of zero embeddings (the classifier-free guidance null)
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # UNet levels, full resolution first
     ema: float = 0.0  # EMA decay of the UNet weights used for evaluation and export (e.g. 0.999); 0: off
+    patch: int = 1  # pixels per UNet cell along a side (space-to-depth): 2 draws 64 px at a 32 px UNet's cost
 
 
 @dataclass
@@ -224,12 +229,17 @@ class TrainConfig:
         need(fl.every >= 1 and fl.num_latents >= 1 and fl.resampler_depth >= 1,
              f"flamingo.every, num_latents and resampler_depth must be >= 1, got {fl.every}, {fl.num_latents}, {fl.resampler_depth}")
         need(fl.eval_n >= 0 and fl.max_new_tokens >= 1, "flamingo.eval_n must be >= 0 and flamingo.max_new_tokens >= 1")
+        for name in ("codebook_size", "code_dim"):
+            v = getattr(self.stage2, name)
+            need(v is None or (isinstance(v, int) and v >= 1), f"stage2.{name} must be a positive integer or null, got {v!r}")
         dc = self.decoder
-        down = 2 ** (len(dc.channels) - 1)
+        need(isinstance(dc.patch, int) and dc.patch >= 1, f"decoder.patch must be a positive integer, got {dc.patch!r}")
+        down = 2 ** (len(dc.channels) - 1) * dc.patch
         need(len(dc.channels) >= 2 and all(isinstance(c, int) and c >= 8 and c % 8 == 0 for c in dc.channels),
              f"decoder.channels must be 2 or more multiples of 8, got {dc.channels}")
         need(dc.image_size >= down and dc.image_size % down == 0,
-             f"decoder.image_size must be a multiple of {down} (one halving per level after the first), got {dc.image_size}")
+             f"decoder.image_size must be a multiple of {down} (decoder.patch times one halving per level after the "
+             f"first), got {dc.image_size}")
         need(0 <= dc.null_prob < 1, f"decoder.null_prob must be in [0, 1), got {dc.null_prob}")
         need(0 <= dc.ema < 1, f"decoder.ema must be in [0, 1), got {dc.ema}")
         m = self.llm

@@ -93,7 +93,8 @@ class DecoderTask(Task):
         tok = tok.to(device).eval().requires_grad_(False)
         d = cfg.decoder
         self.tok = tok
-        self.pipe = mini_image_decoder(tok.config.detokenizer.out_dim, d.image_size, seed=cfg.seed, channels=tuple(d.channels))
+        self.pipe = mini_image_decoder(tok.config.detokenizer.out_dim, d.image_size, seed=cfg.seed,
+                                       channels=tuple(d.channels), patch=d.patch)
         self.pipe.unet.to(device)
         self.module = DecoderModule(tok, self.pipe, d)
         self.image_size = tok.config.vision.image_size

@@ -117,6 +117,28 @@ class Stage2Module(nn.Module):
         return {"loss": loss, **parts}
 
 
+def reshape_quantizer(tok, codebook_size: int | None, code_dim: int | None, *, seed: int = 0) -> bool:
+    """Give `tok` a quantizer of the requested shape (None keeps that dimension), freshly initialized
+    from `seed`; its config follows, so the saved tokenizer records the new shape. Returns whether
+    anything changed (the same shape keeps the tokenizer's quantizer and its weights)."""
+    import dataclasses
+
+    from ..models.quantizer import Quantizer
+
+    old = tok.config.quantizer
+    new = dataclasses.replace(old, codebook_size=codebook_size or old.codebook_size, code_dim=code_dim or old.code_dim)
+    if new == old:
+        return False
+    ref = next(tok.quantizer.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        q = Quantizer(new, tok.config.qformer.hidden)
+        q.reset_codebook()
+    tok.quantizer = q.to(device=ref.device, dtype=ref.dtype)
+    tok.config.quantizer = new
+    return True
+
+
 class Stage2Task(Task):
     def __init__(self, cfg: TrainConfig, device: torch.device):
 
@@ -124,6 +146,7 @@ class Stage2Task(Task):
         tok = load_tokenizer(cfg)
         if tok.reconstructor is None:
             raise ConfigError("stage 2 needs the reconstruction head: the tokenizer config has reconstruction_blocks=False")
+        reshape_quantizer(tok, cfg.stage2.codebook_size, cfg.stage2.code_dim, seed=cfg.seed)
         tok = tok.to(device)
         tok.requires_grad_(False)
         for name, p in tok.named_parameters():

@@ -91,3 +91,56 @@ def test_the_training_loss_goes_down():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) < 0.7 * sum(losses[:3])
+
+
+def test_patch_decoder_folds_pixels_into_channels():
+    """patch 2: the UNet runs at half the resolution on 12 channels; the pipeline still takes and
+    returns full-size 3-channel pixels, and _denoise is exactly unfold -> UNet -> fold."""
+    import torch.nn.functional as F
+
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    p = mini_image_decoder(embed_dim=8, image_size=24, seed=seed, channels=(16, 32), patch=2)
+    assert (p.patch, p.image_size, p.image_channels) == (2, 24, 3)
+    assert p.unet.config.in_channels == p.unet.config.out_channels == 12 and p.unet.config.sample_size == 12
+    g = torch.Generator().manual_seed(seed)
+    x, emb = torch.randn(3, 3, 24, 24, generator=g), torch.randn(3, 8, generator=g)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    with torch.no_grad():
+        got = p._denoise(x, t, emb)
+        ref = F.pixel_shuffle(p.unet(F.pixel_unshuffle(x, 2), t, encoder_hidden_states=emb[:, None], class_labels=emb).sample, 2)
+    assert got.shape == x.shape and torch.equal(got, ref)
+    # the fold keeps each 2x2 block together: moving one pixel changes only the UNet input cell holding it
+    y = x.clone()
+    y[0, 1, 5, 7] += 1
+    diff = (F.pixel_unshuffle(y, 2) - F.pixel_unshuffle(x, 2)).abs().sum(1)
+    assert diff.nonzero().tolist() == [[0, 2, 3]]
+    out = p(emb, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    assert out.shape == (3, 3, 24, 24)
+    loss = decoder_training_loss(p, x.clamp(-1, 1), emb, null_prob=0.5, generator=torch.Generator().manual_seed(2))
+    loss.backward()
+    assert torch.isfinite(loss) and p.unet.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_patch_decoder_saves_loads_and_rejects_bad_sizes(tmp_path):
+    p = mini_image_decoder(embed_dim=8, image_size=16, seed=1, channels=(16, 32), patch=2)
+    p.save_pretrained(tmp_path / "dec")
+    q = load_image_decoder(tmp_path / "dec")
+    assert (q.patch, q.image_size) == (2, 16)
+    emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(num_inference_steps=2, output_type="pt")
+    assert torch.equal(p(emb, generator=torch.Generator().manual_seed(4), **kw).images,
+                       q(emb, generator=torch.Generator().manual_seed(4), **kw).images)
+    with pytest.raises(ValueError, match="multiple of patch 3"):
+        mini_image_decoder(8, 16, patch=3)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        mini_image_decoder(8, 20, channels=(16, 32, 64), patch=2)
+    with pytest.raises(ValueError, match="patch must be a positive integer"):
+        mini_image_decoder(8, 16, patch=0)
+    from diffusers import UNet2DConditionModel
+
+    bad = SeedImageDecoderPipeline(unet=UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8, cross_attention_dim=8,
+        class_embed_type="projection", projection_class_embeddings_input_dim=8), scheduler=p.scheduler)
+    with pytest.raises(ValueError, match="3 \\* patch\\*\\*2 input channels, got 4"):
+        bad.image_size

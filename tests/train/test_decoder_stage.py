@@ -38,3 +38,9 @@ def test_ema_weights_are_checkpointed_resumed_and_exported(tmp_path):
 def test_no_ema_exports_the_trained_weights(tmp_path):
     train(_cfg(tmp_path / "run"), progress=False)
     assert load_image_decoder(tmp_path / "run" / "decoder").unet.config.block_out_channels == [8, 16]
+
+
+def test_patch_option_trains_a_full_size_decoder(tmp_path):
+    train(_cfg(tmp_path / "run", patch=2), progress=False)
+    dec = load_image_decoder(tmp_path / "run" / "decoder")
+    assert (dec.patch, dec.image_size, dec.unet.config.sample_size, dec.unet.config.in_channels) == (2, 16, 8, 12)

@@ -47,11 +47,14 @@ def _losses(run):
     ({"optim": {"lr": -1}}, "optim.lr must be > 0"),
     ({"stage2": {"target": "/no/clip"}}, "stage2.target"),
     ({"stage2": {"codebook_init": "magic"}}, "codebook_init"),
+    ({"stage2": {"code_dim": 0}}, "stage2.code_dim must be a positive integer"),
     ({"precision": "fp8"}, "precision"),
     ({"strategy": "fsdp"}, "strategy 'fsdp' is for the llm stage"),
     ({"decoder": {"channels": [32]}}, "decoder.channels must be 2 or more"),
     ({"decoder": {"channels": [16, 20]}}, "decoder.channels must be 2 or more multiples of 8"),
     ({"decoder": {"channels": [16, 32, 64, 128], "image_size": 36}}, "decoder.image_size must be a multiple of 8"),
+    ({"decoder": {"channels": [16, 32], "patch": 2, "image_size": 30}}, "decoder.image_size must be a multiple of 4"),
+    ({"decoder": {"patch": 0}}, "decoder.patch must be a positive integer"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, change, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -87,6 +90,25 @@ def test_stage2_trains_logs_checkpoints_and_exports(tmp_path):
     assert (tmp_path / "run" / "metrics.png").exists()
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, progress=False)
+
+
+def test_stage2_can_reshape_the_quantizer_and_resume(tmp_path):
+    from seed_fast import SeedTokenizer
+
+    def cfg(name):
+        return TrainConfig.from_dict(_cfg(tmp_path / name, steps=4, stage2={"code_dim": 8, "codebook_size": 48}))
+
+    full = train(cfg("a"), progress=False)
+    train(cfg("b"), progress=False, stop_after=2)
+    resumed = train(cfg("b"), resume=True, progress=False)
+    assert resumed["val_recon_cos"] == pytest.approx(full["val_recon_cos"], rel=1e-5)
+    tok = SeedTokenizer.from_pretrained(tmp_path / "a" / "tokenizer")
+    assert (tok.config.quantizer.code_dim, tok.codebook_size) == (8, 48)
+    assert tok.quantizer.codebook.weight.shape == (48, 8) and tok.quantizer.encode_task_layer[-1].out_features == 8
+    other = SeedTokenizer.from_pretrained(tmp_path / "b" / "tokenizer")
+    torch.testing.assert_close(tok.quantizer.codebook.weight, other.quantizer.codebook.weight)
+    codes = tok.encode(torch.rand(2, 3, 64, 64))
+    assert codes.shape == (2, 32) and int(codes.max()) < 48
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
