@@ -10,7 +10,7 @@ Every stage is the project's own training code (`seed_fast.train`), run in this 
 synthetic colored-shapes data (`seed_fast.synthetic`, 64 px, seeded):
 
   1. stage1    ViT + causal Q-Former + text branch, image-text contrastive, the ViT trained too (`mini`)
-  2. stage2    quantizer (1024 codes) + de-tokenizer; generation target: stage I's image feature
+  2. stage2    quantizer (1024 codes of 16 dims) + de-tokenizer; generation target: stage I's image feature
   3. llm       `mini-llama` (4 layers, 256 wide) with the image vocabulary, every weight trained on
                image->caption, caption->image and question->answer sequences
   4. lora      a LoRA adapter (r 16) instruction-tuned on top of (3), as SEED-LLaMA tunes its LLM
@@ -44,9 +44,9 @@ RECIPE: dict[str, dict] = {
     "stage2": {
         "stage": "stage2", "steps": 800, "global_batch": 64,
         "optim": {"lr": 1e-3, "warmup": 20},
-        # code_dim 32 (SEED's; the `mini` preset's 16 lost the small left shapes: a probe reads them from the
-        # code-rebuilt embeddings 93% of the time with 32 dims, 90% with 16 and 89% with 64)
-        "stage2": {"codebook_init": "kmeans", "restart_dead_every": 20, "target": "itc", "itc_weight": 2.0, "code_dim": 32},
+        # `code_dim` 32 (SEED's, through `stage2.code_dim`) was tried and not better end to end:
+        # benchmarks/results/default_model/experiments_after_v2.md
+        "stage2": {"codebook_init": "kmeans", "restart_dead_every": 20, "target": "itc", "itc_weight": 2.0},
     },
     "llm": {
         "stage": "llm", "steps": 2500, "global_batch": 32, "data": {"n": 32768},
