@@ -1,8 +1,8 @@
-"""Reproduce the embedded default model from scratch on a CPU (about 50 minutes on 2 idle cores).
+"""Reproduce the embedded default model from scratch on a CPU (about an hour on 2 idle cores).
 
-Version 2 took 65 minutes on 2 cores shared with other work: stage1 305 s, stage2 253 s, llm 1078 s,
-lora 321 s, decoder 1841 s (about 1.55 s per step when the cores are idle, so about 18 minutes),
-checker 85 s.
+Version 2's stages took, on 2 cores: stage1 305 s, stage2 253 s, llm 1078 s (about 660 s when the
+cores are idle), lora 321 s, checker 85 s. Version 3 differs only in the decoder, 1400 steps instead of
+700: 2028 s on idle cores (about 1.45 s per step).
 
     python -m seed_fast.recipes.default_model --work runs/default [--install]
 
@@ -62,7 +62,9 @@ RECIPE: dict[str, dict] = {
         "llm": {"mode": "instruct", "lora_r": 16, "lora_alpha": 32, "eval_n": 64, "qa_ratio": 0.5},
     },
     "decoder": {
-        "stage": "decoder", "steps": 700, "global_batch": 64,
+        # 1400 steps (version 3): twice version 2's; held-out denoising MSE at t=300 0.0079 -> 0.0043 and
+        # reconstruction 61.5% -> 67.7% (benchmarks/results/default_model/experiments_after_v2.md)
+        "stage": "decoder", "steps": 1400, "global_batch": 64,
         "optim": {"lr": 1e-3, "warmup": 30, "weight_decay": 0.0},
         "decoder": {"image_size": 32, "null_prob": 0.1},
     },
