@@ -87,6 +87,9 @@ class DecoderConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # UNet levels, full resolution first
     ema: float = 0.0  # EMA decay of the UNet weights used for evaluation and export (e.g. 0.999); 0: off
     patch: int = 1  # pixels per UNet cell along a side (space-to-depth): 2 draws 64 px at a 32 px UNet's cost
+    # the tokenizer is frozen, so each sample's generation embedding is computed once and kept (by the
+    # sample's key, checked against a fingerprint of its pixels); at most this many samples; 0: off
+    embedding_cache: int = 131072
 
 
 @dataclass
@@ -242,6 +245,8 @@ class TrainConfig:
              f"first), got {dc.image_size}")
         need(0 <= dc.null_prob < 1, f"decoder.null_prob must be in [0, 1), got {dc.null_prob}")
         need(0 <= dc.ema < 1, f"decoder.ema must be in [0, 1), got {dc.ema}")
+        need(isinstance(dc.embedding_cache, int) and not isinstance(dc.embedding_cache, bool) and dc.embedding_cache >= 0,
+             f"decoder.embedding_cache must be a number of samples >= 0 (0: off), got {dc.embedding_cache!r}")
         m = self.llm
         need(m.model in LM_PRESETS or Path(m.model).is_dir(), f"llm.model must be one of {LM_PRESETS} or a model folder, got {m.model!r}")
         need(m.mode in ("pretrain", "instruct"), f"llm.mode must be pretrain or instruct, got {m.mode!r}")

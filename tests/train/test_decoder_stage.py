@@ -44,3 +44,62 @@ def test_patch_option_trains_a_full_size_decoder(tmp_path):
     train(_cfg(tmp_path / "run", patch=2), progress=False)
     dec = load_image_decoder(tmp_path / "run" / "decoder")
     assert (dec.patch, dec.image_size, dec.unet.config.sample_size, dec.unet.config.in_channels) == (2, 16, 8, 12)
+
+
+def _scenes(n, offset=0, size=64):
+    from seed_fast.models.preprocess import images_to_tensor
+    from seed_fast.train.data import SyntheticPairs
+
+    ds = SyntheticPairs(n + offset, seed=3, size=size)
+    samples = [ds[i] for i in range(offset, offset + n)]
+    return images_to_tensor([s.image for s in samples], size), [s.key for s in samples]
+
+
+def test_embedding_cache_gives_what_the_tokenizer_gives_in_any_batch():
+    from seed_fast.models import SeedTokenizer
+    from seed_fast.train.decoder import EmbeddingCache, embeddings_from_pixels
+
+    tok = SeedTokenizer.from_pretrained(DEFAULT_DIR / "tokenizer").eval()
+    pixels, keys = _scenes(11)
+    cache = EmbeddingCache(limit=100)
+    first = cache(tok, pixels[:7], keys[:7])
+    assert (cache.hits, cache.misses) == (0, 7)
+    order = [9, 2, 6, 0, 10, 4]  # a new batch: four seen samples, two new ones, shuffled
+    got = cache(tok, pixels[order], [keys[i] for i in order])
+    assert (cache.hits, cache.misses) == (4, 9)
+    want = embeddings_from_pixels(tok, pixels[order])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first, embeddings_from_pixels(tok, pixels[:7]), rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_cache_checks_pixels_and_keeps_its_limit():
+    from seed_fast.models import SeedTokenizer
+    from seed_fast.train.decoder import EmbeddingCache, embeddings_from_pixels
+
+    tok = SeedTokenizer.from_pretrained(DEFAULT_DIR / "tokenizer").eval()
+    pixels, keys = _scenes(4)
+    other, _ = _scenes(4, offset=4)
+    cache = EmbeddingCache(limit=3)
+    cache(tok, pixels, keys)
+    assert len(cache.entries) == 3
+    # the same keys on other pictures (two sources reusing names): recomputed, never swapped
+    got = cache(tok, other, keys)
+    assert cache.hits == 0
+    torch.testing.assert_close(got, embeddings_from_pixels(tok, other), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, embeddings_from_pixels(tok, pixels), atol=1e-3)
+    off = EmbeddingCache(limit=0)
+    off(tok, pixels, keys)
+    assert not off.entries and off.hits == off.misses == 0
+
+
+def test_embedding_cache_does_not_change_training(tmp_path):
+    # 3 epochs of 4 steps: from the second epoch on, every embedding comes from the cache
+    runs = {}
+    for limit in (0, 131072):
+        cfg = _cfg(tmp_path / f"c{limit}", embedding_cache=limit)
+        cfg.steps = 12
+        runs[limit] = train(cfg, progress=False)
+        runs[limit]["unet"] = load_image_decoder(tmp_path / f"c{limit}" / "decoder").unet.state_dict()
+    assert runs[0]["val_mse_t300"] == pytest.approx(runs[131072]["val_mse_t300"], rel=1e-4)
+    a, b = runs[0]["unet"], runs[131072]["unet"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -55,6 +55,8 @@ def _losses(run):
     ({"decoder": {"channels": [16, 32, 64, 128], "image_size": 36}}, "decoder.image_size must be a multiple of 8"),
     ({"decoder": {"channels": [16, 32], "patch": 2, "image_size": 30}}, "decoder.image_size must be a multiple of 4"),
     ({"decoder": {"patch": 0}}, "decoder.patch must be a positive integer"),
+    ({"decoder": {"embedding_cache": -1}}, "decoder.embedding_cache must be a number of samples"),
+    ({"decoder": {"embedding_cache": True}}, "decoder.embedding_cache must be int"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, change, msg):
     with pytest.raises(ConfigError, match=msg):
