@@ -97,6 +97,20 @@ def _half_safetensors(folder: Path) -> None:
         save_file({k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in sd.items()}, str(f), metadata={"format": "pt"})
 
 
+def _portable_adapters(folder: Path) -> None:
+    """peft adapter folders as shipped: no path of the machine that trained them (the base model is
+    the folder's own LLM), target modules in a fixed order, and no generated model card."""
+    for cfg in folder.rglob("adapter_config.json"):
+        c = json.loads(cfg.read_text())
+        c["base_model_name_or_path"] = None
+        if isinstance(c.get("target_modules"), list):
+            c["target_modules"] = sorted(c["target_modules"])
+        cfg.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+        card = cfg.parent / "README.md"
+        if card.is_file() and "base_model" in card.read_text():
+            card.unlink()
+
+
 def assemble(work: Path, dest: Path, *, recipe: dict, metrics: dict, llm_stage: str = "lora") -> Path:
     """Copy the finished stage outputs of a recipe run into a model folder (fp16 weights).
     llm_stage: the run whose SeedLLM is shipped ("lora": the adapter stage, or "llm")."""
@@ -114,6 +128,7 @@ def assemble(work: Path, dest: Path, *, recipe: dict, metrics: dict, llm_stage: 
     shutil.copytree(work / "stage1" / "text_tokenizer", tmp / "itc" / "text_tokenizer")
     shutil.copy2(work / "checker" / "checker.safetensors", tmp / "checker.safetensors")
     _half_safetensors(tmp)
+    _portable_adapters(tmp / "llm")
     (tmp / "recipe.json").write_text(json.dumps({"recipe": recipe, "metrics": metrics}, indent=1))
     if dest.exists():
         shutil.rmtree(dest)

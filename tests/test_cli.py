@@ -90,3 +90,12 @@ def test_a_wrong_or_partial_checkpoint_is_a_clear_error(command, tmp_path):
     (tmp_path / "recipe.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"not a complete seed_fast model folder: missing \['llm', 'decoder', 'itc', 'checker.safetensors'\]"):
         main([command, "--checkpoint", str(tmp_path)])
+
+
+@pytest.mark.parametrize("command", ["demo", "eval"])
+@pytest.mark.parametrize("value", ["0.5", "x"])
+def test_a_bad_cfg_scale_is_refused_before_loading(command, value, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--cfg-scale", value, "--checkpoint", "/nonexistent"])
+    err = capsys.readouterr().err
+    assert "--cfg-scale" in err and ("must be >= 1" in err or "not a number" in err)

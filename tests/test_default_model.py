@@ -2,6 +2,7 @@
 loads, evaluates and runs the demo (report + grid); the caption parser; the checker's verdicts."""
 
 import copy
+import json
 import random
 
 import pytest
@@ -77,9 +78,18 @@ def test_the_installed_folder_loads_evaluates_and_demos(tiny_model, tmp_path):
         from safetensors.torch import load_file
 
         assert all(v.dtype != torch.float32 for v in load_file(str(f)).values()), f
+    for cfg in (dest / "llm").rglob("adapter_config.json"):  # no path of the training machine ships
+        assert json.loads(cfg.read_text())["base_model_name_or_path"] is None
+        assert not (cfg.parent / "README.md").exists()
     metrics = evaluate(m, 4, n_gen=2, steps=2, progress=False)
     for key in ("retrieval_i2t_r1", "caption_objects_ok", "answer_exact", "generation_objects_ok", "reconstruction_objects_ok"):
         assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["code_cfg_scale"] == 2.0 and evaluate(m, 2, steps=1, cfg_scale=1.0, progress=False)["code_cfg_scale"] == 1.0
+    with pytest.raises(ValueError, match="cfg_scale must be >= 1"):
+        evaluate(m, 2, steps=1, cfg_scale=0.5, progress=False)
+    with pytest.raises(ValueError, match="cfg_scale must be >= 1"):
+        run_demo(m, tmp_path / "bad", cfg_scale=0.0, progress=False)
+    assert not (tmp_path / "bad").exists()
     out = run_demo(m, tmp_path / "demo", n_images=2, eval_n=4, steps=2, progress=False)
     assert (tmp_path / "demo" / "report.html").read_text().count("<img") >= 2 + 2 + 4
     assert (tmp_path / "demo" / "grid.png").stat().st_size > 0 and "generation_objects_ok" in out

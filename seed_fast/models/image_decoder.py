@@ -217,9 +217,11 @@ def load_image_decoder(folder, *, device=None, dtype: torch.dtype | None = None)
     missing = [name for name in ("unet", "scheduler") if not (root / name).is_dir()]
     if missing:
         raise FileNotFoundError(f"{str(root)!r} is not a SeedImageDecoderPipeline folder: no {missing} subfolder(s)")
-    unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True)
+    # the dtype at load time (not a cast afterwards, which diffusers warns about on every load)
+    unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True,
+                                                torch_dtype=torch.float32 if dtype is None else dtype)
     scheduler = DDIMScheduler.from_pretrained(str(root / "scheduler"), local_files_only=True)
-    pipe = SeedImageDecoderPipeline(unet=unet.float() if dtype is None else unet.to(dtype), scheduler=scheduler)
+    pipe = SeedImageDecoderPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
         pipe.to(device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -369,16 +370,20 @@ class SeedLLM(nn.Module):
 
         if self.has_lora:
             raise ValueError("this SeedLLM already has a LoRA adapter")
-        if lora is True or lora == "seed":
-            self.model = get_peft_model(self.model, seed_lora_config(self.model))
-        elif isinstance(lora, LoraConfig):
-            self.model = get_peft_model(self.model, lora)
-        elif isinstance(lora, (str, os.PathLike)):
-            if not (Path(lora) / "adapter_config.json").exists():
-                raise CheckpointError(f"{lora} is not a peft adapter folder (no adapter_config.json)")
-            self.model = PeftModel.from_pretrained(self.model, str(lora), is_trainable=True, local_files_only=True)
-        else:
+        if not (lora is True or lora == "seed" or isinstance(lora, (LoraConfig, str, os.PathLike))):
             raise TypeError(f"lora must be True, 'seed', a peft LoraConfig or an adapter folder, got {type(lora).__name__}")
+        if isinstance(lora, (str, os.PathLike)) and lora != "seed" and not (Path(lora) / "adapter_config.json").exists():
+            raise CheckpointError(f"{lora} is not a peft adapter folder (no adapter_config.json)")
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` alias: a FutureWarning on
+            # every wrap that the user can do nothing about
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if lora is True or lora == "seed":
+                self.model = get_peft_model(self.model, seed_lora_config(self.model))
+            elif isinstance(lora, LoraConfig):
+                self.model = get_peft_model(self.model, lora)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(lora), is_trainable=True, local_files_only=True)
         for name, p in self.model.named_parameters():
             if ".lora_" not in name and _is_extra_trainable(name):
                 p.requires_grad_(True)
