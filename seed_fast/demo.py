@@ -77,6 +77,11 @@ def code_features(m, codes: torch.Tensor) -> torch.Tensor:
     return F.normalize(m.itc.vision_proj(rec[:, -1]).float(), dim=-1)
 
 
+def _check_cfg_scale(cfg_scale: float) -> None:
+    if not cfg_scale >= 1.0:
+        raise ValueError(f"cfg_scale must be >= 1 (1 disables the LLM's guidance), got {cfg_scale}")
+
+
 def _objects_ok(pred: dict | None, truth: dict) -> bool:
     return pred is not None and all(pred[k] == truth[k] for k in ("left_color", "left_shape", "right_color", "right_shape"))
 
@@ -89,8 +94,7 @@ def evaluate(m, n: int = 128, *, seed: int = TEST_SEED, n_gen: int | None = None
     from the captions (1: greedy without guidance)."""
     from .train.stage1 import retrieval_at_k
 
-    if not cfg_scale >= 1.0:
-        raise ValueError(f"cfg_scale must be >= 1 (1 disables the LLM's guidance), got {cfg_scale}")
+    _check_cfg_scale(cfg_scale)
     images, caps, facts, qas = test_scenes(n, seed)
     n_gen = n if n_gen is None else min(n_gen, n)
     out: dict[str, float] = {"n": n, "n_generation": n_gen, "decoder_guidance": guidance, "code_cfg_scale": cfg_scale}
@@ -169,8 +173,7 @@ def run_demo(m, out_dir: str | Path, *, image_paths=(), n_images: int = 6, promp
              progress: bool = True) -> dict:
     from PIL import Image
 
-    if not cfg_scale >= 1.0:
-        raise ValueError(f"cfg_scale must be >= 1 (1 disables the LLM's guidance), got {cfg_scale}")
+    _check_cfg_scale(cfg_scale)
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

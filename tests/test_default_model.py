@@ -84,7 +84,19 @@ def test_the_installed_folder_loads_evaluates_and_demos(tiny_model, tmp_path):
     metrics = evaluate(m, 4, n_gen=2, steps=2, progress=False)
     for key in ("retrieval_i2t_r1", "caption_objects_ok", "answer_exact", "generation_objects_ok", "reconstruction_objects_ok"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    assert metrics["code_cfg_scale"] == 2.0 and evaluate(m, 2, steps=1, cfg_scale=1.0, progress=False)["code_cfg_scale"] == 1.0
+    assert metrics["code_cfg_scale"] == 2.0
+    seen, original = [], m.llm.generate_image_embeddings
+
+    def spy(*args, **kwargs):  # the scale reaches the LLM's code generation
+        seen.append(kwargs.get("cfg_scale"))
+        return original(*args, **kwargs)
+
+    m.llm.generate_image_embeddings = spy
+    try:
+        assert evaluate(m, 2, steps=1, cfg_scale=1.5, progress=False)["code_cfg_scale"] == 1.5
+    finally:
+        m.llm.generate_image_embeddings = original
+    assert seen == [1.5]
     with pytest.raises(ValueError, match="cfg_scale must be >= 1"):
         evaluate(m, 2, steps=1, cfg_scale=0.5, progress=False)
     with pytest.raises(ValueError, match="cfg_scale must be >= 1"):

@@ -84,7 +84,7 @@ class DecoderModule(nn.Module):
         super().__init__()
         self.tok, self.unet, self.dcfg = tok, pipe.unet, dcfg
         self.pipe = pipe
-        self.embeddings = EmbeddingCache(getattr(dcfg, "embedding_cache", 0))
+        self.embeddings = EmbeddingCache(dcfg.embedding_cache)
         # the exponential moving average of the UNet's weights (decoder.ema > 0): checkpointed with the
         # run, used for evaluation and export
         self.ema_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval() if dcfg.ema > 0 else None
