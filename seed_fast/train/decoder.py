@@ -114,7 +114,9 @@ class DecoderModule(nn.Module):
         if len(batch) == 0:
             zero = sum(p.sum() * 0 for p in self.unet.parameters())
             return {"loss": zero}
-        with torch.no_grad():
+        # the frozen tokenizer runs in full precision even under bf16 autocast (`precision: bf16`): the
+        # decoder is conditioned on what inference gives it, and the cache keeps one exact copy
+        with torch.no_grad(), torch.autocast(batch.pixels.device.type, enabled=False):
             emb = self.embeddings(self.tok, batch.pixels, batch.keys)
             images = decoder_targets(batch.pixels, self.dcfg.image_size).to(emb.device)
         # timesteps, noise and nulls from torch's global generator: the loop checkpoints it, so a resumed

@@ -103,3 +103,23 @@ def test_embedding_cache_does_not_change_training(tmp_path):
     assert runs[0]["val_mse_t300"] == pytest.approx(runs[131072]["val_mse_t300"], rel=1e-4)
     a, b = runs[0]["unet"], runs[131072]["unet"]
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_bf16_training_conditions_on_full_precision_embeddings(tmp_path):
+    # under `precision: bf16` the UNet runs in autocast, but the frozen tokenizer must give the decoder
+    # what it gives at inference (fp32): that is what the cache keeps and what the UNet is trained on
+    from seed_fast.train.decoder import DecoderTask, embeddings_from_pixels
+
+    cfg = _cfg(tmp_path / "bf16")
+    cfg.precision = "bf16"
+    task = DecoderTask(cfg, torch.device("cpu"))
+    ds, collate = task.dataset(), task.collate()
+    batch = collate([ds[i] for i in range(6)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = task.module(batch)
+    assert torch.isfinite(out["loss"])
+    cached = torch.stack([task.module.embeddings.entries[k][1] for k in batch.keys])
+    assert cached.dtype == torch.float32
+    torch.testing.assert_close(cached, embeddings_from_pixels(task.tok, batch.pixels), rtol=1e-5, atol=1e-6)
+    metrics = train(cfg, progress=False)
+    assert all(v == v for k, v in metrics.items() if k.startswith("val_mse"))
