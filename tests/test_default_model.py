@@ -47,7 +47,7 @@ def _tiny_recipe():
         r[name]["optim"]["warmup"] = 0
     r["llm"]["llm"].update(model="tiny-llama", eval_n=2)
     r["lora"]["llm"].update(eval_n=2)
-    r["stage2"]["stage2"]["codebook_init"] = "uniform"  # k-means needs 1024 vectors: more than 2 tiny batches give
+    r["stage2"]["stage2"]["codebook_init"] = "uniform"  # k-means needs 4096 vectors: more than 2 tiny batches give
     r["decoder"]["decoder"]["image_size"] = 16
     r["checker"] = {"steps": 3, "batch": 8, "seed": 7}
     return r
@@ -66,6 +66,14 @@ def test_the_recipe_skips_finished_stages(tiny_model, capsys):
     work, _ = tiny_model
     again = recipe_mod.run_stage("stage1", work, _tiny_recipe(), progress=False)
     assert "done already" in capsys.readouterr().out and "seconds" in again
+
+
+def test_both_llm_stages_share_one_code_cache(tiny_model):
+    work, _ = tiny_model
+    shared = work / "codes" / "train.pt"
+    assert shared.is_file() and not (work / "llm" / "codes").exists() and not (work / "lora" / "codes").exists()
+    # written by the LLM stage, only read by the LoRA stage that ran after it
+    assert shared.stat().st_mtime <= (work / "llm" / "DONE").stat().st_mtime
 
 
 def test_the_installed_folder_loads_evaluates_and_demos(tiny_model, tmp_path):
