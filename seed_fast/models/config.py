@@ -177,8 +177,9 @@ def _tiny() -> TokenizerConfig:
 
 def _mini() -> TokenizerConfig:
     """The embedded default model's size: 64 px images in 8 px patches (65 tokens), 32 causal
-    queries, 1024 codes of 16 dims, a 256-d generation embedding (stage I's image-feature width).
-    A few MB; trains on CPU."""
+    queries, 1024 codes of 16 dims (the embedded model's stage II widens the codebook to 4096 through
+    `stage2.codebook_size`), a 256-d generation embedding (stage I's image-feature width). A few MB;
+    trains on CPU."""
     return TokenizerConfig(
         name="mini",
         vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_hidden=384),
