@@ -1,9 +1,10 @@
-"""Reproduce the embedded default model from scratch on a CPU (about 54 minutes on 2 idle cores).
+"""Reproduce the embedded default model from scratch on a CPU (51 minutes on 2 idle cores).
 
-Version 4's stages, each timed on the idle 2-core machine: stage1 275 s, stage2 378 s (4096 codes at
-batch 128), llm 728 s, lora 150 s (bf16 autocast; the LoRA stage reads the codes the LLM stage
-encoded), decoder 1619 s (1400 steps in bf16 autocast, about 1.16 s each), checker 79 s. The run is
-deterministic on one machine; another CPU or thread count may round differently.
+Version 4 was rerun from nothing on the idle 2-core machine in 3062 s: stage1 262 s, stage2 296 s
+(4096 codes at batch 128), llm 693 s, lora 178 s (both in bf16 autocast; the LoRA stage reads the
+codes the LLM stage encoded), decoder 1560 s (1400 steps in bf16 autocast, about 1.1 s each),
+checker 74 s. Every weight tensor it wrote equals the shipped one exactly. The run is deterministic
+on one machine; another CPU or thread count may round differently.
 
     python -m seed_fast.recipes.default_model --work runs/default [--install]
 
