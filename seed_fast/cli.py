@@ -241,20 +241,21 @@ def _cfg_scale(text: str) -> float:
 def cmd_demo(args) -> int:
     """The whole system on the embedded default model: images -> codes -> captions / answers,
     text -> codes -> images, an HTML report with a PNG grid and a metrics table."""
-    from .demo import CODE_CFG, run_demo
+    from .demo import CODE_CFG, DECODER_GUIDANCE, run_demo
 
     t0 = time.perf_counter()
     m = _load_model(args)
     print(f"model: {m.folder} (loaded in {time.perf_counter() - t0:.1f} s)")
     run_demo(m, args.out, image_paths=args.images, n_images=args.num_images, eval_n=args.eval_n,
-             steps=args.steps, cfg_scale=CODE_CFG if args.cfg_scale is None else args.cfg_scale, progress=not args.no_progress)
+             steps=args.steps, cfg_scale=CODE_CFG if args.cfg_scale is None else args.cfg_scale,
+             guidance=DECODER_GUIDANCE if args.guidance is None else args.guidance, progress=not args.no_progress)
     print(f"demo done in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
 def cmd_eval(args) -> int:
     """Retrieval, caption, answer, generation and reconstruction metrics on held-out scenes."""
-    from .demo import CODE_CFG, evaluate, metrics_markdown
+    from .demo import CODE_CFG, DECODER_GUIDANCE, evaluate, metrics_markdown
 
     t0 = time.perf_counter()
     if args.lavit or args.flamingo:
@@ -273,6 +274,7 @@ def cmd_eval(args) -> int:
         m = _load_model(args)
         metrics = evaluate(m, args.n, n_gen=args.n_generation, steps=args.steps,
                            cfg_scale=CODE_CFG if args.cfg_scale is None else args.cfg_scale,
+                           guidance=DECODER_GUIDANCE if args.guidance is None else args.guidance,
                            progress=not args.no_progress)
         print(metrics_markdown(metrics))
     if args.json:
@@ -382,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="decoder diffusion steps")
     p.add_argument("--cfg-scale", type=_cfg_scale, default=None,
                    help="LLM-side classifier-free guidance when drawing codes from text (default: the demo's, 2; 1 = off)")
+    p.add_argument("--guidance", type=_cfg_scale, default=None,
+                   help="the decoder's classifier-free guidance (default 1.5, seed_fast.demo.DECODER_GUIDANCE; 1 = off)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -416,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg-scale", type=_cfg_scale, default=None,
                    help="LLM-side classifier-free guidance when generating codes from captions (default 2; 1 = off)")
+    p.add_argument("--guidance", type=_cfg_scale, default=None,
+                   help="the decoder's classifier-free guidance (default 1.5, seed_fast.demo.DECODER_GUIDANCE; 1 = off)")
     p.add_argument("--json", default=None, help="also write the metrics to this file")
     p.add_argument("--no-progress", action="store_true")
     rel = p.add_mutually_exclusive_group()

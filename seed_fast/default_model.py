@@ -61,10 +61,14 @@ class DefaultModel:
     recipe: dict
     folder: Path
 
-    def render(self, embeds: torch.Tensor, *, steps: int = 20, guidance: float = 2.0, seed: int = 0, progress: bool = False):
-        """Generation embeddings (B, D) -> PIL images (the decoder's resolution)."""
+    def render(self, embeds: torch.Tensor, *, steps: int = 20, guidance: float | None = None, seed: int = 0,
+               progress: bool = False):
+        """Generation embeddings (B, D) -> PIL images (the decoder's resolution). guidance: the
+        decoder's classifier-free guidance (default `seed_fast.demo.DECODER_GUIDANCE`; 1: off)."""
+        from .demo import DECODER_GUIDANCE
         from .models.unclip import embeddings_to_images
 
+        guidance = DECODER_GUIDANCE if guidance is None else guidance
         return embeddings_to_images(self.decoder, embeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed, progress=progress)
 
 

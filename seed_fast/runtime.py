@@ -382,11 +382,12 @@ class SeedRuntime:
         return codes
 
     # ------------------------------------------------------------------------------------ decoder
-    def render(self, embeddings, *, steps: int = 20, guidance: float = 2.0, seed: int = 0, noise=None,
+    def render(self, embeddings, *, steps: int = 20, guidance: float = 1.5, seed: int = 0, noise=None,
                negative=None, **unclip_kwargs) -> np.ndarray:
         """Generation embeddings (B, D) -> images (B, S, S, 3) float32 in [0, 1] through the
         exported UNet and a numpy DDIM loop. noise: the starting sample (B, C, S, S) (default: a
-        seeded numpy normal draw). guidance > 1 uses `negative` (B, D) or the decoder's zero null.
+        seeded numpy normal draw). guidance > 1 uses `negative` (B, D) or the decoder's zero null; the
+        default, 1.5, is the embedded decoder's (`seed_fast.demo.DECODER_GUIDANCE`, not importable here).
         A Stable unCLIP decoder also takes noise_level (default 0) and embed_noise (B, D): the
         noise of the embedding's augmentation (default: the next draw of the same seeded generator)."""
         info = self._need("decoder")
@@ -522,7 +523,7 @@ def main(argv=None) -> int:
     p.add_argument("--generate", nargs="+", metavar="TEXT", help="prompts to draw (PNG files in --out)")
     p.add_argument("--out", default="ort_out", help="folder for generated images (default: ort_out)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
-    p.add_argument("--guidance", type=float, default=2.0, help="decoder guidance scale (default: 2)")
+    p.add_argument("--guidance", type=float, default=1.5, help="decoder guidance scale (default: 1.5, the embedded decoder's)")
     p.add_argument("--providers", nargs="+", help=f"onnxruntime providers (default: the first available of {list(PREFERRED_PROVIDERS)})")
     args = p.parse_args(argv)
     try:

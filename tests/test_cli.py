@@ -94,8 +94,9 @@ def test_a_wrong_or_partial_checkpoint_is_a_clear_error(command, tmp_path):
 
 @pytest.mark.parametrize("command", ["demo", "eval"])
 @pytest.mark.parametrize("value", ["0.5", "x"])
-def test_a_bad_cfg_scale_is_refused_before_loading(command, value, capsys):
+@pytest.mark.parametrize("flag", ["--cfg-scale", "--guidance"])
+def test_a_bad_guidance_scale_is_refused_before_loading(command, value, flag, capsys):
     with pytest.raises(SystemExit):
-        main([command, "--cfg-scale", value, "--checkpoint", "/nonexistent"])
+        main([command, flag, value, "--checkpoint", "/nonexistent"])
     err = capsys.readouterr().err
-    assert "--cfg-scale" in err and ("must be >= 1" in err or "not a number" in err)
+    assert flag in err and ("must be >= 1" in err or "not a number" in err)

@@ -92,7 +92,19 @@ def test_the_installed_folder_loads_evaluates_and_demos(tiny_model, tmp_path):
     metrics = evaluate(m, 4, n_gen=2, steps=2, progress=False)
     for key in ("retrieval_i2t_r1", "caption_objects_ok", "answer_exact", "generation_objects_ok", "reconstruction_objects_ok"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    assert metrics["code_cfg_scale"] == 2.0
+    assert metrics["code_cfg_scale"] == 2.0 and metrics["decoder_guidance"] == 1.5
+    seen_g, render = [], m.render
+
+    def spy_render(*args, **kwargs):  # the decoder's guidance reaches the pipeline, the default included
+        seen_g.append(kwargs.get("guidance"))
+        return render(*args, **kwargs)
+
+    m.render = spy_render
+    try:
+        evaluate(m, 2, steps=1, guidance=1.25, progress=False)
+    finally:
+        m.render = render
+    assert seen_g == [1.25, 1.25]
     seen, original = [], m.llm.generate_image_embeddings
 
     def spy(*args, **kwargs):  # the scale reaches the LLM's code generation

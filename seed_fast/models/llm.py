@@ -230,10 +230,12 @@ class SeedLLM(nn.Module):
         corpus: list[str] | None = None,
         template: str | None = None,
         text_vocab_size: int | None = None,
+        lm_overrides: dict | None = None,
     ) -> "SeedLLM":
         """A small random-weight SeedLLM (no downloads): "tiny-llama" or "tiny-opt" LM, a word-level
         text tokenizer over `corpus` (default: synthetic captions and the templates' words), and a
-        random SeedTokenizer preset (or the SeedTokenizer given)."""
+        random SeedTokenizer preset (or the SeedTokenizer given). lm_overrides: config fields changed
+        from the preset's (`tiny_causal_lm`)."""
         from .text_tokenizer import build_word_tokenizer
         from .tokenizer import SeedTokenizer
 
@@ -247,7 +249,7 @@ class SeedLLM(nn.Module):
         if isinstance(tokenizer, str):
             tokenizer = SeedTokenizer.from_config(tokenizer, seed=seed, init="unit")
         torch.manual_seed(seed)
-        model = tiny_causal_lm(preset, vocab_size=len(text_tok) + tokenizer.codebook_size + 2)
+        model = tiny_causal_lm(preset, vocab_size=len(text_tok) + tokenizer.codebook_size + 2, overrides=lm_overrides)
         return cls(model, text_tok, tokenizer, template=template or ("seed-opt" if "opt" in preset else "plain"))
 
     @classmethod
@@ -757,11 +759,17 @@ def _default_template(model) -> str:
     return {"llama": "seed-llama-8b", "opt": "seed-opt"}.get(kind, "plain")
 
 
-def tiny_causal_lm(preset: str, vocab_size: int) -> nn.Module:
+def tiny_causal_lm(preset: str, vocab_size: int, overrides: dict | None = None) -> nn.Module:
     """A randomly initialised small transformers LM: "tiny-llama" / "tiny-opt" (tests), or
-    "mini-llama" (the embedded default model's LM: 256 wide, 4 layers, about 3 M parameters)."""
+    "mini-llama" (the embedded default model's LM: 256 wide, 4 layers, about 3 M parameters).
+
+    overrides: transformers config fields to change from the preset's, e.g. {"num_hidden_layers": 6};
+    a name the config class does not have is an error."""
     common = dict(vocab_size=vocab_size, num_attention_heads=4, max_position_embeddings=512,
                   bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    overrides = dict(overrides or {})
+    if "vocab_size" in overrides:
+        raise ValueError("tiny_causal_lm: vocab_size is set by the vocabulary, not by overrides")
     if preset in ("tiny-llama", "mini-llama"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -774,10 +782,20 @@ def tiny_causal_lm(preset: str, vocab_size: int) -> nn.Module:
             tie_word_embeddings=False,
             **common,
         )
-        return LlamaForCausalLM(cfg)
+        return LlamaForCausalLM(_override(cfg, overrides, preset))
     if preset == "tiny-opt":
         from transformers import OPTConfig, OPTForCausalLM
 
         cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, word_embed_proj_dim=64, **common)
-        return OPTForCausalLM(cfg)
+        return OPTForCausalLM(_override(cfg, overrides, preset))
     raise ValueError(f"unknown LM preset {preset!r}; choose 'tiny-llama', 'tiny-opt' or 'mini-llama'")
+
+
+def _override(cfg, overrides: dict, preset: str):
+    known = type(cfg)().to_dict()
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise ValueError(f"{preset}: unknown config field(s) {unknown} for {type(cfg).__name__}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg

@@ -1,9 +1,10 @@
-"""Reproduce the embedded default model from scratch on a CPU (51 minutes on 2 idle cores).
+"""Reproduce the embedded default model from scratch on a CPU (57 minutes on 2 idle cores).
 
-Version 4 was rerun from nothing on the idle 2-core machine in 3062 s: stage1 262 s, stage2 296 s
-(4096 codes at batch 128), llm 693 s, lora 178 s (both in bf16 autocast; the LoRA stage reads the
-codes the LLM stage encoded), decoder 1560 s (1400 steps in bf16 autocast, about 1.1 s each),
-checker 74 s. Every weight tensor it wrote equals the shipped one exactly. The run is deterministic
+Version 5's stages took 3423 s on the idle 2-core machine: stage1 262 s, stage2 296 s (4096 codes
+at batch 128), llm 619 s, lora 104 s (both in bf16 autocast with eager attention; the LoRA stage reads
+the codes the LLM stage encoded), decoder 2069 s (2400 steps in bf16 autocast with plain-matmul
+attention, about 0.86 s each), checker 74 s. Stage I, stage II and the checker are version 4's. Version
+4's from-nothing rerun wrote them bit for bit, so their times are that run's. The run is deterministic
 on one machine; another CPU or thread count may round differently.
 
     python -m seed_fast.recipes.default_model --work runs/default [--install]
@@ -58,22 +59,28 @@ RECIPE: dict[str, dict] = {
         "stage": "llm", "steps": 2500, "global_batch": 32, "data": {"n": 32768}, "precision": "bf16",
         "optim": {"lr": 1e-3, "warmup": 50, "weight_decay": 0.01},
         # "seed-opt": captions and answers have distinct prompts ("a photo of" / "Question: ...");
-        # with "plain" both start right after the image and the model may caption with a question
+        # with "plain" both start right after the image and the model may caption with a question.
+        # "eager" attention (version 5): 612 s for the stage against 642 s with SDPA, whose CPU backward is slow here
         "llm": {"model": "mini-llama", "template": "seed-opt", "mode": "instruct", "lora_r": 0, "eval_n": 64,
-                "qa_ratio": 0.3, "image_first_ratio": 0.6},
+                "qa_ratio": 0.3, "image_first_ratio": 0.6, "attention": "eager"},
     },
     "lora": {
         "stage": "llm", "steps": 300, "global_batch": 32, "data": {"n": 32768}, "precision": "bf16",
         "optim": {"lr": 1e-3, "warmup": 20},
-        "llm": {"mode": "instruct", "lora_r": 16, "lora_alpha": 32, "eval_n": 64, "qa_ratio": 0.5},
+        # peft's LoRA forward (version 5): on this CPU under bf16 autocast a step takes 0.29 s with it and
+        # eager attention, 0.50 s with seed_fast's fused LoRA op (a GPU kernel; on CPU its reference path)
+        "llm": {"mode": "instruct", "lora_r": 16, "lora_alpha": 32, "eval_n": 64, "qa_ratio": 0.5,
+                "attention": "eager", "fused_lora": False},
     },
     "decoder": {
         # 1400 steps (version 3): twice version 2's; held-out denoising MSE at t=300 0.0079 -> 0.0043 and
         # reconstruction 61.5% -> 67.7% (benchmarks/results/default_model/experiments_after_v2.md)
         # bf16 autocast (version 4): 1.16 s a step against 1.4 in fp32; the tokenizer stays in fp32
-        "stage": "decoder", "steps": 1400, "global_batch": 64, "precision": "bf16",
+        # 2400 steps with "math" attention (version 5): 0.86 s a step against 1.16 (SDPA's CPU backward is
+        # slow at 8 x 8 cells), so 1.7x the steps in 1.3x the time; MSE at t=300 0.0040 -> 0.0023
+        "stage": "decoder", "steps": 2400, "global_batch": 64, "precision": "bf16",
         "optim": {"lr": 1e-3, "warmup": 30, "weight_decay": 0.0},
-        "decoder": {"image_size": 32, "null_prob": 0.1},
+        "decoder": {"image_size": 32, "null_prob": 0.1, "attention": "math"},
     },
     "checker": {"steps": 600, "batch": 64, "seed": 7},
 }

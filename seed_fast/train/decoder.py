@@ -140,6 +140,12 @@ class DecoderTask(Task):
                                        channels=tuple(d.channels), patch=d.patch)
         self.pipe.unet.to(device)
         self.module = DecoderModule(tok, self.pipe, d)
+        if d.attention == "math":
+            # training only: the processors are not part of the saved folder, so what is exported and
+            # loaded for inference runs diffusers' default attention
+            from diffusers.models.attention_processor import AttnProcessor
+
+            self.pipe.unet.set_attn_processor(AttnProcessor())
         self.image_size = tok.config.vision.image_size
 
     def keeps(self, key: str) -> bool:

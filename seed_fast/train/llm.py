@@ -325,7 +325,7 @@ def build_llm(cfg: TrainConfig, tok):
 
     m = cfg.llm
     if m.model in LM_PRESETS:
-        llm = SeedLLM.from_config(m.model, seed=cfg.seed, tokenizer=tok, template=m.template)
+        llm = SeedLLM.from_config(m.model, seed=cfg.seed, tokenizer=tok, template=m.template, lm_overrides=m.lm_overrides)
     else:
         llm = SeedLLM.from_pretrained(m.model, tokenizer=tok, template=m.template, fused_lora=m.fused_lora)
     if llm.vocab.num_codes != tok.codebook_size:
@@ -337,6 +337,8 @@ def build_llm(cfg: TrainConfig, tok):
             llm.model.requires_grad_(True)
     base = llm.base_model
     base.config.use_cache = False
+    if m.attention is not None:
+        base.set_attn_implementation(m.attention)
     if m.gradient_checkpointing:
         if not getattr(base, "supports_gradient_checkpointing", False):
             raise ConfigError(f"llm.gradient_checkpointing: {type(base).__name__} does not support it")

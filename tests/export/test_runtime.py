@@ -183,3 +183,12 @@ def test_embedded_default_model_through_onnx(tmp_path):
     noise = np.random.default_rng(0).standard_normal((4, 3, m.decoder.image_size, m.decoder.image_size)).astype(np.float32)
     ref = m.decoder(torch.from_numpy(emb), num_inference_steps=5, guidance_scale=2.0, latents=torch.from_numpy(noise), output_type="np").images
     assert np.abs(rt.render(emb, steps=5, guidance=2.0, noise=noise) - ref).max() <= 1e-4
+
+
+def test_runtime_draws_with_the_embedded_decoders_guidance_by_default():
+    """The torch-free runtime cannot import seed_fast.demo, so it repeats the tuned value: keep them equal."""
+    import inspect
+
+    from seed_fast.demo import DECODER_GUIDANCE
+
+    assert inspect.signature(SeedRuntime.render).parameters["guidance"].default == DECODER_GUIDANCE

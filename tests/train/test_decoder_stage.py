@@ -7,7 +7,7 @@ pytest.importorskip("diffusers")
 
 from seed_fast.default_model import DEFAULT_DIR  # noqa: E402
 from seed_fast.models.image_decoder import load_image_decoder  # noqa: E402
-from seed_fast.train import TrainConfig  # noqa: E402
+from seed_fast.train import ConfigError, TrainConfig  # noqa: E402
 from seed_fast.train.loop import latest_checkpoint, train  # noqa: E402
 
 
@@ -44,6 +44,25 @@ def test_patch_option_trains_a_full_size_decoder(tmp_path):
     train(_cfg(tmp_path / "run", patch=2), progress=False)
     dec = load_image_decoder(tmp_path / "run" / "decoder")
     assert (dec.patch, dec.image_size, dec.unet.config.sample_size, dec.unet.config.in_channels) == (2, 16, 8, 12)
+
+
+def test_math_attention_trains_the_same_decoder_and_exports_the_default(tmp_path):
+    """decoder.attention "math" swaps the UNet's attention kernel for training only: the same losses up
+    to rounding, and the exported folder loads with diffusers' default processors."""
+    from seed_fast.train.decoder import DecoderTask
+    from seed_fast.train.loop import read_metrics
+
+    task = DecoderTask(_cfg(tmp_path / "t", attention="math"), torch.device("cpu"))
+    assert {type(p).__name__ for p in task.pipe.unet.attn_processors.values()} == {"AttnProcessor"}
+    runs = {}
+    for name in ("sdpa", "math"):
+        train(_cfg(tmp_path / name, attention=name), progress=False)
+        runs[name] = [r["loss"] for r in read_metrics(tmp_path / name) if not r.get("eval")]
+    assert len(runs["sdpa"]) == 4 and runs["sdpa"] == pytest.approx(runs["math"], rel=1e-4)
+    procs = {type(p).__name__ for p in load_image_decoder(tmp_path / "math" / "decoder").unet.attn_processors.values()}
+    assert procs == {"AttnProcessor2_0"}
+    with pytest.raises(ConfigError, match="decoder.attention must be"):
+        _cfg(tmp_path / "bad", attention="flash")
 
 
 def _scenes(n, offset=0, size=64):

@@ -139,6 +139,8 @@ def test_tokenizer_fingerprint_sees_weight_changes(task):
     ({"llm": {"loss_on": "some"}}, "llm.loss_on"),
     ({"llm": {"template": "vicuna"}}, "llm.template must be one of"),
     ({"llm": {"gradient_checkpointing": 1}}, "llm.gradient_checkpointing must be bool"),
+    ({"llm": {"attention": "flash"}}, "llm.attention must be"),
+    ({"llm": {"lm_overrides": [6]}}, "llm.lm_overrides must be dict"),
 ])
 def test_bad_llm_configs(tmp_path, change, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -184,3 +186,22 @@ def test_resume_matches_an_uninterrupted_llm_run(tmp_path):
     a = [r["loss"] for r in read_metrics(tmp_path / "ref") if not r.get("eval")]
     b = [r["loss"] for r in read_metrics(tmp_path / "run") if not r.get("eval")]
     assert len(a) == 6 and a == pytest.approx(b, rel=1e-6)
+
+
+def test_attention_and_preset_overrides(tmp_path):
+    """llm.attention picks the LM's kernel (the same steps up to rounding); llm.lm_overrides changes the
+    preset's shape and is refused for a model folder or an unknown config field."""
+    runs = {}
+    for name, llm in (("sdpa", {}), ("eager", {"attention": "eager"})):
+        cfg = TrainConfig.from_dict(_cfg(tmp_path / name, llm=llm))
+        if name == "eager":
+            assert LLMTask(cfg, torch.device("cpu")).llm.base_model.config._attn_implementation == "eager"
+        train(cfg, progress=False)
+        runs[name] = [r["loss"] for r in read_metrics(tmp_path / name) if not r.get("eval")]
+    assert len(runs["sdpa"]) == 4 and runs["sdpa"] == pytest.approx(runs["eager"], rel=1e-4)
+    cfg = TrainConfig.from_dict(_cfg(tmp_path / "deep", llm={"lm_overrides": {"num_hidden_layers": 3}}))
+    assert LLMTask(cfg, torch.device("cpu")).llm.base_model.config.num_hidden_layers == 3
+    with pytest.raises(ValueError, match="unknown config field.*num_layerz"):
+        LLMTask(TrainConfig.from_dict(_cfg(tmp_path / "bad", llm={"lm_overrides": {"num_layerz": 3}})), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="lm_overrides applies to the preset models"):
+        TrainConfig.from_dict(_cfg(tmp_path / "dir", llm={"model": str(tmp_path), "lm_overrides": {"num_hidden_layers": 3}}))
