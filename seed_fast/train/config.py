@@ -51,6 +51,13 @@ class Stage2Config:
     cos_weight: float = 2.0
     mse_weight: float = 0.5
     itc_weight: float = 0.0  # > 0: also match stage I's retrieval feature from codes (needs itc_heads)
+    # > 0: also stage I's image-text contrastive loss on the retrieval feature rebuilt from codes, against
+    # stage I's frozen text branch and temperature (needs itc_heads): the codes must tell captions apart
+    itc_text_weight: float = 0.0
+    # > 0: the image -> text side of that loss also ranks the codes' feature against the text features
+    # of this many earlier captions (a queue; the text branch is frozen, so they never go stale), minus
+    # any with the sample's own caption: negatives that differ in one word appear far more often
+    itc_text_queue: int = 0
     target: str = "pixels"  # "pixels" (a fixed random projection of the downsampled image), "itc" (stage I's image feature; needs itc_heads) or a CLIP vision folder
     codebook_init: str = "uniform"  # uniform (as released) | kmeans (from the first batch's z)
     restart_dead_every: int = 0  # steps; 0 disables dead-code restarts
@@ -220,8 +227,11 @@ class TrainConfig:
         need(s.target in ("pixels", "itc") or Path(s.target).is_dir(),
              f"stage2.target must be 'pixels', 'itc' or a CLIP vision model folder, got {s.target!r}")
         need(s.target != "itc" or s.itc_heads is not None, "stage2.target 'itc' needs stage2.itc_heads (a stage-I run folder)")
-        need(min(s.vq_weight, s.cos_weight, s.mse_weight, s.itc_weight) >= 0, "stage2 loss weights must be >= 0")
+        need(min(s.vq_weight, s.cos_weight, s.mse_weight, s.itc_weight, s.itc_text_weight) >= 0, "stage2 loss weights must be >= 0")
         need(s.itc_weight == 0 or s.itc_heads is not None, "stage2.itc_weight needs stage2.itc_heads (a stage-I run folder)")
+        need(s.itc_text_weight == 0 or s.itc_heads is not None, "stage2.itc_text_weight needs stage2.itc_heads (a stage-I run folder)")
+        need(isinstance(s.itc_text_queue, int) and s.itc_text_queue >= 0, "stage2.itc_text_queue must be a number of captions (>= 0)")
+        need(s.itc_text_queue == 0 or s.itc_text_weight > 0, "stage2.itc_text_queue needs stage2.itc_text_weight > 0")
         need(s.restart_dead_every >= 0, f"stage2.restart_dead_every must be >= 0, got {s.restart_dead_every}")
         need(s.itc_heads is None or (Path(s.itc_heads) / "itc_heads.safetensors").is_file(),
              f"stage2.itc_heads must be a stage-I run folder holding itc_heads.safetensors, got {s.itc_heads!r}")

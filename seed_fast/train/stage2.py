@@ -2,7 +2,10 @@
 
 total = vq_weight * VQ + cos_weight * mean(1 - cos(blocks(decode(z_q) + pos_embed), causal_emb))
         + mse_weight * MSE(generation embedding, target image embedding)
-(SEED_SPEC section 3: 5, 2 and 0.5). The target is a CLIP vision model's image embedding when
+(SEED_SPEC section 3: 5, 2 and 0.5), and, given stage I's heads (`stage2.itc_heads`), optionally
+        + itc_weight * mean(1 - cos(vision_proj(rebuilt last query), vision_proj(last causal query)))
+        + itc_text_weight * InfoNCE(vision_proj(rebuilt last query), stage I's frozen text features)
+(not in SEED: they make the codes keep what tells captions apart). The target is a CLIP vision model's image embedding when
 `stage2.target` names a transformers CLIPVisionModelWithProjection folder, or for the synthetic set
 a fixed encoder: the image pooled to 8 x 8 and sent through a seeded random projection.
 """
@@ -74,10 +77,18 @@ class ItcTarget(nn.Module):
 
 
 class Stage2Module(nn.Module):
-    def __init__(self, tok, target: nn.Module, s2, itc_proj: nn.Linear | None = None):
+    def __init__(self, tok, target: nn.Module, s2, itc_proj: nn.Linear | None = None, itc_heads=None):
         super().__init__()
         self.tok, self.target, self.w = tok, target, s2
-        self.itc_proj = itc_proj  # stage I's vision_proj (frozen), for the retrieval-feature loss
+        self.itc_proj = itc_proj  # stage I's vision_proj (frozen), for the retrieval-feature losses
+        # stage I's text branch (frozen) for the contrastive loss; a plain attribute, not a submodule,
+        # so its copy of the tokenizer stays out of this module's parameters and state dict
+        self.__dict__["_itc_heads"] = itc_heads
+        if s2.itc_text_queue > 0:  # earlier captions' text features and caption ids: a ring, checkpointed
+            dim = itc_proj.out_features
+            self.register_buffer("text_queue", torch.zeros(s2.itc_text_queue, dim))
+            self.register_buffer("text_queue_ids", torch.full((s2.itc_text_queue,), -1, dtype=torch.long))
+            self.register_buffer("text_queue_next", torch.zeros((), dtype=torch.long))
         self.last_z: torch.Tensor | None = None
         self.last_codes: torch.Tensor | None = None
 
@@ -113,8 +124,73 @@ class Stage2Module(nn.Module):
             itc = (1 - F.cosine_similarity(f_rec, f_ref, dim=-1)).mean()
             loss = loss + self.w.itc_weight * itc
             parts["itc"] = itc.detach()
+        if self.w.itc_text_weight > 0:
+            itc_text = self._text_contrastive(recon[:, -1], batch.captions)
+            loss = loss + self.w.itc_text_weight * itc_text
+            parts["itc_text"] = itc_text.detach()
         self.last_z, self.last_codes = z.detach(), codes.detach()
         return {"loss": loss, **parts}
+
+
+    def _text_contrastive(self, last: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Stage I's symmetric InfoNCE (its temperature, label smoothing 0.1), the image side read
+        from the codes; the text side is frozen. Under torchrun every rank's texts are negatives."""
+        heads = self._itc_heads
+        img = F.normalize(self.itc_proj(last).float(), dim=-1)
+        with torch.no_grad():
+            txt = heads.encode_text(captions)
+            temp = heads.temp.detach().float().clamp(0.001, 0.5)
+        all_img, all_txt, offset = img, txt, 0
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.nn.functional import all_gather
+
+            all_img, all_txt = torch.cat(all_gather(img)), torch.cat(all_gather(txt))
+            offset = dist.get_rank() * img.shape[0]  # equal local batches (ResumableBatches)
+        labels = torch.arange(img.shape[0], device=img.device) + offset
+        i2t_logits = img @ all_txt.t() / temp
+        if self.w.itc_text_queue > 0:
+            ids = _caption_ids(captions, img.device)
+            all_ids = ids
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                parts = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, ids)
+                all_ids = torch.cat(parts)
+            # queued captions equal to the sample's own, and empty slots, are not negatives
+            ok = (self.text_queue_ids[None, :] >= 0) & (self.text_queue_ids[None, :] != ids[:, None])
+            queue_logits = img @ self.text_queue.clone().t() / temp  # a copy: the queue is updated below
+            i2t = _smoothed_ce(torch.cat([i2t_logits, queue_logits], 1), labels,
+                               torch.cat([torch.ones_like(i2t_logits, dtype=torch.bool), ok], 1), 0.1)
+            self._enqueue(all_txt, all_ids)
+        else:
+            i2t = F.cross_entropy(i2t_logits, labels, label_smoothing=0.1)
+        t2i = F.cross_entropy(txt @ all_img.t() / temp, labels, label_smoothing=0.1)
+        return (i2t + t2i) / 2
+
+    @torch.no_grad()
+    def _enqueue(self, feats: torch.Tensor, ids: torch.Tensor) -> None:
+        q = self.text_queue.shape[0]
+        feats, ids = feats[-q:], ids[-q:]  # a batch larger than the queue keeps its last captions
+        slots = (self.text_queue_next + torch.arange(len(ids), device=ids.device)) % q
+        self.text_queue[slots] = feats.to(self.text_queue.dtype)
+        self.text_queue_ids[slots] = ids
+        self.text_queue_next.copy_((self.text_queue_next + len(ids)) % q)
+
+
+def _caption_ids(captions: list[str], device) -> torch.Tensor:
+    """A stable 63-bit id per caption string (the same in every process)."""
+    import hashlib
+
+    return torch.tensor([int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "little") >> 1 for c in captions],
+                        dtype=torch.long, device=device)
+
+
+def _smoothed_ce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
+    """Cross-entropy with label smoothing `eps` spread over the valid classes of each row only
+    (torch's label_smoothing when every class is valid)."""
+    logp = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+    nll = -logp.gather(1, labels[:, None]).squeeze(1)
+    smooth = -logp.masked_fill(~valid, 0.0).sum(1) / valid.sum(1)
+    return ((1 - eps) * nll + eps * smooth).mean()
 
 
 def reshape_quantizer(tok, codebook_size: int | None, code_dim: int | None, *, seed: int = 0) -> bool:
@@ -175,12 +251,19 @@ class Stage2Task(Task):
         self.tok = tok
         if s2.itc_weight > 0 and self.itc is None:
             raise ConfigError("stage2.itc_weight needs stage2.itc_heads (the stage-I run whose vision_proj it uses)")
-        proj = self.itc.vision_proj.requires_grad_(False) if self.itc is not None else None
-        self.module = Stage2Module(tok, target.to(device), s2, proj)
+        if s2.itc_text_weight > 0 and self.itc is None:
+            raise ConfigError("stage2.itc_text_weight needs stage2.itc_heads (the stage-I run whose text branch it uses)")
+        if self.itc is not None:
+            self.itc.requires_grad_(False)
+            for name, p in tok.named_parameters():  # the heads hold the same tokenizer: keep its trained parts
+                if name.startswith(TRAINED):
+                    p.requires_grad_(True)
+        proj = self.itc.vision_proj if self.itc is not None else None
+        self.module = Stage2Module(tok, target.to(device), s2, proj, self.itc)
         self.image_size = tok.config.vision.image_size
 
     def keeps(self, key: str) -> bool:
-        return key.startswith(tuple("tok." + t for t in TRAINED))
+        return key.startswith(tuple("tok." + t for t in TRAINED)) or key.startswith("text_queue")
 
     def _sync_codebook(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:

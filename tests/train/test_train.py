@@ -1,5 +1,6 @@
 """The training launcher: config checks, resume after kill -9, DDP (torchrun, gloo) equals one process."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from seed_fast.train import ConfigError, TrainConfig, main
 from seed_fast.train.loop import latest_checkpoint, read_metrics, train
@@ -48,6 +50,8 @@ def _losses(run):
     ({"stage2": {"target": "/no/clip"}}, "stage2.target"),
     ({"stage2": {"codebook_init": "magic"}}, "codebook_init"),
     ({"stage2": {"code_dim": 0}}, "stage2.code_dim must be a positive integer"),
+    ({"stage2": {"itc_text_weight": 1.0}}, "stage2.itc_text_weight needs stage2.itc_heads"),
+    ({"stage2": {"itc_text_weight": -1.0}}, "stage2 loss weights must be >= 0"),
     ({"precision": "fp8"}, "precision"),
     ({"strategy": "fsdp"}, "strategy 'fsdp' is for the llm stage"),
     ({"decoder": {"channels": [32]}}, "decoder.channels must be 2 or more"),
@@ -236,6 +240,91 @@ def test_stage1_retrieval_beats_chance(tmp_path):
     for k in ("i2t_r1", "t2i_r1", "i2t_r10"):
         assert ev[f"val_embed_{k}"] == pytest.approx(last[f"val_{k}"])
         assert 0 <= ev[f"val_code_{k}"] <= 1
+
+    # the contrastive loss from codes (stage2.itc_text_weight) is stage I's loss with the image side
+    # read from the input features: on the continuous last query it equals stage I's own loss
+    from seed_fast.models.preprocess import normalize
+    from seed_fast.train.data import make_collate, make_source
+    from seed_fast.train.stage2 import Stage2Task
+
+    cfg3 = TrainConfig.from_dict(_cfg(tmp_path / "s3", steps=4, global_batch=64, ckpt_every=4, tokenizer=str(tmp_path / "s1" / "tokenizer"),
+                                      data={"n": 1024, "val_n": 64}, optim={"lr": 1e-3, "warmup": 1},
+                                      stage2={"codebook_init": "kmeans", "itc_heads": str(tmp_path / "s1"), "itc_text_weight": 1.0}))
+    task = Stage2Task(cfg3, torch.device("cpu"))
+    ds = make_source(cfg3, "train")
+    batch = make_collate(task.image_size)([ds[j] for j in range(24)])
+    tok, heads = task.tok, task.itc
+    with torch.no_grad():
+        x = normalize(batch.pixels, tok.config.image_mean, tok.config.image_std)
+        ours = task.module._text_contrastive(tok.causal_embeddings(x)[:, -1], batch.captions)
+        heads.train_vit = False
+        ref = heads(batch)["loss"]
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    # it reaches the quantizer, and only the stage-II weights train (the text branch stays frozen)
+    task.module.w = dataclasses.replace(cfg3.stage2, vq_weight=0.0, cos_weight=0.0, mse_weight=0.0)
+    out = task.module(batch)
+    assert out["itc_text"] > 0 and out["loss"].item() == pytest.approx(out["itc_text"].item())
+    out["loss"].backward()
+    assert tok.quantizer.encode_task_layer[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in heads.text.parameters()) and heads.temp.grad is None
+    assert not any(k.startswith("_itc_heads") for k in task.module.state_dict())
+    ev3 = train(cfg3, progress=False)
+    assert "itc_text" in [r for r in read_metrics(tmp_path / "s3") if not r.get("eval")][-1] and ev3["val_codebook_usage"] > 0
+
+    # with a queue of earlier captions' text features (stage2.itc_text_queue): the ring fills in order,
+    # the image -> text side ranks against it minus the sample's own caption, and a stopped run resumes
+    # to the uninterrupted one's losses (the queue is checkpointed)
+    s2q = {"codebook_init": "kmeans", "itc_heads": str(tmp_path / "s1"), "itc_text_weight": 1.0, "itc_text_queue": 40}
+    cfgq = TrainConfig.from_dict(_cfg(tmp_path / "q", steps=4, global_batch=32, ckpt_every=2, tokenizer=str(tmp_path / "s1" / "tokenizer"),
+                                      data={"n": 1024, "val_n": 32}, optim={"lr": 1e-3, "warmup": 1}, stage2=s2q))
+    tq = Stage2Task(cfgq, torch.device("cpu"))
+    m = tq.module
+    m.w = dataclasses.replace(cfgq.stage2, vq_weight=0.0, cos_weight=0.0, mse_weight=0.0)
+    b1 = make_collate(tq.image_size)([ds[j] for j in range(24)])
+    b2 = make_collate(tq.image_size)([ds[j] for j in range(24, 48)])
+    b2.captions[0] = b1.captions[5]  # a queued caption equal to the sample's own is not a negative
+    with torch.no_grad():
+        first = m(b1)["loss"]
+        assert int(m.text_queue_next) == 24 and (m.text_queue_ids[24:] == -1).all()
+        t1 = tq.itc.encode_text(b1.captions)
+        assert torch.allclose(m.text_queue[:24], t1)
+        x = normalize(b2.pixels, tq.tok.config.image_mean, tq.tok.config.image_std)
+        causal = tq.tok.causal_embeddings(x)
+        dec = tq.tok.quantizer.embed(tq.tok.quantizer.lookup(causal))
+        img = F.normalize(tq.itc.vision_proj(tq.tok.reconstructor(dec)[:, -1]).float(), dim=-1)
+        t2 = tq.itc.encode_text(b2.captions)
+        temp = tq.itc.temp.float().clamp(0.001, 0.5)
+        want_i2t = []
+        for i in range(24):  # one row at a time: the batch's texts, then every queued text but the same caption
+            negs = [t1[j] for j in range(24) if b1.captions[j] != b2.captions[i]]
+            row = torch.cat([img[i] @ t2.t(), img[i] @ torch.stack(negs).t()]) / temp
+            want_i2t.append(F.cross_entropy(row[None], torch.tensor([i]), label_smoothing=0.1))
+        want = (torch.stack(want_i2t).mean() + F.cross_entropy(t2 @ img.t() / temp, torch.arange(24), label_smoothing=0.1)) / 2
+        got = m(b2)["loss"]
+        assert got.item() == pytest.approx(want.item(), rel=1e-4) and got.item() != pytest.approx(first.item())
+        assert int(m.text_queue_next) == 48 - 40 and torch.allclose(m.text_queue[:8], t2[16:])  # wrapped around
+    assert {"text_queue", "text_queue_ids", "text_queue_next"} <= set(tq.state_dict())
+    train(cfgq, progress=False)
+    cfgq2 = TrainConfig.from_dict({**cfgq.to_dict(), "out": str(tmp_path / "q2")})
+    train(cfgq2, progress=False, stop_after=2)
+    train(cfgq2, resume=True, progress=False)
+    a, b = _losses(tmp_path / "q"), _losses(tmp_path / "q2")
+    assert len(a) == len(b) == 4 and all(x == pytest.approx(y, rel=1e-5) for x, y in zip(a, b))
+
+
+def test_smoothed_cross_entropy_over_the_valid_classes():
+    from seed_fast.train.stage2 import _smoothed_ce
+
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    logits, labels = torch.randn(5, 9, generator=g), torch.tensor([0, 3, 8, 2, 2])
+    every = torch.ones(5, 9, dtype=torch.bool)
+    assert _smoothed_ce(logits, labels, every, 0.1).item() == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-6)
+    valid = every.clone()
+    valid[1, [0, 5]] = False  # row 1 sees 7 classes: its label (3) becomes index 2 of them
+    keep = [c for c in range(9) if c not in (0, 5)]
+    rows = [F.cross_entropy(logits[i:i + 1, keep if i == 1 else slice(None)], torch.tensor([2 if i == 1 else int(labels[i])]), label_smoothing=0.1)
+            for i in range(5)]
+    assert _smoothed_ce(logits, labels, valid, 0.1).item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-6)
 
 
 def test_retrieval_at_k_matches_a_loop():
