@@ -68,6 +68,25 @@ def test_the_recipe_skips_finished_stages(tiny_model, capsys):
     assert "done already" in capsys.readouterr().out and "seconds" in again
 
 
+def test_the_recipe_picks_fp32_where_bf16_is_slow(monkeypatch):
+    from seed_fast.train import loop
+
+    before = copy.deepcopy(recipe_mod.RECIPE)
+    bf16_stages = {k for k, v in before.items() if isinstance(v, dict) and v.get("precision") == "bf16"}
+    assert bf16_stages == {"llm", "lora", "decoder"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for fast, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        r = recipe_mod.for_this_machine("auto")
+        assert {r[k]["precision"] for k in bf16_stages} == {want}
+        assert "precision" not in r["stage1"] and "precision" not in r["stage2"]
+    assert {recipe_mod.for_this_machine("fp32")[k]["precision"] for k in bf16_stages} == {"fp32"}
+    assert {recipe_mod.for_this_machine("bf16")[k]["precision"] for k in bf16_stages} == {"bf16"}
+    assert recipe_mod.RECIPE == before  # a copy: the module's recipe is left alone
+    with pytest.raises(ValueError, match="precision must be auto, bf16 or fp32"):
+        recipe_mod.for_this_machine("fp16")
+
+
 def test_both_llm_stages_share_one_code_cache(tiny_model):
     work, _ = tiny_model
     shared = work / "codes" / "train.pt"

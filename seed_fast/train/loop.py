@@ -20,6 +20,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -263,6 +264,15 @@ class Task:
         pass
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has oneDNN's bf16 kernels (AVX-512 BF16 or AMX): bf16 autocast is fast there and
+    far slower than fp32 elsewhere."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None, stop_after: int | None = None) -> dict:
     """Run (or resume) `cfg`. Returns the last logged metrics (rank 0) or {}.
     stop_after: stop once this many steps are done in this call (without a final checkpoint)."""
@@ -326,6 +336,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.stage}", unit="step")
+        if cfg.precision == "bf16" and d.device.type == "cpu" and d.main and not cpu_has_fast_bf16():
+            warnings.warn("precision bf16 on a CPU without oneDNN's bf16 kernels (no AVX-512 BF16 / AMX): autocast "
+                          "falls back to slow paths (an LLM step measured 20x slower than fp32 on an AVX2 CPU); "
+                          "consider precision fp32", stacklevel=2)
         amp = torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
         last: dict = {}
         t0 = time.perf_counter()

@@ -131,7 +131,6 @@ class Stage2Module(nn.Module):
         self.last_z, self.last_codes = z.detach(), codes.detach()
         return {"loss": loss, **parts}
 
-
     def _text_contrastive(self, last: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Stage I's symmetric InfoNCE (its temperature, label smoothing 0.1), the image side read
         from the codes; the text side is frozen. Under torchrun every rank's texts are negatives."""

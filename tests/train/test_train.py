@@ -339,3 +339,18 @@ def test_retrieval_at_k_matches_a_loop():
         i2t = sum(any(caps[j] == caps[i] for j in sim[i].argsort(descending=True)[:k].tolist()) for i in range(17)) / 17
         t2i = sum(any(caps[j] == caps[i] for j in sim[:, i].argsort(descending=True)[:k].tolist()) for i in range(17)) / 17
         assert got[f"i2t_r{k}"] == pytest.approx(i2t) and got[f"t2i_r{k}"] == pytest.approx(t2i)
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_warns(tmp_path, monkeypatch):
+    import warnings
+
+    from seed_fast.train import loop
+
+    for fast in (False, True):
+        monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        cfg = TrainConfig.from_dict(_cfg(tmp_path / f"run{fast}", steps=2, ckpt_every=2, precision="bf16"))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            train(cfg, progress=False)
+        slow = [w for w in seen if "without oneDNN's bf16 kernels" in str(w.message)]
+        assert len(slow) == (0 if fast else 1)
