@@ -10,8 +10,8 @@ on one machine; another CPU or thread count may round differently.
     python -m seed_fast.recipes.default_model --work runs/default [--install] [--precision auto|bf16|fp32]
 
 Those times are a CPU with bf16 kernels (AVX-512 BF16 / AMX). Where oneDNN has none (an AVX2-only
-CPU), bf16 autocast is about 20x slower than fp32, so `--precision auto` (the default) runs the LLM,
-LoRA and decoder stages in fp32 there (the LLM stage alone then takes about 24 minutes on 2 cores).
+CPU), bf16 autocast is about 25x slower than fp32, so `--precision auto` (the default) runs the LLM,
+LoRA and decoder stages in fp32 there (the LLM stage alone then took 19 minutes on 2 cores).
 
 Every stage is the project's own training code (`seed_fast.train`), run in this process, on the
 synthetic colored-shapes data (`seed_fast.synthetic`, 64 px, seeded):
@@ -94,7 +94,7 @@ ORDER = ("stage1", "stage2", "llm", "lora", "decoder", "checker")
 def for_this_machine(precision: str = "auto", recipe: dict | None = None) -> dict:
     """The recipe with the bf16 stages' precision set: "auto" keeps bf16 on a GPU or on a CPU with
     oneDNN's bf16 kernels (AVX-512 BF16 / AMX) and uses fp32 elsewhere, where bf16 autocast is far
-    slower (an LLM step: 12 s against 0.56 s in fp32 on a 2-core AVX2 machine). Results differ
+    slower (an LLM step: about 12 s against 0.46 s in fp32 on a 2-core AVX2 machine). Results differ
     slightly between the two; the installed recipe.json records which ran."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")

@@ -338,7 +338,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.stage}", unit="step")
         if cfg.precision == "bf16" and d.device.type == "cpu" and d.main and not cpu_has_fast_bf16():
             warnings.warn("precision bf16 on a CPU without oneDNN's bf16 kernels (no AVX-512 BF16 / AMX): autocast "
-                          "falls back to slow paths (an LLM step measured 20x slower than fp32 on an AVX2 CPU); "
+                          "falls back to slow paths (an LLM step measured about 25x slower than fp32 on an AVX2 CPU); "
                           "consider precision fp32", stacklevel=2)
         amp = torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
         last: dict = {}
