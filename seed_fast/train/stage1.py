@@ -109,19 +109,23 @@ class Stage1Module(nn.Module):
             zero = sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
             return {"loss": zero, "itc": zero.detach(), "temp": self.temp.detach()}
         img, txt = self.encode_image(batch.pixels), self.encode_text(batch.captions)
-        offset = 0
-        all_img, all_txt = img, txt
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            from torch.distributed.nn.functional import all_gather
-
-            all_img, all_txt = torch.cat(all_gather(img)), torch.cat(all_gather(txt))
-            offset = dist.get_rank() * img.shape[0]  # equal local batches (ResumableBatches)
+        all_img, all_txt, offset = gather_pairs(img, txt)
         temp = self.temp.clamp(0.001, 0.5)
         labels = torch.arange(img.shape[0], device=img.device) + offset
         i2t = img @ all_txt.t() / temp
         t2i = txt @ all_img.t() / temp
         loss = (F.cross_entropy(i2t, labels, label_smoothing=0.1) + F.cross_entropy(t2i, labels, label_smoothing=0.1)) / 2
         return {"loss": loss, "itc": loss.detach(), "temp": temp.detach()}
+
+
+def gather_pairs(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every rank's image and text features, in rank order and differentiable (negatives for the
+    contrastive loss), and the offset of this rank's rows in them (equal local batches)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(img)), torch.cat(all_gather(txt)), dist.get_rank() * img.shape[0]
+    return img, txt, 0
 
 
 def retrieval_at_k(img: torch.Tensor, txt: torch.Tensor, captions: list[str], ks=(1, 5, 10)) -> dict[str, float]:

@@ -139,12 +139,9 @@ class Stage2Module(nn.Module):
         with torch.no_grad():
             txt = heads.encode_text(captions)
             temp = heads.temp.detach().float().clamp(0.001, 0.5)
-        all_img, all_txt, offset = img, txt, 0
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            from torch.distributed.nn.functional import all_gather
+        from .stage1 import gather_pairs
 
-            all_img, all_txt = torch.cat(all_gather(img)), torch.cat(all_gather(txt))
-            offset = dist.get_rank() * img.shape[0]  # equal local batches (ResumableBatches)
+        all_img, all_txt, offset = gather_pairs(img, txt)
         labels = torch.arange(img.shape[0], device=img.device) + offset
         i2t_logits = img @ all_txt.t() / temp
         if self.w.itc_text_queue > 0:
