@@ -1,9 +1,10 @@
 """Reproduce the embedded default model from scratch on a CPU (1 to 2 hours on 2 cores).
 
-Version 6's stages took 7444 s on an idle 2-core AVX2 machine, where `--precision auto` runs every
+Version 6's stages took 7444 s on a 2-core AVX2 machine, where `--precision auto` runs every
 stage in fp32: stage1 360 s, stage2 509 s (4096 codes at batch 128, with the caption queue), llm
 1432 s, lora 217 s (the LoRA stage reads the codes the LLM stage encoded), decoder 4832 s (2400 steps
-with plain-matmul attention, about 2 s each), checker 95 s. On a 2-core machine with bf16 kernels,
+with plain-matmul attention: about 2.5 s each while other work shared the cores, 1.57 s alone,
+so about 3770 s idle), checker 95 s. On a 2-core machine with bf16 kernels,
 version 5's stages (the same but for stage II's queue) took 3423 s, the decoder 2069 s of it. The run
 is deterministic on one machine; another CPU or thread count may round differently.
 
