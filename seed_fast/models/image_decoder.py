@@ -135,7 +135,8 @@ def _patch_of(in_channels: int) -> int:
 
 
 def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0,
-                       channels: tuple[int, ...] = (32, 64, 128), patch: int = 1) -> SeedImageDecoderPipeline:
+                       channels: tuple[int, ...] = (32, 64, 128), patch: int = 1,
+                       attention_levels: int = 1) -> SeedImageDecoderPipeline:
     """The embedded model's decoder architecture with seeded random weights.
 
     `channels` gives one UNet level per entry (full resolution first; each level halves the
@@ -145,7 +146,11 @@ def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0,
 
     `patch` > 1 folds each patch x patch block of pixels into channels (space-to-depth) before the
     UNet and unfolds its output: a 64 px decoder with patch 2 costs about what a 32 px one does, but
-    draws every pixel."""
+    draws every pixel.
+
+    `attention_levels` is how many of the coarsest levels hold a transformer block (self-attention,
+    then cross-attention to the embedding) in the down and the up path; the mid block always has one.
+    With 4 levels at 32 px, 2 puts the cross-attention at 8 x 8 as well as at 4 x 4."""
     channels = tuple(int(c) for c in channels)
     if int(patch) != patch or patch < 1:
         raise ValueError(f"patch must be a positive integer, got {patch}")
@@ -158,14 +163,19 @@ def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0,
         raise ValueError(f"image_size must be a multiple of {down * patch} ({len(channels) - 1} down-samplings"
                          f"{f' of {image_size // patch} px after the {patch}x{patch} patches' if patch > 1 else ''}), got {image_size}")
     levels = len(channels)
+    if isinstance(attention_levels, bool) or int(attention_levels) != attention_levels or not 1 <= attention_levels <= levels:
+        raise ValueError(f"attention_levels must be an integer from 1 to the {levels} levels, got {attention_levels!r}")
+    plain, attn = levels - int(attention_levels), int(attention_levels)
+    if any(c % 16 for c in channels[plain:]):
+        raise ValueError(f"the attention levels' channels {channels[plain:]} must be multiples of 16 (16 heads each)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             sample_size=image_size // patch,
             in_channels=3 * patch * patch,
             out_channels=3 * patch * patch,
-            down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
-            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+            down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attn,
+            up_block_types=("CrossAttnUpBlock2D",) * attn + ("UpBlock2D",) * plain,
             block_out_channels=channels,
             layers_per_block=1,
             norm_num_groups=min(16, min(channels) // 2) if min(channels) < 32 else 16,

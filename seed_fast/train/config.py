@@ -101,6 +101,7 @@ class DecoderConfig:
     null_prob: float = 0.1  # share of zero embeddings (the classifier-free guidance null)
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # UNet levels, full resolution first
     ema: float = 0.0  # EMA decay of the UNet weights used for evaluation and export (e.g. 0.999); 0: off
+    attention_levels: int = 1  # coarsest levels with self- and cross-attention (the mid block always has them)
     patch: int = 1  # pixels per UNet cell along a side (space-to-depth): 2 draws 64 px at a 32 px UNet's cost
     # the tokenizer is frozen, so each sample's generation embedding is computed once and kept (by the
     # sample's key, checked against a fingerprint of its pixels); at most this many samples; 0: off
@@ -270,6 +271,14 @@ class TrainConfig:
         need(0 <= dc.ema < 1, f"decoder.ema must be in [0, 1), got {dc.ema}")
         need(isinstance(dc.embedding_cache, int) and not isinstance(dc.embedding_cache, bool) and dc.embedding_cache >= 0,
              f"decoder.embedding_cache must be a number of samples >= 0 (0: off), got {dc.embedding_cache!r}")
+        need(isinstance(dc.attention_levels, int) and not isinstance(dc.attention_levels, bool)
+             and 1 <= dc.attention_levels <= len(dc.channels),
+             f"decoder.attention_levels must be an integer from 1 to the {len(dc.channels)} levels of decoder.channels, "
+             f"got {dc.attention_levels!r}")
+        if isinstance(dc.attention_levels, int) and 1 <= dc.attention_levels <= len(dc.channels):
+            attn = dc.channels[len(dc.channels) - dc.attention_levels:]
+            need(all(c % 16 == 0 for c in attn),
+                 f"decoder.channels of the attention levels (the last decoder.attention_levels) must be multiples of 16, got {attn}")
         need(dc.attention in ("sdpa", "math"), f"decoder.attention must be 'sdpa' or 'math', got {dc.attention!r}")
         m = self.llm
         need(m.attention in (None, "eager", "sdpa"), f"llm.attention must be null, 'eager' or 'sdpa', got {m.attention!r}")

@@ -137,7 +137,8 @@ class DecoderTask(Task):
         d = cfg.decoder
         self.tok = tok
         self.pipe = mini_image_decoder(tok.config.detokenizer.out_dim, d.image_size, seed=cfg.seed,
-                                       channels=tuple(d.channels), patch=d.patch)
+                                       channels=tuple(d.channels), patch=d.patch,
+                                       attention_levels=d.attention_levels)
         self.pipe.unet.to(device)
         self.module = DecoderModule(tok, self.pipe, d)
         if d.attention == "math":

@@ -144,3 +144,26 @@ def test_patch_decoder_saves_loads_and_rejects_bad_sizes(tmp_path):
         class_embed_type="projection", projection_class_embeddings_input_dim=8), scheduler=p.scheduler)
     with pytest.raises(ValueError, match="3 \\* patch\\*\\*2 input channels, got 4"):
         bad.image_size
+
+
+def test_attention_levels_puts_cross_attention_on_more_levels(tmp_path):
+    from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, CrossAttnUpBlock2D
+
+    one = mini_image_decoder(embed_dim=8, image_size=16, seed=1, channels=(8, 16, 32))
+    two = mini_image_decoder(embed_dim=8, image_size=16, seed=1, channels=(8, 16, 32), attention_levels=2)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        mini_image_decoder(embed_dim=8, image_size=16, channels=(8, 16, 32), attention_levels=3)
+    kinds = [[type(b) for b in p.unet.down_blocks] for p in (one, two)]
+    assert kinds[0].count(CrossAttnDownBlock2D) == 1 and kinds[1].count(CrossAttnDownBlock2D) == 2
+    assert kinds[1][0] is not CrossAttnDownBlock2D  # the full-resolution level stays plain
+    assert [type(b) for b in two.unet.up_blocks].count(CrossAttnUpBlock2D) == 2
+    # the extra cross-attention reads the embedding at the 8 x 8 level too, and the layout survives a save
+    emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    x = two(emb, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    two.save_pretrained(tmp_path / "dec")
+    again = load_image_decoder(tmp_path / "dec")
+    y = again(emb, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    assert x.shape == (2, 3, 16, 16) and torch.equal(x, y)
+    for bad in (0, 4, 1.5, True):
+        with pytest.raises(ValueError, match="attention_levels"):
+            mini_image_decoder(8, 16, channels=(8, 16, 32), attention_levels=bad)

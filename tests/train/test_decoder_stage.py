@@ -40,6 +40,17 @@ def test_no_ema_exports_the_trained_weights(tmp_path):
     assert load_image_decoder(tmp_path / "run" / "decoder").unet.config.block_out_channels == [8, 16]
 
 
+def test_attention_levels_option_reaches_the_exported_unet(tmp_path):
+    train(_cfg(tmp_path / "run", channels=[16, 32], attention_levels=2), progress=False)
+    unet = load_image_decoder(tmp_path / "run" / "decoder").unet
+    assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 2
+    for bad in (0, 3, True):
+        with pytest.raises(ConfigError, match="decoder.attention_levels"):
+            _cfg(tmp_path / "bad", attention_levels=bad)
+    with pytest.raises(ConfigError, match="multiples of 16"):
+        _cfg(tmp_path / "bad", attention_levels=2)  # [8, 16]: 8 channels cannot hold 16 heads
+
+
 def test_patch_option_trains_a_full_size_decoder(tmp_path):
     train(_cfg(tmp_path / "run", patch=2), progress=False)
     dec = load_image_decoder(tmp_path / "run" / "decoder")
