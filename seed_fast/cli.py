@@ -258,15 +258,16 @@ def cmd_eval(args) -> int:
     from .demo import CODE_CFG, DECODER_GUIDANCE, evaluate, metrics_markdown
 
     t0 = time.perf_counter()
-    if args.lavit or args.flamingo:
-        from .related_eval import evaluate_flamingo, evaluate_lavit, related_markdown
+    if args.lavit or args.flamingo or args.vwlmm:
+        from .related_eval import evaluate_flamingo, evaluate_lavit, evaluate_vwlmm, related_markdown
 
         try:
             if args.lavit:
                 metrics = evaluate_lavit(args.lavit, args.n, progress=not args.no_progress)
             else:
                 compare = None if args.no_compare else _load_model(args)
-                metrics = evaluate_flamingo(args.flamingo, args.n, compare=compare, progress=not args.no_progress)
+                run, evaluate_run = (args.flamingo, evaluate_flamingo) if args.flamingo else (args.vwlmm, evaluate_vwlmm)
+                metrics = evaluate_run(run, args.n, compare=compare, progress=not args.no_progress)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"seed-fast eval: {e}") from None
         print(related_markdown(metrics))
@@ -427,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     rel = p.add_mutually_exclusive_group()
     rel.add_argument("--lavit", metavar="RUN", help="evaluate a `seed-fast train lavit` run instead (tokens per image, ...)")
     rel.add_argument("--flamingo", metavar="RUN", help="evaluate a `seed-fast train flamingo` run instead (captions from continuous features)")
-    p.add_argument("--no-compare", action="store_true", help="with --flamingo: skip SEED's captions on the same scenes")
+    rel.add_argument("--vwlmm", metavar="RUN", help="evaluate a `seed-fast train vwlmm` run instead (captions through visual words)")
+    p.add_argument("--no-compare", action="store_true", help="with --flamingo / --vwlmm: skip SEED's captions on the same scenes")
     p.set_defaults(func=cmd_eval)
     return parser
 

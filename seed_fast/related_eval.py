@@ -1,4 +1,4 @@
-"""`seed-fast eval --lavit RUN` and `seed-fast eval --flamingo RUN`: the related tokenizers on the
+"""`seed-fast eval --lavit RUN`, `--flamingo RUN` and `--vwlmm RUN`: the related tokenizers on the
 same held-out synthetic scenes as the SEED eval (`seed_fast.demo.test_scenes`).
 
 LaVIT (a `seed-fast train lavit` run): how many tokens an image gets (mean / min / max, and the LLM
@@ -10,6 +10,10 @@ Flamingo (a `seed-fast train flamingo` run): greedy captions from continuous fea
 the frozen LM, judged by the scene grammar as the SEED eval judges its captions; next to it, with
 `compare`, SEED's own captions from the 32 codes of the embedded (or given) model on the very same
 scenes, so discrete and continuous are compared on one split.
+
+VW-LMM (a `seed-fast train vwlmm` run): the same captions and comparison for the visual-words
+connector, plus each patch's most likely visual word for the first scenes (`top_words`, laid out on
+the patch grid for ViT features).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from .demo import _bar, _chunks, _objects_ok, test_scenes
 from .synthetic import parse_caption
 
-__all__ = ["evaluate_flamingo", "evaluate_lavit", "load_lavit_run", "related_markdown"]
+__all__ = ["evaluate_flamingo", "evaluate_lavit", "evaluate_vwlmm", "load_lavit_run", "related_markdown"]
 
 
 def load_lavit_run(folder: str | Path):
@@ -111,20 +115,72 @@ def evaluate_flamingo(run: str | Path, n: int = 256, *, batch: int = 32, compare
         "caption_images_per_s": n / t_cap,
     }
     if compare is not None:
-        m = compare
-        seed_preds, t_seed = [], 0.0
-        for a, b in _bar(_chunks(n, batch), "seed", progress):
-            t0 = time.perf_counter()
-            codes = m.tokenizer.encode(images[a:b])
-            seed_preds += m.llm.caption(codes=codes)
-            t_seed += time.perf_counter() - t0
-        out.update({
-            "seed_caption_objects_ok": sum(_objects_ok(parse_caption(p), f) for p, f in zip(seed_preds, facts)) / n,
-            "seed_caption_exact": sum(p.strip().rstrip(".") == c for p, c in zip(seed_preds, caps)) / n,
-            "seed_llm_tokens_per_image": 2 + m.tokenizer.num_codes,
-            "seed_caption_images_per_s": n / t_seed,
-        })
+        out.update(_seed_captions(compare, images, caps, facts, batch, progress))
     return out
+
+
+def _seed_captions(m, images, caps, facts, batch: int, progress: bool) -> dict:
+    """SEED's captions from 32 codes (a DefaultModel) on the same scenes."""
+    n = len(images)
+    preds, t_seed = [], 0.0
+    for a, b in _bar(_chunks(n, batch), "seed", progress):
+        t0 = time.perf_counter()
+        codes = m.tokenizer.encode(images[a:b])
+        preds += m.llm.caption(codes=codes)
+        t_seed += time.perf_counter() - t0
+    return {
+        "seed_caption_objects_ok": sum(_objects_ok(parse_caption(p), f) for p, f in zip(preds, facts)) / n,
+        "seed_caption_exact": sum(p.strip().rstrip(".") == c for p, c in zip(preds, caps)) / n,
+        "seed_llm_tokens_per_image": 2 + m.tokenizer.num_codes,
+        "seed_caption_images_per_s": n / t_seed,
+    }
+
+
+@torch.no_grad()
+def evaluate_vwlmm(run: str | Path, n: int = 256, *, batch: int = 32, compare=None, progress: bool = True,
+                   show: int = 2) -> dict:
+    """Captions through the visual-words connector (and, with `compare`, SEED's from codes) on the
+    held-out scenes; `show` scenes' per-patch top visual words go into "top_words"."""
+    from .models.preprocess import images_to_tensor
+    from .train.vwlmm import load_vwlmm, patch_features
+
+    vw, tok, meta = load_vwlmm(run)
+    images, caps, facts, _ = test_scenes(n, size=tok.config.vision.image_size)
+    preds, t_cap, shown = [], 0.0, []
+    for a, b in _bar(_chunks(n, batch), "vwlmm", progress):
+        pixels = images_to_tensor(images[a:b], tok.config.vision.image_size)
+        t0 = time.perf_counter()
+        feats = patch_features(tok, pixels, meta["media"])
+        preds += vw.captions(feats, max_new_tokens=meta.get("max_new_tokens", 16))
+        t_cap += time.perf_counter() - t0
+        if len(shown) < show:
+            shown += vw.top_words(feats[: show - len(shown)])
+    out = {
+        "model": "vwlmm", "media": meta["media"], "variant": meta["variant"], "n": n,
+        "caption_objects_ok": sum(_objects_ok(parse_caption(p), f) for p, f in zip(preds, facts)) / n,
+        "caption_exact": sum(p.strip().rstrip(".") == c for p, c in zip(preds, caps)) / n,
+        "llm_tokens_per_image_mean": float(feats.shape[1] + 2),  # the patches between <img> and </img>
+        "caption_images_per_s": n / t_cap,
+        "top_words": [{"caption": caps[i], "words": [w[0] for w in shown[i]]} for i in range(len(shown))],
+    }
+    if compare is not None:
+        out.update(_seed_captions(compare, images, caps, facts, batch, progress))
+    return out
+
+
+def top_words_markdown(metrics: dict) -> str:
+    """Each shown scene's top visual words, on the patch grid when the patches form a square."""
+    lines = []
+    for item in metrics.get("top_words", []):
+        words = [w.replace("|", "\\|") or "·" for w in item["words"]]  # a table cell: no bare pipe, never empty
+        side = int(round(len(words) ** 0.5))
+        lines += ["", f"top visual word of each patch, scene \"{item['caption']}\":", ""]
+        if side * side == len(words) and metrics.get("media") == "vit":
+            lines += ["| " + " | ".join(words[:side]) + " |", "|" + "---|" * side]
+            lines += ["| " + " | ".join(words[r * side:(r + 1) * side]) + " |" for r in range(1, side)]
+        else:
+            lines.append(" ".join(words))
+    return "\n".join(lines)
 
 
 ROWS = {
@@ -145,6 +201,15 @@ ROWS = {
         ("caption_images_per_s", "captioned images/s (Flamingo, this machine)"),
         ("seed_caption_images_per_s", "captioned images/s (SEED: tokenize + caption)"),
     ),
+    "vwlmm": (
+        ("caption_objects_ok", "captions: every object's color and shape right (VW-LMM, continuous)"),
+        ("seed_caption_objects_ok", "captions: every object's color and shape right (SEED, 32 codes)"),
+        ("caption_exact", "captions exact (VW-LMM)"), ("seed_caption_exact", "captions exact (SEED)"),
+        ("llm_tokens_per_image_mean", "LLM tokens per image (VW-LMM: patches + <img> </img>)"),
+        ("seed_llm_tokens_per_image", "LLM tokens per image (SEED)"),
+        ("caption_images_per_s", "captioned images/s (VW-LMM: features + caption, this machine)"),
+        ("seed_caption_images_per_s", "captioned images/s (SEED: tokenize + caption)"),
+    ),
 }
 
 
@@ -163,4 +228,6 @@ def related_markdown(metrics: dict) -> str:
         else:
             s = str(v)
         lines.append(f"| {label} | {s} |")
+    if metrics["model"] == "vwlmm":
+        lines.append(top_words_markdown(metrics))
     return "\n".join(lines)

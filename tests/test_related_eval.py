@@ -1,4 +1,4 @@
-"""`seed-fast eval --lavit / --flamingo`: the related tokenizers measured on SEED's held-out scenes."""
+"""`seed-fast eval --lavit / --flamingo / --vwlmm`: the related tokenizers measured on SEED's held-out scenes."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from seed_fast import SeedLLM, SeedTokenizer
 from seed_fast.cli import main
 from seed_fast.demo import test_scenes as held_out_scenes
-from seed_fast.related_eval import evaluate_flamingo, evaluate_lavit, load_lavit_run, related_markdown
+from seed_fast.related_eval import evaluate_flamingo, evaluate_lavit, evaluate_vwlmm, load_lavit_run, related_markdown
 from seed_fast.train import TrainConfig
 from seed_fast.train.loop import train
 
@@ -29,6 +29,18 @@ def flamingo_run(tmp_path_factory):
                                  "data": {"n": 16, "val_n": 8, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1},
                                  "flamingo": {"lm": str(root / "llm"), "vit_from": str(root / "tok"), "eval_n": 0,
                                               "num_latents": 4, "max_new_tokens": 4}}), progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def vwlmm_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vwlmm_eval")
+    SeedLLM.from_config("tiny-llama", seed=0).save_pretrained(root / "llm")
+    SeedTokenizer.from_config("mini", seed=1).save_pretrained(root / "tok")
+    train(TrainConfig.from_dict({"stage": "vwlmm", "out": str(root / "run"), "steps": 2, "global_batch": 8, "ckpt_every": 2,
+                                 "data": {"n": 16, "val_n": 8, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1},
+                                 "vwlmm": {"lm": str(root / "llm"), "vit_from": str(root / "tok"), "eval_n": 0,
+                                           "max_new_tokens": 4}}), progress=False)
     return root / "run"
 
 
@@ -58,11 +70,35 @@ def test_flamingo_eval_with_and_without_seed_next_to_it(flamingo_run):
     assert "(SEED, 32 codes)" in related_markdown(both)
 
 
+def test_vwlmm_eval_captions_and_lays_the_top_words_on_the_patch_grid(vwlmm_run, capsys):
+    from seed_fast.train.vwlmm import load_vwlmm, patch_features
+
+    m = evaluate_vwlmm(vwlmm_run, n=5, batch=2, progress=False)
+    assert 0 <= m["caption_objects_ok"] <= 1 and m["llm_tokens_per_image_mean"] == 64 + 2
+    assert "seed_caption_objects_ok" not in m
+    vw, tok, _ = load_vwlmm(vwlmm_run)
+    images, caps, _, _ = held_out_scenes(5)
+    from seed_fast.models.preprocess import images_to_tensor
+
+    words = vw.top_words(patch_features(tok, images_to_tensor(images[:2], 64), "vit"))
+    assert [w["caption"] for w in m["top_words"]] == caps[:2]
+    assert [w["words"] for w in m["top_words"]] == [[p[0] for p in img] for img in words]
+    md = related_markdown(m)
+    assert "VW-LMM, continuous" in md and "top visual word of each patch" in md
+    grid = [line for line in md.splitlines() if line.startswith("| ") and "metric" not in line and "VW-LMM" not in line
+            and "captions" not in line and "LLM tokens" not in line and "images/s" not in line]
+    assert len(grid) == 2 * 8 and all(line.count(" | ") == 7 for line in grid)  # 8 x 8 patches, twice
+    assert main(["eval", "--vwlmm", str(vwlmm_run), "--n", "2", "--no-progress", "--no-compare"]) == 0
+    assert "vwlmm on 2 held-out scenes" in capsys.readouterr().out
+
+
 def test_eval_cli_names_a_run_that_is_not_one(tmp_path, capsys):
     with pytest.raises(SystemExit, match="not a LaVIT stage output"):
         main(["eval", "--lavit", str(tmp_path), "--n", "2"])
     with pytest.raises(SystemExit, match="not a flamingo stage output"):
         main(["eval", "--flamingo", str(tmp_path), "--n", "2", "--no-compare"])
+    with pytest.raises(SystemExit, match="not a vwlmm stage output"):
+        main(["eval", "--vwlmm", str(tmp_path), "--n", "2", "--no-compare"])
 
 
 def test_eval_cli_lavit_prints_the_table(lavit_run, capsys, tmp_path):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("stage1", "stage2", "llm", "decoder", "lavit", "flamingo")
+STAGES = ("stage1", "stage2", "llm", "decoder", "lavit", "flamingo", "vwlmm")
 LM_PRESETS = ("tiny-llama", "tiny-opt", "mini-llama")
 
 
@@ -139,6 +139,19 @@ class FlamingoTrainConfig:
 
 
 @dataclass
+class VwlmmTrainConfig:
+    lm: str | None = None  # frozen LM: a SeedLLM / transformers causal-LM folder (default: the embedded model's LLM)
+    vit_from: str | None = None  # frozen SeedTokenizer folder giving the image features (default: the embedded model's tokenizer)
+    media: str = "vit"  # vit: the ViT's patch features (class token dropped) | qformer: the 32 causal Q-Former embeddings
+    variant: str = "vw"  # vw: the LM reads the projected patches | pif: it reads softmax(vm_head(patch)) @ E_text
+    projector: str = "mlp"  # mlp (Linear-GELU-Linear, as LLaVA-1.5) | linear
+    kl_weight: float = 1.0  # weight of KL(visual word of the next patch || LM) next to the caption loss (upstream: 1)
+    prompt: str | None = None  # the caption turn with one <image> (default: the LM template's caption turn)
+    eval_n: int = 64  # held-out images captioned at evaluation
+    max_new_tokens: int = 16
+
+
+@dataclass
 class TrainConfig:
     stage: str
     out: str
@@ -160,6 +173,7 @@ class TrainConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     lavit: LavitTrainConfig = field(default_factory=LavitTrainConfig)
     flamingo: FlamingoTrainConfig = field(default_factory=FlamingoTrainConfig)
+    vwlmm: VwlmmTrainConfig = field(default_factory=VwlmmTrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -256,6 +270,18 @@ class TrainConfig:
         need(fl.every >= 1 and fl.num_latents >= 1 and fl.resampler_depth >= 1,
              f"flamingo.every, num_latents and resampler_depth must be >= 1, got {fl.every}, {fl.num_latents}, {fl.resampler_depth}")
         need(fl.eval_n >= 0 and fl.max_new_tokens >= 1, "flamingo.eval_n must be >= 0 and flamingo.max_new_tokens >= 1")
+        vc = self.vwlmm
+        need(vc.media in ("vit", "qformer"), f"vwlmm.media must be vit or qformer, got {vc.media!r}")
+        need(vc.variant in ("vw", "pif"), f"vwlmm.variant must be vw or pif, got {vc.variant!r}")
+        need(vc.projector in ("mlp", "linear"), f"vwlmm.projector must be mlp or linear, got {vc.projector!r}")
+        need(isinstance(vc.kl_weight, (int, float)) and not isinstance(vc.kl_weight, bool) and vc.kl_weight >= 0,
+             f"vwlmm.kl_weight must be a number >= 0, got {vc.kl_weight!r}")
+        for name in ("lm", "vit_from"):
+            v = getattr(vc, name)
+            need(v is None or Path(v).is_dir(), f"vwlmm.{name} must be a folder, got {v!r}")
+        need(vc.prompt is None or (isinstance(vc.prompt, str) and vc.prompt.count("<image>") == 1),
+             f"vwlmm.prompt must hold exactly one <image>, got {vc.prompt!r}")
+        need(vc.eval_n >= 0 and vc.max_new_tokens >= 1, "vwlmm.eval_n must be >= 0 and vwlmm.max_new_tokens >= 1")
         for name in ("codebook_size", "code_dim"):
             v = getattr(self.stage2, name)
             need(v is None or (isinstance(v, int) and v >= 1), f"stage2.{name} must be a positive integer or null, got {v!r}")
@@ -312,7 +338,7 @@ def _build(cls, data: Any, where: str):
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         value = data[name]
-        sub = {"data": DataConfig, "optim": OptimConfig, "stage1": Stage1Config, "stage2": Stage2Config, "llm": LLMConfig, "decoder": DecoderConfig, "lavit": LavitTrainConfig, "flamingo": FlamingoTrainConfig}.get(name) if cls is TrainConfig else None
+        sub = {"data": DataConfig, "optim": OptimConfig, "stage1": Stage1Config, "stage2": Stage2Config, "llm": LLMConfig, "decoder": DecoderConfig, "lavit": LavitTrainConfig, "flamingo": FlamingoTrainConfig, "vwlmm": VwlmmTrainConfig}.get(name) if cls is TrainConfig else None
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:

@@ -283,6 +283,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from .decoder import DecoderTask
     from .lavit import LavitTask
     from .flamingo import FlamingoTask
+    from .vwlmm import VwlmmTask
 
     d = Dist()
     run = Path(cfg.out)
@@ -297,7 +298,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         d.barrier()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         random.seed(cfg.seed)
-        task = {"stage1": Stage1Task, "stage2": Stage2Task, "llm": LLMTask, "decoder": DecoderTask, "lavit": LavitTask, "flamingo": FlamingoTask}[cfg.stage](cfg, d.device)
+        task = {"stage1": Stage1Task, "stage2": Stage2Task, "llm": LLMTask, "decoder": DecoderTask, "lavit": LavitTask, "flamingo": FlamingoTask, "vwlmm": VwlmmTask}[cfg.stage](cfg, d.device)
         fsdp = d.world > 1 and cfg.strategy == "fsdp"
         if fsdp:
             task.shard()
