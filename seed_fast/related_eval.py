@@ -19,6 +19,7 @@ the patch grid for ViT features).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -147,6 +148,7 @@ def evaluate_vwlmm(run: str | Path, n: int = 256, *, batch: int = 32, compare=No
     vw, tok, meta = load_vwlmm(run)
     images, caps, facts, _ = test_scenes(n, size=tok.config.vision.image_size)
     preds, t_cap, shown = [], 0.0, []
+    tops, entropy, in_caption = [], 0.0, 0
     for a, b in _bar(_chunks(n, batch), "vwlmm", progress):
         pixels = images_to_tensor(images[a:b], tok.config.vision.image_size)
         t0 = time.perf_counter()
@@ -155,6 +157,17 @@ def evaluate_vwlmm(run: str | Path, n: int = 256, *, batch: int = 32, compare=No
         t_cap += time.perf_counter() - t0
         if len(shown) < show:
             shown += vw.top_words(feats[: show - len(shown)])
+        with torch.no_grad():
+            words = vw.image_inputs(feats)[1]  # (b, P, vocab) fp32
+        top = words.argmax(-1).cpu()
+        tops.append(top.flatten())
+        entropy += float(-(words * words.clamp_min(1e-30).log()).sum(-1).sum())
+        for row, cap in zip(top, caps[a:b]):  # patches whose top word is a token of the scene's own caption
+            in_caption += int(torch.isin(row, torch.tensor(vw.llm._text_ids(cap), dtype=row.dtype)).sum())
+    tops = torch.cat(tops)
+    ids, counts = tops.unique(return_counts=True)
+    order = counts.argsort(descending=True)[:5]
+    decode = vw.llm.text_tokenizer.decode
     out = {
         "model": "vwlmm", "media": meta["media"], "variant": meta["variant"], "n": n,
         "caption_objects_ok": sum(_objects_ok(parse_caption(p), f) for p, f in zip(preds, facts)) / n,
@@ -162,6 +175,13 @@ def evaluate_vwlmm(run: str | Path, n: int = 256, *, batch: int = 32, compare=No
         "llm_tokens_per_image_mean": float(feats.shape[1] + 2),  # the patches between <img> and </img>
         "caption_images_per_s": n / t_cap,
         "top_words": [{"caption": caps[i], "words": [w[0] for w in shown[i]]} for i in range(len(shown))],
+        # do the visual words say anything? over every patch of the n scenes:
+        "word_distinct": int(ids.numel()),  # distinct top words
+        "word_most_common": [[decode([int(ids[j])]).strip(), float(counts[j]) / tops.numel()] for j in order],
+        "word_most_common_share": float(counts.max()) / tops.numel(),
+        "word_entropy_mean": entropy / tops.numel(),  # nats; a uniform word would have log(vocab)
+        "word_entropy_uniform": math.log(vw.head.vocab),
+        "word_in_caption_share": in_caption / tops.numel(),  # top word is a token of the scene's caption
     }
     if compare is not None:
         out.update(_seed_captions(compare, images, caps, facts, batch, progress))
@@ -209,6 +229,11 @@ ROWS = {
         ("seed_llm_tokens_per_image", "LLM tokens per image (SEED)"),
         ("caption_images_per_s", "captioned images/s (VW-LMM: features + caption, this machine)"),
         ("seed_caption_images_per_s", "captioned images/s (SEED: tokenize + caption)"),
+        ("word_distinct", "distinct top visual words over all patches"),
+        ("word_most_common_share", "patches whose top word is the most common one"),
+        ("word_in_caption_share", "patches whose top word is a token of their scene's caption"),
+        ("word_entropy_mean", "visual word entropy, mean (nats)"),
+        ("word_entropy_uniform", "entropy of a uniform word (nats)"),
     ),
 }
 
@@ -229,5 +254,8 @@ def related_markdown(metrics: dict) -> str:
             s = str(v)
         lines.append(f"| {label} | {s} |")
     if metrics["model"] == "vwlmm":
+        if metrics.get("word_most_common"):
+            common = ", ".join(f"`{w or '·'}` {100 * share:.1f}%" for w, share in metrics["word_most_common"])
+            lines += ["", f"most common top visual words: {common}"]
         lines.append(top_words_markdown(metrics))
     return "\n".join(lines)

@@ -83,10 +83,22 @@ def test_vwlmm_eval_captions_and_lays_the_top_words_on_the_patch_grid(vwlmm_run,
     words = vw.top_words(patch_features(tok, images_to_tensor(images[:2], 64), "vit"))
     assert [w["caption"] for w in m["top_words"]] == caps[:2]
     assert [w["words"] for w in m["top_words"]] == [[p[0] for p in img] for img in words]
+    # the word statistics, recomputed here from the words themselves
+    feats = patch_features(tok, images_to_tensor(images, 64), "vit")
+    with torch.no_grad():
+        probs = vw.image_inputs(feats)[1]
+    top = probs.argmax(-1)
+    assert m["word_distinct"] == len(set(top.flatten().tolist()))
+    assert m["word_most_common_share"] == pytest.approx(torch.bincount(top.flatten()).max().item() / top.numel())
+    hits = sum(torch.isin(top[i], torch.tensor(vw.llm._text_ids(c))).sum().item() for i, c in enumerate(caps))
+    assert m["word_in_caption_share"] == pytest.approx(hits / top.numel())
+    ent = -(probs * probs.log()).sum(-1).mean().item()
+    assert m["word_entropy_mean"] == pytest.approx(ent, rel=1e-4) and 0 <= ent <= m["word_entropy_uniform"]
+    assert m["word_most_common"][0][1] == pytest.approx(m["word_most_common_share"]) and len(m["word_most_common"]) <= 5
     md = related_markdown(m)
-    assert "VW-LMM, continuous" in md and "top visual word of each patch" in md
+    assert "VW-LMM, continuous" in md and "top visual word of each patch" in md and "most common top visual words" in md
     grid = [line for line in md.splitlines() if line.startswith("| ") and "metric" not in line and "VW-LMM" not in line
-            and "captions" not in line and "LLM tokens" not in line and "images/s" not in line]
+            and "captions" not in line and "LLM tokens" not in line and "images/s" not in line and "word" not in line]
     assert len(grid) == 2 * 8 and all(line.count(" | ") == 7 for line in grid)  # 8 x 8 patches, twice
     assert main(["eval", "--vwlmm", str(vwlmm_run), "--n", "2", "--no-progress", "--no-compare"]) == 0
     assert "vwlmm on 2 held-out scenes" in capsys.readouterr().out
