@@ -99,13 +99,30 @@ class TokenPredictor(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, C) -> log-probabilities (B, N, 2) in fp32; [..., 0] is keep."""
-        x = x.float()
-        h = self.in_conv(x)
+        """x (B, N, C) -> log-probabilities (B, N, 2) in fp32; [..., 0] is keep. The predictor runs in
+        fp32 whatever its parameters' dtype (it is small, and its log-probabilities decide which
+        patches are kept), so a bf16 / fp16 tokenizer selects as its fp32 weights would."""
+        h = _run_fp32(self.in_conv, x.float())
         c = h.shape[-1] // 2
         policy = torch.ones_like(h[..., :1]) if policy is None else policy.to(h).view(*h.shape[:2], 1)
         glob = (h[..., c:] * policy).sum(1, keepdim=True) / policy.sum(1, keepdim=True).clamp_min(1e-6)
-        return self.out_conv(torch.cat([h[..., :c], glob.expand(-1, h.shape[1], -1)], -1))
+        return _run_fp32(self.out_conv, torch.cat([h[..., :c], glob.expand(-1, h.shape[1], -1)], -1))
+
+
+def _run_fp32(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """A Sequential of Linear / LayerNorm / parameter-free layers applied in fp32 (weights upcast on
+    the fly; with fp32 weights this is the plain forward)."""
+    def up(t):
+        return None if t is None else t.float()
+
+    for layer in seq:
+        if isinstance(layer, nn.Linear):
+            x = F.linear(x, up(layer.weight), up(layer.bias))
+        elif isinstance(layer, nn.LayerNorm):
+            x = F.layer_norm(x, layer.normalized_shape, up(layer.weight), up(layer.bias), layer.eps)
+        else:
+            x = layer(x)
+    return x
 
 
 def select_tokens(log_probs: torch.Tensor, mode: str = "threshold", *, threshold: float = 0.5, k: int | None = None,

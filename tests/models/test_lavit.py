@@ -132,6 +132,28 @@ def test_encode_gives_variable_length_cosine_codes(tok):
     assert padded.tolist() == [[3, 4], [5, -1]] and mask.tolist() == [[True, True], [True, False]]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tokenizer_selects_in_fp32_and_encodes(dtype):
+    g = _gen()
+    half = LavitTokenizer.from_config("tiny-lavit", seed=5).eval().to(dtype)
+    # the selector runs in fp32 on the (rounded) half weights: the same log-probs as an fp32 copy of them
+    fp32 = LavitTokenizer.from_config("tiny-lavit", seed=5).eval()
+    fp32.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    feats = torch.randn(2, 9, half.config.width, generator=g)
+    with torch.no_grad():
+        got = half.token_predictor(feats.to(dtype))
+        want = fp32.token_predictor(feats.to(dtype).float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    x = torch.rand(3, 3, 64, 64, generator=g)
+    codes = half.encode(x, mode="topk", k=4)
+    assert [len(c) for c in codes] == [4, 4, 4] and all(c.dtype == torch.int64 for c in codes)
+    n = half.quantize.embedding.weight.shape[0]
+    assert all(int(c.min()) >= 0 and int(c.max()) < n for c in codes)
+    for a, b in zip(half.encode(x), half.encode(x)):
+        assert torch.equal(a, b)
+
+
 def test_feature_decoder_and_losses(tok):
     cfg = tok.config
     dec = LavitFeatureDecoder(cfg)
