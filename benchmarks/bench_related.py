@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""SEED vs LaVIT vs a Flamingo-style connector: what an image costs a multimodal LLM.
+"""SEED vs LaVIT vs VW-LMM vs a Flamingo-style connector: what an image costs a multimodal LLM.
 
 Per model, at batch B:
   tokens per image     SEED: 32 codes (+ [IMG] [/IMG] = 34 LLM tokens); LaVIT: a variable count (the
                        trained run's mean with --lavit-run, else top-k at LaVIT's target keep ratio of
-                       1/3, which fixes the count); Flamingo: none (latents enter by cross-attention)
-  tokenizer images/s   images -> what the LLM receives (SEED: codes; LaVIT: codes; Flamingo: the ViT
-                       features, resampled inside the connector)
+                       1/3, which fixes the count); VW-LMM: every ViT patch, projected (continuous);
+                       Flamingo: none (latents enter by cross-attention)
+  tokenizer images/s   images -> what the LLM receives (SEED: codes; LaVIT: codes; VW-LMM: the ViT's
+                       patches through its MLP projector; Flamingo: the ViT features, resampled inside
+                       the connector)
   LLM prefill          one forward of the LLM over [image tokens] + a 4-token prompt for B images
                        (Flamingo: the prompt alone plus its gated cross-attention); images/s and the
                        LLM tokens processed per second
@@ -120,6 +122,24 @@ def main() -> int:
             return lm(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).logits
         return run, ids.shape[1]
 
+    hidden = lm.get_input_embeddings().weight.shape[1]
+    projector = torch.nn.Sequential(torch.nn.Linear(media_dim, hidden), torch.nn.GELU(),
+                                    torch.nn.Linear(hidden, hidden)).to(device, dtype).eval()  # VW-LMM's "mlp"
+
+    def vw_features():
+        return projector(seed_tok.image_features(seed_tok.preprocess(images))[:, 1:])
+
+    with torch.no_grad():
+        vw_patches = vw_features()
+    vw_seq = vw_patches.shape[1] + 2 + prompt.shape[1]
+
+    def vw_prefill():
+        embed = lm.get_input_embeddings()
+        ends = embed(torch.randint(10, 200, (b, 2), device=device))  # stand-ins for <img> and </img>
+        x = torch.cat([ends[:, :1], vw_patches, ends[:, 1:], embed(prompt)], 1)
+        return lm(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=device),
+                  use_cache=True, logits_to_keep=1).logits
+
     def flamingo_prefill():
         mask = torch.ones_like(prompt)
         return conn(prompt, mask, media=feats, use_cache=True, logits_to_keep=1).logits
@@ -129,6 +149,7 @@ def main() -> int:
     specs = [
         ("SEED (32 causal codes)", 32.0, 34, lambda: seed_tok.encode(images), *prefill(34)),
         ("LaVIT (dynamic codes)", lav_tokens, lav_tokens + 2, lavit_encode, *prefill(seq_lav)),
+        ("VW-LMM (continuous patches, visual words)", 0.0, vw_patches.shape[1] + 2, vw_features, vw_prefill, vw_seq),
         ("Flamingo-style (continuous, cross-attention)", 0.0, 0, lambda: seed_tok.image_features(seed_tok.preprocess(images)),
          flamingo_prefill, prompt.shape[1]),
     ]
