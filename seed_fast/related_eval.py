@@ -13,7 +13,9 @@ scenes, so discrete and continuous are compared on one split.
 
 VW-LMM (a `seed-fast train vwlmm` run): the same captions and comparison for the visual-words
 connector, plus each patch's most likely visual word for the first scenes (`top_words`, laid out on
-the patch grid for ViT features).
+the patch grid for ViT features) and, over every patch, whether the words say anything: how many
+distinct top words there are, the most common ones, their mean entropy, and the share of patches
+whose top word is a token of their scene's own caption.
 """
 
 from __future__ import annotations
