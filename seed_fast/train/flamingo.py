@@ -215,27 +215,40 @@ def flamingo_captions(connector, llm, tok, pixels: torch.Tensor, seqs: CaptionSe
     return llm._decode_text(out[:, ids.shape[1]:].tolist())
 
 
-def load_flamingo(folder: str | Path, *, device=None):
-    """A `run/flamingo` folder -> (connector, llm, tokenizer, meta), ready for `flamingo_captions`."""
-    from safetensors.torch import load_file
-
+def open_connector_run(folder: str | Path, stage: str, weights: str):
+    """A frozen-LM connector stage's export (`run/<stage>` or the run folder itself) -> (its folder,
+    meta, the frozen SeedLLM, the frozen SeedTokenizer it read its media from). Names what is missing."""
     from ..models import SeedTokenizer
-    from ..models.flamingo import FlamingoConnector
 
     root = Path(folder)
-    if (root / "flamingo").is_dir():
-        root = root / "flamingo"
-    need = [f for f in ("connector.safetensors", "config.json") if not (root / f).is_file()]
+    if (root / stage).is_dir():
+        root = root / stage
+    need = [f for f in (weights, "config.json") if not (root / f).is_file()]
     if need:
-        raise FileNotFoundError(f"{str(root)!r} is not a flamingo stage output: missing {need}")
+        raise FileNotFoundError(f"{str(root)!r} is not a {stage} stage output: missing {need}")
     meta = json.loads((root / "config.json").read_text())
     llm = load_frozen_lm(meta["lm"])
     tok = SeedTokenizer.from_pretrained(meta["vit_from"]).float().eval().requires_grad_(False)
+    return root, meta, llm, tok
+
+
+def load_exact(module: nn.Module, path: Path, what: str) -> None:
+    """Load a safetensors file into `module`, refusing any missing or unexpected key."""
+    from safetensors.torch import load_file
+
+    missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path.parent}: {what} weights do not fit its config (missing {missing[:4]}, unexpected {unexpected[:4]})")
+
+
+def load_flamingo(folder: str | Path, *, device=None):
+    """A `run/flamingo` folder -> (connector, llm, tokenizer, meta), ready for `flamingo_captions`."""
+    from ..models.flamingo import FlamingoConnector
+
+    root, meta, llm, tok = open_connector_run(folder, "flamingo", "connector.safetensors")
     conn = FlamingoConnector(llm.model, meta["media_dim"], every=meta["every"], num_latents=meta["num_latents"],
                              resampler_depth=meta["resampler_depth"])
-    missing, unexpected = conn.load_state_dict(load_file(str(root / "connector.safetensors")), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{root}: connector weights do not fit its config (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    load_exact(conn, root / "connector.safetensors", "connector")
     if device is not None:
         llm.model.to(device)
         tok.to(device)

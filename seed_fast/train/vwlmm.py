@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source
-from .flamingo import IGNORE, _default, caption_scores, load_frozen_lm, media_features
+from .flamingo import IGNORE, _default, caption_scores, load_exact, load_frozen_lm, media_features, open_connector_run
 from .loop import Task
 
 
@@ -245,23 +245,9 @@ class VwlmmTask(Task):
 
 def load_vwlmm(folder: str | Path, *, device=None):
     """A `run/vwlmm` folder -> (VisualWordsLM, SeedTokenizer, meta)."""
-    from safetensors.torch import load_file
-
-    from ..models import SeedTokenizer
-
-    root = Path(folder)
-    if (root / "vwlmm").is_dir():
-        root = root / "vwlmm"
-    need = [f for f in ("weights.safetensors", "config.json") if not (root / f).is_file()]
-    if need:
-        raise FileNotFoundError(f"{str(root)!r} is not a vwlmm stage output: missing {need}")
-    meta = json.loads((root / "config.json").read_text())
-    llm = load_frozen_lm(meta["lm"])
-    tok = SeedTokenizer.from_pretrained(meta["vit_from"]).float().eval().requires_grad_(False)
+    root, meta, llm, tok = open_connector_run(folder, "vwlmm", "weights.safetensors")
     vw = _build(llm, tok, meta)
-    missing, unexpected = vw.load_state_dict(load_file(str(root / "weights.safetensors")), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{root}: weights do not fit its config (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    load_exact(vw, root / "weights.safetensors", "visual-words")
     if device is not None:
         llm.model.to(device)
         tok.to(device)

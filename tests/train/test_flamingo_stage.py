@@ -2,10 +2,11 @@
 greedy captions equal a cache-free loop, runs resume exactly, exports reload, bad configs fail early."""
 
 import json
+import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from seed_fast import SeedLLM, SeedTokenizer
 from seed_fast.models.flamingo import FlamingoConnector
@@ -49,6 +50,15 @@ def test_flamingo_stage_trains_only_the_connector_and_exports(tmp_path, parts, m
     lm_sd = llm.model.state_dict()
     ref = SeedLLM.from_pretrained(parts / "llm").model.state_dict()
     assert all(torch.equal(lm_sd[k], ref[k]) for k in ref)
+    # a weights file that does not fit its config is refused, naming the keys
+    path = tmp_path / "run" / "flamingo" / "connector.safetensors"
+    bad = load_file(str(path))
+    dropped = sorted(bad)[0]
+    del bad[dropped]
+    bad["extra.weight"] = torch.zeros(1)
+    save_file(bad, str(path))
+    with pytest.raises(ValueError, match=re.escape(f"missing ['{dropped}'], unexpected ['extra.weight']")):
+        load_flamingo(tmp_path / "run")
 
 
 def test_cached_greedy_equals_a_full_forward_loop(parts):

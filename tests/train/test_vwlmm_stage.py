@@ -4,11 +4,12 @@ KV-cached greedy captions equal a cache-free loop, runs resume exactly, exports 
 configs fail before any work."""
 
 import json
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from seed_fast import SeedLLM, SeedTokenizer
 from seed_fast.models.visual_words import visual_word_kl_ref
@@ -136,6 +137,15 @@ def test_vwlmm_stage_trains_only_the_connector_and_exports(tmp_path, parts, medi
     assert feats.shape[1] == (64 if media == "vit" else 32)  # the ViT's 8 x 8 patches without the class token
     words = vw.top_words(feats, k=2)
     assert len(words) == 2 and len(words[0]) == feats.shape[1] and len(words[0][0]) == 2
+    # a weights file that does not fit its config is refused, naming the keys
+    path = tmp_path / "run" / "vwlmm" / "weights.safetensors"
+    bad = load_file(str(path))
+    dropped = sorted(bad)[0]
+    del bad[dropped]
+    bad["extra.weight"] = torch.zeros(1)
+    save_file(bad, str(path))
+    with pytest.raises(ValueError, match=re.escape(f"missing ['{dropped}'], unexpected ['extra.weight']")):
+        load_vwlmm(tmp_path / "run")
 
 
 def test_vwlmm_resume_matches_an_uninterrupted_run(tmp_path, parts):
