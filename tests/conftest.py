@@ -34,3 +34,23 @@ def tiny_tok():
 def images():
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     return torch.rand(3, 3, 224, 224, generator=g)
+
+
+@pytest.fixture
+def refuses_misfit_weights():
+    """check(path, load): rewrite the safetensors file at `path` with one key dropped and one foreign
+    key added, then assert that load() refuses it naming both keys."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    def check(path, load):
+        bad = load_file(str(path))
+        dropped = sorted(bad)[0]
+        del bad[dropped]
+        bad["extra.weight"] = torch.zeros(1)
+        save_file(bad, str(path))
+        with pytest.raises(ValueError, match=re.escape(f"missing ['{dropped}'], unexpected ['extra.weight']")):
+            load()
+
+    return check
