@@ -122,19 +122,11 @@ class FlamingoModule(nn.Module):
 
 class FlamingoTask(Task):
     def __init__(self, cfg: TrainConfig, device: torch.device):
-        from ..models import SeedTokenizer
         from ..models.flamingo import FlamingoConnector
 
         self.cfg = cfg
         fc = cfg.flamingo
-        lm_dir = fc.lm or _default("llm")
-        tok_dir = fc.vit_from or _default("tokenizer")
-        for what, path in (("flamingo.lm", lm_dir), ("flamingo.vit_from", tok_dir)):
-            if not Path(path).is_dir():
-                raise ConfigError(f"{what}: no such folder {path!r}")
-        self.llm = load_frozen_lm(lm_dir)
-        self.llm.model.to(device)
-        self.tok = SeedTokenizer.from_pretrained(tok_dir).float().to(device).eval().requires_grad_(False)
+        lm_dir, tok_dir, self.llm, self.tok = frozen_lm_and_tokenizer("flamingo", fc.lm, fc.vit_from, device)
         media_dim = self.tok.config.vision.width if fc.media == "vit" else self.tok.config.qformer.hidden
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -213,6 +205,22 @@ def flamingo_captions(connector, llm, tok, pixels: torch.Tensor, seqs: CaptionSe
     out = connector.generate(ids, torch.ones_like(ids), media=feats, max_new_tokens=max_new_tokens,
                              eos_token_id=seqs.eos, pad_token_id=seqs.pad)
     return llm._decode_text(out[:, ids.shape[1]:].tolist())
+
+
+def frozen_lm_and_tokenizer(section: str, lm: str | None, vit_from: str | None, device):
+    """A connector stage's frozen parts: (LM folder, tokenizer folder, SeedLLM, SeedTokenizer), the
+    embedded model's where the config names none; a missing folder is named by its config key."""
+    from ..models import SeedTokenizer
+
+    lm_dir = lm or _default("llm")
+    tok_dir = vit_from or _default("tokenizer")
+    for what, path in ((f"{section}.lm", lm_dir), (f"{section}.vit_from", tok_dir)):
+        if not Path(path).is_dir():
+            raise ConfigError(f"{what}: no such folder {path!r}")
+    llm = load_frozen_lm(lm_dir)
+    llm.model.to(device)
+    tok = SeedTokenizer.from_pretrained(tok_dir).float().to(device).eval().requires_grad_(False)
+    return lm_dir, tok_dir, llm, tok
 
 
 def open_connector_run(folder: str | Path, stage: str, weights: str):

@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source
-from .flamingo import IGNORE, _default, caption_scores, load_exact, load_frozen_lm, media_features, open_connector_run
+from .flamingo import IGNORE, caption_scores, frozen_lm_and_tokenizer, load_exact, media_features, open_connector_run
 from .loop import Task
 
 
@@ -184,18 +184,9 @@ def _build(llm, tok, meta: dict) -> VisualWordsLM:
 
 class VwlmmTask(Task):
     def __init__(self, cfg: TrainConfig, device: torch.device):
-        from ..models import SeedTokenizer
-
         self.cfg = cfg
         vc = cfg.vwlmm
-        lm_dir = vc.lm or _default("llm")
-        tok_dir = vc.vit_from or _default("tokenizer")
-        for what, path in (("vwlmm.lm", lm_dir), ("vwlmm.vit_from", tok_dir)):
-            if not Path(path).is_dir():
-                raise ConfigError(f"{what}: no such folder {path!r}")
-        self.llm = load_frozen_lm(lm_dir)
-        self.llm.model.to(device)
-        self.tok = SeedTokenizer.from_pretrained(tok_dir).float().to(device).eval().requires_grad_(False)
+        lm_dir, tok_dir, self.llm, self.tok = frozen_lm_and_tokenizer("vwlmm", vc.lm, vc.vit_from, device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             vw = _build(self.llm, self.tok, asdict(vc))
