@@ -51,3 +51,46 @@ def test_bench_cli_rejects_unknown_benchmarks():
     assert set(run_all.ORDER) == {"codebook", "codebook-fp16", "attention", "lora", "tokenizer", "tokenizer-embedded", "llm", "export", "related"}
     for name, b in run_all.BENCHES.items():
         assert (ROOT / "benchmarks" / b["script"]).is_file(), name
+
+
+def _readme_tables_output() -> str:
+    import contextlib
+    import io
+
+    import readme_tables
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert readme_tables.main([]) == 0
+    return buf.getvalue()
+
+
+def _cited_tables(text: str) -> dict[str, list[str]]:
+    """{a table's caption line (ending in 'from [results file](...):'): the table's lines}."""
+    lines = text.splitlines()
+    out = {}
+    for i, line in enumerate(lines):
+        if "from [benchmarks/results/" in line and line.endswith("):"):
+            j = i + 1
+            while j < len(lines) and not lines[j].strip():
+                j += 1
+            table = []
+            while j < len(lines) and lines[j].startswith("|"):
+                table.append(lines[j])
+                j += 1
+            out[line] = table
+    return out
+
+
+def test_every_readme_benchmark_table_is_what_its_results_file_prints():
+    """The README's benchmark tables are copies of readme_tables.py's output from the committed
+    JSON they cite: a table typed by hand, or left behind when its results file was rerun, fails."""
+    root = Path(__file__).resolve().parents[1]
+    readme = _cited_tables((root / "README.md").read_text())
+    printed = _cited_tables(_readme_tables_output())
+    assert len(readme) >= 12, f"expected the README's CPU and GPU tables, found {len(readme)}"
+    assert any("NVIDIA" in caption for caption in readme), "the README lacks the GPU tables"
+    for caption, table in readme.items():
+        assert caption in printed, f"README table not printed by readme_tables.py (stale or hand-typed): {caption[:120]}"
+        assert table, f"README caption without a table: {caption[:120]}"
+        assert table == printed[caption], f"README table differs from its results file: {caption[:120]}"
