@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 BENCHES = {
     "codebook": dict(script="bench_codebook_lookup.py", cpu=[], cuda=["--quick"], quick=["--quick"], limits=(240, 120)),
     "codebook-fp16": dict(script="bench_codebook_lookup.py", cpu=None, cuda=["--quick", "--dtype", "float16"],
-                          quick=["--quick", "--dtype", "float16", "--max-gflop", "20"], limits=(90, 100)),
+                          quick=["--quick", "--dtype", "float16", "--max-gflop", "2"], limits=(90, 100)),
     "attention": dict(script="bench_qformer_attention.py", cpu=[], cuda=["--quick", "--batches", "1,32,256"], quick=["--quick"],
                       limits=(240, 120)),
     "lora": dict(script="bench_lora_linear.py", cpu=[], cuda=["--dtype", "bfloat16", "--tokens", "1,4096,16384", "--ranks", "16",

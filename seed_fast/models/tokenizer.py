@@ -75,22 +75,43 @@ class SeedTokenizer(nn.Module):
         model so initialized barely sees its input (the query tokens dominate).
         init="unit": variance-preserving weights (std 1/sqrt(fan_in)) and a unit-scale codebook, so that
         an untrained model's codes depend on the image: for tests, demos and benchmarks.
+        init="uniform": "unit"'s scales drawn from uniform distributions, with no default init before
+        them: the full-size model builds about 6x faster (truncated normals of 1.1 B weights take
+        about a minute on 2 CPU cores), for benchmarks whose speed does not depend on the weights.
         """
-        if init not in ("bert", "unit"):
-            raise ValueError(f"init must be 'bert' or 'unit', got {init!r}")
+        if init not in ("bert", "unit", "uniform"):
+            raise ValueError(f"init must be 'bert', 'unit' or 'uniform', got {init!r}")
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            model = cls(name_or_config)
-            model.init_weights(init)
+            if init == "uniform":
+                model = cls._empty(name_or_config)
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(float("nan"))  # what init_weights does not reach shows up below
+                model.init_weights(init)
+                left = [n for n, p in model.named_parameters() if p.is_floating_point() and p.isnan().any()]
+                if left:
+                    raise RuntimeError(f"init='uniform' left parameters uninitialized: {left[:8]}")
+            else:
+                model = cls(name_or_config)
+                model.init_weights(init)
         return model.eval()
 
     def init_weights(self, init: str = "bert") -> None:
         """Initialize every parameter (see `from_config` for the two schemes)."""
+        uniform = init == "uniform"
+
+        def draw(t, std):  # uniform on [-sqrt(3) std, sqrt(3) std] has the given std
+            if uniform:
+                nn.init.uniform_(t, -(3**0.5) * std, (3**0.5) * std)
+            else:
+                nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
+
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 std = 0.02 if init == "bert" else m.weight[0].numel() ** -0.5
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                draw(m.weight, std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -98,11 +119,16 @@ class SeedTokenizer(nn.Module):
                 nn.init.zeros_(m.bias)
         for name, p in self.named_parameters():
             if name.endswith(("cls_token", "pos_embed", "query_tokens", "pos_embed_image")):
-                nn.init.trunc_normal_(p, std=0.02 if init == "bert" else 1.0)
+                if uniform:
+                    draw(p, 1.0)
+                else:  # the full truncated normal (bounds -2 and 2), as it has always been drawn
+                    nn.init.trunc_normal_(p, std=0.02 if init == "bert" else 1.0)
             elif name.endswith(("q_bias", "v_bias")):
                 nn.init.zeros_(p)
         if init == "bert":
             self.quantizer.reset_codebook()
+        elif uniform:
+            draw(self.quantizer.codebook.weight, 0.5)
         else:
             nn.init.normal_(self.quantizer.codebook.weight, std=0.5)
 

@@ -246,3 +246,57 @@ def test_seed_makes_weights_reproducible():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def _tiny_reverse_qformer():
+    from seed_fast.models.config import DetokenizerConfig
+
+    cfg = get_config("tiny")
+    cfg.detokenizer = DetokenizerConfig(kind="reverse_qformer", heads=4, rq_queries=5, rq_layers=1, out_dim=24)
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["tiny", "mini", "reverse_qformer"])
+def test_uniform_init_reaches_every_parameter_with_unit_scales(name):
+    cfg = _tiny_reverse_qformer() if name == "reverse_qformer" else name
+    tok = SeedTokenizer.from_config(cfg, seed=4, init="uniform")
+    again = SeedTokenizer.from_config(cfg, seed=4, init="uniform")
+    other = SeedTokenizer.from_config(cfg, seed=5, init="uniform")
+    sd, sd2, sd3 = tok.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd), "the seed must fix the weights"
+    assert any(not torch.equal(sd[k], sd3[k]) for k in sd), "another seed must change them"
+    n_linear = 0
+    for m in tok.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            w = m.weight.detach().double()
+            bound = 3**0.5 * w[0].numel() ** -0.5
+            assert float(w.abs().max()) <= bound * (1 + 1e-6)
+            if w.numel() >= 4096:  # the sample std of a uniform draw sits within a few percent of its own
+                assert abs(float(w.std()) / (bound / 3**0.5) - 1) < 0.1
+                n_linear += 1
+            if m.bias is not None:
+                assert not m.bias.any()
+        elif isinstance(m, torch.nn.LayerNorm):
+            assert bool((m.weight == 1).all()) and not m.bias.any()
+    assert n_linear >= 4
+    codes = tok.encode(torch.rand(3, 3, tok.config.vision.image_size, tok.config.vision.image_size,
+                                  generator=torch.Generator().manual_seed(0)))
+    assert codes.shape == (3, tok.num_codes) and int(codes.max()) < tok.codebook_size
+    assert codes.unique().numel() > 1, "unit-scale weights: the codes should depend on the image"
+
+
+def test_uniform_init_refuses_to_leave_a_parameter_unset(monkeypatch):
+    def forgets_the_codebook(self, init="bert"):
+        for name, p in self.named_parameters():
+            if "codebook" not in name:
+                torch.nn.init.zeros_(p)
+
+    monkeypatch.setattr(SeedTokenizer, "init_weights", forgets_the_codebook)
+    with pytest.raises(RuntimeError, match="uninitialized.*codebook"):
+        SeedTokenizer.from_config("tiny", seed=0, init="uniform")
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="'uniform'"):
+        SeedTokenizer.from_config("tiny", seed=0, init="xavier")
