@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     add("llm", "8 prompts -> 32 codes each", ort_name, "tokens/s", 8 * 32, lambda: rt.generate_codes(prompts))
     # ---- decoder UNet (one guided step)
     emb = rt.embed(codes_ref[:8])
-    c, sz = dec.image_channels, dec.image_size
+    c, sz = dec.sample_channels, dec.sample_size  # latents for a latent decoder
     x = np.random.default_rng(0).standard_normal((16, c, sz, sz)).astype(np.float32)
     t = np.full(16, 500, np.int64)
     e2 = np.concatenate([np.zeros_like(emb), emb])

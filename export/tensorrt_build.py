@@ -54,7 +54,7 @@ def shape_profiles(part: str, info: dict, *, max_batch: int = 8, opt_batch: int 
         c, h = info["in_channels"], info["latent_size"]
         return {"latents": tuple((n, c, h, h) for n in b)}
     if part == "decoder":
-        c, s, d = info["in_channels"], info["image_size"], info["embed_dim"]
+        c, s, d = info["in_channels"], info.get("latent_size", info["image_size"]), info["embed_dim"]
         return {"sample": tuple((n, c, s, s) for n in b2), "timestep": tuple((n,) for n in b2),
                 "embedding": tuple((n, d) for n in b2)}
     if part == "llm":
@@ -86,9 +86,10 @@ def build_engines(onnx_dir: str | os.PathLike, out: str | os.PathLike, *, parts=
     missing = [p for p in parts if p not in have]
     if missing:
         raise TensorRTError(f"parts {missing} are not in {man_path} (exported: {sorted(have)})")
-    # one engine per ONNX file: a Stable unCLIP decoder has two (the UNet, and the VAE decoder as decoder_vae)
+    # one engine per ONNX file: a latent decoder (Stable unCLIP, or the embedded model's with a vae) has two:
+    # the UNet, and the VAE decoder as decoder_vae
     files = {p: have[p]["file"] for p in parts}
-    if "decoder" in parts and have["decoder"].get("kind") == "unclip":
+    if "decoder" in parts and have["decoder"].get("vae_file"):
         files["decoder_vae"] = have["decoder"]["vae_file"]
     profiles = {p: shape_profiles(p, have.get(p, have.get("decoder")), max_batch=max_batch, opt_batch=opt_batch, max_seq=max_seq)
                 for p in files}

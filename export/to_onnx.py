@@ -295,7 +295,8 @@ def export_llm(llm, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OP
 def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
                    external_data: bool | None = None, seed: int = 0) -> tuple[PartReport, dict]:
     """SeedImageDecoderPipeline -> decoder_unet.onnx (the denoiser) + the scheduler's constants
-    (the runtime runs the DDIM loop in numpy)."""
+    (the runtime runs the DDIM loop in numpy); a latent decoder also -> decoder_vae.onnx (the
+    autoencoder's decoder, latents / scaling_factor -> pixels)."""
     from diffusers import DDIMScheduler, StableUnCLIPImg2ImgPipeline
 
     if isinstance(pipe, StableUnCLIPImg2ImgPipeline):
@@ -305,7 +306,10 @@ def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAU
                           f"scheduler, got {type(pipe).__name__}")
     t0 = time.perf_counter()
     _eval_dtype(pipe.unet, fp16)
-    c, s, d = pipe.image_channels, pipe.image_size, pipe.image_embedding_dim
+    vae = getattr(pipe, "vae", None)
+    if vae is not None:
+        _eval_dtype(vae, fp16)
+    c, s, d = pipe.sample_channels, pipe.sample_size, pipe.image_embedding_dim
     g = torch.Generator().manual_seed(seed + 3)
     t_max = pipe.scheduler.config.num_train_timesteps
 
@@ -325,15 +329,34 @@ def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAU
         rel = _rel(got, ref)
         _check("decoder", rel, fp16)
         _move(Path(tmp), folder, files)
+    parity = {"max_rel_err": rel}
+    if vae is not None:
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            path = Path(tmp) / "decoder_vae.onnx"
+            graph = VaeDecodeGraph(vae).eval()
+            _export(graph, [torch.randn(2, c, s, s, generator=g)], path, input_names=["latents"], output_names=["images"],
+                    dynamic_axes={"latents": {0: "batch"}, "images": {0: "batch"}}, opset=opset)
+            written = _finish_file(path, external_data)
+            x = torch.randn(3, c, s, s, generator=g)
+            got = _session(path).run(None, {"latents": x.numpy()})[0]
+            with torch.no_grad():
+                vrel = _rel(got, graph(x).numpy())
+            _check("decoder (decoder_vae.onnx)", vrel, fp16)
+            parity["decoder_vae_max_rel_err"] = vrel
+            _move(Path(tmp), folder, written)
+            files = files + written
     sc = pipe.scheduler
     cfg = {k: v for k, v in dict(sc.config).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
     info = {
-        "file": "decoder_unet.onnx", "image_size": s, "in_channels": c, "embed_dim": d,
+        "file": "decoder_unet.onnx", "image_size": pipe.image_size, "in_channels": c, "embed_dim": d,
         "scheduler": {"class": type(sc).__name__, **cfg, "alphas_cumprod": [float(a) for a in sc.alphas_cumprod],
                       "final_alpha_cumprod": float(sc.final_alpha_cumprod)},
         "null_embedding": "zeros",
     }
-    return _report("decoder", folder, files, t0, {"max_rel_err": rel}), info
+    if vae is not None:
+        # the loop runs on latents (in_channels x latent_size^2); decoder_vae.onnx draws image_size pixels
+        info.update(vae_file="decoder_vae.onnx", latent_size=s, vae_scaling_factor=float(vae.config.scaling_factor))
+    return _report("decoder", folder, files, t0, parity), info
 
 
 def _scheduler_info(sc) -> dict:

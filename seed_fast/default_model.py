@@ -11,7 +11,7 @@ The folder (seed_fast/assets/default_model, or any folder `seed_fast.recipes.def
 
     tokenizer/   SeedTokenizer (config.json, model.safetensors)
     llm/         SeedLLM: the LM with the image vocabulary (llm/) and its LoRA adapter (lora/)
-    decoder/     SeedImageDecoderPipeline (diffusers unet/ + scheduler/)
+    decoder/     SeedImageDecoderPipeline (diffusers unet/ + scheduler/, and vae/ for a latent decoder)
     itc/         stage I's text branch and projections (retrieval), text_tokenizer/
     checker.safetensors   the independent scene checker (evaluation only)
     recipe.json  how it was trained (seeds, data, stage configs) and its metrics

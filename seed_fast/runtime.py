@@ -394,7 +394,8 @@ class SeedRuntime:
         if self._ddim is None:
             self._ddim = DDIM(info["scheduler"])
         e = np.asarray(embeddings, dtype=np.float32)
-        d, c, s = info["embed_dim"], info["in_channels"], info["image_size"]
+        # a latent decoder's loop runs on latent_size latents; a pixel decoder's on the image itself
+        d, c, s = info["embed_dim"], info["in_channels"], info.get("latent_size", info["image_size"])
         if e.ndim != 2 or e.shape[1] != d or e.shape[0] == 0:
             raise RuntimeInputError(f"embeddings must be (B, {d}), got shape {e.shape}")
         if not np.isfinite(e).all():
@@ -425,6 +426,8 @@ class SeedRuntime:
                 uncond, cond = out[:b], out[b:]
                 out = uncond + guidance * (cond - uncond)
             x = self._ddim.step(out, int(t), x, steps)
+        if info.get("vae_file"):
+            x = self.session("decoder", "vae_file").run(None, {"latents": x})[0]
         return np.clip(x.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0)
 
     def _render_unclip(self, info: dict, e: np.ndarray, *, steps: int, guidance: float, seed: int, noise, negative,

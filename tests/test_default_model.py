@@ -42,13 +42,14 @@ def test_checker_judges_every_object_fact():
 def _tiny_recipe():
     r = copy.deepcopy(recipe_mod.RECIPE)
     r["data"] = {"kind": "synthetic", "n": 64, "val_n": 8, "image_size": 64, "seed": 0}
-    for name in ("stage1", "stage2", "llm", "lora", "decoder"):
+    for name in ("stage1", "stage2", "llm", "lora", "vae", "decoder"):
         r[name].update(steps=2, global_batch=8)
         r[name]["optim"]["warmup"] = 0
     r["llm"]["llm"].update(model="tiny-llama", eval_n=2)
     r["lora"]["llm"].update(eval_n=2)
     r["stage2"]["stage2"]["codebook_init"] = "uniform"  # k-means needs 4096 vectors: more than 2 tiny batches give
     r["decoder"]["decoder"]["image_size"] = 16
+    r["vae"]["vae"]["image_size"] = 16
     r["checker"] = {"steps": 3, "batch": 8, "seed": 7}
     return r
 
@@ -66,6 +67,37 @@ def test_the_recipe_skips_finished_stages(tiny_model, capsys):
     work, _ = tiny_model
     again = recipe_mod.run_stage("stage1", work, _tiny_recipe(), progress=False)
     assert "done already" in capsys.readouterr().out and "seconds" in again
+
+
+def test_the_recipe_runs_its_two_branches_at_once_and_installs(tmp_path):
+    """--jobs 2: stage I and II here, then (llm, lora, checker) and (vae, decoder) as two processes of one
+    thread each, on the recipe file given; the installed folder is a latent decoder's."""
+    recipe = recipe_mod.for_this_machine("fp32", _tiny_recipe())
+    (tmp_path / "tiny.json").write_text(json.dumps(recipe))
+    work, dest = tmp_path / "work", tmp_path / "model"
+    assert recipe_mod.main(["--work", str(work), "--recipe", str(tmp_path / "tiny.json"), "--jobs", "2", "--no-progress",
+                            "--install", "--dest", str(dest)]) == 0
+    assert all((work / n / "DONE").is_file() for n in recipe_mod.ORDER)
+    logs = sorted(p.name for p in (work / "logs").iterdir())
+    assert logs == ["llm_lora_checker.log", "vae_decoder.log"]
+    assert json.loads((work / "recipe.json").read_text()) == recipe  # what the two processes ran
+    shipped = json.loads((dest / "recipe.json").read_text())
+    assert shipped["metrics"]["run"]["jobs"] == 2 and shipped["metrics"]["run"]["wall_seconds"] > 0
+    assert set(recipe_mod.ORDER) <= set(shipped["metrics"])
+    m = load_default(dest)
+    assert m.decoder.vae is not None and m.decoder.image_size == 16
+
+
+def test_a_failing_branch_stops_the_recipe_and_names_its_log(tmp_path):
+    recipe = recipe_mod.for_this_machine("fp32", _tiny_recipe())
+    recipe["decoder"]["decoder"]["channels"] = [12]  # refused when the decoder stage reads its config
+    (tmp_path / "bad.json").write_text(json.dumps(recipe))
+    work = tmp_path / "work"
+    with pytest.raises(RuntimeError, match=r"vae -> decoder failed .*vae_decoder\.log(.|\n)*decoder.channels"):
+        recipe_mod.main(["--work", str(work), "--recipe", str(tmp_path / "bad.json"), "--jobs", "2", "--no-progress"])
+    assert (work / "vae" / "DONE").is_file() and not (work / "decoder" / "DONE").exists()
+    with pytest.raises(SystemExit):
+        recipe_mod.main(["--work", str(work), "--recipe", str(tmp_path / "missing.json")])
 
 
 def test_the_recipe_picks_fp32_where_bf16_is_slow(monkeypatch):

@@ -1,9 +1,10 @@
-"""A small pixel-space diffusion decoder: generation embeddings -> images, for the embedded model.
+"""A small diffusion decoder (pixel or latent space): generation embeddings -> images, for the embedded model.
 
 SEED renders its generation embedding with Stable unCLIP: the embedding conditions a UNet through its
 class-embedding projection (added to the timestep embedding) and the UNet denoises VAE latents. The
 embedded default model keeps that interface at a size that trains on a CPU: a diffusers
-``UNet2DConditionModel`` that denoises pixels directly (no VAE), conditioned on the embedding twice,
+``UNet2DConditionModel`` that denoises pixels directly or, with a ``vae``, the latents of a small
+``AutoencoderKL`` (see below), conditioned on the embedding twice,
 through ``class_embed_type="projection"`` as unCLIP does and as the single token its cross-attention
 blocks attend to, and a diffusers DDIM scheduler that predicts the clean sample. With ``patch`` > 1
 the pipeline folds each patch x patch block of pixels into channels (``pixel_unshuffle``) before the
@@ -15,6 +16,11 @@ else.
 generator, latents=None)`` takes the same arguments as ``SeedUnCLIPPipeline`` does through
 ``seed_fast.models.unclip.embeddings_to_images``, which accepts either. Classifier-free guidance uses
 ``negative_image_embeds`` when given, else the learned-null zeros the decoder was trained with.
+
+With a ``vae`` (a diffusers ``AutoencoderKL``), the pipeline is a latent decoder, as Stable unCLIP
+is: the UNet denoises the autoencoder's latents (scaled by its ``scaling_factor``) and the
+autoencoder's decoder turns the result into pixels. ``image_size`` is then the output's pixels and
+``sample_size`` / ``sample_channels`` the latents' (``vae_scale_factor`` pixels per latent cell).
 """
 
 from __future__ import annotations
@@ -24,29 +30,49 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 
-__all__ = ["SeedImageDecoderPipeline", "decoder_training_loss", "load_image_decoder", "mini_image_decoder"]
+__all__ = ["SeedImageDecoderPipeline", "decoder_training_loss", "load_image_decoder", "mini_autoencoder", "mini_image_decoder"]
 
 
 class SeedImageDecoderPipeline(DiffusionPipeline):
-    """Generation embeddings (B, D) -> images with a pixel-space UNet and a DDIM scheduler."""
+    """Generation embeddings (B, D) -> images with a UNet, a DDIM scheduler and, optionally, an
+    autoencoder whose latents the UNet denoises (without one, the UNet denoises pixels)."""
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
 
-    def __init__(self, unet: UNet2DConditionModel, scheduler: DDIMScheduler):
+    def __init__(self, unet: UNet2DConditionModel, scheduler: DDIMScheduler, vae: AutoencoderKL | None = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        if vae is not None and not isinstance(vae, AutoencoderKL):
+            raise TypeError(f"vae must be a diffusers AutoencoderKL or None, got {type(vae).__name__}")
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        _patch_of(int(unet.config.in_channels), self.sample_channels, vae is not None)  # the UNet must fit the samples
 
     @property
     def image_embedding_dim(self) -> int:
         return int(self.unet.config.projection_class_embeddings_input_dim)
 
     @property
+    def sample_channels(self) -> int:
+        """Channels of what the diffusion loop denoises: 3 (pixels) or the autoencoder's latent channels."""
+        return 3 if self.vae is None else int(self.vae.config.latent_channels)
+
+    @property
     def patch(self) -> int:
-        """Pixels per UNet cell along each side: the UNet sees the image space-to-depth folded into
-        (3 * patch**2) channels at 1/patch of its resolution (1: plain pixels)."""
-        return _patch_of(int(self.unet.config.in_channels))
+        """Samples per UNet cell along each side: the UNet sees the sample space-to-depth folded into
+        (sample_channels * patch**2) channels at 1/patch of its resolution (1: the sample as it is)."""
+        return _patch_of(int(self.unet.config.in_channels), self.sample_channels, self.vae is not None)
+
+    @property
+    def sample_size(self) -> int:
+        """Side of what the diffusion loop denoises (pixels, or latent cells with an autoencoder)."""
+        return int(self.unet.config.sample_size) * self.patch
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Output pixels per sample cell along a side: 1 without an autoencoder."""
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def image_channels(self) -> int:
@@ -54,7 +80,8 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
 
     @property
     def image_size(self) -> int:
-        return int(self.unet.config.sample_size) * self.patch
+        """Side of the output images in pixels."""
+        return self.sample_size * self.vae_scale_factor
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         p = self.patch
@@ -62,6 +89,20 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
             x = torch.nn.functional.pixel_unshuffle(x, p)
         out = self.unet(x, t, encoder_hidden_states=emb[:, None, :], class_labels=emb).sample
         return torch.nn.functional.pixel_shuffle(out, p) if p > 1 else out
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, image_size, image_size) in [-1, 1] -> the clean samples the UNet learns to
+        denoise: the images themselves, or the autoencoder's latent means times its scaling factor."""
+        if self.vae is None:
+            return images
+        lat = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        return lat * float(self.vae.config.scaling_factor)
+
+    def decode_samples(self, x: torch.Tensor) -> torch.Tensor:
+        """Denoised samples -> images in [-1, 1] (unclamped): the identity without an autoencoder."""
+        if self.vae is None:
+            return x
+        return self.vae.decode(x.to(self.vae.dtype) / float(self.vae.config.scaling_factor)).sample
 
     @torch.no_grad()
     def __call__(
@@ -97,8 +138,8 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
             if neg.shape != emb.shape:
                 raise ValueError(f"negative_image_embeds must have shape {tuple(emb.shape)}, got {tuple(neg.shape)}")
             emb = torch.cat([neg, emb])
-        size = self.image_size
-        shape = (batch, self.image_channels, size, size)
+        size = self.sample_size
+        shape = (batch, self.sample_channels, size, size)
         if latents is None:
             x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
@@ -116,7 +157,7 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
             x = self.scheduler.step(out, t, x, generator=generator).prev_sample
-        images = (x.float() / 2 + 0.5).clamp(0, 1)
+        images = (self.decode_samples(x).float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             result = images
         else:
@@ -127,16 +168,39 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=result)
 
 
-def _patch_of(in_channels: int) -> int:
-    p = int(round((in_channels / 3) ** 0.5))
-    if p < 1 or 3 * p * p != in_channels:
-        raise ValueError(f"a SeedImageDecoderPipeline UNet takes 3 * patch**2 input channels, got {in_channels}")
+def _patch_of(in_channels: int, channels: int = 3, latent: bool = False) -> int:
+    p = int(round((in_channels / channels) ** 0.5))
+    if p < 1 or channels * p * p != in_channels:
+        raise ValueError(f"a SeedImageDecoderPipeline UNet takes {channels} * patch**2 input channels "
+                         f"({'the autoencoder latents' if latent else 'RGB pixels'}), got {in_channels}")
     return p
+
+
+def mini_autoencoder(image_size: int = 32, channels: tuple[int, ...] = (16, 32), latent_channels: int = 4,
+                     seed: int = 0) -> AutoencoderKL:
+    """A small diffusers AutoencoderKL with seeded random weights, for a latent decoder: one level per
+    entry of `channels` (each after the first halves the resolution), one ResNet layer each, so
+    (16, 32) maps 32 px images to 16 x 16 x `latent_channels` latents. `scaling_factor` starts at 1;
+    the stage that trains it sets it to 1 / the latents' standard deviation."""
+    channels = tuple(int(c) for c in channels)
+    if len(channels) < 1 or any(c < 8 or c % 8 for c in channels):
+        raise ValueError(f"autoencoder channels must be one or more multiples of 8, got {channels}")
+    if int(latent_channels) != latent_channels or latent_channels < 1:
+        raise ValueError(f"latent_channels must be a positive integer, got {latent_channels!r}")
+    down = 2 ** (len(channels) - 1)
+    if image_size % down:
+        raise ValueError(f"image_size must be a multiple of {down} ({len(channels) - 1} down-samplings), got {image_size}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(channels),
+                             up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels,
+                             latent_channels=int(latent_channels), layers_per_block=1, norm_num_groups=8,
+                             sample_size=image_size, scaling_factor=1.0)
 
 
 def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0,
                        channels: tuple[int, ...] = (32, 64, 128), patch: int = 1,
-                       attention_levels: int = 1) -> SeedImageDecoderPipeline:
+                       attention_levels: int = 1, vae: AutoencoderKL | None = None) -> SeedImageDecoderPipeline:
     """The embedded model's decoder architecture with seeded random weights.
 
     `channels` gives one UNet level per entry (full resolution first; each level halves the
@@ -150,8 +214,21 @@ def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0,
 
     `attention_levels` is how many of the coarsest levels hold a transformer block (self-attention,
     then cross-attention to the embedding) in the down and the up path; the mid block always has one.
-    With 4 levels at 32 px, 2 puts the cross-attention at 8 x 8 as well as at 4 x 4."""
+    With 4 levels at 32 px, 2 puts the cross-attention at 8 x 8 as well as at 4 x 4.
+
+    `vae` (e.g. `mini_autoencoder()`, trained) makes it a latent decoder: `image_size` stays the output's
+    pixels and the UNet denoises the autoencoder's latents (image_size / its down-sampling a side,
+    its latent channels); the DDIM scheduler then does not clip the predicted sample to [-1, 1]."""
     channels = tuple(int(c) for c in channels)
+    sample_channels = 3
+    if vae is not None:
+        if not isinstance(vae, AutoencoderKL):
+            raise TypeError(f"vae must be a diffusers AutoencoderKL, got {type(vae).__name__}")
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        if image_size % scale:
+            raise ValueError(f"image_size {image_size} is not a multiple of the autoencoder's down-sampling ({scale})")
+        image_size //= scale
+        sample_channels = int(vae.config.latent_channels)
     if int(patch) != patch or patch < 1:
         raise ValueError(f"patch must be a positive integer, got {patch}")
     if image_size % patch:
@@ -172,8 +249,8 @@ def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0,
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             sample_size=image_size // patch,
-            in_channels=3 * patch * patch,
-            out_channels=3 * patch * patch,
+            in_channels=sample_channels * patch * patch,
+            out_channels=sample_channels * patch * patch,
             down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attn,
             up_block_types=("CrossAttnUpBlock2D",) * attn + ("UpBlock2D",) * plain,
             block_out_channels=channels,
@@ -188,10 +265,10 @@ def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0,
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
         prediction_type="sample",
-        clip_sample=True,
+        clip_sample=vae is None,
         set_alpha_to_one=True,
     )
-    pipe = SeedImageDecoderPipeline(unet=unet, scheduler=scheduler)
+    pipe = SeedImageDecoderPipeline(unet=unet, scheduler=scheduler, vae=vae)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -204,8 +281,9 @@ def decoder_training_loss(
     null_prob: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One denoising loss: images (B, 3, H, W) in [-1, 1], embeds (B, D). Random timesteps, the
-    scheduler's noise, and with probability `null_prob` the zero embedding (for guidance)."""
+    """One denoising loss: images (B, C, H, W), the clean samples (pixels in [-1, 1], or a latent
+    decoder's scaled latents: `pipe.encode_images`), embeds (B, D). Random timesteps, the scheduler's
+    noise, and with probability `null_prob` the zero embedding (for guidance)."""
     b = images.shape[0]
     sched = pipe.scheduler
     t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(images.device)
@@ -220,7 +298,8 @@ def decoder_training_loss(
 
 
 def load_image_decoder(folder, *, device=None, dtype: torch.dtype | None = None) -> SeedImageDecoderPipeline:
-    """A saved SeedImageDecoderPipeline folder (unet/ and scheduler/), local files only."""
+    """A saved SeedImageDecoderPipeline folder (unet/ and scheduler/, and vae/ for a latent
+    decoder), local files only."""
     from pathlib import Path
 
     root = Path(folder)
@@ -231,7 +310,22 @@ def load_image_decoder(folder, *, device=None, dtype: torch.dtype | None = None)
     unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True,
                                                 torch_dtype=torch.float32 if dtype is None else dtype)
     scheduler = DDIMScheduler.from_pretrained(str(root / "scheduler"), local_files_only=True)
-    pipe = SeedImageDecoderPipeline(unet=unet, scheduler=scheduler)
+    vae = None
+    if (root / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True,
+                                            torch_dtype=torch.float32 if dtype is None else dtype)
+    else:
+        index = root / "model_index.json"
+        if index.is_file():
+            import json
+
+            entry = json.loads(index.read_text()).get("vae")
+            if isinstance(entry, list) and entry and entry[0] is not None:
+                raise FileNotFoundError(f"{str(root)!r}: model_index.json lists a vae but there is no vae/ subfolder")
+    try:
+        pipe = SeedImageDecoderPipeline(unet=unet, scheduler=scheduler, vae=vae)
+    except ValueError as e:
+        raise ValueError(f"{str(root)!r}: {e}") from None
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
         pipe.to(device)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("stage1", "stage2", "llm", "decoder", "lavit", "flamingo", "vwlmm")
+STAGES = ("stage1", "stage2", "llm", "vae", "decoder", "lavit", "flamingo", "vwlmm")
 LM_PRESETS = ("tiny-llama", "tiny-opt", "mini-llama")
 
 
@@ -111,6 +111,19 @@ class DecoderConfig:
     # 2-core CPU machine a step of the embedded decoder (batch 64, bf16 autocast) takes 0.74 s with "math"
     # against 1.19 s with "sdpa", whose CPU flash-attention backward is slow at 8 x 8 cells.
     attention: str = "sdpa"
+    # a trained autoencoder folder (the vae stage's `vae/`): the UNet then denoises its latents, a latent
+    # decoder as Stable unCLIP is, and image_size is the autoencoder's (and the output's) pixels
+    vae: str | None = None
+
+
+@dataclass
+class VaeConfig:
+    """The vae stage: a small diffusers AutoencoderKL for a latent image decoder."""
+
+    image_size: int = 32  # pixels it encodes and draws (the training images are area-down-sampled to it)
+    channels: list[int] = field(default_factory=lambda: [16, 32])  # one level each; each after the first halves
+    latent_channels: int = 4
+    kl_weight: float = 1e-6  # weight of the KL (summed over a sample's latents) next to the pixel MSE (in [-1, 1])
 
 
 @dataclass
@@ -171,6 +184,7 @@ class TrainConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     llm: LLMConfig = field(default_factory=LLMConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
     lavit: LavitTrainConfig = field(default_factory=LavitTrainConfig)
     flamingo: FlamingoTrainConfig = field(default_factory=FlamingoTrainConfig)
     vwlmm: VwlmmTrainConfig = field(default_factory=VwlmmTrainConfig)
@@ -288,11 +302,30 @@ class TrainConfig:
         dc = self.decoder
         need(isinstance(dc.patch, int) and dc.patch >= 1, f"decoder.patch must be a positive integer, got {dc.patch!r}")
         down = 2 ** (len(dc.channels) - 1) * dc.patch
+        if dc.vae is not None:
+            vae_cfg = Path(dc.vae) / "config.json"
+            need(vae_cfg.is_file(), f"decoder.vae must be an autoencoder folder (the vae stage's vae/, with config.json), got {dc.vae!r}")
+            try:
+                vae_json = json.loads(vae_cfg.read_text())
+                blocks, vae_size = vae_json["block_out_channels"], int(vae_json["sample_size"])
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"decoder.vae: {vae_cfg} is not a diffusers AutoencoderKL config") from None
+            need(dc.image_size == vae_size, f"decoder.image_size ({dc.image_size}) must be the size the autoencoder in "
+                 f"decoder.vae was trained at ({vae_size})")
+            down *= 2 ** (len(blocks) - 1)  # the UNet runs on latents, down-sampled once per level after the first
         need(len(dc.channels) >= 2 and all(isinstance(c, int) and c >= 8 and c % 8 == 0 for c in dc.channels),
              f"decoder.channels must be 2 or more multiples of 8, got {dc.channels}")
         need(dc.image_size >= down and dc.image_size % down == 0,
              f"decoder.image_size must be a multiple of {down} (decoder.patch times one halving per level after the "
-             f"first), got {dc.image_size}")
+             f"first{', times the autoencoder' + chr(39) + 's down-sampling' if dc.vae is not None else ''}), got {dc.image_size}")
+        vc = self.vae
+        need(len(vc.channels) >= 1 and all(isinstance(c, int) and c >= 8 and c % 8 == 0 for c in vc.channels),
+             f"vae.channels must be 1 or more multiples of 8, got {vc.channels}")
+        vdown = 2 ** (len(vc.channels) - 1)
+        need(vc.image_size >= vdown and vc.image_size % vdown == 0,
+             f"vae.image_size must be a multiple of {vdown} (one halving per level after the first), got {vc.image_size}")
+        need(vc.latent_channels >= 1, f"vae.latent_channels must be >= 1, got {vc.latent_channels}")
+        need(vc.kl_weight >= 0, f"vae.kl_weight must be >= 0, got {vc.kl_weight}")
         need(0 <= dc.null_prob < 1, f"decoder.null_prob must be in [0, 1), got {dc.null_prob}")
         need(0 <= dc.ema < 1, f"decoder.ema must be in [0, 1), got {dc.ema}")
         need(isinstance(dc.embedding_cache, int) and not isinstance(dc.embedding_cache, bool) and dc.embedding_cache >= 0,
@@ -338,7 +371,7 @@ def _build(cls, data: Any, where: str):
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         value = data[name]
-        sub = {"data": DataConfig, "optim": OptimConfig, "stage1": Stage1Config, "stage2": Stage2Config, "llm": LLMConfig, "decoder": DecoderConfig, "lavit": LavitTrainConfig, "flamingo": FlamingoTrainConfig, "vwlmm": VwlmmTrainConfig}.get(name) if cls is TrainConfig else None
+        sub = {"data": DataConfig, "optim": OptimConfig, "stage1": Stage1Config, "stage2": Stage2Config, "llm": LLMConfig, "decoder": DecoderConfig, "vae": VaeConfig, "lavit": LavitTrainConfig, "flamingo": FlamingoTrainConfig, "vwlmm": VwlmmTrainConfig}.get(name) if cls is TrainConfig else None
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:

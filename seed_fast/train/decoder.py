@@ -1,10 +1,12 @@
-"""Decoder stage: train the pixel-space diffusion decoder on generation embeddings from codes.
+"""Decoder stage: train the diffusion decoder on generation embeddings from codes.
 
 unCLIP's decoder is trained on CLIP image embeddings and SEED feeds it the embedding its
 de-tokenizer rebuilds from 32 codes. The embedded model's decoder is small enough to be trained on
 exactly what it will receive: image -> frozen tokenizer -> codes -> generation embedding, and the
 target is the same image at `decoder.image_size` pixels (in [-1, 1]). With probability
 `decoder.null_prob` the embedding is replaced by zeros, the null that classifier-free guidance uses.
+With `decoder.vae` (a vae stage's `vae/` folder) the UNet learns the frozen autoencoder's scaled latents
+of that image instead, and the saved pipeline holds the autoencoder too.
 
     seed-fast train decoder --config run.json     (tokenizer: a stage-II tokenizer folder)
 """
@@ -46,8 +48,10 @@ class EmbeddingCache:
     two sources that reuse a key cannot swap embeddings. Holds at most `limit` samples; later ones are
     computed every time."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, compute=None):
         self.limit = int(limit)
+        # (tok, pixels) -> (B, K) float32 rows to keep; default: the generation embeddings
+        self.compute = compute or embeddings_from_pixels
         self.entries: dict[str, tuple[float, torch.Tensor]] = {}
         self._probe: torch.Tensor | None = None
         self.hits = self.misses = 0
@@ -60,7 +64,7 @@ class EmbeddingCache:
 
     def __call__(self, tok, pixels: torch.Tensor, keys: list[str]) -> torch.Tensor:
         if self.limit <= 0:
-            return embeddings_from_pixels(tok, pixels)
+            return self.compute(tok, pixels)
         prints = self._fingerprints(pixels)
         rows: list[torch.Tensor | None] = []
         for key, fp in zip(keys, prints):
@@ -71,7 +75,7 @@ class EmbeddingCache:
         self.hits += len(rows) - len(todo)
         self.misses += len(todo)
         if todo:
-            fresh = embeddings_from_pixels(tok, pixels[todo])
+            fresh = self.compute(tok, pixels[todo])
             for j, i in enumerate(todo):
                 rows[i] = fresh[j]
                 if len(self.entries) < self.limit or keys[i] in self.entries:
@@ -84,7 +88,8 @@ class DecoderModule(nn.Module):
         super().__init__()
         self.tok, self.unet, self.dcfg = tok, pipe.unet, dcfg
         self.pipe = pipe
-        self.embeddings = EmbeddingCache(dcfg.embedding_cache)
+        # a latent decoder keeps each sample's latents (the autoencoder is frozen too) beside its embedding
+        self.embeddings = EmbeddingCache(dcfg.embedding_cache, self._embedding_and_sample if pipe.vae is not None else None)
         # the exponential moving average of the UNet's weights (decoder.ema > 0): checkpointed with the
         # run, used for evaluation and export
         self.ema_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval() if dcfg.ema > 0 else None
@@ -98,13 +103,27 @@ class DecoderModule(nn.Module):
         for e, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
             e.lerp_(p.detach(), 1 - decay)
 
+    def _embedding_and_sample(self, tok, pixels: torch.Tensor) -> torch.Tensor:
+        emb = embeddings_from_pixels(tok, pixels)
+        samples = self.pipe.encode_images(decoder_targets(pixels, self.dcfg.image_size).to(emb.device)).float()
+        return torch.cat([emb, samples.flatten(1)], dim=1)
+
+    def embeddings_and_samples(self, pixels: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generation embeddings (B, D) and the clean samples the UNet learns (pixels in [-1, 1], or the
+        autoencoder's scaled latents), from the cache where it holds them."""
+        rows = self.embeddings(self.tok, pixels, keys)
+        if self.pipe.vae is None:
+            return rows, decoder_targets(pixels, self.dcfg.image_size).to(rows.device)
+        d, c, size = self.pipe.image_embedding_dim, self.pipe.sample_channels, self.pipe.sample_size
+        return rows[:, :d], rows[:, d:].reshape(-1, c, size, size)
+
     def inference_pipe(self):
         """The pipeline evaluation and export use: the EMA weights when there are some."""
         if self.ema_unet is None:
             return self.pipe
         from ..models.image_decoder import SeedImageDecoderPipeline
 
-        pipe = SeedImageDecoderPipeline(unet=self.ema_unet, scheduler=self.pipe.scheduler)
+        pipe = SeedImageDecoderPipeline(unet=self.ema_unet, scheduler=self.pipe.scheduler, vae=self.pipe.vae)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -117,8 +136,7 @@ class DecoderModule(nn.Module):
         # the frozen tokenizer runs in full precision even under bf16 autocast (`precision: bf16`): the
         # decoder is conditioned on what inference gives it, and the cache keeps one exact copy
         with torch.no_grad(), torch.autocast(batch.pixels.device.type, enabled=False):
-            emb = self.embeddings(self.tok, batch.pixels, batch.keys)
-            images = decoder_targets(batch.pixels, self.dcfg.image_size).to(emb.device)
+            emb, images = self.embeddings_and_samples(batch.pixels, batch.keys)
         # timesteps, noise and nulls from torch's global generator: the loop checkpoints it, so a resumed
         # run draws exactly what the uninterrupted one would have
         loss = decoder_training_loss(self.pipe, images, emb, null_prob=self.dcfg.null_prob)
@@ -136,9 +154,15 @@ class DecoderTask(Task):
         tok = tok.to(device).eval().requires_grad_(False)
         d = cfg.decoder
         self.tok = tok
+        vae = None
+        if d.vae is not None:
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(d.vae, local_files_only=True, torch_dtype=torch.float32)
+            vae = vae.to(device).eval().requires_grad_(False)
         self.pipe = mini_image_decoder(tok.config.detokenizer.out_dim, d.image_size, seed=cfg.seed,
                                        channels=tuple(d.channels), patch=d.patch,
-                                       attention_levels=d.attention_levels)
+                                       attention_levels=d.attention_levels, vae=vae)
         self.pipe.unet.to(device)
         self.module = DecoderModule(tok, self.pipe, d)
         if d.attention == "math":
@@ -173,13 +197,15 @@ class DecoderTask(Task):
             if len(batch) == 0:
                 continue
             emb = embeddings_from_pixels(self.tok, batch.pixels)
-            images = decoder_targets(batch.pixels, self.cfg.decoder.image_size).to(emb.device)
+            images = pipe.encode_images(decoder_targets(batch.pixels, self.cfg.decoder.image_size).to(emb.device)).float()
             for t, acc in losses.items():
                 noise = torch.randn(images.shape, generator=g).to(images)
                 tt = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
                 pred = pipe._denoise(sched.add_noise(images, noise, tt), tt, emb)
                 acc.append(F.mse_loss(pred.float(), images, reduction="sum").item() / images[0].numel())
-        return {f"val_mse_t{t}": sum(v) / max(1, n) for t, v in losses.items()}
+        # a latent decoder's error is in its (unit-scale) latents, not comparable with a pixel decoder's
+        name = "val_mse" if pipe.vae is None else "val_latent_mse"
+        return {f"{name}_t{t}": sum(v) / max(1, n) for t, v in losses.items()}
 
     def export(self, run: Path) -> None:
         self.module.inference_pipe().save_pretrained(run / "decoder")

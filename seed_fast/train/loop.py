@@ -281,6 +281,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
     from .llm import LLMTask
     from .stage2 import Stage2Task
     from .decoder import DecoderTask
+    from .vae import VaeTask
     from .lavit import LavitTask
     from .flamingo import FlamingoTask
     from .vwlmm import VwlmmTask
@@ -298,7 +299,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         d.barrier()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         random.seed(cfg.seed)
-        task = {"stage1": Stage1Task, "stage2": Stage2Task, "llm": LLMTask, "decoder": DecoderTask, "lavit": LavitTask, "flamingo": FlamingoTask, "vwlmm": VwlmmTask}[cfg.stage](cfg, d.device)
+        task = {"stage1": Stage1Task, "stage2": Stage2Task, "llm": LLMTask, "vae": VaeTask, "decoder": DecoderTask, "lavit": LavitTask, "flamingo": FlamingoTask, "vwlmm": VwlmmTask}[cfg.stage](cfg, d.device)
         fsdp = d.world > 1 and cfg.strategy == "fsdp"
         if fsdp:
             task.shard()

@@ -20,7 +20,7 @@ from seed_fast.export import ExportError, export_onnx  # noqa: E402
 from seed_fast.export.graphs import nearest_code  # noqa: E402
 from seed_fast.models.image_decoder import mini_image_decoder  # noqa: E402
 from seed_fast.ops import codebook_lookup_ref  # noqa: E402
-from seed_fast.runtime import SeedRuntime  # noqa: E402
+from seed_fast.runtime import RuntimeInputError, SeedRuntime  # noqa: E402
 from seed_fast.synthetic import sample_images  # noqa: E402
 
 
@@ -157,6 +157,31 @@ def test_patch_decoder_exports_and_renders_like_the_pipeline(tmp_path):
     got = rt.render(emb.numpy(), steps=5, guidance=2.0, noise=noise.numpy())
     assert got.shape == ref.shape == (2, 16, 16, 3)
     assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_latent_decoder_exports_its_autoencoder_and_renders_like_the_pipeline(tmp_path):
+    """A latent decoder (UNet on autoencoder latents) exports the UNet at latent shape plus
+    decoder_vae.onnx, and the numpy loop then the autoencoder draw what the pipeline draws."""
+    from seed_fast.models.image_decoder import mini_autoencoder
+
+    seed = _fresh_seed()
+    vae = mini_autoencoder(16, (8, 16), latent_channels=4, seed=seed % 1000)
+    vae.register_to_config(scaling_factor=1.3)
+    dec = mini_image_decoder(embed_dim=12, image_size=16, seed=seed % 1000, channels=(16, 32), vae=vae)
+    m = export_onnx(["decoder"], tmp_path, objects={"decoder": dec}, progress=False)
+    info = m["parts"]["decoder"]
+    assert (info["in_channels"], info["latent_size"], info["image_size"], info["vae_file"]) == (4, 8, 16, "decoder_vae.onnx")
+    assert info["vae_scaling_factor"] == pytest.approx(1.3) and (tmp_path / "decoder_vae.onnx").is_file()
+    assert m["reports"]["decoder"]["parity"]["decoder_vae_max_rel_err"] < 1e-4
+    rt = SeedRuntime(tmp_path, providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(seed)
+    emb, noise = torch.randn(2, 12, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    ref = dec(emb, num_inference_steps=5, guidance_scale=2.0, latents=noise, output_type="np").images
+    got = rt.render(emb.numpy(), steps=5, guidance=2.0, noise=noise.numpy())
+    assert got.shape == ref.shape == (2, 16, 16, 3)
+    assert np.abs(got - ref).max() <= 1e-4
+    with pytest.raises(RuntimeInputError, match=r"noise must have shape \(2, 4, 8, 8\)"):
+        rt.render(emb.numpy(), noise=np.zeros((2, 3, 16, 16), np.float32))
 
 
 def test_text_to_image_end_to_end(exported):

@@ -180,7 +180,8 @@ def test_embedded_default_model_through_onnx(tmp_path):
     assert np.array_equal(gen, m.llm.generate_image_codes(caps[:4]).numpy())
     emb = rt.embed(gen)
     assert np.abs(emb - m.tokenizer.decode(torch.from_numpy(gen)).numpy()).max() <= 1e-4 * np.abs(emb).max()
-    noise = np.random.default_rng(0).standard_normal((4, 3, m.decoder.image_size, m.decoder.image_size)).astype(np.float32)
+    c, s = m.decoder.sample_channels, m.decoder.sample_size  # the latents of a latent decoder
+    noise = np.random.default_rng(0).standard_normal((4, c, s, s)).astype(np.float32)
     ref = m.decoder(torch.from_numpy(emb), num_inference_steps=5, guidance_scale=2.0, latents=torch.from_numpy(noise), output_type="np").images
     assert np.abs(rt.render(emb, steps=5, guidance=2.0, noise=noise) - ref).max() <= 1e-4
 

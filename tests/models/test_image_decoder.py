@@ -10,6 +10,7 @@ from seed_fast.models.image_decoder import (  # noqa: E402
     SeedImageDecoderPipeline,
     decoder_training_loss,
     load_image_decoder,
+    mini_autoencoder,
     mini_image_decoder,
 )
 from seed_fast.models.unclip import embeddings_to_images, load_unclip_pipeline  # noqa: E402
@@ -138,12 +139,16 @@ def test_patch_decoder_saves_loads_and_rejects_bad_sizes(tmp_path):
         mini_image_decoder(8, 16, patch=0)
     from diffusers import UNet2DConditionModel
 
-    bad = SeedImageDecoderPipeline(unet=UNet2DConditionModel(
+    unet4 = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8, cross_attention_dim=8,
-        class_embed_type="projection", projection_class_embeddings_input_dim=8), scheduler=p.scheduler)
-    with pytest.raises(ValueError, match="3 \\* patch\\*\\*2 input channels, got 4"):
-        bad.image_size
+        class_embed_type="projection", projection_class_embeddings_input_dim=8)
+    with pytest.raises(ValueError, match="3 \\* patch\\*\\*2 input channels \\(RGB pixels\\), got 4"):
+        SeedImageDecoderPipeline(unet=unet4, scheduler=p.scheduler)
+    with pytest.raises(ValueError, match="3 \\* patch\\*\\*2 input channels \\(the autoencoder latents\\), got 4"):
+        SeedImageDecoderPipeline(unet=unet4, scheduler=p.scheduler, vae=mini_autoencoder(16, (8, 16), latent_channels=3))
+    with pytest.raises(TypeError, match="AutoencoderKL"):
+        SeedImageDecoderPipeline(unet=unet4, scheduler=p.scheduler, vae=unet4)
 
 
 def test_attention_levels_puts_cross_attention_on_more_levels(tmp_path):
@@ -167,3 +172,74 @@ def test_attention_levels_puts_cross_attention_on_more_levels(tmp_path):
     for bad in (0, 4, 1.5, True):
         with pytest.raises(ValueError, match="attention_levels"):
             mini_image_decoder(8, 16, channels=(8, 16, 32), attention_levels=bad)
+
+
+def _latent_decoder(seed: int, image_size: int = 16):
+    vae = mini_autoencoder(image_size, (8, 16), latent_channels=4, seed=seed).eval()  # as loaded (SDPA rounds otherwise)
+    vae.register_to_config(scaling_factor=1.7)
+    return mini_image_decoder(embed_dim=8, image_size=image_size, seed=seed, channels=(16, 32), vae=vae)
+
+
+def test_latent_decoder_denoises_latents_and_draws_through_the_autoencoder():
+    """With a vae the loop runs on (latent channels, image_size / 2) samples, as a plain DDIM loop over
+    the UNet does, and the output is vae.decode(x / scaling_factor) mapped to [0, 1]."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    p = _latent_decoder(seed)
+    assert (p.sample_channels, p.sample_size, p.vae_scale_factor, p.image_size, p.patch) == (4, 8, 2, 16, 1)
+    assert p.unet.config.in_channels == 4 and p.scheduler.config.clip_sample is False
+    g = torch.Generator().manual_seed(seed)
+    emb, noise = torch.randn(2, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    out = p(emb, num_inference_steps=3, latents=noise, guidance_scale=2.0, output_type="pt").images
+    assert out.shape == (2, 3, 16, 16)
+    # the reference: the same DDIM loop written out, then the autoencoder's decoder
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(p.scheduler.config)
+    sched.set_timesteps(3)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            tt = torch.full((4,), int(t))
+            e2 = torch.cat([torch.zeros_like(emb), emb])
+            pred = p.unet(torch.cat([x, x]), tt, encoder_hidden_states=e2[:, None], class_labels=e2).sample
+            uncond, cond = pred.chunk(2)
+            x = sched.step(uncond + 2.0 * (cond - uncond), t, x).prev_sample
+        ref = (p.vae.decode(x / 1.7).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 8, 8\)"):
+        p(emb, latents=torch.randn(2, 3, 16, 16))
+    # encode_images: the latent means, scaled; the training loss runs on them
+    imgs = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        lat = p.encode_images(imgs)
+        torch.testing.assert_close(lat, p.vae.encode(imgs).latent_dist.mean * 1.7)
+    loss = decoder_training_loss(p, lat, emb, null_prob=0.0, generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(loss) and p.unet.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_latent_decoder_saves_loads_and_errors(tmp_path):
+    p = _latent_decoder(5)
+    p.save_pretrained(tmp_path / "dec")
+    assert (tmp_path / "dec" / "vae" / "config.json").is_file()
+    q = load_image_decoder(tmp_path / "dec")
+    assert q.vae is not None and q.vae.config.scaling_factor == 1.7 and q.image_size == 16
+    emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(num_inference_steps=2, output_type="pt")
+    assert torch.equal(p(emb, generator=torch.Generator().manual_seed(4), **kw).images,
+                       q(emb, generator=torch.Generator().manual_seed(4), **kw).images)
+    assert embeddings_to_images(q, emb, num_inference_steps=2, seed=1, progress=False)[0].size == (16, 16)
+    # a pixel decoder saves no vae and loads as one
+    mini_image_decoder(embed_dim=8, image_size=16, seed=0).save_pretrained(tmp_path / "pix")
+    assert not (tmp_path / "pix" / "vae").exists() and load_image_decoder(tmp_path / "pix").vae is None
+    import shutil
+
+    shutil.rmtree(tmp_path / "dec" / "vae")
+    with pytest.raises(FileNotFoundError, match="lists a vae but there is no vae/"):
+        load_image_decoder(tmp_path / "dec")
+    with pytest.raises(ValueError, match="not a multiple of the autoencoder's down-sampling"):
+        mini_image_decoder(8, 15, channels=(16, 32), vae=mini_autoencoder(16, (8, 16)))
+    with pytest.raises(ValueError, match="autoencoder channels"):
+        mini_autoencoder(16, (12,))
+    with pytest.raises(ValueError, match="image_size must be a multiple of 4"):
+        mini_autoencoder(18, (8, 16, 32))
