@@ -39,17 +39,20 @@ def test_checker_judges_every_object_fact():
         m.judge(torch.rand(2, 3, 32, 32), facts)
 
 
-def _tiny_recipe():
-    r = copy.deepcopy(recipe_mod.RECIPE)
+def _tiny_recipe(latent: bool = False):
+    r = recipe_mod.with_latent_decoder() if latent else copy.deepcopy(recipe_mod.RECIPE)
     r["data"] = {"kind": "synthetic", "n": 64, "val_n": 8, "image_size": 64, "seed": 0}
-    for name in ("stage1", "stage2", "llm", "lora", "vae", "decoder"):
+    for name in recipe_mod.stages_of(r):
+        if name == "checker":
+            continue
         r[name].update(steps=2, global_batch=8)
         r[name]["optim"]["warmup"] = 0
     r["llm"]["llm"].update(model="tiny-llama", eval_n=2)
     r["lora"]["llm"].update(eval_n=2)
     r["stage2"]["stage2"]["codebook_init"] = "uniform"  # k-means needs 4096 vectors: more than 2 tiny batches give
     r["decoder"]["decoder"]["image_size"] = 16
-    r["vae"]["vae"]["image_size"] = 16
+    if latent:
+        r["vae"]["vae"]["image_size"] = 16
     r["checker"] = {"steps": 3, "batch": 8, "seed": 7}
     return r
 
@@ -58,7 +61,8 @@ def _tiny_recipe():
 def tiny_model(tmp_path_factory):
     work = tmp_path_factory.mktemp("recipe")
     recipe = _tiny_recipe()
-    metrics = {name: recipe_mod.run_stage(name, work, recipe, progress=False) for name in recipe_mod.ORDER}
+    metrics = {name: recipe_mod.run_stage(name, work, recipe, progress=False) for name in recipe_mod.stages_of(recipe)}
+    assert "vae" not in metrics  # version 6: the pixel decoder
     dest = recipe_mod.install(work, work / "model", metrics, recipe)
     return work, dest
 
@@ -71,8 +75,8 @@ def test_the_recipe_skips_finished_stages(tiny_model, capsys):
 
 def test_the_recipe_runs_its_two_branches_at_once_and_installs(tmp_path):
     """--jobs 2: stage I and II here, then (llm, lora, checker) and (vae, decoder) as two processes of one
-    thread each, on the recipe file given; the installed folder is a latent decoder's."""
-    recipe = recipe_mod.for_this_machine("fp32", _tiny_recipe())
+    thread each, on the recipe file given (it holds a vae stage); the installed folder is a latent decoder's."""
+    recipe = recipe_mod.for_this_machine("fp32", _tiny_recipe(latent=True))
     (tmp_path / "tiny.json").write_text(json.dumps(recipe))
     work, dest = tmp_path / "work", tmp_path / "model"
     assert recipe_mod.main(["--work", str(work), "--recipe", str(tmp_path / "tiny.json"), "--jobs", "2", "--no-progress",
@@ -89,7 +93,7 @@ def test_the_recipe_runs_its_two_branches_at_once_and_installs(tmp_path):
 
 
 def test_a_failing_branch_stops_the_recipe_and_names_its_log(tmp_path):
-    recipe = recipe_mod.for_this_machine("fp32", _tiny_recipe())
+    recipe = recipe_mod.for_this_machine("fp32", _tiny_recipe(latent=True))
     recipe["decoder"]["decoder"]["channels"] = [12]  # refused when the decoder stage reads its config
     (tmp_path / "bad.json").write_text(json.dumps(recipe))
     work = tmp_path / "work"
@@ -98,6 +102,24 @@ def test_a_failing_branch_stops_the_recipe_and_names_its_log(tmp_path):
     assert (work / "vae" / "DONE").is_file() and not (work / "decoder" / "DONE").exists()
     with pytest.raises(SystemExit):
         recipe_mod.main(["--work", str(work), "--recipe", str(tmp_path / "missing.json")])
+    del recipe["lora"]
+    (tmp_path / "nolora.json").write_text(json.dumps(recipe))
+    with pytest.raises(SystemExit):
+        recipe_mod.main(["--work", str(work), "--recipe", str(tmp_path / "nolora.json")])
+
+
+def test_the_latent_decoder_option_adds_the_vae_stage_and_two_jobs(monkeypatch):
+    latent = recipe_mod.with_latent_decoder()
+    assert recipe_mod.stages_of(latent) == list(recipe_mod.ORDER) and "vae" not in recipe_mod.RECIPE
+    assert recipe_mod.branches_of(recipe_mod.RECIPE) == [("llm", "lora", "checker"), ("decoder",)]
+    assert recipe_mod.branches_of(latent) == [("llm", "lora", "checker"), ("vae", "decoder")]
+    from pathlib import Path
+
+    cfg = recipe_mod.stage_config("decoder", Path("/w"), latent)
+    assert cfg["decoder"]["vae"] == "/w/vae/vae" and "vae" not in recipe_mod.stage_config("decoder", Path("/w"))["decoder"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert recipe_mod._default_jobs(latent) == (2 if (__import__("os").cpu_count() or 1) >= 2 else 1)
+    assert recipe_mod._default_jobs(recipe_mod.RECIPE) == 1
 
 
 def test_the_recipe_picks_fp32_where_bf16_is_slow(monkeypatch):

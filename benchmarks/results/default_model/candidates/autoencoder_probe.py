@@ -3,6 +3,10 @@
 does it cost on 2 CPU cores? A probe for a latent decoder (not part of the recipe).
 
     python benchmarks/results/default_model/candidates/autoencoder_probe.py [--steps 600] [--channels 16,32,64]
+        [--size 64] [--out DIR]
+
+--size 32 --channels 16,32 --steps 800 is the 32 px autoencoder the first latent-decoder probe used
+(latent_unet_probe.py); --out keeps the trained autoencoder (diffusers save_pretrained).
 """
 import argparse
 import time
@@ -18,8 +22,9 @@ from seed_fast.demo import test_scenes
 from seed_fast.synthetic import sample_images
 
 
-def to_tensor(images):
-    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).float() / 255 for im in images])
+def to_tensor(images, size: int = 64):
+    x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255 for im in images])
+    return F.interpolate(x, size=(size, size), mode="area") if x.shape[-1] != size else x
 
 
 def main():
@@ -29,15 +34,17 @@ def main():
     p.add_argument("--channels", default="16,32,64")
     p.add_argument("--train-n", type=int, default=8192)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--size", type=int, default=64, help="pixels the autoencoder encodes (area down-sampled from 64)")
+    p.add_argument("--out", default=None, help="save the trained autoencoder here")
     args = p.parse_args()
     torch.manual_seed(0)
     ch = tuple(int(c) for c in args.channels.split(","))
     ae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(ch),
                        up_block_types=("UpDecoderBlock2D",) * len(ch), block_out_channels=ch, latent_channels=4,
-                       layers_per_block=1, norm_num_groups=8, sample_size=64)
+                       layers_per_block=1, norm_num_groups=8, sample_size=args.size)
     print("parameters", sum(q.numel() for q in ae.parameters()))
     images, _ = sample_images(args.train_n, seed=0, size=64)
-    x = to_tensor(images) * 2 - 1
+    x = to_tensor(images, args.size) * 2 - 1
     opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     g = torch.Generator().manual_seed(1)
@@ -55,9 +62,12 @@ def main():
         if step % 50 == 0 or step == 1:
             print(f"step {step} loss {loss.item():.5f} {time.time() - t0:.0f} s", flush=True)
     train_s = time.time() - t0
+    ae.eval()
+    if args.out:
+        ae.save_pretrained(args.out)
     m = load_default()
     test, _, facts, _ = test_scenes(256)
-    xt = to_tensor(test) * 2 - 1
+    xt = to_tensor(test, args.size) * 2 - 1
     with torch.no_grad():
         lat = ae.encode(xt).latent_dist.mean
         rec = ae.decode(lat).sample
