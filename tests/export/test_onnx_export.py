@@ -150,13 +150,20 @@ def test_patch_decoder_exports_and_renders_like_the_pipeline(tmp_path):
     dec = mini_image_decoder(embed_dim=12, image_size=16, seed=seed % 1000, channels=(16, 32), patch=2)
     m = export_onnx(["decoder"], tmp_path, objects={"decoder": dec}, progress=False)
     assert m["parts"]["decoder"]["in_channels"] == 3 and m["parts"]["decoder"]["image_size"] == 16
-    rt = SeedRuntime(tmp_path, providers=["CPUExecutionProvider"])
+    _renders_like_the_pipeline(dec, tmp_path, seed, (2, 3, 16, 16))
+
+
+def _renders_like_the_pipeline(dec, folder, seed: int, noise_shape: tuple) -> SeedRuntime:
+    """The runtime's numpy loop over the exported files draws what the pipeline draws from the same
+    noise (guided, 5 DDIM steps); returns the runtime."""
+    rt = SeedRuntime(folder, providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(seed)
-    emb, noise = torch.randn(2, 12, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+    emb, noise = torch.randn(2, dec.image_embedding_dim, generator=g), torch.randn(*noise_shape, generator=g)
     ref = dec(emb, num_inference_steps=5, guidance_scale=2.0, latents=noise, output_type="np").images
     got = rt.render(emb.numpy(), steps=5, guidance=2.0, noise=noise.numpy())
-    assert got.shape == ref.shape == (2, 16, 16, 3)
+    assert got.shape == ref.shape == (2, dec.image_size, dec.image_size, 3)
     assert np.abs(got - ref).max() <= 1e-4
+    return rt
 
 
 def test_latent_decoder_exports_its_autoencoder_and_renders_like_the_pipeline(tmp_path):
@@ -173,15 +180,9 @@ def test_latent_decoder_exports_its_autoencoder_and_renders_like_the_pipeline(tm
     assert (info["in_channels"], info["latent_size"], info["image_size"], info["vae_file"]) == (4, 8, 16, "decoder_vae.onnx")
     assert info["vae_scaling_factor"] == pytest.approx(1.3) and (tmp_path / "decoder_vae.onnx").is_file()
     assert m["reports"]["decoder"]["parity"]["decoder_vae_max_rel_err"] < 1e-4
-    rt = SeedRuntime(tmp_path, providers=["CPUExecutionProvider"])
-    g = torch.Generator().manual_seed(seed)
-    emb, noise = torch.randn(2, 12, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    ref = dec(emb, num_inference_steps=5, guidance_scale=2.0, latents=noise, output_type="np").images
-    got = rt.render(emb.numpy(), steps=5, guidance=2.0, noise=noise.numpy())
-    assert got.shape == ref.shape == (2, 16, 16, 3)
-    assert np.abs(got - ref).max() <= 1e-4
+    rt = _renders_like_the_pipeline(dec, tmp_path, seed, (2, 4, 8, 8))
     with pytest.raises(RuntimeInputError, match=r"noise must have shape \(2, 4, 8, 8\)"):
-        rt.render(emb.numpy(), noise=np.zeros((2, 3, 16, 16), np.float32))
+        rt.render(np.zeros((2, 12), np.float32), noise=np.zeros((2, 3, 16, 16), np.float32))
 
 
 def test_text_to_image_end_to_end(exported):
