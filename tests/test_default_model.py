@@ -40,7 +40,7 @@ def test_checker_judges_every_object_fact():
 
 
 def _tiny_recipe(latent: bool = False):
-    r = recipe_mod.with_latent_decoder() if latent else copy.deepcopy(recipe_mod.RECIPE)
+    r = copy.deepcopy(recipe_mod.RECIPE) if latent else recipe_mod.with_pixel_decoder()
     r["data"] = {"kind": "synthetic", "n": 64, "val_n": 8, "image_size": 64, "seed": 0}
     for name in recipe_mod.stages_of(r):
         if name == "checker":
@@ -62,7 +62,7 @@ def tiny_model(tmp_path_factory):
     work = tmp_path_factory.mktemp("recipe")
     recipe = _tiny_recipe()
     metrics = {name: recipe_mod.run_stage(name, work, recipe, progress=False) for name in recipe_mod.stages_of(recipe)}
-    assert "vae" not in metrics  # version 6: the pixel decoder
+    assert "vae" not in metrics  # --decoder pixel: version 6's decoder
     dest = recipe_mod.install(work, work / "model", metrics, recipe)
     return work, dest
 
@@ -108,18 +108,44 @@ def test_a_failing_branch_stops_the_recipe_and_names_its_log(tmp_path):
         recipe_mod.main(["--work", str(work), "--recipe", str(tmp_path / "nolora.json")])
 
 
-def test_the_latent_decoder_option_adds_the_vae_stage_and_two_jobs(monkeypatch):
-    latent = recipe_mod.with_latent_decoder()
-    assert recipe_mod.stages_of(latent) == list(recipe_mod.ORDER) and "vae" not in recipe_mod.RECIPE
-    assert recipe_mod.branches_of(recipe_mod.RECIPE) == [("llm", "lora", "checker"), ("decoder",)]
-    assert recipe_mod.branches_of(latent) == [("llm", "lora", "checker"), ("vae", "decoder")]
+def test_the_recipe_has_the_vae_stage_and_the_pixel_option_drops_it(monkeypatch):
+    """Version 7: RECIPE trains a latent decoder on the vae stage's autoencoder, two jobs on a CPU-only
+    machine; --decoder pixel (with_pixel_decoder) is version 6's decoder, one job."""
+    recipe = recipe_mod.RECIPE
+    pixel = recipe_mod.with_pixel_decoder()
+    assert recipe_mod.stages_of(recipe) == list(recipe_mod.ORDER) and "vae" not in pixel
+    assert recipe["vae"]["vae"]["channels"] == [32, 64] and recipe["vae"]["vae"]["image_size"] == 32
+    assert recipe_mod.with_latent_decoder(pixel) == recipe and "vae" in recipe_mod.RECIPE  # a copy each time
+    assert recipe_mod.branches_of(pixel) == [("llm", "lora", "checker"), ("decoder",)]
+    assert recipe_mod.branches_of(recipe) == [("llm", "lora", "checker"), ("vae", "decoder")]
     from pathlib import Path
 
-    cfg = recipe_mod.stage_config("decoder", Path("/w"), latent)
-    assert cfg["decoder"]["vae"] == "/w/vae/vae" and "vae" not in recipe_mod.stage_config("decoder", Path("/w"))["decoder"]
+    cfg = recipe_mod.stage_config("decoder", Path("/w"))
+    assert cfg["decoder"]["vae"] == "/w/vae/vae" and "vae" not in recipe_mod.stage_config("decoder", Path("/w"), pixel)["decoder"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert recipe_mod._default_jobs(latent) == (2 if (__import__("os").cpu_count() or 1) >= 2 else 1)
-    assert recipe_mod._default_jobs(recipe_mod.RECIPE) == 1
+    assert recipe_mod._default_jobs(recipe) == (2 if (__import__("os").cpu_count() or 1) >= 2 else 1)
+    assert recipe_mod._default_jobs(pixel) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert recipe_mod._default_jobs(recipe) == 1
+
+
+def test_the_decoder_option_adds_or_drops_the_vae_stage_of_a_recipe_file(tmp_path, monkeypatch):
+    """--decoder pixel on a file with a vae stage runs without it; --decoder latent adds it to one without;
+    with neither, the file is run as it is."""
+    ran = []
+    monkeypatch.setattr(recipe_mod, "run_stage", lambda name, work, recipe, progress: ran.append((name, recipe)) or {})
+    recipe = recipe_mod.for_this_machine("fp32", _tiny_recipe(latent=True))
+    pixel = recipe_mod.with_pixel_decoder(recipe)
+    (tmp_path / "latent.json").write_text(json.dumps(recipe))
+    (tmp_path / "pixel.json").write_text(json.dumps(pixel))
+    added = recipe_mod.with_latent_decoder(pixel)  # RECIPE's vae stage
+    assert added["vae"] == recipe_mod.RECIPE["vae"] and added["decoder"] == pixel["decoder"]
+    for file, option, expect in [("latent.json", "pixel", pixel), ("pixel.json", "latent", added),
+                                 ("pixel.json", None, pixel), ("latent.json", None, recipe)]:
+        ran.clear()
+        argv = ["--work", str(tmp_path / "w"), "--recipe", str(tmp_path / file), "--jobs", "1", "--no-progress"]
+        assert recipe_mod.main(argv + (["--decoder", option] if option else [])) == 0
+        assert [n for n, _ in ran] == recipe_mod.stages_of(expect) and all(r == expect for _, r in ran), (file, option)
 
 
 def test_the_recipe_picks_fp32_where_bf16_is_slow(monkeypatch):

@@ -1,23 +1,24 @@
-"""Reproduce the embedded default model from scratch on a CPU (about 1 h 47 min on 2 AVX2 cores).
+"""Reproduce the embedded default model from scratch on a CPU (52 min on 2 AVX2 cores).
 
-Version 6's stages took 7444 s on a 2-core AVX2 machine, where `--precision auto` runs every
-stage in fp32: stage1 360 s, stage2 509 s (4096 codes at batch 128, with the caption queue), llm
-1432 s, lora 217 s (the LoRA stage reads the codes the LLM stage encoded), decoder 4832 s (2400 steps
-with plain-matmul attention: about 2.5 s each while other work shared the cores, 1.57 s alone,
-so about 3770 s idle), checker 95 s. On a 2-core machine with bf16 kernels,
-version 5's stages (the same but for stage II's queue) took 3423 s, the decoder 2069 s of it. The run
-is deterministic on one machine; another CPU or thread count may round differently.
+Version 7 ran from nothing in 3133 s on a 2-core AVX2 machine, where `--precision auto` runs every
+stage in fp32 and `--jobs 2` is the default: stage1 246 s and stage2 339 s on both cores, then two
+processes of one thread each, llm 1712 s + lora 214 s + checker 154 s beside vae 687 s + decoder
+1858 s. The run is deterministic on one machine (the LLM side gave bit for bit the same validation
+numbers in two runs); another CPU or thread count may round differently.
 
     python -m seed_fast.recipes.default_model --work runs/default [--install] [--precision auto|bf16|fp32]
-        [--jobs 1|2] [--decoder pixel|latent]
+        [--jobs 1|2] [--decoder latent|pixel]
 
 `--jobs 2` runs stage I and II one after the other on every core, then the LLM side (llm, lora,
 checker) and the image side (vae, decoder) at once as two processes, each on half the cores. Small
 models use two cores poorly: side by side on one core each, an LLM step took 0.65 s against about 0.5 s
-alone on two. `--decoder latent` is the version 7 candidate (LATENT_DECODER): a vae stage and the
-decoder's UNet on its latents. With `--jobs 2` (its default on a CPU-only machine; `--jobs 1`, every
-stage in this process one after another, is the default otherwise) it ran from nothing in 2717 s on the
-2-core AVX2 machine, but missed the image targets (see LATENT_DECODER).
+alone on two. It is the default on a CPU-only machine with two or more cores; elsewhere (a GPU, or
+`--decoder pixel`) `--jobs 1`, every stage in this process one after another, is.
+
+`--decoder pixel` drops the vae stage and trains version 6's decoder on 32 px pixels instead
+(`with_pixel_decoder()`): better images (generation 80.2% against 70.8% on the same 96 test scenes)
+at about four times the decoder's cost, 7444 s (2 h 4 min; about 1 h 47 min idle) from nothing on the
+same machine with `--jobs 1`.
 
 Where the CPU has bf16 kernels (AVX-512 BF16 / AMX) or a GPU is present, `--precision auto` (the
 default) runs the LLM, LoRA and decoder stages in bf16 autocast. Where oneDNN has none (an AVX2-only
@@ -31,10 +32,10 @@ data (`seed_fast.synthetic`, 64 px, seeded):
   3. llm       `mini-llama` (4 layers, 256 wide) with the image vocabulary, every weight trained on
                image->caption, caption->image and question->answer sequences
   4. lora      a LoRA adapter (r 16) instruction-tuned on top of (3), as SEED-LLaMA tunes its LLM
-  (vae)        `--decoder latent` only: a small diffusers AutoencoderKL, 32 px images <-> 16 x 16 x 4 latents
-  5. decoder   a diffusion UNet (diffusers) conditioned on the generation embedding: on 32 px pixels
-               (version 6), or on the vae stage's latents
-  6. checker   an independent scene classifier trained on rendered scenes (for evaluation only)
+  5. vae       a small diffusers AutoencoderKL (660 K parameters), 32 px images <-> 16 x 16 x 4 latents
+  6. decoder   a diffusion UNet (diffusers) conditioned on the generation embedding, denoising the vae's
+               latents (version 7; with `--decoder pixel`, 32 px pixels as version 6 did)
+  7. checker   an independent scene classifier trained on rendered scenes (for evaluation only)
 
 A finished stage is skipped when the recipe is run again (an interrupted one resumes from its last
 checkpoint). `--install` then writes the small fp16 copy into seed_fast/assets/default_model
@@ -105,26 +106,35 @@ RECIPE: dict[str, dict] = {
     },
     "checker": {"steps": 600, "batch": 64, "seed": 7},
 }
-# A candidate for version 7, not shipped: a latent decoder (`--decoder latent`). A vae stage trains a small
-# AutoencoderKL and the decoder stage's UNet (the same config) denoises its 16 x 16 x 4 latents of the 32 px
-# image, about a quarter of the pixel UNet's FLOPs a step (0.44 s against 1.63 s in fp32 on the 2-core AVX2
-# machine). With version 6's other parts it met both image targets on the tuning scenes (reconstruction 85.9%,
-# generation 75.8%), but the from-nothing run of 2026-11-24 (2717 s with --jobs 2) missed them on the test
-# split: its autoencoder kept every object in 95.3% of its own reconstructions against 98.8% for the probe's
+# Version 7's image side: a vae stage trains a small AutoencoderKL and the decoder stage's UNet (the config
+# above) denoises its 16 x 16 x 4 latents of the 32 px image, about a quarter of the pixel UNet's FLOPs a
+# step (0.44 s against 1.63 s in fp32 on the 2-core AVX2 machine), so the recipe runs in under an hour there.
+# Channels (32, 64): the first from-nothing run's (16, 32) autoencoder kept every object in 95.3% of its
+# reconstructions of the test scenes and its decoder missed both image targets; this one keeps them in 99.6%
 # (benchmarks/results/default_model/experiments_after_v2.md, "Version 7").
 LATENT_DECODER = {
     "vae": {
         "stage": "vae", "steps": 800, "global_batch": 32,
         "optim": {"lr": 1e-3, "warmup": 40, "weight_decay": 0.0},
-        "vae": {"image_size": 32, "channels": [16, 32], "latent_channels": 4, "kl_weight": 1e-6},
+        "vae": {"image_size": 32, "channels": [32, 64], "latent_channels": 4, "kl_weight": 1e-6},
     },
 }
 
 
+RECIPE.update(copy.deepcopy(LATENT_DECODER))
+
+
 def with_latent_decoder(recipe: dict | None = None) -> dict:
-    """The recipe with the vae stage added: its decoder stage then trains a latent decoder."""
+    """The recipe with the vae stage added (RECIPE has it): its decoder stage then trains a latent decoder."""
     r = copy.deepcopy(recipe or RECIPE)
     r.update(copy.deepcopy(LATENT_DECODER))
+    return r
+
+
+def with_pixel_decoder(recipe: dict | None = None) -> dict:
+    """The recipe without the vae stage: its decoder stage then trains version 6's UNet on 32 px pixels."""
+    r = copy.deepcopy(recipe or RECIPE)
+    r.pop("vae", None)
     return r
 
 
@@ -330,9 +340,10 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default=None, help="a recipe JSON file to run instead of RECIPE (same stage names; "
                                                   "its precisions are kept unless --precision is given)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    p.add_argument("--decoder", choices=("pixel", "latent"), default="pixel",
-                   help="pixel: the shipped version 6 decoder (default); latent: the version 7 candidate, a vae stage "
-                        "and a UNet on its latents (LATENT_DECODER)")
+    p.add_argument("--decoder", choices=("latent", "pixel"), default=None,
+                   help="latent: a vae stage and a UNet on its latents (version 7, the shipped model; RECIPE's, the "
+                        "default); pixel: no vae stage, the UNet on 32 px pixels (version 6). With --recipe, the "
+                        "default is what the file holds")
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -356,9 +367,11 @@ def main(argv=None) -> int:
                     f"missing {missing}, unknown {unknown}")
         if args.decoder == "latent":
             given = with_latent_decoder(given)
+        elif args.decoder == "pixel":
+            given = with_pixel_decoder(given)
         recipe = given if args.precision is None else for_this_machine(args.precision, given)
     else:
-        base = with_latent_decoder() if args.decoder == "latent" else RECIPE
+        base = with_pixel_decoder() if args.decoder == "pixel" else RECIPE
         recipe = for_this_machine(args.precision or "auto", base)
     used = sorted({st["precision"] for st in recipe.values() if isinstance(st, dict) and "precision" in st})
     print(f"[recipe] precision of the LLM, LoRA and decoder stages: {', '.join(used)}", flush=True)
