@@ -158,7 +158,12 @@ class DecoderTask(Task):
         if d.vae is not None:
             from diffusers import AutoencoderKL
 
+            from diffusers.configuration_utils import FrozenDict
+
             vae = AutoencoderKL.from_pretrained(d.vae, local_files_only=True, torch_dtype=torch.float32)
+            # from_pretrained records the folder it read in the config (`_name_or_path`), which the exported
+            # decoder would then carry: a path on the training machine, meaningless to anyone loading it
+            vae._internal_dict = FrozenDict({k: v for k, v in vae.config.items() if k != "_name_or_path"})
             vae = vae.to(device).eval().requires_grad_(False)
         self.pipe = mini_image_decoder(tok.config.detokenizer.out_dim, d.image_size, seed=cfg.seed,
                                        channels=tuple(d.channels), patch=d.patch,

@@ -74,6 +74,8 @@ def test_latent_decoder_stage_trains_on_the_autoencoders_latents(tmp_path, vae_r
     dec = load_image_decoder(tmp_path / "dec" / "decoder")
     assert dec.vae is not None and (dec.sample_channels, dec.sample_size, dec.image_size) == (4, 8, 16)
     assert dec.vae.config.scaling_factor == pytest.approx(json.loads((run / "vae" / "config.json").read_text())["scaling_factor"])
+    exported = json.loads((tmp_path / "dec" / "decoder" / "vae" / "config.json").read_text())
+    assert "_name_or_path" not in exported and str(tmp_path) not in json.dumps(exported)  # no training-machine path
     # the frozen autoencoder is not trained: the exported one is the vae stage's
     from diffusers import AutoencoderKL
 
