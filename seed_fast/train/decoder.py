@@ -157,7 +157,6 @@ class DecoderTask(Task):
         vae = None
         if d.vae is not None:
             from diffusers import AutoencoderKL
-
             from diffusers.configuration_utils import FrozenDict
 
             vae = AutoencoderKL.from_pretrained(d.vae, local_files_only=True, torch_dtype=torch.float32)
