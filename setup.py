@@ -1,4 +1,4 @@
-"""Build seed_fast: the C++ CPU extension always, the CUDA extension when SEED_FAST_BUILD_CUDA allows.
+"""Build seed_fast's compiled parts: the C++ CPU extension always, the CUDA extension when SEED_FAST_BUILD_CUDA allows.
 
 SEED_FAST_BUILD_CUDA=auto (default): build CUDA when torch is a CUDA build and CUDA_HOME exists
                       (never decided by torch.cuda.is_available(): build machines often have no GPU).
@@ -15,6 +15,22 @@ from glob import glob
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+# Top-level source folders installed inside the seed_fast namespace. They have no __init__.py, so
+# that Python run from the checkout's root never takes them for top-level packages (Hugging Face's
+# `kernels` distribution would be shadowed); seed_fast/kernels/__init__.py and
+# seed_fast/export/__init__.py are the packages, and a wheel gets the folders' modules beside them.
+SOURCE_FOLDERS = {"seed_fast.kernels": "kernels", "seed_fast.export": "export"}
+
+
+class BuildPy(build_py):
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        folder = SOURCE_FOLDERS.get(package)
+        if folder:
+            modules += [(package, Path(f).stem, f) for f in sorted(glob(f"{folder}/*.py"))]
+        return modules
 
 ROOT = Path(__file__).parent.resolve()
 
@@ -104,35 +120,8 @@ if _want_cuda():
         )
     )
 
-extras = {
-    "test": ["pytest>=7", "triton>=3.0; platform_system == 'Linux'", "peft>=0.10", "diffusers>=0.30", "matplotlib",
-             "onnx>=1.16", "onnxruntime>=1.18", "scikit-image"],
-    "train": ["matplotlib"],
-    "triton": ["triton>=3.0"],
-    "llm": ["peft>=0.10"],
-    "diffusion": ["diffusers>=0.27"],
-    "export": ["onnx>=1.16", "onnxruntime>=1.18"],
-    # seed_fast.runtime: no torch (install seed_fast with --no-deps, or copy runtime.py)
-    "runtime": ["numpy", "onnxruntime>=1.18", "tokenizers", "pillow"],
-    "gpu": ["onnxruntime-gpu>=1.18", "xformers", "triton>=3.0"],
-    "bench": ["matplotlib", "triton>=3.0"],
-}
-
+# Metadata, dependencies and packages are declared in pyproject.toml; this file adds the compiled parts.
 setup(
-    name="seed_fast",
-    version=re.search(r'__version__ = "([^"]+)"', (ROOT / "seed_fast/__init__.py").read_text()).group(1),
-    description="Fast, faithful SEED image tokenizer with Triton / CUDA / C++ kernels",
-    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.9",
-    packages=["seed_fast", "seed_fast.models", "seed_fast.ops", "seed_fast.train", "seed_fast.recipes", "seed_fast.kernels", "seed_fast.export"],
-    # kernels/ and export/ are plain source folders installed inside the seed_fast namespace, so that
-    # no top-level `kernels` package shadows Hugging Face's.
-    package_dir={"seed_fast": "seed_fast", "seed_fast.kernels": "kernels", "seed_fast.export": "export"},
-    package_data={"seed_fast": ["assets/*", "assets/default_model/*", "assets/default_model/*/*", "assets/default_model/*/*/*", "_build_info.json"]},
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pillow", "tqdm", "transformers>=4.40"],
-    extras_require=extras,
-    entry_points={"console_scripts": ["seed-fast=seed_fast.cli:main"]},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPy},
 )

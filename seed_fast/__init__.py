@@ -4,7 +4,7 @@ The public names below are imported on first use, so that `seed_fast.runtime` (n
 onnxruntime only) can be imported on a machine without torch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["CheckpointError", "InputError", "LoadReport", "SeedLLM", "SeedTokenizer", "TokenizerConfig", "get_config", "__version__"]
 

@@ -1,4 +1,4 @@
-"""ONNX / TensorRT export of the SEED stack (installed as `seed_fast.export`).
+"""ONNX / TensorRT export of the SEED stack (sources: the top-level `export/`).
 
     from seed_fast.export import export_onnx
     export_onnx(["all"], "onnx/")                      # the embedded default model
@@ -8,7 +8,11 @@ Then `seed_fast.runtime.SeedRuntime("onnx/")` runs it with numpy + onnxruntime o
 `build_engines("onnx/", "trt/")` builds TensorRT engines from the files.
 """
 
-from .tensorrt_build import TensorRTError, build_engines
-from .to_onnx import MANIFEST, PARTS, ExportError, PartReport, export_onnx, load_checkpoint
+from .._layout import source_folder
+
+__path__ += source_folder("export")
+
+from .tensorrt_build import TensorRTError, build_engines  # noqa: E402
+from .to_onnx import MANIFEST, PARTS, ExportError, PartReport, export_onnx, load_checkpoint  # noqa: E402
 
 __all__ = ["MANIFEST", "PARTS", "ExportError", "PartReport", "TensorRTError", "build_engines", "export_onnx", "load_checkpoint"]
