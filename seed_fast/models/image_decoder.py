@@ -15,7 +15,8 @@ else.
 ``SeedImageDecoderPipeline(image_embeds, negative_image_embeds=None, num_inference_steps, guidance_scale,
 generator, latents=None)`` takes the same arguments as ``SeedUnCLIPPipeline`` does through
 ``seed_fast.models.unclip.embeddings_to_images``, which accepts either. Classifier-free guidance uses
-``negative_image_embeds`` when given, else the learned-null zeros the decoder was trained with.
+``negative_image_embeds`` ((1, D), shared by the batch, or (B, D)) when given, else the learned-null zeros
+the decoder was trained with.
 
 With a ``vae`` (a diffusers ``AutoencoderKL``), the pipeline is a latent decoder, as Stable unCLIP
 is: the UNet denoises the autoencoder's latents (scaled by its ``scaling_factor``) and the
@@ -135,9 +136,12 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
         use_cfg = guidance_scale > 1.0
         if use_cfg:
             neg = torch.zeros_like(emb) if negative_image_embeds is None else negative_image_embeds.to(device, dtype)
-            if neg.shape != emb.shape:
-                raise ValueError(f"negative_image_embeds must have shape {tuple(emb.shape)}, got {tuple(neg.shape)}")
-            emb = torch.cat([neg, emb])
+            if neg.dim() != 2 or neg.shape[1] != dim or neg.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"negative_image_embeds must have shape (1, {dim}) or ({batch}, {dim}) to match image_embeds, "
+                    f"got {tuple(neg.shape)}"
+                )
+            emb = torch.cat([neg.expand(batch, dim), emb])
         size = self.sample_size
         shape = (batch, self.sample_channels, size, size)
         if latents is None:

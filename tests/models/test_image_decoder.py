@@ -41,6 +41,11 @@ def test_guidance_uses_the_negative_embedding(pipe):
     explicit = pipe(emb, negative_image_embeds=torch.zeros_like(emb), generator=torch.Generator().manual_seed(2), **kw).images
     other = pipe(emb, negative_image_embeds=torch.ones_like(emb), generator=torch.Generator().manual_seed(2), **kw).images
     assert torch.allclose(zeros, explicit) and not torch.allclose(zeros, other)
+    # one negative row is shared by the batch, as the unCLIP pipeline does (SeedLLM passes its (1, D) negative)
+    neg = torch.randn(1, 16, generator=torch.Generator().manual_seed(5))
+    shared = pipe(emb, negative_image_embeds=neg, generator=torch.Generator().manual_seed(2), **kw).images
+    per_row = pipe(emb, negative_image_embeds=neg.expand(2, 16), generator=torch.Generator().manual_seed(2), **kw).images
+    assert torch.allclose(shared, per_row) and not torch.allclose(shared, zeros)
 
 
 def test_bad_inputs_are_clear_errors(pipe):
@@ -51,7 +56,9 @@ def test_bad_inputs_are_clear_errors(pipe):
     with pytest.raises(ValueError, match="num_inference_steps"):
         pipe(torch.randn(1, 16), num_inference_steps=0)
     with pytest.raises(ValueError, match="negative_image_embeds"):
-        pipe(torch.randn(2, 16), negative_image_embeds=torch.randn(1, 16), guidance_scale=2.0)
+        pipe(torch.randn(2, 16), negative_image_embeds=torch.randn(3, 16), guidance_scale=2.0)
+    with pytest.raises(ValueError, match=r"negative_image_embeds must have shape \(1, 16\) or \(2, 16\)"):
+        pipe(torch.randn(2, 16), negative_image_embeds=torch.randn(2, 8), guidance_scale=2.0)
     with pytest.raises(TypeError, match="unexpected"):
         pipe(torch.randn(1, 16), noise_level=0)
     with pytest.raises(ValueError, match="multiple of 4"):
