@@ -167,6 +167,7 @@ def prefill_rows(llm, name, batches, args, device, repeats) -> list[dict]:
     from transformers import DynamicCache
 
     from seed_fast.models.decoding import left_pad
+    from seed_fast.models.hf_compat import with_cache
 
     model, rows = llm.model, []
     for b in batches:
@@ -177,7 +178,7 @@ def prefill_rows(llm, name, batches, args, device, repeats) -> list[dict]:
         toks = int(mask.sum())
 
         def hf():
-            return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(), use_cache=True).logits[:, -1]
+            return model(input_ids=ids, attention_mask=mask, position_ids=pos, **with_cache(DynamicCache()), use_cache=True).logits[:, -1]
 
         def ours():
             return llm._decoder(b, ids.shape[1] + args.new).prefill(ids, mask)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.hf_compat import output_cache, with_cache
 from ..models.preprocess import normalize
 
 # codes per distance block in the exported nearest-code search: (rows, 256, D) fp32 at a time
@@ -103,12 +104,12 @@ class LMGraph(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            **with_cache(cache),
             use_cache=True,
             logits_to_keep=1,
         )
         present = []
-        for layer in out.past_key_values.layers[: self.num_layers]:
+        for layer in output_cache(out).layers[: self.num_layers]:
             present += [layer.keys, layer.values]
         return (out.logits[:, -1].float(), *present)
 

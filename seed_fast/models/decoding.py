@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .hf_compat import with_cache
 from .preprocess import InputError
 
 
@@ -45,7 +46,7 @@ class KVDecoder:
             input_ids=tokens,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=self.cache,
+            **with_cache(self.cache),
             cache_position=cache_position,
             use_cache=True,
         )
@@ -65,7 +66,7 @@ class KVDecoder:
             input_ids=input_ids.to(dev),
             attention_mask=self.mask,
             position_ids=pos,
-            past_key_values=self.cache,
+            **with_cache(self.cache),
             cache_position=torch.arange(length, device=dev),
             use_cache=True,
             logits_to_keep=1,  # only the last position's logits: a (B, L, V) tensor is wasted memory

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.hf_compat import output_cache, with_cache
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source
 from .flamingo import IGNORE, caption_scores, frozen_lm_and_tokenizer, load_exact, media_features, open_connector_run
@@ -149,7 +150,7 @@ class VisualWordsLM(nn.Module):
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], 1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, **with_cache(output_cache(out)), use_cache=True)
         return self.llm._decode_text(rows)
 
     @torch.no_grad()
