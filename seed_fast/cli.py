@@ -117,7 +117,8 @@ def cmd_detokenize(args) -> int:
 
 def _add_llm_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("language model")
-    g.add_argument("--llm", metavar="DIR", help="a SeedLLM folder (save_pretrained) or a transformers LM folder with the image vocabulary")
+    g.add_argument("--llm", metavar="DIR", help="a SeedLLM folder (save_pretrained), a transformers LM folder with the image vocabulary, "
+                   "or 'default': the embedded default model with its image decoder")
     g.add_argument("--tokenizer", metavar="DIR", help="SeedTokenizer folder (default: the --llm folder's own tokenizer/)")
     g.add_argument("--lora", metavar="DIR", help="a peft LoRA adapter folder to load on top")
     g.add_argument("--template", help="prompt template (seed-llama-8b, seed-llama-14b, seed-opt, plain; default: from the model)")
@@ -132,9 +133,22 @@ def _load_llm(args, *, need_diffusion: bool = False):
     import torch
 
     from .models import CheckpointError
-    from .models.llm import SeedLLM
+    from .models.llm import SeedLLM, get_template
 
     dtype = getattr(torch, args.dtype)
+    if args.llm == "default":
+        from .default_model import DefaultModelError, load_default
+
+        extra = [f"--{name}" for name in ("tokenizer", "lora") if getattr(args, name)]
+        if extra:
+            raise SystemExit(f"seed-fast: {' and '.join(extra)} cannot be combined with --llm default (the embedded model)")
+        try:
+            llm = load_default().llm
+        except DefaultModelError as e:
+            raise SystemExit(f"seed-fast: cannot load --llm default: {e}") from None
+        if args.template:
+            llm.template = get_template(args.template)
+        return llm.to(device=args.device, dtype=dtype)
     if args.llm:
         try:
             llm = SeedLLM.from_pretrained(

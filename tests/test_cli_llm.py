@@ -38,6 +38,23 @@ def test_generate_tokens_only_and_images(tmp_path, capsys):
     assert (tmp_path / "b" / rec["image"]).exists()
 
 
+def test_generate_on_the_embedded_model_with_guidance(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from PIL import Image
+
+    from seed_fast.default_model import load_default
+
+    texts = ["one red circle", "two blue squares"]
+    out = tmp_path / "g"
+    assert main(["generate", *texts, "--llm", "default", "--steps", "2", "--guidance", "2", "--out", str(out)]) == 0
+    recs = json.loads((out / "codes.json").read_text())
+    assert [r["text"] for r in recs] == texts
+    size = load_default().decoder.image_size
+    assert all(Image.open(out / r["image"]).size == (size, size) for r in recs)
+    with pytest.raises(SystemExit, match="--lora cannot be combined with --llm default"):
+        main(["generate", "red", "--llm", "default", "--lora", str(tmp_path), "--out", str(out)])
+
+
 def test_saved_model_and_errors(tmp_path, image_files, capsys):
     from seed_fast.models.llm import SeedLLM
 

@@ -304,9 +304,7 @@ class SeedLLM(nn.Module):
         if diffusion is None and (root / "diffusion").is_dir():
             diffusion = root / "diffusion"
         if isinstance(diffusion, (str, os.PathLike)):
-            from .unclip import load_unclip_pipeline
-
-            diffusion = load_unclip_pipeline(diffusion, dtype=dtype)
+            diffusion = _load_diffusion(Path(diffusion), dtype)
         if lora is None and (root / "lora").is_dir():
             lora = root / "lora"
         llm = cls(
@@ -707,6 +705,21 @@ class SeedLLM(nn.Module):
             seed=image_seed,
             progress=progress,
         )
+
+
+def _load_diffusion(folder: Path, dtype):
+    """A saved pipeline folder: seed_fast's image decoder or a Stable unCLIP pipeline, by its model_index.json."""
+    import json
+
+    index = folder / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if name == "SeedImageDecoderPipeline":
+        from .image_decoder import load_image_decoder
+
+        return load_image_decoder(folder, dtype=dtype)
+    from .unclip import load_unclip_pipeline
+
+    return load_unclip_pipeline(folder, dtype=dtype)
 
 
 class _eval:
