@@ -32,6 +32,7 @@ class BuildPy(build_py):
             modules += [(package, Path(f).stem, f) for f in sorted(glob(f"{folder}/*.py"))]
         return modules
 
+
 ROOT = Path(__file__).parent.resolve()
 
 try:

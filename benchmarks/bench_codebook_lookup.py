@@ -86,11 +86,13 @@ def flip_rates(device: str, n: int = 2048, k: int = 8192, d: int = 32) -> list[d
         zd, cbd = z.to(device), cb.to(device)
         seed = seed_expanded(zd, cbd).cpu()
         ours = codebook_lookup(zd, cbd)[0].cpu()
-        rows.append({
-            "inputs": f"N(0,1) + {offset:g}, fp16, N={n} K={k} D={d}",
-            "seed fp16 formula flips": f"{(seed != truth).double().mean() * 100:.2f}%",
-            "seed_fast flips": f"{(ours != truth).double().mean() * 100:.2f}%",
-        })
+        rows.append(
+            {
+                "inputs": f"N(0,1) + {offset:g}, fp16, N={n} K={k} D={d}",
+                "seed fp16 formula flips": f"{(seed != truth).double().mean() * 100:.2f}%",
+                "seed_fast flips": f"{(ours != truth).double().mean() * 100:.2f}%",
+            }
+        )
     return rows
 
 
@@ -108,8 +110,11 @@ def main(argv=None) -> int:
     repeats = args.repeats or (5 if args.quick else 10)
     # --quick on CPU leaves out the 103-GFLOP shape (8192 x 8192 x 768) and times the reference, which is the
     # spec and slow by design, on the smallest shape only: the quick suite must fit 10 minutes on a slow VM
-    max_gflop = args.max_gflop if args.max_gflop is not None else (
-        (20.0 if args.quick else 150.0) if device == "cpu" else math.inf)
+    max_gflop = (
+        args.max_gflop
+        if args.max_gflop is not None
+        else ((20.0 if args.quick else 150.0) if device == "cpu" else math.inf)
+    )
     ref_max_gflop = 0.1 if args.quick else 2.0
     ns = (32, 1024, 8192) if args.quick else (32, 1024, 8192, 65536)
     ks = (8192,) if args.quick else (8192, 16384)
@@ -125,7 +130,15 @@ def main(argv=None) -> int:
                 gflop = 2 * n * k * d / 1e9
                 z = torch.randn(n, d, generator=g).to(device, dtype)
                 if gflop > max_gflop:
-                    rows.append({"N": n, "K": k, "D": d, "provider": "(all)", "note": f"skipped: {gflop:.0f} GFLOP > --max-gflop"})
+                    rows.append(
+                        {
+                            "N": n,
+                            "K": k,
+                            "D": d,
+                            "provider": "(all)",
+                            "note": f"skipped: {gflop:.0f} GFLOP > --max-gflop",
+                        }
+                    )
                     continue
                 ours = codebook_lookup(z, cb)[0].cpu()
                 for name, (fn, materializes) in providers.items():
@@ -136,7 +149,9 @@ def main(argv=None) -> int:
                         rows.append(row)
                         continue
                     if name == "seed_fast ref" and gflop > ref_max_gflop:
-                        row["note"] = f"skipped: the reference is the spec, slow by design, above {ref_max_gflop:g} GFLOP"
+                        row["note"] = (
+                            f"skipped: the reference is the spec, slow by design, above {ref_max_gflop:g} GFLOP"
+                        )
                         rows.append(row)
                         continue
                     if materializes and n * k * 4 / 1e9 > args.max_nk_gb:
@@ -146,7 +161,9 @@ def main(argv=None) -> int:
                     with torch.no_grad():
                         idx = fn(z).cpu()
                         row["agree"] = f"{(idx == ours).double().mean() * 100:.1f}%"
-                        t = time_fn(lambda: fn(z), device, warmup=1 if device == "cpu" else 3, repeats=repeats, max_seconds=8.0)
+                        t = time_fn(
+                            lambda: fn(z), device, warmup=1 if device == "cpu" else 3, repeats=repeats, max_seconds=8.0
+                        )
                         peak = peak_extra_bytes(lambda: fn(z), device)
                     sec = t["median_ms"] / 1e3
                     bytes_moved = (n * d + k * d) * z.element_size() + 8 * n
@@ -158,17 +175,33 @@ def main(argv=None) -> int:
                         peak_mb=f"{peak / 2**20:.1f}" if peak is not None else "n/a",
                     )
                     rows.append(row)
-                    print(f"N={n:6d} K={k:5d} D={d:4d} {name:26s} {row['ms']:>10s} ms  {row['gflops']:>8s} GFLOP/s  "
-                          f"peak {row['peak_mb']:>8s} MB  agree {row['agree']}", flush=True)
+                    print(
+                        f"N={n:6d} K={k:5d} D={d:4d} {name:26s} {row['ms']:>10s} ms  {row['gflops']:>8s} GFLOP/s  "
+                        f"peak {row['peak_mb']:>8s} MB  agree {row['agree']}",
+                        flush=True,
+                    )
 
-    columns = [("N", "N"), ("K", "K"), ("D", "D"), ("provider", "provider"), ("ms", "median ms"), ("iqr", "IQR ms"),
-               ("gflops", "GFLOP/s"), ("gbs", "GB/s"), ("peak_mb", "peak extra MB"), ("agree", "agree"), ("note", "note")]
+    columns = [
+        ("N", "N"),
+        ("K", "K"),
+        ("D", "D"),
+        ("provider", "provider"),
+        ("ms", "median ms"),
+        ("iqr", "IQR ms"),
+        ("gflops", "GFLOP/s"),
+        ("gbs", "GB/s"),
+        ("peak_mb", "peak extra MB"),
+        ("agree", "agree"),
+        ("note", "note"),
+    ]
     md = f"dtype {args.dtype}; {repeats} timed repeats; GFLOP/s = 2NKD/t; GB/s = ((N+K)D*itemsize + 8N)/t\n\n"
     md += markdown_table(rows, columns)
     flips = flip_rates(device)
     md += "\n## Code flips with fp16 inputs (against float64 on the same fp16 values)\n\n"
     md += markdown_table(flips, [(k, k) for k in flips[0]])
-    folder = write_results(f"bench_codebook_lookup_{args.dtype}", device, rows, md, args.out, {"quick": args.quick}, roofline_math="fp32")
+    folder = write_results(
+        f"bench_codebook_lookup_{args.dtype}", device, rows, md, args.out, {"quick": args.quick}, roofline_math="fp32"
+    )
     _plot(rows, folder / f"bench_codebook_lookup_{args.dtype}.png", device)
     print(md)
     print(f"results in {folder}")

@@ -48,7 +48,11 @@ def main(argv=None) -> int:
     providers = default_providers()
     if dev == "cpu" or "CUDAExecutionProvider" not in providers:
         providers = ["CPUExecutionProvider"]
-    reps = {"repeats": 3 if args.quick else 10, "warmup": 1 if args.quick else 2, "max_seconds": 10.0 if args.quick else 30.0}
+    reps = {
+        "repeats": 3 if args.quick else 10,
+        "warmup": 1 if args.quick else 2,
+        "max_seconds": 10.0 if args.quick else 30.0,
+    }
 
     m = load_default()
     tmp = tempfile.TemporaryDirectory()
@@ -66,10 +70,21 @@ def main(argv=None) -> int:
 
     def add(part, workload, provider, units, n, fn):
         t = time_fn(fn, dev, **reps)
-        rows.append({"part": part, "workload": workload, "provider": provider, "median_ms": round(t["median_ms"], 3),
-                     "q1_ms": round(t["q1_ms"], 3), "q3_ms": round(t["q3_ms"], 3),
-                     "throughput": f"{n / t['median_ms'] * 1e3:.1f} {units}"})
-        print(f"{part:12s} {workload:28s} {provider:26s} {t['median_ms']:9.2f} ms  {n / t['median_ms'] * 1e3:9.1f} {units}", flush=True)
+        rows.append(
+            {
+                "part": part,
+                "workload": workload,
+                "provider": provider,
+                "median_ms": round(t["median_ms"], 3),
+                "q1_ms": round(t["q1_ms"], 3),
+                "q3_ms": round(t["q3_ms"], 3),
+                "throughput": f"{n / t['median_ms'] * 1e3:.1f} {units}",
+            }
+        )
+        print(
+            f"{part:12s} {workload:28s} {provider:26s} {t['median_ms']:9.2f} ms  {n / t['median_ms'] * 1e3:9.1f} {units}",
+            flush=True,
+        )
 
     # ---- tokenizer
     codes_ref = tok.encode(pix_t).cpu().numpy()
@@ -83,19 +98,36 @@ def main(argv=None) -> int:
     tok.to_reference()
     # ---- detokenizer
     codes_t = torch.from_numpy(codes_ref).to(dev)
-    assert np.abs(rt.embed(codes_ref) - tok.decode(codes_t).cpu().numpy()).max() <= 1e-4 * np.abs(rt.embed(codes_ref)).max()
+    assert (
+        np.abs(rt.embed(codes_ref) - tok.decode(codes_t).cpu().numpy()).max()
+        <= 1e-4 * np.abs(rt.embed(codes_ref)).max()
+    )
     add("detokenizer", "batch 32", "torch eager", "images/s", 32, lambda: tok.decode(codes_t))
     add("detokenizer", "batch 32", ort_name, "images/s", 32, lambda: rt.embed(codes_ref))
     # ---- LLM: captions (greedy, KV cache)
-    cap_rows = [llm.encode_turn(llm.template.caption, codes_ref[i: i + 1]) for i in range(32)]
+    cap_rows = [llm.encode_turn(llm.template.caption, codes_ref[i : i + 1]) for i in range(32)]
     new_ids = llm.generate_ids(cap_rows)
     assert rt.generate_ids(cap_rows) == new_ids, "onnxruntime captions differ from torch"
     n_new = sum(len(r) for r in new_ids)
-    add("llm", f"caption 32 ({n_new} new tokens)", "torch (static KV cache)", "tokens/s", n_new, lambda: llm.generate_ids(cap_rows))
+    add(
+        "llm",
+        f"caption 32 ({n_new} new tokens)",
+        "torch (static KV cache)",
+        "tokens/s",
+        n_new,
+        lambda: llm.generate_ids(cap_rows),
+    )
     add("llm", f"caption 32 ({n_new} new tokens)", ort_name, "tokens/s", n_new, lambda: rt.generate_ids(cap_rows))
     prompts = caps[:8]
     assert np.array_equal(rt.generate_codes(prompts), llm.generate_image_codes(prompts).numpy())
-    add("llm", "8 prompts -> 32 codes each", "torch (static KV cache)", "tokens/s", 8 * 32, lambda: llm.generate_image_codes(prompts))
+    add(
+        "llm",
+        "8 prompts -> 32 codes each",
+        "torch (static KV cache)",
+        "tokens/s",
+        8 * 32,
+        lambda: llm.generate_image_codes(prompts),
+    )
     add("llm", "8 prompts -> 32 codes each", ort_name, "tokens/s", 8 * 32, lambda: rt.generate_codes(prompts))
     # ---- decoder UNet (one guided step)
     emb = rt.embed(codes_ref[:8])
@@ -115,19 +147,42 @@ def main(argv=None) -> int:
             return dec._denoise(xt, tt, et)
 
     add("decoder", "UNet step, 8 images guided", "torch eager", "images/s", 8, torch_unet)
-    add("decoder", "UNet step, 8 images guided", ort_name, "images/s", 8, lambda: sess.run(None, {"sample": x, "timestep": t, "embedding": e2}))
+    add(
+        "decoder",
+        "UNet step, 8 images guided",
+        ort_name,
+        "images/s",
+        8,
+        lambda: sess.run(None, {"sample": x, "timestep": t, "embedding": e2}),
+    )
     # ratios
-    base = {(r["part"], r["workload"]): r["median_ms"] for r in rows if r["provider"].startswith("torch eager") or r["provider"].startswith("torch (")}
+    base = {
+        (r["part"], r["workload"]): r["median_ms"]
+        for r in rows
+        if r["provider"].startswith("torch eager") or r["provider"].startswith("torch (")
+    }
     for r in rows:
         ref_ms = base.get((r["part"], r["workload"]))
         r["vs_torch_eager"] = f"{ref_ms / r['median_ms']:.2f}x" if ref_ms else ""
-    cols = [("part", "part"), ("workload", "workload"), ("provider", "provider"), ("median_ms", "median ms"),
-            ("q1_ms", "q1"), ("q3_ms", "q3"), ("throughput", "throughput"), ("vs_torch_eager", "speed vs torch")]
-    md = ("Embedded default model; onnxruntime runs the exported fp32 graphs through seed_fast.runtime "
-          "(numpy + onnxruntime). Outputs checked equal before timing.\n\n" + markdown_table(rows, cols))
+    cols = [
+        ("part", "part"),
+        ("workload", "workload"),
+        ("provider", "provider"),
+        ("median_ms", "median ms"),
+        ("q1_ms", "q1"),
+        ("q3_ms", "q3"),
+        ("throughput", "throughput"),
+        ("vs_torch_eager", "speed vs torch"),
+    ]
+    md = (
+        "Embedded default model; onnxruntime runs the exported fp32 graphs through seed_fast.runtime "
+        "(numpy + onnxruntime). Outputs checked equal before timing.\n\n" + markdown_table(rows, cols)
+    )
     import onnxruntime
 
-    folder = write_results("bench_export", dev, rows, md, args.out, extra={"onnxruntime": onnxruntime.__version__, "providers": providers})
+    folder = write_results(
+        "bench_export", dev, rows, md, args.out, extra={"onnxruntime": onnxruntime.__version__, "providers": providers}
+    )
     print(md)
     print(f"results in {folder}")
     tmp.cleanup()

@@ -39,9 +39,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import markdown_table, time_fn, write_results  # noqa: E402
 
 MODELS = {
-    "llama-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32), 32000),
-    "opt-2.7b": ("opt", dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32, word_embed_proj_dim=2560), 50265),
-    "llama-small": ("llama", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12), 32000),
+    "llama-7b": (
+        "llama",
+        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+        32000,
+    ),
+    "opt-2.7b": (
+        "opt",
+        dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32, word_embed_proj_dim=2560),
+        50265,
+    ),
+    "llama-small": (
+        "llama",
+        dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+        32000,
+    ),
 }
 
 
@@ -101,22 +113,34 @@ def main() -> int:
 
         def hf(static=False):
             kw = dict(cache_implementation="static") if static else {}
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                 eos_token_id=None, pad_token_id=pad, **kw)
-            return out[:, ids.shape[1]:].tolist()
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=pad,
+                **kw,
+            )
+            return out[:, ids.shape[1] :].tolist()
 
         providers = {
             "transformers generate": lambda: hf(False),
             "transformers generate (static)": lambda: hf(True),
-            "seed_fast generate_ids": lambda: llm.generate_ids(prompts, max_new_tokens=n_new, suppress_image_tokens=False, stop_ids=()),
+            "seed_fast generate_ids": lambda: llm.generate_ids(
+                prompts, max_new_tokens=n_new, suppress_image_tokens=False, stop_ids=()
+            ),
         }
         if device == "cuda":
+
             def compiled():
                 llm.compile_decode(True)
                 try:
                     return llm.generate_ids(prompts, max_new_tokens=n_new, suppress_image_tokens=False, stop_ids=())
                 finally:
                     llm._compile = False  # keep the compiled decoder cached, later providers run eager
+
             providers["seed_fast generate_ids compiled"] = compiled
         providers["seed_fast image codes (32)"] = lambda: llm.generate_codes_from_ids(image_prompts)
 
@@ -124,32 +148,79 @@ def main() -> int:
         for pname, fn in providers.items():
             with torch.no_grad():
                 got = fn()
-                same = "-" if pname.endswith("(32)") else ("yes" if got == want else f"{sum(a == c for a, c in zip(got, want))}/{b} rows")
+                same = (
+                    "-"
+                    if pname.endswith("(32)")
+                    else ("yes" if got == want else f"{sum(a == c for a, c in zip(got, want))}/{b} rows")
+                )
                 tm = time_fn(fn, device, warmup=1 if device == "cpu" else 2, repeats=repeats, max_seconds=30)
             toks = b * (32 if pname.endswith("(32)") else n_new)
-            row = {"model": name, "batch": b, "provider": pname, "ms": f"{tm['median_ms']:.1f}",
-                   "iqr": f"{tm['q1_ms']:.1f}-{tm['q3_ms']:.1f}", "tok_s": f"{toks / tm['median_ms'] * 1e3:.1f}", "same": same}
+            row = {
+                "model": name,
+                "batch": b,
+                "provider": pname,
+                "ms": f"{tm['median_ms']:.1f}",
+                "iqr": f"{tm['q1_ms']:.1f}-{tm['q3_ms']:.1f}",
+                "tok_s": f"{toks / tm['median_ms'] * 1e3:.1f}",
+                "same": same,
+            }
             rows.append(row)
-            print(f"{name} B={b:<3d} {pname:34s} {row['ms']:>9s} ms  {row['tok_s']:>9s} tok/s  same tokens: {same}", flush=True)
+            print(
+                f"{name} B={b:<3d} {pname:34s} {row['ms']:>9s} ms  {row['tok_s']:>9s} tok/s  same tokens: {same}",
+                flush=True,
+            )
 
     pre_rows = prefill_rows(llm, name, batches, args, device, repeats)
     lora_rows = [] if args.no_lora else lora_table(llm, name, batches[:1], args, device, repeats)
 
-    columns = [("model", "model"), ("batch", "batch"), ("provider", "provider"), ("ms", "median ms / call"),
-               ("iqr", "IQR ms"), ("tok_s", "tokens/s"), ("same", "same tokens as generate")]
-    md = (f"dtype {str(dtype).replace('torch.', '')}; prompt {args.prompt} tokens (left-padded, lengths vary by up to 4), "
-          f"{n_new} new tokens greedy, random weights. tokens/s = batch x new tokens / call time (prefill included).\n\n")
+    columns = [
+        ("model", "model"),
+        ("batch", "batch"),
+        ("provider", "provider"),
+        ("ms", "median ms / call"),
+        ("iqr", "IQR ms"),
+        ("tok_s", "tokens/s"),
+        ("same", "same tokens as generate"),
+    ]
+    md = (
+        f"dtype {str(dtype).replace('torch.', '')}; prompt {args.prompt} tokens (left-padded, lengths vary by up to 4), "
+        f"{n_new} new tokens greedy, random weights. tokens/s = batch x new tokens / call time (prefill included).\n\n"
+    )
     md += markdown_table(rows, columns)
-    md += ("\n\nPrefill alone (the prompt pass), and the decode rate derived from it: decode tok/s = "
-           "batch x (new - 1) / (generate ms - prefill ms).\n\n")
-    md += markdown_table(pre_rows, [("model", "model"), ("batch", "batch"), ("provider", "provider"), ("ms", "median ms"),
-                                    ("iqr", "IQR ms"), ("tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s (derived)")])
+    md += (
+        "\n\nPrefill alone (the prompt pass), and the decode rate derived from it: decode tok/s = "
+        "batch x (new - 1) / (generate ms - prefill ms).\n\n"
+    )
+    md += markdown_table(
+        pre_rows,
+        [
+            ("model", "model"),
+            ("batch", "batch"),
+            ("provider", "provider"),
+            ("ms", "median ms"),
+            ("iqr", "IQR ms"),
+            ("tok_s", "prefill tokens/s"),
+            ("decode_tok_s", "decode tokens/s (derived)"),
+        ],
+    )
     if lora_rows:
-        md += ("\n\nLoRA at LLM level: SEED-LLaMA's adapter (r 16, alpha 32, every attention and MLP projection), "
-               "random non-zero weights, dropout off (eval).\n\n")
-        md += markdown_table(lora_rows, [("model", "model"), ("batch", "batch"), ("provider", "LoRA path"), ("pre_ms", "prefill ms"),
-                                         ("pre_tok_s", "prefill tokens/s"), ("gen_ms", "generate ms"), ("gen_tok_s", "generate tokens/s"),
-                                         ("same", "same tokens as peft")])
+        md += (
+            "\n\nLoRA at LLM level: SEED-LLaMA's adapter (r 16, alpha 32, every attention and MLP projection), "
+            "random non-zero weights, dropout off (eval).\n\n"
+        )
+        md += markdown_table(
+            lora_rows,
+            [
+                ("model", "model"),
+                ("batch", "batch"),
+                ("provider", "LoRA path"),
+                ("pre_ms", "prefill ms"),
+                ("pre_tok_s", "prefill tokens/s"),
+                ("gen_ms", "generate ms"),
+                ("gen_tok_s", "generate tokens/s"),
+                ("same", "same tokens as peft"),
+            ],
+        )
     every = rows + [dict(r, table="prefill") for r in pre_rows] + [dict(r, table="lora") for r in lora_rows]
     folder = write_results(f"bench_llm_decode_{name}", device, every, md, args.out, {"quick": args.quick})
     print(md)
@@ -178,7 +249,9 @@ def prefill_rows(llm, name, batches, args, device, repeats) -> list[dict]:
         toks = int(mask.sum())
 
         def hf():
-            return model(input_ids=ids, attention_mask=mask, position_ids=pos, **with_cache(DynamicCache()), use_cache=True).logits[:, -1]
+            return model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, **with_cache(DynamicCache()), use_cache=True
+            ).logits[:, -1]
 
         def ours():
             return llm._decoder(b, ids.shape[1] + args.new).prefill(ids, mask)
@@ -193,15 +266,26 @@ def prefill_rows(llm, name, batches, args, device, repeats) -> list[dict]:
             t_ours = time_fn(ours, device, warmup=1, repeats=repeats, max_seconds=20)
             t_full = time_fn(full, device, warmup=1, repeats=max(3, repeats // 2), max_seconds=30)
         for pname, tm in (("transformers forward (dynamic cache)", t_hf), ("seed_fast KVDecoder.prefill", t_ours)):
-            row = {"model": name, "batch": b, "provider": pname, "ms": f"{tm['median_ms']:.1f}",
-                   "iqr": f"{tm['q1_ms']:.1f}-{tm['q3_ms']:.1f}", "tok_s": f"{toks / tm['median_ms'] * 1e3:.0f}",
-                   "prompt_tokens": toks, "max_abs_logit_diff": err, "decode_tok_s": "-"}
+            row = {
+                "model": name,
+                "batch": b,
+                "provider": pname,
+                "ms": f"{tm['median_ms']:.1f}",
+                "iqr": f"{tm['q1_ms']:.1f}-{tm['q3_ms']:.1f}",
+                "tok_s": f"{toks / tm['median_ms'] * 1e3:.0f}",
+                "prompt_tokens": toks,
+                "max_abs_logit_diff": err,
+                "decode_tok_s": "-",
+            }
             if pname.startswith("seed_fast"):
                 dec_ms = t_full["median_ms"] - tm["median_ms"]
                 row["decode_tok_s"] = f"{b * (args.new - 1) / dec_ms * 1e3:.1f}" if dec_ms > 0 else "-"
             rows.append(row)
-            print(f"{name} B={b:<3d} prefill {pname:38s} {row['ms']:>9s} ms  {row['tok_s']:>9s} tok/s  "
-                  f"decode {row['decode_tok_s']} tok/s  (max |logit diff| {err:.2e})", flush=True)
+            print(
+                f"{name} B={b:<3d} prefill {pname:38s} {row['ms']:>9s} ms  {row['tok_s']:>9s} tok/s  "
+                f"decode {row['decode_tok_s']} tok/s  (max |logit diff| {err:.2e})",
+                flush=True,
+            )
     return rows
 
 
@@ -235,6 +319,7 @@ def lora_table(llm, name, batches, args, device, repeats) -> list[dict]:
         variants["merged into the base weights"] = copy.deepcopy(peft_llm).merge_lora()
         want = None
         for pname, v in variants.items():
+
             def pre(v=v):
                 return v._decoder(b, ids.shape[1] + args.new).prefill(ids, mask)
 
@@ -247,12 +332,22 @@ def lora_table(llm, name, batches, args, device, repeats) -> list[dict]:
                 same = "yes" if got == want else f"{sum(x == y for x, y in zip(got, want))}/{b} rows"
                 tp = time_fn(pre, device, warmup=1, repeats=repeats, max_seconds=20)
                 tg = time_fn(gen, device, warmup=1, repeats=max(3, repeats // 2), max_seconds=30)
-            row = {"model": name, "batch": b, "provider": pname, "pre_ms": f"{tp['median_ms']:.1f}",
-                   "pre_tok_s": f"{toks / tp['median_ms'] * 1e3:.0f}", "gen_ms": f"{tg['median_ms']:.1f}",
-                   "gen_tok_s": f"{b * args.new / tg['median_ms'] * 1e3:.1f}", "same": same}
+            row = {
+                "model": name,
+                "batch": b,
+                "provider": pname,
+                "pre_ms": f"{tp['median_ms']:.1f}",
+                "pre_tok_s": f"{toks / tp['median_ms'] * 1e3:.0f}",
+                "gen_ms": f"{tg['median_ms']:.1f}",
+                "gen_tok_s": f"{b * args.new / tg['median_ms'] * 1e3:.1f}",
+                "same": same,
+            }
             rows.append(row)
-            print(f"{name} B={b:<3d} LoRA {pname:32s} prefill {row['pre_ms']:>8s} ms  generate {row['gen_ms']:>8s} ms "
-                  f"{row['gen_tok_s']:>8s} tok/s  same tokens: {same}", flush=True)
+            print(
+                f"{name} B={b:<3d} LoRA {pname:32s} prefill {row['pre_ms']:>8s} ms  generate {row['gen_ms']:>8s} ms "
+                f"{row['gen_tok_s']:>8s} tok/s  same tokens: {same}",
+                flush=True,
+            )
         del variants, peft_llm, fused
     return rows
 

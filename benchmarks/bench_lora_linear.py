@@ -135,13 +135,19 @@ def main(argv=None) -> int:
                         ms = tm["median_ms"]
                         if name == "base matmul alone":
                             base_ms[mode] = ms
-                        row.update(ms=f"{ms:.3f}", iqr=f"{tm['q1_ms']:.3f}-{tm['q3_ms']:.3f}",
-                                   tflops=f"{flop / (ms / 1e3) / 1e12:.3f}",
-                                   overhead=f"{(ms / base_ms[mode] - 1) * 100:+.0f}%" if mode in base_ms else "",
-                                   err=f"{err:.1e}")
+                        row.update(
+                            ms=f"{ms:.3f}",
+                            iqr=f"{tm['q1_ms']:.3f}-{tm['q3_ms']:.3f}",
+                            tflops=f"{flop / (ms / 1e3) / 1e12:.3f}",
+                            overhead=f"{(ms / base_ms[mode] - 1) * 100:+.0f}%" if mode in base_ms else "",
+                            err=f"{err:.1e}",
+                        )
                         rows.append(row)
-                        print(f"{row['shape']:28s} T={t:6d} r={r:3d} {mode:7s} {name:20s} {row['ms']:>10s} ms "
-                              f"{row['tflops']:>8s} TFLOP/s  overhead {row['overhead']:>6s}  err {row['err']}", flush=True)
+                        print(
+                            f"{row['shape']:28s} T={t:6d} r={r:3d} {mode:7s} {name:20s} {row['ms']:>10s} ms "
+                            f"{row['tflops']:>8s} TFLOP/s  overhead {row['overhead']:>6s}  err {row['err']}",
+                            flush=True,
+                        )
 
     # multi-adapter decode: 32 rows, each its own sequence of one token
     in_f, out_f = SHAPES[shapes[0]]
@@ -158,25 +164,52 @@ def main(argv=None) -> int:
             want = pm(x, adapter_names=adapter_names)
             provs = {
                 "peft mixed batch": lambda: pm(x, adapter_names=adapter_names),
-                "seed_fast lora_linear_multi": lambda: lora_linear_multi(x, base.weight, base.bias, a_s, b_s, ids, scal),
+                "seed_fast lora_linear_multi": lambda: lora_linear_multi(
+                    x, base.weight, base.bias, a_s, b_s, ids, scal
+                ),
             }
             for name, fn in provs.items():
                 err = ((fn().float() - want.float()).abs().max() / want.float().abs().max()).item()
                 tm = time_fn(fn, device, repeats=repeats, max_seconds=10)
-                row = {"shape": f"decode {in_f}x{out_f}, {n_ad} adapters", "tokens": 32, "r": ranks[0],
-                       "mode": "fwd", "provider": name, "ms": f"{tm['median_ms']:.3f}",
-                       "iqr": f"{tm['q1_ms']:.3f}-{tm['q3_ms']:.3f}", "err": f"{err:.1e}"}
+                row = {
+                    "shape": f"decode {in_f}x{out_f}, {n_ad} adapters",
+                    "tokens": 32,
+                    "r": ranks[0],
+                    "mode": "fwd",
+                    "provider": name,
+                    "ms": f"{tm['median_ms']:.3f}",
+                    "iqr": f"{tm['q1_ms']:.3f}-{tm['q3_ms']:.3f}",
+                    "err": f"{err:.1e}",
+                }
                 rows.append(row)
                 print(f"{row['shape']:28s} {name:28s} {row['ms']:>10s} ms  err {row['err']}", flush=True)
 
-    columns = [("shape", "shape (in x out)"), ("tokens", "tokens"), ("r", "r"), ("mode", "mode"),
-               ("provider", "provider"), ("ms", "median ms"), ("iqr", "IQR ms"), ("tflops", "TFLOP/s"),
-               ("overhead", "vs base matmul"), ("err", "rel err vs peft")]
-    md = (f"dtype {str(dtype).replace('torch.', '')}; FLOP fwd = 2 T in out + 2 T r (in + out); fwd+bwd adds "
-          "2 T in out + 4 T r (in + out) (base weight frozen).\n\n")
+    columns = [
+        ("shape", "shape (in x out)"),
+        ("tokens", "tokens"),
+        ("r", "r"),
+        ("mode", "mode"),
+        ("provider", "provider"),
+        ("ms", "median ms"),
+        ("iqr", "IQR ms"),
+        ("tflops", "TFLOP/s"),
+        ("overhead", "vs base matmul"),
+        ("err", "rel err vs peft"),
+    ]
+    md = (
+        f"dtype {str(dtype).replace('torch.', '')}; FLOP fwd = 2 T in out + 2 T r (in + out); fwd+bwd adds "
+        "2 T in out + 4 T r (in + out) (base weight frozen).\n\n"
+    )
     md += markdown_table(rows, columns)
-    folder = write_results(f"bench_lora_linear_{str(dtype).replace('torch.', '')}", device, rows, md, args.out,
-                           {"quick": args.quick}, roofline_math="tensor16" if dtype in (torch.float16, torch.bfloat16) else "fp32")
+    folder = write_results(
+        f"bench_lora_linear_{str(dtype).replace('torch.', '')}",
+        device,
+        rows,
+        md,
+        args.out,
+        {"quick": args.quick},
+        roofline_math="tensor16" if dtype in (torch.float16, torch.bfloat16) else "fp32",
+    )
     print(md)
     print(f"results in {folder}")
     return 0

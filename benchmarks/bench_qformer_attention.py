@@ -71,7 +71,9 @@ def make_providers(device: str) -> dict:
 
             def xf(q, k, v, c):
                 bias = xops.LowerTriangularMask() if c else None
-                out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+                out = xops.memory_efficient_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+                )
                 return out.transpose(1, 2)
 
             prov["xformers mem-efficient"] = xf
@@ -123,8 +125,13 @@ def main(argv=None) -> int:
                 ref64 = qformer_attention_ref(q.double(), k.double(), v.double(), causal=causal)
                 for mode in ("fwd", "fwd+bwd"):
                     for name, fn in providers.items():
-                        row = {"dtype": str(dtype).replace("torch.", ""), "B": b, "attention": kind, "mode": mode,
-                               "provider": name}
+                        row = {
+                            "dtype": str(dtype).replace("torch.", ""),
+                            "B": b,
+                            "attention": kind,
+                            "mode": mode,
+                            "provider": name,
+                        }
                         if name.startswith("seed_fast triton") and not_supported_reasons("triton", q, k, v):
                             continue
                         try:
@@ -132,7 +139,9 @@ def main(argv=None) -> int:
                                 err = (fn(q, k, v, causal).double() - ref64).abs().max().item()
                             if mode == "fwd":
                                 with torch.no_grad():
-                                    t = time_fn(lambda fn=fn: fn(q, k, v, causal), device, repeats=repeats, max_seconds=5)
+                                    t = time_fn(
+                                        lambda fn=fn: fn(q, k, v, causal), device, repeats=repeats, max_seconds=5
+                                    )
                                 flop = fwd_flop
                             else:
                                 qg, kg, vg = _inputs(b, lk, dtype, device, grad=True)
@@ -158,15 +167,32 @@ def main(argv=None) -> int:
                             err=f"{err:.1e}",
                         )
                         rows.append(row)
-                        print(f"{row['dtype']:8s} B={b:4d} {kind:13s} {mode:7s} {name:24s} {row['us']:>10s} us "
-                              f"{row['tflops']:>8s} TFLOP/s  err {row['err']}", flush=True)
-    columns = [("dtype", "dtype"), ("B", "B"), ("attention", "attention"), ("mode", "mode"), ("provider", "provider"),
-               ("us", "median us"), ("iqr", "IQR us"), ("tflops", "TFLOP/s"), ("gbs", "GB/s (fwd)"),
-               ("err", "max err vs fp64"), ("note", "note")]
-    md = (f"{HEADS} heads x {DH}, {LQ} queries; self = causal 32 x 32, cross = 32 x {LK_IMAGE}; {repeats} timed "
-          "repeats.\nFLOP fwd = 4 B H Dh pairs; fwd+bwd = 3.5 x fwd; GB/s = (q + k + v + out) bytes / t.\n\n")
+                        print(
+                            f"{row['dtype']:8s} B={b:4d} {kind:13s} {mode:7s} {name:24s} {row['us']:>10s} us "
+                            f"{row['tflops']:>8s} TFLOP/s  err {row['err']}",
+                            flush=True,
+                        )
+    columns = [
+        ("dtype", "dtype"),
+        ("B", "B"),
+        ("attention", "attention"),
+        ("mode", "mode"),
+        ("provider", "provider"),
+        ("us", "median us"),
+        ("iqr", "IQR us"),
+        ("tflops", "TFLOP/s"),
+        ("gbs", "GB/s (fwd)"),
+        ("err", "max err vs fp64"),
+        ("note", "note"),
+    ]
+    md = (
+        f"{HEADS} heads x {DH}, {LQ} queries; self = causal 32 x 32, cross = 32 x {LK_IMAGE}; {repeats} timed "
+        "repeats.\nFLOP fwd = 4 B H Dh pairs; fwd+bwd = 3.5 x fwd; GB/s = (q + k + v + out) bytes / t.\n\n"
+    )
     md += markdown_table(rows, columns)
-    folder = write_results("bench_qformer_attention", device, rows, md, args.out, {"quick": args.quick}, roofline_math="fp32")
+    folder = write_results(
+        "bench_qformer_attention", device, rows, md, args.out, {"quick": args.quick}, roofline_math="fp32"
+    )
     print(md)
     print(f"results in {folder}")
     return 0

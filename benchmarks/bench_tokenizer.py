@@ -47,9 +47,16 @@ def _hf_qformer(tok):
     cfg = tok.config
     q = cfg.qformer
     hf_cfg = transformers.Blip2QFormerConfig(
-        hidden_size=q.hidden, num_hidden_layers=q.layers, num_attention_heads=q.heads, intermediate_size=q.ffn,
-        encoder_hidden_size=cfg.vision.width, cross_attention_frequency=q.cross_attention_freq,
-        layer_norm_eps=q.ln_eps, hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_size=q.hidden,
+        num_hidden_layers=q.layers,
+        num_attention_heads=q.heads,
+        intermediate_size=q.ffn,
+        encoder_hidden_size=cfg.vision.width,
+        cross_attention_frequency=q.cross_attention_freq,
+        layer_norm_eps=q.ln_eps,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     hf = transformers.Blip2QFormerModel(hf_cfg).eval()
     sd = ours_to_hf_qformer(tok.state_dict())
@@ -67,8 +74,15 @@ def _timed_row(part, b, name, fn, ref, device, repeats, flop=None):
             err = f"{(out == ref).float().mean().item() * 100:.2f}% codes equal"
         t = time_fn(fn, device, warmup=1 if device == "cpu" else 3, repeats=repeats, max_seconds=30)
     sec = t["median_ms"] / 1e3
-    row = {"part": part, "B": b, "provider": name, "ms": f"{t['median_ms']:.3f}",
-           "iqr": f"{t['q1_ms']:.3f}-{t['q3_ms']:.3f}", "img_s": f"{b / sec:.1f}", "check": err}
+    row = {
+        "part": part,
+        "B": b,
+        "provider": name,
+        "ms": f"{t['median_ms']:.3f}",
+        "iqr": f"{t['q1_ms']:.3f}-{t['q3_ms']:.3f}",
+        "img_s": f"{b / sec:.1f}",
+        "check": err,
+    }
     if flop is not None:
         row["gflops"] = f"{flop / sec / 1e9:.1f}"
     print(f"{part:9s} B={b:4d} {name:34s} {row['ms']:>10s} ms  {row['img_s']:>9s} img/s  {err}", flush=True)
@@ -79,8 +93,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default float16 on CUDA, float32 on CPU")
-    p.add_argument("--config", default="seed-tokenizer-2", help="a preset (random weights) or a SeedTokenizer folder, "
-                   "e.g. seed_fast/assets/default_model/tokenizer (the embedded model)")
+    p.add_argument(
+        "--config",
+        default="seed-tokenizer-2",
+        help="a preset (random weights) or a SeedTokenizer folder, "
+        "e.g. seed_fast/assets/default_model/tokenizer (the embedded model)",
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--qformer-batches", default=None, help="default 1,32,256 (CUDA) or 1,8 (CPU)")
     p.add_argument("--tokenizer-batches", default=None, help="default 1,32,256 (CUDA) or 1 (CPU)")
@@ -102,8 +120,11 @@ def main(argv=None) -> int:
     folder_cfg = Path(args.config).is_dir()
     # a preset gets uniform unit-scale weights: speed does not depend on them, and the full size builds in
     # seconds instead of the minute its truncated-normal init takes on 2 cores
-    tok = (SeedTokenizer.from_pretrained(args.config) if folder_cfg
-           else SeedTokenizer.from_config(args.config, seed=0, init="uniform"))
+    tok = (
+        SeedTokenizer.from_pretrained(args.config)
+        if folder_cfg
+        else SeedTokenizer.from_config(args.config, seed=0, init="uniform")
+    )
     tok = tok.to(device, dtype).eval()
     cfg = tok.config
     rows = []
@@ -124,8 +145,11 @@ def main(argv=None) -> int:
             mask = torch.ones(b, 1, 32, 32, dtype=torch.bool, device=device).tril()
             qt = query_tokens.expand(b, -1, -1)
             provs["transformers Blip2QFormerModel"] = (
-                lambda feats=feats, mask=mask, qt=qt: hf(query_embeds=qt, attention_mask=mask,
-                                                          encoder_hidden_states=feats).last_hidden_state, None)
+                lambda feats=feats, mask=mask, qt=qt: (
+                    hf(query_embeds=qt, attention_mask=mask, encoder_hidden_states=feats).last_hidden_state
+                ),
+                None,
+            )
         provs["seed_fast reference"] = (lambda feats=feats: tok.qformer(feats), "ref")
         provs["seed_fast to_fast()"] = (lambda feats=feats: tok.qformer(feats), "fast")
         if not (args.quick and not cuda):  # on CPU, compiling for each batch takes most of a quick run
@@ -160,8 +184,17 @@ def main(argv=None) -> int:
             modes["to_fast(cuda_graph=True)"] = lambda: tok.to_fast(cuda_graph=True)
         for name, setup in modes.items():
             setup()
-            rows.append(_timed_row("tokenizer", b, name, lambda images=images: tok.encode(images), ref_codes,
-                                   device, max(2, repeats // 3)))
+            rows.append(
+                _timed_row(
+                    "tokenizer",
+                    b,
+                    name,
+                    lambda images=images: tok.encode(images),
+                    ref_codes,
+                    device,
+                    max(2, repeats // 3),
+                )
+            )
             peak = peak_extra_bytes(lambda images=images: tok.encode(images), device)
             rows[-1]["peak_mb"] = f"{peak / 2**20:.1f}" if peak is not None else "n/a"
     tok.to_reference()
@@ -171,23 +204,47 @@ def main(argv=None) -> int:
         codes = torch.randint(0, tok.codebook_size, (b, tok.num_codes), generator=g)
         with torch.no_grad():
             ref_emb = tok.decode(codes)
-        rows.append(_timed_row("de-tokenizer", b, "seed_fast decode", lambda codes=codes: tok.decode(codes), ref_emb,
-                               device, repeats))
+        rows.append(
+            _timed_row(
+                "de-tokenizer", b, "seed_fast decode", lambda codes=codes: tok.decode(codes), ref_emb, device, repeats
+            )
+        )
         peak = peak_extra_bytes(lambda codes=codes: tok.decode(codes), device)
         rows[-1]["peak_mb"] = f"{peak / 2**20:.1f}" if peak is not None else "n/a"
 
-    columns = [("part", "part"), ("B", "B"), ("provider", "provider"), ("ms", "median ms"), ("iqr", "IQR ms"),
-               ("img_s", "images/s"), ("gflops", "GFLOP/s (Q-Former matmuls)"), ("peak_mb", "peak extra MB"), ("check", "vs reference"),
-               ("note", "note")]
+    columns = [
+        ("part", "part"),
+        ("B", "B"),
+        ("provider", "provider"),
+        ("ms", "median ms"),
+        ("iqr", "IQR ms"),
+        ("img_s", "images/s"),
+        ("gflops", "GFLOP/s (Q-Former matmuls)"),
+        ("peak_mb", "peak extra MB"),
+        ("check", "vs reference"),
+        ("note", "note"),
+    ]
     v = cfg.vision
-    weights = "the embedded model's weights" if folder_cfg else "random weights, init 'uniform' (speed does not depend on them)"
-    md = (f"{cfg.name}, {str(dtype).replace('torch.', '')}, {weights}. Q-Former input: (B, {v.num_tokens}, {v.width}) "
-          f"features; tokenizer: {v.image_size} x {v.image_size} images -> {tok.num_codes} codes; de-tokenizer: codes -> "
-          "generation embedding.\n\n")
+    weights = (
+        "the embedded model's weights"
+        if folder_cfg
+        else "random weights, init 'uniform' (speed does not depend on them)"
+    )
+    md = (
+        f"{cfg.name}, {str(dtype).replace('torch.', '')}, {weights}. Q-Former input: (B, {v.num_tokens}, {v.width}) "
+        f"features; tokenizer: {v.image_size} x {v.image_size} images -> {tok.num_codes} codes; de-tokenizer: codes -> "
+        "generation embedding.\n\n"
+    )
     md += markdown_table(rows, columns)
     suffix = "_embedded" if folder_cfg else ""
-    folder = write_results(f"bench_tokenizer{suffix}_{str(dtype).replace('torch.', '')}", device, rows, md, args.out,
-                           {"quick": args.quick, "config": args.config})
+    folder = write_results(
+        f"bench_tokenizer{suffix}_{str(dtype).replace('torch.', '')}",
+        device,
+        rows,
+        md,
+        args.out,
+        {"quick": args.quick, "config": args.config},
+    )
     print(md)
     print(f"results in {folder}")
     return 0

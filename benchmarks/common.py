@@ -156,8 +156,15 @@ def _row_roofline(row: dict, peaks: dict, default_math: str) -> float | None:
     return roofline_fraction(tflops, tb_s, peaks, math)
 
 
-def write_results(name: str, device: str, rows: list[dict], markdown: str, out_dir: str | None, extra: dict | None = None,
-                  roofline_math: str | None = None):
+def write_results(
+    name: str,
+    device: str,
+    rows: list[dict],
+    markdown: str,
+    out_dir: str | None,
+    extra: dict | None = None,
+    roofline_math: str | None = None,
+):
     """benchmarks/results/<device>/<name>.{md,json} (+ the caller's PNG). Returns the folder."""
     folder = Path(out_dir) if out_dir else Path(__file__).parent / "results" / device_name(device)
     folder.mkdir(parents=True, exist_ok=True)
@@ -181,9 +188,11 @@ def write_results(name: str, device: str, rows: list[dict], markdown: str, out_d
             meta["roofline_peaks"] = peaks
             if lines:
                 keys = [k for k in lines[0] if k not in ("roofline", "iqr", "err", "agree", "peak_mb", "note", "check")]
-                markdown += ("\n\nRoofline fraction = max(achieved FLOP/s / peak, achieved bytes/s / peak bandwidth), spec peaks "
-                             f"{peaks} (TFLOP/s, TB/s; `{roofline_math}` unless the row is fp16 / bf16 on tensor cores):\n\n"
-                             + markdown_table(lines, [(k, k) for k in keys] + [("roofline", "roofline")]))
+                markdown += (
+                    "\n\nRoofline fraction = max(achieved FLOP/s / peak, achieved bytes/s / peak bandwidth), spec peaks "
+                    f"{peaks} (TFLOP/s, TB/s; `{roofline_math}` unless the row is fp16 / bf16 on tensor cores):\n\n"
+                    + markdown_table(lines, [(k, k) for k in keys] + [("roofline", "roofline")])
+                )
     (folder / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     header = f"# {name}\n\ndevice: {meta['device']}; date: {meta['date']}; torch threads: {meta['threads']}\n\n"
     header += "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "\n\n"

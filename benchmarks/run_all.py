@@ -29,26 +29,62 @@ sys.path.insert(0, str(HERE))
 # targets on, sized so the whole suite fits one 10-minute device call with the build.
 BENCHES = {
     "codebook": dict(script="bench_codebook_lookup.py", cpu=[], cuda=["--quick"], quick=["--quick"], limits=(240, 120)),
-    "codebook-fp16": dict(script="bench_codebook_lookup.py", cpu=None, cuda=["--quick", "--dtype", "float16"],
-                          quick=["--quick", "--dtype", "float16", "--max-gflop", "2"], limits=(90, 100)),
-    "attention": dict(script="bench_qformer_attention.py", cpu=[], cuda=["--quick", "--batches", "1,32,256"], quick=["--quick"],
-                      limits=(240, 120)),
-    "lora": dict(script="bench_lora_linear.py", cpu=[], cuda=["--dtype", "bfloat16", "--tokens", "1,4096,16384", "--ranks", "16",
-                                                             "--shapes", "OPT-2.7B qkv/out,LLaMA-7B attn"], quick=["--quick"],
-                 limits=(240, 120)),
-    "tokenizer": dict(script="bench_tokenizer.py", cpu=[], cuda=["--qformer-batches", "1,256", "--tokenizer-batches", "1,256"],
-                      quick=["--quick"], limits=(240, 210)),
-    "tokenizer-embedded": dict(script="bench_tokenizer.py", cpu=["--config", "seed_fast/assets/default_model/tokenizer"],
-                               cuda=["--config", "seed_fast/assets/default_model/tokenizer", "--dtype", "float32"],
-                               quick=["--config", "seed_fast/assets/default_model/tokenizer", "--quick"], limits=(120, 60)),
+    "codebook-fp16": dict(
+        script="bench_codebook_lookup.py",
+        cpu=None,
+        cuda=["--quick", "--dtype", "float16"],
+        quick=["--quick", "--dtype", "float16", "--max-gflop", "2"],
+        limits=(90, 100),
+    ),
+    "attention": dict(
+        script="bench_qformer_attention.py",
+        cpu=[],
+        cuda=["--quick", "--batches", "1,32,256"],
+        quick=["--quick"],
+        limits=(240, 120),
+    ),
+    "lora": dict(
+        script="bench_lora_linear.py",
+        cpu=[],
+        cuda=[
+            "--dtype",
+            "bfloat16",
+            "--tokens",
+            "1,4096,16384",
+            "--ranks",
+            "16",
+            "--shapes",
+            "OPT-2.7B qkv/out,LLaMA-7B attn",
+        ],
+        quick=["--quick"],
+        limits=(240, 120),
+    ),
+    "tokenizer": dict(
+        script="bench_tokenizer.py",
+        cpu=[],
+        cuda=["--qformer-batches", "1,256", "--tokenizer-batches", "1,256"],
+        quick=["--quick"],
+        limits=(240, 210),
+    ),
+    "tokenizer-embedded": dict(
+        script="bench_tokenizer.py",
+        cpu=["--config", "seed_fast/assets/default_model/tokenizer"],
+        cuda=["--config", "seed_fast/assets/default_model/tokenizer", "--dtype", "float32"],
+        quick=["--config", "seed_fast/assets/default_model/tokenizer", "--quick"],
+        limits=(120, 60),
+    ),
     "llm": dict(script="bench_llm_decode.py", cpu=[], cuda=["--quick"], quick=["--quick"], limits=(240, 180)),
     "export": dict(script="bench_export.py", cpu=[], cuda=[], quick=["--quick"], limits=(180, 120)),
-    "related": dict(script="bench_related.py", cpu=[], cuda=["--quick"], quick=["--quick", "--batch", "4"], limits=(120, 90)),
+    "related": dict(
+        script="bench_related.py", cpu=[], cuda=["--quick"], quick=["--quick", "--batch", "4"], limits=(120, 90)
+    ),
 }
 ORDER = list(BENCHES)
 
 
-def run(names: list[str], *, quick: bool, device: str, out: Path, time_scale: float = 1.0, progress: bool = True) -> dict:
+def run(
+    names: list[str], *, quick: bool, device: str, out: Path, time_scale: float = 1.0, progress: bool = True
+) -> dict:
     from common import device_name, versions
 
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +105,9 @@ def run(names: list[str], *, quick: bool, device: str, out: Path, time_scale: fl
         t0 = time.perf_counter()
         with open(out / "logs" / f"{name}.log", "w") as log:
             try:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=limit, cwd=HERE.parent).returncode
+                rc = subprocess.run(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, timeout=limit, cwd=HERE.parent
+                ).returncode
                 state = "ok" if rc == 0 else f"failed (exit {rc}, see logs/{name}.log)"
             except subprocess.TimeoutExpired:
                 state = f"timed out after {limit} s"
@@ -77,8 +115,12 @@ def run(names: list[str], *, quick: bool, device: str, out: Path, time_scale: fl
         if progress:
             print(f"    {state} in {status[name]['seconds']:.0f} s", flush=True)
     meta = {
-        "device": device_name(device), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "versions": versions(), "quick": quick, "total_seconds": round(time.perf_counter() - t_all, 1), "scripts": status,
+        "device": device_name(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": versions(),
+        "quick": quick,
+        "total_seconds": round(time.perf_counter() - t_all, 1),
+        "scripts": status,
     }
     if device == "cuda":
         import torch
@@ -104,10 +146,15 @@ def _results(out: Path) -> dict[str, dict]:
 
 def summarize(out: Path, meta: dict) -> None:
     results = _results(out)
-    lines = [f"# Benchmarks on {meta.get('gpu', meta['device'])}", "",
-             f"date {meta['date']}; {'quick' if meta['quick'] else 'full'} run; "
-             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
-             "| benchmark | status | seconds |", "|---|---|---|"]
+    lines = [
+        f"# Benchmarks on {meta.get('gpu', meta['device'])}",
+        "",
+        f"date {meta['date']}; {'quick' if meta['quick'] else 'full'} run; "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "",
+        "| benchmark | status | seconds |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {v['status']} | {v['seconds']} |" for k, v in meta["scripts"].items()]
     lines.append("")
     for stem in results:
@@ -123,8 +170,27 @@ def summarize(out: Path, meta: dict) -> None:
 
 
 _TIME_KEYS = (("ms", 1.0), ("median_ms", 1.0), ("us", 1e-3))
-_NOT_GROUP = {"provider", "iqr", "agree", "gflops", "gbs", "peak_mb", "tflops", "overhead", "err", "img_s", "tok_s",
-              "same", "check", "q1_ms", "q3_ms", "throughput", "vs_torch_eager", "note", "n"}
+_NOT_GROUP = {
+    "provider",
+    "iqr",
+    "agree",
+    "gflops",
+    "gbs",
+    "peak_mb",
+    "tflops",
+    "overhead",
+    "err",
+    "img_s",
+    "tok_s",
+    "same",
+    "check",
+    "q1_ms",
+    "q3_ms",
+    "throughput",
+    "vs_torch_eager",
+    "note",
+    "n",
+}
 
 
 def _ms(row: dict) -> float | None:
@@ -162,11 +228,17 @@ def plot(results: dict[str, dict], path: Path, meta: dict) -> None:
     heads = [(stem, h) for stem, data in results.items() if (h := headline(data["rows"]))]
     if not heads:
         return
-    fig, axes = plt.subplots(len(heads), 1, figsize=(9, 1.2 + 0.45 * sum(len(h[1]) for _, h in heads) + 0.6 * len(heads)))
+    fig, axes = plt.subplots(
+        len(heads), 1, figsize=(9, 1.2 + 0.45 * sum(len(h[1]) for _, h in heads) + 0.6 * len(heads))
+    )
     axes = [axes] if len(heads) == 1 else list(axes)
     for ax, (stem, (title, bars)) in zip(axes, heads):
         names, ms = [b[0] for b in bars], [b[1] for b in bars]
-        ax.barh(range(len(ms)), ms, color=["tab:orange" if n.startswith(("seed_fast", "onnxruntime")) else "tab:gray" for n in names])
+        ax.barh(
+            range(len(ms)),
+            ms,
+            color=["tab:orange" if n.startswith(("seed_fast", "onnxruntime")) else "tab:gray" for n in names],
+        )
         ax.set_yticks(range(len(ms)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xscale("log")
@@ -187,7 +259,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiply every script's time limit")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run: scales the time limits to fit")
+    p.add_argument(
+        "--budget", type=float, default=None, help="seconds for the whole run: scales the time limits to fit"
+    )
     args = p.parse_args(argv)
     import torch
 

@@ -139,8 +139,12 @@ class UnclipUNetGraph(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, class_labels):
         dt = self.unet.dtype
-        out = self.unet(sample.to(dt), timestep, encoder_hidden_states=encoder_hidden_states.to(dt),
-                        class_labels=class_labels.to(dt)).sample
+        out = self.unet(
+            sample.to(dt),
+            timestep,
+            encoder_hidden_states=encoder_hidden_states.to(dt),
+            class_labels=class_labels.to(dt),
+        ).sample
         return out.float()
 
 

@@ -31,7 +31,9 @@ class TensorRTError(RuntimeError):
     pass
 
 
-def shape_profiles(part: str, info: dict, *, max_batch: int = 8, opt_batch: int = 1, max_seq: int = 512) -> dict[str, tuple]:
+def shape_profiles(
+    part: str, info: dict, *, max_batch: int = 8, opt_batch: int = 1, max_seq: int = 512
+) -> dict[str, tuple]:
     """The (min, opt, max) shape of every input of one exported part, from its manifest entry."""
     if not 1 <= opt_batch <= max_batch:
         raise TensorRTError(f"need 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, max_batch={max_batch}")
@@ -47,16 +49,22 @@ def shape_profiles(part: str, info: dict, *, max_batch: int = 8, opt_batch: int 
     b2 = (1, 2 * opt_batch, 2 * max_batch)
     if part == "decoder" and info.get("kind") == "unclip":
         c, h, d = info["in_channels"], info["latent_size"], info["embed_dim"]
-        return {"sample": tuple((n, c, h, h) for n in b2), "timestep": tuple((n,) for n in b2),
-                "encoder_hidden_states": tuple((n, info["text_len"], info["text_dim"]) for n in b2),
-                "class_labels": tuple((n, 2 * d) for n in b2)}
+        return {
+            "sample": tuple((n, c, h, h) for n in b2),
+            "timestep": tuple((n,) for n in b2),
+            "encoder_hidden_states": tuple((n, info["text_len"], info["text_dim"]) for n in b2),
+            "class_labels": tuple((n, 2 * d) for n in b2),
+        }
     if part == "decoder_vae":
         c, h = info["in_channels"], info["latent_size"]
         return {"latents": tuple((n, c, h, h) for n in b)}
     if part == "decoder":
         c, s, d = info["in_channels"], info.get("latent_size", info["image_size"]), info["embed_dim"]
-        return {"sample": tuple((n, c, s, s) for n in b2), "timestep": tuple((n,) for n in b2),
-                "embedding": tuple((n, d) for n in b2)}
+        return {
+            "sample": tuple((n, c, s, s) for n in b2),
+            "timestep": tuple((n,) for n in b2),
+            "embedding": tuple((n, d) for n in b2),
+        }
     if part == "llm":
         h, hd = info["kv_heads"], info["head_dim"]
         opt_new, opt_past = min(64, max_seq), min(64, max_seq)
@@ -72,8 +80,17 @@ def shape_profiles(part: str, info: dict, *, max_batch: int = 8, opt_batch: int 
     raise TensorRTError(f"unknown part {part!r}")
 
 
-def build_engines(onnx_dir: str | os.PathLike, out: str | os.PathLike, *, parts=None, fp16: bool = True,
-                  max_batch: int = 8, opt_batch: int = 1, max_seq: int = 512, workspace_gb: float = 4.0) -> dict[str, str]:
+def build_engines(
+    onnx_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    parts=None,
+    fp16: bool = True,
+    max_batch: int = 8,
+    opt_batch: int = 1,
+    max_seq: int = 512,
+    workspace_gb: float = 4.0,
+) -> dict[str, str]:
     """Build `<part>.plan` for each exported part (default: all in the manifest). Returns
     {part: engine path}. Raises TensorRTError with the install hint when tensorrt is missing."""
     root = Path(onnx_dir)
@@ -91,12 +108,18 @@ def build_engines(onnx_dir: str | os.PathLike, out: str | os.PathLike, *, parts=
     files = {p: have[p]["file"] for p in parts}
     if "decoder" in parts and have["decoder"].get("vae_file"):
         files["decoder_vae"] = have["decoder"]["vae_file"]
-    profiles = {p: shape_profiles(p, have.get(p, have.get("decoder")), max_batch=max_batch, opt_batch=opt_batch, max_seq=max_seq)
-                for p in files}
+    profiles = {
+        p: shape_profiles(
+            p, have.get(p, have.get("decoder")), max_batch=max_batch, opt_batch=opt_batch, max_seq=max_seq
+        )
+        for p in files
+    }
     try:
         import tensorrt as trt
     except ImportError:
-        raise TensorRTError(f"TensorRT is not installed (the ONNX files in {root} are ready). Install it with:\n  {INSTALL_HINT}") from None
+        raise TensorRTError(
+            f"TensorRT is not installed (the ONNX files in {root} are ready). Install it with:\n  {INSTALL_HINT}"
+        ) from None
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -131,6 +154,15 @@ def build_engines(onnx_dir: str | os.PathLike, out: str | os.PathLike, *, parts=
         tmp.write_bytes(bytes(blob))
         os.replace(tmp, path)
         engines[part] = str(path)
-    (out_dir / "engines.json").write_text(json.dumps({"engines": engines, "profiles": {p: {k: list(map(list, v)) for k, v in pr.items()} for p, pr in profiles.items()},
-                                                      "fp16": fp16, "tensorrt": trt.__version__}, indent=1))
+    (out_dir / "engines.json").write_text(
+        json.dumps(
+            {
+                "engines": engines,
+                "profiles": {p: {k: list(map(list, v)) for k, v in pr.items()} for p, pr in profiles.items()},
+                "fp16": fp16,
+                "tensorrt": trt.__version__,
+            },
+            indent=1,
+        )
+    )
     return engines

@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .graphs import CODE_CHUNK, DetokenizerGraph, LMGraph, TokenizerGraph, UnclipUNetGraph, UNetGraph, VaeDecodeGraph, kv_shape
+from .graphs import (
+    CODE_CHUNK,
+    DetokenizerGraph,
+    LMGraph,
+    TokenizerGraph,
+    UnclipUNetGraph,
+    UNetGraph,
+    VaeDecodeGraph,
+    kv_shape,
+)
 
 MANIFEST = "seed_fast_onnx.json"
 FORMAT = 1
@@ -68,7 +77,9 @@ def load_checkpoint(checkpoint: str | os.PathLike | None, parts: tuple[str, ...]
             tok_dir = llm_dir / "tokenizer"
     if want_tok:
         if tok_dir is None:
-            raise ExportError(f"{root}: no SeedTokenizer folder (config.json + model.safetensors) in it or in tokenizer/")
+            raise ExportError(
+                f"{root}: no SeedTokenizer folder (config.json + model.safetensors) in it or in tokenizer/"
+            )
         from ..models import SeedTokenizer
 
         found["tokenizer"] = SeedTokenizer.from_pretrained(tok_dir)
@@ -108,8 +119,14 @@ def _export(module, args, path: Path, *, input_names, output_names, dynamic_axes
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about shape-dependent python branches
         torch.onnx.export(
-            module, tuple(args), str(path), dynamo=False, opset_version=opset,
-            input_names=list(input_names), output_names=list(output_names), dynamic_axes=dynamic_axes,
+            module,
+            tuple(args),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
             do_constant_folding=True,
         )
 
@@ -127,8 +144,14 @@ def _finish_file(path: Path, external_data: bool | None) -> list[str]:
         for f in list(tmp_dir.iterdir()):
             if f != path and f.is_file():
                 f.unlink()  # the exporter's one-file-per-tensor data
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
         del model
     onnx.checker.check_model(str(path))
     return sorted(f.name for f in tmp_dir.iterdir() if f.is_file())
@@ -159,8 +182,16 @@ def _eval_dtype(module: torch.nn.Module, fp16: bool) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------- parts
-def export_tokenizer(tok, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET, image_dtype: str = "uint8",
-                     external_data: bool | None = None, seed: int = 0) -> tuple[PartReport, dict]:
+def export_tokenizer(
+    tok,
+    folder: Path,
+    *,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    image_dtype: str = "uint8",
+    external_data: bool | None = None,
+    seed: int = 0,
+) -> tuple[PartReport, dict]:
     """SeedTokenizer -> tokenizer.onnx: images (B, 3, S, S) -> codes (B, 32) int64."""
     if image_dtype not in ("uint8", "float32"):
         raise ExportError(f"image_dtype must be 'uint8' or 'float32', got {image_dtype!r}")
@@ -181,8 +212,15 @@ def export_tokenizer(tok, folder: Path, *, fp16: bool = False, opset: int = DEFA
     try:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             path = Path(tmp) / "tokenizer.onnx"
-            _export(graph, [images(2)], path, input_names=["images"], output_names=["codes"],
-                    dynamic_axes={"images": {0: "batch"}, "codes": {0: "batch"}}, opset=opset)
+            _export(
+                graph,
+                [images(2)],
+                path,
+                input_names=["images"],
+                output_names=["codes"],
+                dynamic_axes={"images": {0: "batch"}, "codes": {0: "batch"}},
+                opset=opset,
+            )
             files = _finish_file(path, external_data)
             x = images(3)
             got = _session(path).run(None, {"images": x.numpy()})[0]
@@ -190,21 +228,36 @@ def export_tokenizer(tok, folder: Path, *, fp16: bool = False, opset: int = DEFA
                 ref = tok.encode(x.float() / 255.0 if uint8 else x).cpu().numpy()
             same = float((got == ref).mean())
             if not fp16 and same < 1.0:
-                raise ExportError(f"tokenizer: onnxruntime codes differ from torch's at {int((got != ref).sum())} of {ref.size} positions")
+                raise ExportError(
+                    f"tokenizer: onnxruntime codes differ from torch's at {int((got != ref).sum())} of {ref.size} positions"
+                )
             _move(Path(tmp), folder, files)
     finally:
         if was_fast:
             tok.to_fast()
     info = {
-        "file": "tokenizer.onnx", "image_size": s, "image_dtype": image_dtype, "num_codes": tok.num_codes,
-        "codebook_size": tok.codebook_size, "code_chunk": CODE_CHUNK, "resize": "bicubic",
-        "inputs": {"images": ["batch", 3, s, s]}, "outputs": {"codes": ["batch", tok.num_codes]},
+        "file": "tokenizer.onnx",
+        "image_size": s,
+        "image_dtype": image_dtype,
+        "num_codes": tok.num_codes,
+        "codebook_size": tok.codebook_size,
+        "code_chunk": CODE_CHUNK,
+        "resize": "bicubic",
+        "inputs": {"images": ["batch", 3, s, s]},
+        "outputs": {"codes": ["batch", tok.num_codes]},
     }
     return _report("tokenizer", folder, files, t0, {"codes_equal": same}), info
 
 
-def export_detokenizer(tok, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
-                       external_data: bool | None = None, seed: int = 0) -> tuple[PartReport, dict]:
+def export_detokenizer(
+    tok,
+    folder: Path,
+    *,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+    seed: int = 0,
+) -> tuple[PartReport, dict]:
     """SeedTokenizer's quantizer + de-tokenizer -> detokenizer.onnx: codes (B, 32) -> embedding."""
     t0 = time.perf_counter()
     _eval_dtype(tok, fp16)
@@ -215,8 +268,15 @@ def export_detokenizer(tok, folder: Path, *, fp16: bool = False, opset: int = DE
         out_shape = list(graph(torch.zeros(1, n, dtype=torch.long)).shape[1:])
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         path = Path(tmp) / "detokenizer.onnx"
-        _export(graph, [torch.randint(0, k, (2, n), generator=g)], path, input_names=["codes"], output_names=["embedding"],
-                dynamic_axes={"codes": {0: "batch"}, "embedding": {0: "batch"}}, opset=opset)
+        _export(
+            graph,
+            [torch.randint(0, k, (2, n), generator=g)],
+            path,
+            input_names=["codes"],
+            output_names=["embedding"],
+            dynamic_axes={"codes": {0: "batch"}, "embedding": {0: "batch"}},
+            opset=opset,
+        )
         files = _finish_file(path, external_data)
         codes = torch.randint(0, k, (3, n), generator=g)
         got = _session(path).run(None, {"codes": codes.numpy()})[0]
@@ -225,12 +285,19 @@ def export_detokenizer(tok, folder: Path, *, fp16: bool = False, opset: int = DE
         rel = _rel(got, ref)
         _check("detokenizer", rel, fp16)
         _move(Path(tmp), folder, files)
-    info = {"file": "detokenizer.onnx", "num_codes": n, "codebook_size": k,
-            "inputs": {"codes": ["batch", n]}, "outputs": {"embedding": ["batch", *out_shape]}}
+    info = {
+        "file": "detokenizer.onnx",
+        "num_codes": n,
+        "codebook_size": k,
+        "inputs": {"codes": ["batch", n]},
+        "outputs": {"embedding": ["batch", *out_shape]},
+    }
     return _report("detokenizer", folder, files, t0, {"max_rel_err": rel}), info
 
 
-def _lm_inputs(batch: int, past: int, new: int, vocab: int, layers: int, heads: int, head_dim: int, dtype, g, pad_rows: int = 1):
+def _lm_inputs(
+    batch: int, past: int, new: int, vocab: int, layers: int, heads: int, head_dim: int, dtype, g, pad_rows: int = 1
+):
     ids = torch.randint(0, vocab, (batch, new), generator=g)
     mask = torch.ones(batch, past + new, dtype=torch.long)
     for r in range(min(pad_rows, batch)):
@@ -240,8 +307,15 @@ def _lm_inputs(batch: int, past: int, new: int, vocab: int, layers: int, heads: 
     return [ids, mask, pos, *kv]
 
 
-def export_llm(llm, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
-               external_data: bool | None = None, seed: int = 0) -> tuple[PartReport, dict]:
+def export_llm(
+    llm,
+    folder: Path,
+    *,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+    seed: int = 0,
+) -> tuple[PartReport, dict]:
     """SeedLLM -> llm.onnx (LoRA merged into the weights, in place) with KV-cache inputs and
     outputs; one graph serves prefill (past length 0) and decode (one new token)."""
     t0 = time.perf_counter()
@@ -251,18 +325,31 @@ def export_llm(llm, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OP
     layers, heads, head_dim = kv_shape(model.config)
     vocab = model.get_input_embeddings().weight.shape[0]
     dtype = torch.float16 if fp16 else torch.float32
-    names_in = ["input_ids", "attention_mask", "position_ids"] + [f"past_{kv}_{i}" for i in range(layers) for kv in ("key", "value")]
+    names_in = ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_{kv}_{i}" for i in range(layers) for kv in ("key", "value")
+    ]
     names_out = ["logits"] + [f"present_{kv}_{i}" for i in range(layers) for kv in ("key", "value")]
-    dyn = {"input_ids": {0: "batch", 1: "new"}, "attention_mask": {0: "batch", 1: "total"},
-           "position_ids": {0: "batch", 1: "new"}, "logits": {0: "batch"}}
+    dyn = {
+        "input_ids": {0: "batch", 1: "new"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "position_ids": {0: "batch", 1: "new"},
+        "logits": {0: "batch"},
+    }
     dyn.update({n: {0: "batch", 2: "past"} for n in names_in[3:]})
     dyn.update({n: {0: "batch", 2: "total"} for n in names_out[1:]})
     g = torch.Generator().manual_seed(seed + 2)
     graph = LMGraph(model).eval()
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         path = Path(tmp) / "llm.onnx"
-        _export(graph, _lm_inputs(2, 3, 4, vocab, layers, heads, head_dim, dtype, g), path,
-                input_names=names_in, output_names=names_out, dynamic_axes=dyn, opset=opset)
+        _export(
+            graph,
+            _lm_inputs(2, 3, 4, vocab, layers, heads, head_dim, dtype, g),
+            path,
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes=dyn,
+            opset=opset,
+        )
         files = _finish_file(path, external_data)
         sess = _session(path)
         worst = 0.0
@@ -276,24 +363,51 @@ def export_llm(llm, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OP
         _move(Path(tmp), folder, files)
     tt = llm.text_tokenizer
     if not getattr(tt, "is_fast", False):
-        raise ExportError("the LLM's text tokenizer is not a fast (tokenizers-backed) tokenizer: the runtime needs its tokenizer.json")
+        raise ExportError(
+            "the LLM's text tokenizer is not a fast (tokenizers-backed) tokenizer: the runtime needs its tokenizer.json"
+        )
     tt.backend_tokenizer.save(str(folder / "text_tokenizer.json"))
     tpl = llm.template
     info = {
-        "file": "llm.onnx", "num_layers": layers, "kv_heads": heads, "head_dim": head_dim, "vocab_size": vocab,
-        "kv_dtype": "float16" if fp16 else "float32", "inputs": names_in, "outputs": names_out,
+        "file": "llm.onnx",
+        "num_layers": layers,
+        "kv_heads": heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "kv_dtype": "float16" if fp16 else "float32",
+        "inputs": names_in,
+        "outputs": names_out,
         "text_tokenizer": "text_tokenizer.json",
-        "bos_id": tt.bos_token_id, "eos_id": tt.eos_token_id, "pad_id": tt.pad_token_id,
-        "image_vocab": {"base": llm.vocab.base, "num_codes": llm.vocab.num_codes, "tokens_per_image": llm.tokens_per_image},
-        "template": {"name": tpl.name, "chat": tpl.chat, "caption": tpl.caption, "answer": tpl.answer,
-                     "generate": tpl.generate, "add_bos": tpl.add_bos},
+        "bos_id": tt.bos_token_id,
+        "eos_id": tt.eos_token_id,
+        "pad_id": tt.pad_token_id,
+        "image_vocab": {
+            "base": llm.vocab.base,
+            "num_codes": llm.vocab.num_codes,
+            "tokens_per_image": llm.tokens_per_image,
+        },
+        "template": {
+            "name": tpl.name,
+            "chat": tpl.chat,
+            "caption": tpl.caption,
+            "answer": tpl.answer,
+            "generate": tpl.generate,
+            "add_bos": tpl.add_bos,
+        },
         "max_positions": getattr(model.config, "max_position_embeddings", None),
     }
     return _report("llm", folder, files + ["text_tokenizer.json"], t0, {"max_rel_err": worst}), info
 
 
-def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
-                   external_data: bool | None = None, seed: int = 0) -> tuple[PartReport, dict]:
+def export_decoder(
+    pipe,
+    folder: Path,
+    *,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+    seed: int = 0,
+) -> tuple[PartReport, dict]:
     """SeedImageDecoderPipeline -> decoder_unet.onnx (the denoiser) + the scheduler's constants
     (the runtime runs the DDIM loop in numpy); a latent decoder also -> decoder_vae.onnx (the
     autoencoder's decoder, latents / scaling_factor -> pixels)."""
@@ -302,8 +416,10 @@ def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAU
     if isinstance(pipe, StableUnCLIPImg2ImgPipeline):
         return export_unclip_decoder(pipe, folder, fp16=fp16, opset=opset, external_data=external_data, seed=seed)
     if not hasattr(pipe, "_denoise") or not isinstance(pipe.scheduler, DDIMScheduler):
-        raise ExportError(f"the decoder export takes a SeedImageDecoderPipeline or a Stable unCLIP pipeline with a DDIM "
-                          f"scheduler, got {type(pipe).__name__}")
+        raise ExportError(
+            f"the decoder export takes a SeedImageDecoderPipeline or a Stable unCLIP pipeline with a DDIM "
+            f"scheduler, got {type(pipe).__name__}"
+        )
     t0 = time.perf_counter()
     _eval_dtype(pipe.unet, fp16)
     vae = getattr(pipe, "vae", None)
@@ -314,13 +430,24 @@ def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAU
     t_max = pipe.scheduler.config.num_train_timesteps
 
     def inputs(b):
-        return [torch.randn(b, c, s, s, generator=g), torch.randint(0, t_max, (b,), generator=g), torch.randn(b, d, generator=g)]
+        return [
+            torch.randn(b, c, s, s, generator=g),
+            torch.randint(0, t_max, (b,), generator=g),
+            torch.randn(b, d, generator=g),
+        ]
 
     graph = UNetGraph(pipe).eval()
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         path = Path(tmp) / "decoder_unet.onnx"
-        _export(graph, inputs(2), path, input_names=["sample", "timestep", "embedding"], output_names=["prediction"],
-                dynamic_axes={n: {0: "batch"} for n in ("sample", "timestep", "embedding", "prediction")}, opset=opset)
+        _export(
+            graph,
+            inputs(2),
+            path,
+            input_names=["sample", "timestep", "embedding"],
+            output_names=["prediction"],
+            dynamic_axes={n: {0: "batch"} for n in ("sample", "timestep", "embedding", "prediction")},
+            opset=opset,
+        )
         files = _finish_file(path, external_data)
         x = inputs(3)
         got = _session(path).run(None, {"sample": x[0].numpy(), "timestep": x[1].numpy(), "embedding": x[2].numpy()})[0]
@@ -334,8 +461,15 @@ def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAU
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             path = Path(tmp) / "decoder_vae.onnx"
             graph = VaeDecodeGraph(vae).eval()
-            _export(graph, [torch.randn(2, c, s, s, generator=g)], path, input_names=["latents"], output_names=["images"],
-                    dynamic_axes={"latents": {0: "batch"}, "images": {0: "batch"}}, opset=opset)
+            _export(
+                graph,
+                [torch.randn(2, c, s, s, generator=g)],
+                path,
+                input_names=["latents"],
+                output_names=["images"],
+                dynamic_axes={"latents": {0: "batch"}, "images": {0: "batch"}},
+                opset=opset,
+            )
             written = _finish_file(path, external_data)
             x = torch.randn(3, c, s, s, generator=g)
             got = _session(path).run(None, {"latents": x.numpy()})[0]
@@ -346,11 +480,22 @@ def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAU
             _move(Path(tmp), folder, written)
             files = files + written
     sc = pipe.scheduler
-    cfg = {k: v for k, v in dict(sc.config).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
+    cfg = {
+        k: v
+        for k, v in dict(sc.config).items()
+        if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))
+    }
     info = {
-        "file": "decoder_unet.onnx", "image_size": pipe.image_size, "in_channels": c, "embed_dim": d,
-        "scheduler": {"class": type(sc).__name__, **cfg, "alphas_cumprod": [float(a) for a in sc.alphas_cumprod],
-                      "final_alpha_cumprod": float(sc.final_alpha_cumprod)},
+        "file": "decoder_unet.onnx",
+        "image_size": pipe.image_size,
+        "in_channels": c,
+        "embed_dim": d,
+        "scheduler": {
+            "class": type(sc).__name__,
+            **cfg,
+            "alphas_cumprod": [float(a) for a in sc.alphas_cumprod],
+            "final_alpha_cumprod": float(sc.final_alpha_cumprod),
+        },
         "null_embedding": "zeros",
     }
     if vae is not None:
@@ -360,15 +505,26 @@ def export_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAU
 
 
 def _scheduler_info(sc) -> dict:
-    cfg = {k: v for k, v in dict(sc.config).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
+    cfg = {
+        k: v
+        for k, v in dict(sc.config).items()
+        if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))
+    }
     info = {"class": type(sc).__name__, **cfg, "alphas_cumprod": [float(a) for a in sc.alphas_cumprod]}
     if hasattr(sc, "final_alpha_cumprod"):
         info["final_alpha_cumprod"] = float(sc.final_alpha_cumprod)
     return info
 
 
-def export_unclip_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET,
-                          external_data: bool | None = None, seed: int = 0) -> tuple[PartReport, dict]:
+def export_unclip_decoder(
+    pipe,
+    folder: Path,
+    *,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+    seed: int = 0,
+) -> tuple[PartReport, dict]:
     """Stable unCLIP (SEED's decoder) -> decoder_unet.onnx + decoder_vae.onnx + the constants the
     runtime needs to run StableUnCLIPImg2ImgPipeline's loop in numpy: the empty prompt's text states
     (SEED renders with prompt ""), the image normalizer, the noise-augmentation schedule and the DDIM
@@ -376,8 +532,10 @@ def export_unclip_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int 
     from diffusers import DDIMScheduler
 
     if not isinstance(pipe.scheduler, DDIMScheduler):
-        raise ExportError(f"the unCLIP export runs the DDIM loop in the runtime; this pipeline's scheduler is "
-                          f"{type(pipe.scheduler).__name__} (load it with a DDIMScheduler)")
+        raise ExportError(
+            f"the unCLIP export runs the DDIM loop in the runtime; this pipeline's scheduler is "
+            f"{type(pipe.scheduler).__name__} (load it with a DDIMScheduler)"
+        )
     t0 = time.perf_counter()
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         _eval_dtype(m, fp16)
@@ -389,28 +547,47 @@ def export_unclip_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int 
     if d2 != 2 * d:
         raise ExportError(f"the UNet's class projection takes {d2} values, expected 2 x the image embedding ({d})")
     with torch.no_grad():
-        pos, neg = pipe.encode_prompt(prompt=[""], device=torch.device("cpu"), num_images_per_prompt=1,
-                                      do_classifier_free_guidance=True)
+        pos, neg = pipe.encode_prompt(
+            prompt=[""], device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
     pos, neg = pos.float(), neg.float()
     t_max = pipe.scheduler.config.num_train_timesteps
 
     def unet_inputs(b):
-        return [torch.randn(b, c, h, h, generator=g), torch.randint(0, t_max, (b,), generator=g),
-                pos.expand(b, -1, -1) + 0.1 * torch.randn(b, *pos.shape[1:], generator=g), torch.randn(b, d2, generator=g)]
+        return [
+            torch.randn(b, c, h, h, generator=g),
+            torch.randint(0, t_max, (b,), generator=g),
+            pos.expand(b, -1, -1) + 0.1 * torch.randn(b, *pos.shape[1:], generator=g),
+            torch.randn(b, d2, generator=g),
+        ]
 
     parity = {}
     files: list[str] = []
     names = ["sample", "timestep", "encoder_hidden_states", "class_labels"]
     graphs = (
-        ("decoder_unet.onnx", UnclipUNetGraph(unet).eval(), unet_inputs, names, ["prediction"],
-         {n: {0: "batch"} for n in names + ["prediction"]}),
-        ("decoder_vae.onnx", VaeDecodeGraph(vae).eval(), lambda b: [torch.randn(b, c, h, h, generator=g)], ["latents"], ["images"],
-         {"latents": {0: "batch"}, "images": {0: "batch"}}),
+        (
+            "decoder_unet.onnx",
+            UnclipUNetGraph(unet).eval(),
+            unet_inputs,
+            names,
+            ["prediction"],
+            {n: {0: "batch"} for n in names + ["prediction"]},
+        ),
+        (
+            "decoder_vae.onnx",
+            VaeDecodeGraph(vae).eval(),
+            lambda b: [torch.randn(b, c, h, h, generator=g)],
+            ["latents"],
+            ["images"],
+            {"latents": {0: "batch"}, "images": {0: "batch"}},
+        ),
     )
     for fname, graph, inputs, in_names, out_names, axes in graphs:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             path = Path(tmp) / fname
-            _export(graph, inputs(2), path, input_names=in_names, output_names=out_names, dynamic_axes=axes, opset=opset)
+            _export(
+                graph, inputs(2), path, input_names=in_names, output_names=out_names, dynamic_axes=axes, opset=opset
+            )
             written = _finish_file(path, external_data)
             x = inputs(3)
             got = _session(path).run(None, {n: v.numpy() for n, v in zip(in_names, x)})[0]
@@ -425,11 +602,19 @@ def export_unclip_decoder(pipe, folder: Path, *, fp16: bool = False, opset: int 
     files.append("decoder_prompt.npz")
     norm = pipe.image_normalizer
     info = {
-        "kind": "unclip", "file": "decoder_unet.onnx", "vae_file": "decoder_vae.onnx", "prompt_file": "decoder_prompt.npz",
-        "embed_dim": d, "in_channels": c, "latent_size": h, "image_size": h * int(pipe.vae_scale_factor),
-        "text_len": int(pos.shape[1]), "text_dim": int(pos.shape[2]),
+        "kind": "unclip",
+        "file": "decoder_unet.onnx",
+        "vae_file": "decoder_vae.onnx",
+        "prompt_file": "decoder_prompt.npz",
+        "embed_dim": d,
+        "in_channels": c,
+        "latent_size": h,
+        "image_size": h * int(pipe.vae_scale_factor),
+        "text_len": int(pos.shape[1]),
+        "text_dim": int(pos.shape[2]),
         "vae_scaling_factor": float(vae.config.scaling_factor),
-        "normalizer_mean": norm.mean.detach().float().flatten().tolist(), "normalizer_std": norm.std.detach().float().flatten().tolist(),
+        "normalizer_mean": norm.mean.detach().float().flatten().tolist(),
+        "normalizer_std": norm.std.detach().float().flatten().tolist(),
         "noising_alphas_cumprod": [float(a) for a in pipe.image_noising_scheduler.alphas_cumprod],
         "scheduler": _scheduler_info(pipe.scheduler),
         "null_embedding": "zeros (the whole class label, as diffusers' unconditional half)",
@@ -451,9 +636,18 @@ def _report(part: str, folder: Path, files: list[str], t0: float, parity: dict) 
 
 
 # ----------------------------------------------------------------------------------------- entry
-def export_onnx(parts=("all",), out: str | os.PathLike = "onnx", *, checkpoint: str | os.PathLike | None = None,
-                objects: dict[str, Any] | None = None, fp16: bool = False, opset: int = DEFAULT_OPSET,
-                image_dtype: str = "uint8", external_data: bool | None = None, progress: bool = True) -> dict:
+def export_onnx(
+    parts=("all",),
+    out: str | os.PathLike = "onnx",
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    objects: dict[str, Any] | None = None,
+    fp16: bool = False,
+    opset: int = DEFAULT_OPSET,
+    image_dtype: str = "uint8",
+    external_data: bool | None = None,
+    progress: bool = True,
+) -> dict:
     """Export parts ("tokenizer", "detokenizer", "llm", "decoder" or "all") of a checkpoint (None: the
     embedded default model) or of torch objects given as objects={"tokenizer": ..., "llm": ...,
     "decoder": ...} into `out`, and merge them into its manifest (seed_fast_onnx.json).
@@ -467,7 +661,9 @@ def export_onnx(parts=("all",), out: str | os.PathLike = "onnx", *, checkpoint: 
     if not 7 <= opset <= 23:
         raise ExportError(f"opset must lie in [7, 23] (torch's exporter), got {opset}")
     if opset < 14:
-        raise ExportError(f"opset {opset} is too old for these graphs (scaled-dot-product attention, trilu): use 14 or newer")
+        raise ExportError(
+            f"opset {opset} is too old for these graphs (scaled-dot-product attention, trilu): use 14 or newer"
+        )
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401

@@ -17,9 +17,21 @@ import triton.language as tl
 
 @triton.jit
 def _codebook_argmin_kernel(
-    z_ptr, cb_ptr, hn_ptr, best_v_ptr, best_i_ptr,
-    N, K, D, stride_z, stride_c, codes_per_split,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    z_ptr,
+    cb_ptr,
+    hn_ptr,
+    best_v_ptr,
+    best_i_ptr,
+    N,
+    K,
+    D,
+    stride_z,
+    stride_c,
+    codes_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -36,8 +48,12 @@ def _codebook_argmin_kernel(
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             dmask = ds < D
-            zt = tl.load(z_ptr + rows[:, None] * stride_z + ds[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-            ct = tl.load(cb_ptr + cols[:, None] * stride_c + ds[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+            zt = tl.load(
+                z_ptr + rows[:, None] * stride_z + ds[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0
+            )
+            ct = tl.load(
+                cb_ptr + cols[:, None] * stride_c + ds[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0
+            )
             if IEEE:
                 acc = tl.dot(zt, tl.trans(ct), acc, input_precision="ieee")
             else:
@@ -65,7 +81,9 @@ def codebook_argmin_triton(z: torch.Tensor, codebook: torch.Tensor, *, splits: i
     splits: how many programs share the codebook per row tile (default: enough to fill the GPU).
     """
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
-        raise ValueError(f"codebook_argmin_triton: need (N, D) and (K, D), got {tuple(z.shape)}, {tuple(codebook.shape)}")
+        raise ValueError(
+            f"codebook_argmin_triton: need (N, D) and (K, D), got {tuple(z.shape)}, {tuple(codebook.shape)}"
+        )
     dtype = torch.promote_types(z.dtype, codebook.dtype)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"codebook_argmin_triton: float32/float16/bfloat16 only, got {dtype}")
@@ -91,9 +109,21 @@ def codebook_argmin_triton(z: torch.Tensor, codebook: torch.Tensor, *, splits: i
     best_v = torch.empty(splits, n, dtype=torch.float32, device=z.device)
     best_i = torch.empty(splits, n, dtype=torch.int32, device=z.device)
     _codebook_argmin_kernel[(row_tiles, splits)](
-        z, codebook, half_norm, best_v, best_i,
-        n, k, d, z.stride(0), codebook.stride(0), codes_per_split,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, IEEE=dtype == torch.float32,
+        z,
+        codebook,
+        half_norm,
+        best_v,
+        best_i,
+        n,
+        k,
+        d,
+        z.stride(0),
+        codebook.stride(0),
+        codes_per_split,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+        IEEE=dtype == torch.float32,
     )
     if splits == 1:
         return best_i[0].long()

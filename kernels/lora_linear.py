@@ -35,12 +35,40 @@ def _keep(rows, cols, ncols, seed, thresh):
 
 @triton.jit
 def _lora_mm_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, t_ptr,
-    M, N, K, R,
-    sxm, sxk, swn, swk, sar, sak, sbn, sbr, sym, syn,
-    scaling, seed, thresh, inv_keep,
-    HAS_BIAS: tl.constexpr, DROP_IN: tl.constexpr, DROP_OUT: tl.constexpr, STORE_T: tl.constexpr,
-    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    a_ptr,
+    b_ptr,
+    y_ptr,
+    t_ptr,
+    M,
+    N,
+    K,
+    R,
+    sxm,
+    sxk,
+    swn,
+    swk,
+    sar,
+    sak,
+    sbn,
+    sbr,
+    sym,
+    syn,
+    scaling,
+    seed,
+    thresh,
+    inv_keep,
+    HAS_BIAS: tl.constexpr,
+    DROP_IN: tl.constexpr,
+    DROP_OUT: tl.constexpr,
+    STORE_T: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BR: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -82,15 +110,31 @@ def _lora_mm_kernel(
     acc += scaling * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+    tl.store(
+        y_ptr + rm[:, None] * sym + rn[None, :] * syn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mmask[:, None] & nmask[None, :],
+    )
 
 
 @triton.jit
 def _lora_da_kernel(
-    u_ptr, x_ptr, part_ptr,
-    M, K, R, sxm, sxk, rows_per_split, seed, thresh,
-    DROP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    u_ptr,
+    x_ptr,
+    part_ptr,
+    M,
+    K,
+    R,
+    sxm,
+    sxk,
+    rows_per_split,
+    seed,
+    thresh,
+    DROP: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    BR: tl.constexpr,
 ):
     """part[split] (R, K) fp32 = u[rows]^T drop(x[rows]) over this split's rows; u is (M, R) fp32."""
     pid_k = tl.program_id(0)
@@ -126,9 +170,22 @@ def _blocks(m: int, n: int, k: int, r: int) -> tuple[int, int, int, int]:
 
 
 def lora_mm(
-    x: torch.Tensor, w_t: tuple, a_t: tuple, b_t: tuple, bias: torch.Tensor | None, n: int, r: int,
-    scaling: float, *, seed: int, thresh: int, inv_keep: float, drop_in: bool, drop_out: bool,
-    store_t: bool, out_dtype: torch.dtype,
+    x: torch.Tensor,
+    w_t: tuple,
+    a_t: tuple,
+    b_t: tuple,
+    bias: torch.Tensor | None,
+    n: int,
+    r: int,
+    scaling: float,
+    *,
+    seed: int,
+    thresh: int,
+    inv_keep: float,
+    drop_in: bool,
+    drop_out: bool,
+    store_t: bool,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y (M, n) = x W'^T + bias + scaling * drop(x A'^T) B'^T with operands given as
     (tensor, stride_out, stride_in) triples (so transposed views cost nothing).
@@ -144,12 +201,40 @@ def lora_mm(
     bm, bn, bk, br = _blocks(m, n, k, r)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _lora_mm_kernel[grid](
-        x, w, bias if bias is not None else y, a, b, y, t,
-        m, n, k, r,
-        x.stride(0), x.stride(1), swn, swk, sar, sak, sbn, sbr, y.stride(0), y.stride(1),
-        scaling, seed, thresh, inv_keep,
-        HAS_BIAS=bias is not None, DROP_IN=drop_in, DROP_OUT=drop_out, STORE_T=store_t,
-        IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk, BR=br,
+        x,
+        w,
+        bias if bias is not None else y,
+        a,
+        b,
+        y,
+        t,
+        m,
+        n,
+        k,
+        r,
+        x.stride(0),
+        x.stride(1),
+        swn,
+        swk,
+        sar,
+        sak,
+        sbn,
+        sbr,
+        y.stride(0),
+        y.stride(1),
+        scaling,
+        seed,
+        thresh,
+        inv_keep,
+        HAS_BIAS=bias is not None,
+        DROP_IN=drop_in,
+        DROP_OUT=drop_out,
+        STORE_T=store_t,
+        IEEE=x.dtype == torch.float32,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        BR=br,
     )
     return y, (t if store_t else None)
 
@@ -171,7 +256,21 @@ def lora_da(u: torch.Tensor, x: torch.Tensor, *, seed: int, thresh: int, drop: b
     splits = triton.cdiv(m, rows_per_split)
     part = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
     _lora_da_kernel[(k_tiles, splits)](
-        u.contiguous(), x, part, m, k, r, x.stride(0), x.stride(1), rows_per_split, seed, thresh,
-        DROP=drop, IEEE=x.dtype == torch.float32, BM=bm, BK=bk, BR=br,
+        u.contiguous(),
+        x,
+        part,
+        m,
+        k,
+        r,
+        x.stride(0),
+        x.stride(1),
+        rows_per_split,
+        seed,
+        thresh,
+        DROP=drop,
+        IEEE=x.dtype == torch.float32,
+        BM=bm,
+        BK=bk,
+        BR=br,
     )
     return part.sum(0)

@@ -28,15 +28,41 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _qformer_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr,
-    sqb, sqh, sqm, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    smb, smn,
-    sob, soh, som, sod,
-    H, LQ, LK, DH, qk_scale,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    o_ptr,
+    lse_ptr,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    smb,
+    smn,
+    sob,
+    soh,
+    som,
+    sod,
+    H,
+    LQ,
+    LK,
+    DH,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -46,8 +72,11 @@ def _qformer_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mmask = offs_m < LQ
     dmask = offs_d < DH
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=mmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -57,10 +86,16 @@ def _qformer_attention_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < LK
-        kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                     mask=nmask[:, None] & dmask[None, :], other=0.0)
-        vt = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                     mask=nmask[:, None] & dmask[None, :], other=0.0)
+        kt = tl.load(
+            k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+            mask=nmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        vt = tl.load(
+            v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+            mask=nmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
         if IEEE:
             s = tl.dot(q, tl.trans(kt), input_precision="ieee")
         else:
@@ -86,14 +121,32 @@ def _qformer_attention_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-             out.to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    tl.store(
+        o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        out.to(o_ptr.dtype.element_ty),
+        mask=mmask[:, None] & dmask[None, :],
+    )
     tl.store(lse_ptr + pid_bh * LQ + offs_m, lse, mask=mmask)
 
 
 @triton.jit
-def _scores_to_probs(q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb, smn, qk_scale,
-                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+def _scores_to_probs(
+    q,
+    kt,
+    lse,
+    offs_m,
+    offs_n,
+    mmask,
+    nmask,
+    mask_ptr,
+    b,
+    smb,
+    smn,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Recompute the (BLOCK_M, BLOCK_N) probabilities of the forward from the saved lse."""
     if IEEE:
         s = tl.dot(q, tl.trans(kt), input_precision="ieee")
@@ -111,16 +164,49 @@ def _scores_to_probs(q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb,
 
 @triton.jit
 def _qformer_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, do_ptr, lse_ptr, dk_ptr, dv_ptr,
-    sqb, sqh, sqm, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    smb, smn,
-    sob, soh, som, sod,
-    sdob, sdoh, sdom, sdod,
-    H, LQ, LK, DH, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    o_ptr,
+    do_ptr,
+    lse_ptr,
+    dk_ptr,
+    dv_ptr,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    smb,
+    smn,
+    sob,
+    soh,
+    som,
+    sod,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    H,
+    LQ,
+    LK,
+    DH,
+    qk_scale,
+    sm_scale,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -130,10 +216,16 @@ def _qformer_attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     nmask = offs_n < LK
     dmask = offs_d < DH
-    kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                 mask=nmask[:, None] & dmask[None, :], other=0.0)
-    vt = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                 mask=nmask[:, None] & dmask[None, :], other=0.0)
+    kt = tl.load(
+        k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+        mask=nmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
+    vt = tl.load(
+        v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+        mask=nmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     lo = 0
@@ -144,13 +236,13 @@ def _qformer_attention_bwd_dkdv_kernel(
         mmask = offs_m < LQ
         md = mmask[:, None] & dmask[None, :]
         q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=md, other=0.0)
-        do = tl.load(do_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-                     mask=md, other=0.0)
+        do = tl.load(do_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=md, other=0.0)
         o = tl.load(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=md, other=0.0)
         lse = tl.load(lse_ptr + pid_bh * LQ + offs_m, mask=mmask, other=float("inf"))
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-        p = _scores_to_probs(q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb, smn, qk_scale,
-                             CAUSAL, HAS_MASK, IEEE)
+        p = _scores_to_probs(
+            q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb, smn, qk_scale, CAUSAL, HAS_MASK, IEEE
+        )
         if IEEE:
             dv += tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
             dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
@@ -172,16 +264,48 @@ def _qformer_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _qformer_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr,
-    sqb, sqh, sqm, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    smb, smn,
-    sob, soh, som, sod,
-    sdob, sdoh, sdom, sdod,
-    H, LQ, LK, DH, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    o_ptr,
+    do_ptr,
+    lse_ptr,
+    dq_ptr,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    smb,
+    smn,
+    sob,
+    soh,
+    som,
+    sod,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    H,
+    LQ,
+    LK,
+    DH,
+    qk_scale,
+    sm_scale,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -207,8 +331,9 @@ def _qformer_attention_bwd_dq_kernel(
         nd = nmask[:, None] & dmask[None, :]
         kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=nd, other=0.0)
         vt = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=nd, other=0.0)
-        p = _scores_to_probs(q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb, smn, qk_scale,
-                             CAUSAL, HAS_MASK, IEEE)
+        p = _scores_to_probs(
+            q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb, smn, qk_scale, CAUSAL, HAS_MASK, IEEE
+        )
         if IEEE:
             dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
         else:
@@ -219,7 +344,9 @@ def _qformer_attention_bwd_dq_kernel(
         else:
             dq += tl.dot(ds.to(kt.dtype), kt)
     dq = dq * sm_scale
-    tl.store(dq_ptr + pid_bh * LQ * DH + offs_m[:, None] * DH + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=md)
+    tl.store(
+        dq_ptr + pid_bh * LQ * DH + offs_m[:, None] * DH + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=md
+    )
 
 
 # --------------------------------------------------------------------------------------- launchers
@@ -250,8 +377,12 @@ def _check(q, k, v):
 
 
 def qformer_attention_fwd_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-    causal: bool, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Lq, Dh), k / v (B, H, Lk, Dh), any strides -> (out (B, H, Lq, Dh) view of a
     (B, Lq, H, Dh) buffer, lse (B, H, Lq) fp32 base-2 log-sum-exp, +inf for rows with no key)."""
@@ -266,18 +397,43 @@ def qformer_attention_fwd_triton(
     mask, smb, smn, has_mask = _mask_args(key_padding_mask, q)
     grid = (triton.cdiv(lq, block_m), bsz * heads)
     _qformer_attention_fwd_kernel[grid](
-        q, k, v, mask, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
-        heads, lq, lk, dh, scale * _LOG2E,
-        CAUSAL=causal, HAS_MASK=has_mask, IEEE=q.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        q,
+        k,
+        v,
+        mask,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        smb,
+        smn,
+        *out.stride(),
+        heads,
+        lq,
+        lk,
+        dh,
+        scale * _LOG2E,
+        CAUSAL=causal,
+        HAS_MASK=has_mask,
+        IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
     )
     return out, lse
 
 
 def qformer_attention_bwd_triton(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool, scale: float,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv), contiguous (B, H, L, Dh), in q's dtype."""
     _check(q, k, v)
@@ -291,14 +447,35 @@ def qformer_attention_bwd_triton(
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_m, block_n, block_d = _blocks(lq, dh)
     mask, smb, smn, has_mask = _mask_args(key_padding_mask, q)
-    common = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(), *grad_out.stride(),
-              heads, lq, lk, dh, scale * _LOG2E, scale)
-    meta = dict(CAUSAL=causal, HAS_MASK=has_mask, IEEE=q.dtype == torch.float32,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    common = (
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        smb,
+        smn,
+        *out.stride(),
+        *grad_out.stride(),
+        heads,
+        lq,
+        lk,
+        dh,
+        scale * _LOG2E,
+        scale,
+    )
+    meta = dict(
+        CAUSAL=causal,
+        HAS_MASK=has_mask,
+        IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+    )
     _qformer_attention_bwd_dkdv_kernel[(triton.cdiv(lk, block_n), bsz * heads)](
-        q, k, v, mask, out, grad_out, lse, dk, dv, *common, **meta)
+        q, k, v, mask, out, grad_out, lse, dk, dv, *common, **meta
+    )
     _qformer_attention_bwd_dq_kernel[(triton.cdiv(lq, block_m), bsz * heads)](
-        q, k, v, mask, out, grad_out, lse, dq, *common, **meta)
+        q, k, v, mask, out, grad_out, lse, dq, *common, **meta
+    )
     return dq, dk, dv
 
 

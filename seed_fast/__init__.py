@@ -6,7 +6,16 @@ onnxruntime only) can be imported on a machine without torch.
 
 __version__ = "0.2.0"
 
-__all__ = ["CheckpointError", "InputError", "LoadReport", "SeedLLM", "SeedTokenizer", "TokenizerConfig", "get_config", "__version__"]
+__all__ = [
+    "CheckpointError",
+    "InputError",
+    "LoadReport",
+    "SeedLLM",
+    "SeedTokenizer",
+    "TokenizerConfig",
+    "get_config",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

@@ -57,7 +57,14 @@ class SceneChecker(nn.Module):
         c = width
 
         def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+                nn.Conv2d(o, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+            )
 
         self.body = nn.Sequential(block(3, c), nn.MaxPool2d(2), block(c, 2 * c), nn.MaxPool2d(2), block(2 * c, 4 * c))
         # the scene's layout is fixed (group left, single shape right): keep a coarse 4 x 4 map
@@ -112,7 +119,9 @@ def render_batch(rng: random.Random, n: int, size: int = 64) -> tuple[torch.Tens
     return images_to_tensor([s[0] for s in scenes], size), [s[2] for s in scenes]
 
 
-def train_checker(steps: int = 600, batch: int = 64, seed: int = 7, lr: float = 2e-3, progress: bool = True) -> SceneChecker:
+def train_checker(
+    steps: int = 600, batch: int = 64, seed: int = 7, lr: float = 2e-3, progress: bool = True
+) -> SceneChecker:
     """Train on freshly rendered scenes (a seed of its own: not the tokenizer's data stream).
     Light noise and blur make it robust to the decoder's softer pixels without seeing any."""
     rng = random.Random(seed)
@@ -136,8 +145,7 @@ def train_checker(steps: int = 600, batch: int = 64, seed: int = 7, lr: float = 
         x = x + 0.05 * torch.randn(x.shape, generator=g)
         logits = model(x)
         loss = sum(
-            F.cross_entropy(logits[k], torch.tensor([HEADS[k].index(_fact_value(f, k)) for f in facts]))
-            for k in HEADS
+            F.cross_entropy(logits[k], torch.tensor([HEADS[k].index(_fact_value(f, k)) for f in facts])) for k in HEADS
         )
         opt.zero_grad()
         loss.backward()

@@ -18,7 +18,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         metavar=("QUANTIZER", "VIT"),
         help="the released seed_quantizer.pt and BLIP-2's eva_vit_g.pth",
     )
-    g.add_argument("--config", default="tiny", help="preset for random weights when no checkpoint is given (default: tiny)")
+    g.add_argument(
+        "--config", default="tiny", help="preset for random weights when no checkpoint is given (default: tiny)"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -117,12 +119,22 @@ def cmd_detokenize(args) -> int:
 
 def _add_llm_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("language model")
-    g.add_argument("--llm", metavar="DIR", help="a SeedLLM folder (save_pretrained), a transformers LM folder with the image vocabulary, "
-                   "or 'default': the embedded default model with its image decoder")
-    g.add_argument("--tokenizer", metavar="DIR", help="SeedTokenizer folder (default: the --llm folder's own tokenizer/)")
+    g.add_argument(
+        "--llm",
+        metavar="DIR",
+        help="a SeedLLM folder (save_pretrained), a transformers LM folder with the image vocabulary, "
+        "or 'default': the embedded default model with its image decoder",
+    )
+    g.add_argument(
+        "--tokenizer", metavar="DIR", help="SeedTokenizer folder (default: the --llm folder's own tokenizer/)"
+    )
     g.add_argument("--lora", metavar="DIR", help="a peft LoRA adapter folder to load on top")
-    g.add_argument("--template", help="prompt template (seed-llama-8b, seed-llama-14b, seed-opt, plain; default: from the model)")
-    g.add_argument("--preset", default="tiny-llama", help="random LM preset when no --llm is given (default: tiny-llama)")
+    g.add_argument(
+        "--template", help="prompt template (seed-llama-8b, seed-llama-14b, seed-opt, plain; default: from the model)"
+    )
+    g.add_argument(
+        "--preset", default="tiny-llama", help="random LM preset when no --llm is given (default: tiny-llama)"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -141,7 +153,9 @@ def _load_llm(args, *, need_diffusion: bool = False):
 
         extra = [f"--{name}" for name in ("tokenizer", "lora") if getattr(args, name)]
         if extra:
-            raise SystemExit(f"seed-fast: {' and '.join(extra)} cannot be combined with --llm default (the embedded model)")
+            raise SystemExit(
+                f"seed-fast: {' and '.join(extra)} cannot be combined with --llm default (the embedded model)"
+            )
         try:
             llm = load_default().llm
         except DefaultModelError as e:
@@ -152,7 +166,12 @@ def _load_llm(args, *, need_diffusion: bool = False):
     if args.llm:
         try:
             llm = SeedLLM.from_pretrained(
-                args.llm, tokenizer=args.tokenizer, lora=args.lora, template=args.template, dtype=dtype, device=args.device
+                args.llm,
+                tokenizer=args.tokenizer,
+                lora=args.lora,
+                template=args.template,
+                dtype=dtype,
+                device=args.device,
             )
         except (FileNotFoundError, CheckpointError, ValueError) as e:
             raise SystemExit(f"seed-fast: cannot load --llm {args.llm}: {e}") from None
@@ -204,14 +223,22 @@ def cmd_generate(args) -> int:
         records = [{"text": t, "codes": c.tolist()} for t, c in zip(args.texts, codes)]
         if not args.tokens_only:
             if llm.diffusion is None:
-                raise InputError(f"{args.llm} has no diffusion/ pipeline: add --tokens-only, or put the unCLIP pipeline in {args.llm}/diffusion")
+                raise InputError(
+                    f"{args.llm} has no diffusion/ pipeline: add --tokens-only, or put the unCLIP pipeline in {args.llm}/diffusion"
+                )
             emb = llm.tokenizer.decode(codes)
             neg = llm.tokenizer.decode(llm.negative_codes()) if args.guidance > 1 else None
             from .models.unclip import embeddings_to_images
 
             images = embeddings_to_images(
-                llm.diffusion, emb, negative_image_embeds=neg, num_inference_steps=args.steps,
-                guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
+                llm.diffusion,
+                emb,
+                negative_image_embeds=neg,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                height=args.height,
+                width=args.width,
+                seed=args.seed,
             )
             for i, (rec, im) in enumerate(zip(records, images)):
                 rec["image"] = f"{i:03d}.png"
@@ -260,9 +287,17 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     m = _load_model(args)
     print(f"model: {m.folder} (loaded in {time.perf_counter() - t0:.1f} s)")
-    run_demo(m, args.out, image_paths=args.images, n_images=args.num_images, eval_n=args.eval_n,
-             steps=args.steps, cfg_scale=CODE_CFG if args.cfg_scale is None else args.cfg_scale,
-             guidance=DECODER_GUIDANCE if args.guidance is None else args.guidance, progress=not args.no_progress)
+    run_demo(
+        m,
+        args.out,
+        image_paths=args.images,
+        n_images=args.num_images,
+        eval_n=args.eval_n,
+        steps=args.steps,
+        cfg_scale=CODE_CFG if args.cfg_scale is None else args.cfg_scale,
+        guidance=DECODER_GUIDANCE if args.guidance is None else args.guidance,
+        progress=not args.no_progress,
+    )
     print(f"demo done in {time.perf_counter() - t0:.0f} s")
     return 0
 
@@ -280,17 +315,24 @@ def cmd_eval(args) -> int:
                 metrics = evaluate_lavit(args.lavit, args.n, progress=not args.no_progress)
             else:
                 compare = None if args.no_compare else _load_model(args)
-                run, evaluate_run = (args.flamingo, evaluate_flamingo) if args.flamingo else (args.vwlmm, evaluate_vwlmm)
+                run, evaluate_run = (
+                    (args.flamingo, evaluate_flamingo) if args.flamingo else (args.vwlmm, evaluate_vwlmm)
+                )
                 metrics = evaluate_run(run, args.n, compare=compare, progress=not args.no_progress)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"seed-fast eval: {e}") from None
         print(related_markdown(metrics))
     else:
         m = _load_model(args)
-        metrics = evaluate(m, args.n, n_gen=args.n_generation, steps=args.steps,
-                           cfg_scale=CODE_CFG if args.cfg_scale is None else args.cfg_scale,
-                           guidance=DECODER_GUIDANCE if args.guidance is None else args.guidance,
-                           progress=not args.no_progress)
+        metrics = evaluate(
+            m,
+            args.n,
+            n_gen=args.n_generation,
+            steps=args.steps,
+            cfg_scale=CODE_CFG if args.cfg_scale is None else args.cfg_scale,
+            guidance=DECODER_GUIDANCE if args.guidance is None else args.guidance,
+            progress=not args.no_progress,
+        )
         print(metrics_markdown(metrics))
     if args.json:
         import json
@@ -305,8 +347,15 @@ def cmd_export(args) -> int:
         from .export import ExportError, export_onnx
 
         try:
-            man = export_onnx(args.part, args.out, checkpoint=args.checkpoint, fp16=args.fp16, opset=args.opset,
-                              image_dtype=args.image_dtype, progress=not args.no_progress)
+            man = export_onnx(
+                args.part,
+                args.out,
+                checkpoint=args.checkpoint,
+                fp16=args.fp16,
+                opset=args.opset,
+                image_dtype=args.image_dtype,
+                progress=not args.no_progress,
+            )
         except (ExportError, FileNotFoundError) as e:
             print(f"seed-fast export: error: {e}", file=sys.stderr)
             return 2
@@ -314,14 +363,24 @@ def cmd_export(args) -> int:
         for part, rep in man["reports"].items():
             if part in man["parts"]:
                 parity = ", ".join(f"{k} {v:.3g}" for k, v in rep["parity"].items())
-                print(f"{part:<12} {' '.join(rep['files']):<40} {rep['megabytes']:>9.2f} {rep['seconds']:>7.1f}  {parity}")
+                print(
+                    f"{part:<12} {' '.join(rep['files']):<40} {rep['megabytes']:>9.2f} {rep['seconds']:>7.1f}  {parity}"
+                )
         print(f"manifest: {Path(args.out) / 'seed_fast_onnx.json'}  (run it: seed-fast ort-run --model {args.out} ...)")
         return 0
     from .export import TensorRTError, build_engines
 
     try:
-        engines = build_engines(args.onnx, args.out, parts=args.part, fp16=not args.fp32, max_batch=args.max_batch,
-                                opt_batch=args.opt_batch, max_seq=args.max_seq, workspace_gb=args.workspace_gb)
+        engines = build_engines(
+            args.onnx,
+            args.out,
+            parts=args.part,
+            fp16=not args.fp32,
+            max_batch=args.max_batch,
+            opt_batch=args.opt_batch,
+            max_seq=args.max_seq,
+            workspace_gb=args.workspace_gb,
+        )
     except TensorRTError as e:
         print(f"seed-fast export tensorrt: error: {e}", file=sys.stderr)
         return 2
@@ -334,7 +393,9 @@ def bench_script() -> Path:
     """benchmarks/run_all.py of the source checkout this package was installed from."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
     if not path.is_file():
-        raise FileNotFoundError(f"no {path}: the benchmarks ship with the source checkout (git clone, then pip install -e .)")
+        raise FileNotFoundError(
+            f"no {path}: the benchmarks ship with the source checkout (git clone, then pip install -e .)"
+        )
     return path
 
 
@@ -397,10 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=6, help="held-out synthetic scenes to show")
     p.add_argument("--eval-n", type=int, default=48, help="held-out scenes for the metrics table")
     p.add_argument("--steps", type=int, default=20, help="decoder diffusion steps")
-    p.add_argument("--cfg-scale", type=_cfg_scale, default=None,
-                   help="LLM-side classifier-free guidance when drawing codes from text (default: the demo's, 2; 1 = off)")
-    p.add_argument("--guidance", type=_cfg_scale, default=None,
-                   help="the decoder's classifier-free guidance (default 1.5, seed_fast.demo.DECODER_GUIDANCE; 1 = off)")
+    p.add_argument(
+        "--cfg-scale",
+        type=_cfg_scale,
+        default=None,
+        help="LLM-side classifier-free guidance when drawing codes from text (default: the demo's, 2; 1 = off)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=_cfg_scale,
+        default=None,
+        help="the decoder's classifier-free guidance (default 1.5, seed_fast.demo.DECODER_GUIDANCE; 1 = off)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -412,7 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, metavar="DIR")
     q.add_argument("--fp16", action="store_true", help="fp16 weights (the code search keeps fp32 distances)")
     q.add_argument("--opset", type=int, default=17)
-    q.add_argument("--image-dtype", default="uint8", choices=["uint8", "float32"], help="tokenizer input (default uint8)")
+    q.add_argument(
+        "--image-dtype", default="uint8", choices=["uint8", "float32"], help="tokenizer input (default uint8)"
+    )
     q.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_export)
     q = tsub.add_parser("tensorrt", help="TensorRT engines from an ONNX export (needs the tensorrt package)")
@@ -425,25 +496,51 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-seq", type=int, default=512, help="LLM: new tokens and past length up to this")
     q.add_argument("--workspace-gb", type=float, default=4.0)
 
-    sub.add_parser("ort-run", help="run an exported stack with onnxruntime, no torch (see seed-fast ort-run -h)", add_help=False)
-    sub.add_parser("bench", help="every benchmark, tables + JSON + PNG in benchmarks/results/<device> (see seed-fast bench -h)", add_help=False)
+    sub.add_parser(
+        "ort-run", help="run an exported stack with onnxruntime, no torch (see seed-fast ort-run -h)", add_help=False
+    )
+    sub.add_parser(
+        "bench",
+        help="every benchmark, tables + JSON + PNG in benchmarks/results/<device> (see seed-fast bench -h)",
+        add_help=False,
+    )
 
     p = sub.add_parser("eval", help="retrieval / caption / generation metrics of a model on held-out scenes")
     p.add_argument("--checkpoint", default=None, help="a model folder (default: the embedded model)")
     p.add_argument("--n", type=int, default=256, help="held-out scenes (default 256)")
-    p.add_argument("--n-generation", type=int, default=None, help="of them, drawn for generation / reconstruction (default all)")
+    p.add_argument(
+        "--n-generation", type=int, default=None, help="of them, drawn for generation / reconstruction (default all)"
+    )
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg-scale", type=_cfg_scale, default=None,
-                   help="LLM-side classifier-free guidance when generating codes from captions (default 2; 1 = off)")
-    p.add_argument("--guidance", type=_cfg_scale, default=None,
-                   help="the decoder's classifier-free guidance (default 1.5, seed_fast.demo.DECODER_GUIDANCE; 1 = off)")
+    p.add_argument(
+        "--cfg-scale",
+        type=_cfg_scale,
+        default=None,
+        help="LLM-side classifier-free guidance when generating codes from captions (default 2; 1 = off)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=_cfg_scale,
+        default=None,
+        help="the decoder's classifier-free guidance (default 1.5, seed_fast.demo.DECODER_GUIDANCE; 1 = off)",
+    )
     p.add_argument("--json", default=None, help="also write the metrics to this file")
     p.add_argument("--no-progress", action="store_true")
     rel = p.add_mutually_exclusive_group()
-    rel.add_argument("--lavit", metavar="RUN", help="evaluate a `seed-fast train lavit` run instead (tokens per image, ...)")
-    rel.add_argument("--flamingo", metavar="RUN", help="evaluate a `seed-fast train flamingo` run instead (captions from continuous features)")
-    rel.add_argument("--vwlmm", metavar="RUN", help="evaluate a `seed-fast train vwlmm` run instead (captions through visual words)")
-    p.add_argument("--no-compare", action="store_true", help="with --flamingo / --vwlmm: skip SEED's captions on the same scenes")
+    rel.add_argument(
+        "--lavit", metavar="RUN", help="evaluate a `seed-fast train lavit` run instead (tokens per image, ...)"
+    )
+    rel.add_argument(
+        "--flamingo",
+        metavar="RUN",
+        help="evaluate a `seed-fast train flamingo` run instead (captions from continuous features)",
+    )
+    rel.add_argument(
+        "--vwlmm", metavar="RUN", help="evaluate a `seed-fast train vwlmm` run instead (captions through visual words)"
+    )
+    p.add_argument(
+        "--no-compare", action="store_true", help="with --flamingo / --vwlmm: skip SEED's captions on the same scenes"
+    )
     p.set_defaults(func=cmd_eval)
     return parser
 

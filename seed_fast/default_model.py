@@ -61,15 +61,24 @@ class DefaultModel:
     recipe: dict
     folder: Path
 
-    def render(self, embeds: torch.Tensor, *, steps: int = 20, guidance: float | None = None, seed: int = 0,
-               progress: bool = False):
+    def render(
+        self,
+        embeds: torch.Tensor,
+        *,
+        steps: int = 20,
+        guidance: float | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ):
         """Generation embeddings (B, D) -> PIL images (the decoder's resolution). guidance: the
         decoder's classifier-free guidance (default `seed_fast.demo.DECODER_GUIDANCE`; 1: off)."""
         from .demo import DECODER_GUIDANCE
         from .models.unclip import embeddings_to_images
 
         guidance = DECODER_GUIDANCE if guidance is None else guidance
-        return embeddings_to_images(self.decoder, embeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed, progress=progress)
+        return embeddings_to_images(
+            self.decoder, embeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed, progress=progress
+        )
 
 
 def load_default(folder: str | Path | None = None) -> DefaultModel:
@@ -98,7 +107,11 @@ def _half_safetensors(folder: Path) -> None:
 
     for f in folder.rglob("*.safetensors"):
         sd = load_file(str(f))
-        save_file({k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in sd.items()}, str(f), metadata={"format": "pt"})
+        save_file(
+            {k: (v.half() if v.dtype == torch.float32 else v).contiguous() for k, v in sd.items()},
+            str(f),
+            metadata={"format": "pt"},
+        )
 
 
 def _portable_adapters(folder: Path) -> None:

@@ -88,12 +88,24 @@ def _check_cfg_scale(cfg_scale: float) -> None:
 
 
 def _objects_ok(pred: dict | None, truth: dict) -> bool:
-    return pred is not None and all(pred[k] == truth[k] for k in ("left_color", "left_shape", "right_color", "right_shape"))
+    return pred is not None and all(
+        pred[k] == truth[k] for k in ("left_color", "left_shape", "right_color", "right_shape")
+    )
 
 
 @torch.no_grad()
-def evaluate(m, n: int = 128, *, seed: int = TEST_SEED, n_gen: int | None = None, steps: int = 20,
-             guidance: float = DECODER_GUIDANCE, cfg_scale: float = CODE_CFG, batch: int = 32, progress: bool = True) -> dict[str, float]:
+def evaluate(
+    m,
+    n: int = 128,
+    *,
+    seed: int = TEST_SEED,
+    n_gen: int | None = None,
+    steps: int = 20,
+    guidance: float = DECODER_GUIDANCE,
+    cfg_scale: float = CODE_CFG,
+    batch: int = 32,
+    progress: bool = True,
+) -> dict[str, float]:
     """Every metric of the module docstring on n held-out scenes (n_gen of them for generation and
     reconstruction, default all). guidance: the decoder's; cfg_scale: the LLM's when it draws codes
     from the captions (1: greedy without guidance)."""
@@ -125,7 +137,9 @@ def evaluate(m, n: int = 128, *, seed: int = TEST_SEED, n_gen: int | None = None
         gen_imgs += m.render(emb, steps=steps, guidance=guidance, seed=seed + 7 + a)
     out["reconstruction_objects_ok"] = sum(r["objects_ok"] for r in m.checker.judge(rec_imgs, facts[:n_gen])) / n_gen
     out["generation_objects_ok"] = sum(r["objects_ok"] for r in m.checker.judge(gen_imgs, facts[:n_gen])) / n_gen
-    out["checker_real_objects_ok"] = sum(r["objects_ok"] for r in m.checker.judge(images[:n_gen], facts[:n_gen])) / n_gen
+    out["checker_real_objects_ok"] = (
+        sum(r["objects_ok"] for r in m.checker.judge(images[:n_gen], facts[:n_gen])) / n_gen
+    )
     return out
 
 
@@ -173,9 +187,19 @@ def make_grid(rows: list[list], cell: int = 96):
     return grid
 
 
-def run_demo(m, out_dir: str | Path, *, image_paths=(), n_images: int = 6, prompts=DEMO_PROMPTS,
-             eval_n: int = 48, steps: int = 20, guidance: float = DECODER_GUIDANCE, cfg_scale: float = CODE_CFG,
-             progress: bool = True) -> dict:
+def run_demo(
+    m,
+    out_dir: str | Path,
+    *,
+    image_paths=(),
+    n_images: int = 6,
+    prompts=DEMO_PROMPTS,
+    eval_n: int = 48,
+    steps: int = 20,
+    guidance: float = DECODER_GUIDANCE,
+    cfg_scale: float = CODE_CFG,
+    progress: bool = True,
+) -> dict:
     from PIL import Image
 
     _check_cfg_scale(cfg_scale)
@@ -212,7 +236,9 @@ def run_demo(m, out_dir: str | Path, *, image_paths=(), n_images: int = 6, promp
     print(md)
     grid = make_grid([images, recon, gen])
     grid.save(out / "grid.png")
-    report = _html_report(names, images, codes, pred, caps, recon, list(prompts), gen, gen_judge, question, ans, metrics, m)
+    report = _html_report(
+        names, images, codes, pred, caps, recon, list(prompts), gen, gen_judge, question, ans, metrics, m
+    )
     (out / "report.html").write_text(report, encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"report: {out / 'report.html'}, grid: {out / 'grid.png'} ({time.perf_counter() - t0:.0f} s)")
@@ -230,18 +256,22 @@ def _html_report(names, images, codes, pred, caps, recon, prompts, gen, gen_judg
         )
     grows = []
     for p, g, j in zip(prompts, gen, gen_judge):
-        grows.append(f"<tr><td>{e(p)}</td><td><img src='data:image/png;base64,{_png_b64(g.resize((96, 96)))}'></td>"
-                     f"<td>{'yes' if j['objects_ok'] else 'no'}</td></tr>")
-    mrows = "".join(f"<tr><td>{e(label)}</td><td>{100 * metrics[k]:.1f}%</td></tr>" for k, label in METRIC_ROWS if k in metrics)
+        grows.append(
+            f"<tr><td>{e(p)}</td><td><img src='data:image/png;base64,{_png_b64(g.resize((96, 96)))}'></td>"
+            f"<td>{'yes' if j['objects_ok'] else 'no'}</td></tr>"
+        )
+    mrows = "".join(
+        f"<tr><td>{e(label)}</td><td>{100 * metrics[k]:.1f}%</td></tr>" for k, label in METRIC_ROWS if k in metrics
+    )
     return f"""<!doctype html><html><head><meta charset=utf-8><title>seed_fast demo</title>
 <style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 8px;vertical-align:middle}} .codes{{font-family:monospace;font-size:11px;max-width:320px}} table{{border-collapse:collapse}} tr:nth-child(even){{background:#f4f4f4}}</style></head><body>
 <h1>seed_fast demo: the embedded default model</h1>
 <p>Model folder: {e(str(m.folder))}. Images become 32 discrete codes; an LLM reads the codes (captions, answers)
 and writes them (text to image); a diffusion decoder draws the generation embedding rebuilt from codes.</p>
 <h2>Images, codes, captions, reconstructions</h2>
-<table><tr><th>image</th><th>input</th><th>32 codes</th><th>caption (truth below)</th><th>codes &rarr; decoder</th></tr>{''.join(rows)}</table>
+<table><tr><th>image</th><th>input</th><th>32 codes</th><th>caption (truth below)</th><th>codes &rarr; decoder</th></tr>{"".join(rows)}</table>
 <p>Question about the first image: <b>{e(question)}</b> &rarr; <b>{e(ans)}</b></p>
 <h2>Text &rarr; codes &rarr; image</h2>
-<table><tr><th>prompt</th><th>generated</th><th>checker agrees</th></tr>{''.join(grows)}</table>
-<h2>Metrics (held-out synthetic test scenes: {metrics.get('n')}, drawn: {metrics.get('n_generation')})</h2>
+<table><tr><th>prompt</th><th>generated</th><th>checker agrees</th></tr>{"".join(grows)}</table>
+<h2>Metrics (held-out synthetic test scenes: {metrics.get("n")}, drawn: {metrics.get("n_generation")})</h2>
 <table>{mrows}</table></body></html>"""

@@ -31,15 +31,30 @@ def collect() -> dict:
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
         else [],
-        "packages": {d: _version(d) for d in ("transformers", "safetensors", "triton", "peft", "diffusers",
-                                               "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "xformers")},
+        "packages": {
+            d: _version(d)
+            for d in (
+                "transformers",
+                "safetensors",
+                "triton",
+                "peft",
+                "diffusers",
+                "onnx",
+                "onnxruntime",
+                "onnxruntime-gpu",
+                "tensorrt",
+                "xformers",
+            )
+        },
     }
     backends = {"ref": "available (plain torch)"}
     cpu = _ext.cpu_ext()
     if cpu is not None:
         b = dict(cpu.build_info())
-        backends["cpu"] = f"built ({b.get('compiler', '?')}, OpenMP {'on' if b.get('openmp') else 'off'}, " \
-                          f"{b.get('threads', '?')} threads, {cpu.codebook_argmin_isa()} micro-kernel)"
+        backends["cpu"] = (
+            f"built ({b.get('compiler', '?')}, OpenMP {'on' if b.get('openmp') else 'off'}, "
+            f"{b.get('threads', '?')} threads, {cpu.codebook_argmin_isa()} micro-kernel)"
+        )
     else:
         backends["cpu"] = f"MISSING: {_ext.cpu_ext_error()}"
     cuda = _ext.cuda_ext()

@@ -65,8 +65,14 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return peft_forward(self, x, *args, **kwargs)
     name = active[0]
     return lora_linear(
-        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-        dropout_p=_dropout_p(self, name), impl=getattr(self, _IMPL, "auto"),
+        x,
+        base.weight,
+        base.bias,
+        self.lora_A[name].weight,
+        self.lora_B[name].weight,
+        self.scaling[name],
+        dropout_p=_dropout_p(self, name),
+        impl=getattr(self, _IMPL, "auto"),
     )
 
 

@@ -50,7 +50,9 @@ def load_lavit_run(folder: str | Path):
     tok.load_official(load_file(str(root / "tokenizer.safetensors")), strict=True)
     missing, unexpected = dec.load_state_dict(load_file(str(root / "decoder.safetensors")), strict=False)
     if missing or unexpected:
-        raise ValueError(f"{root}: decoder weights do not fit preset {cfg.name!r} (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise ValueError(
+            f"{root}: decoder weights do not fit preset {cfg.name!r} (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     return tok.eval(), dec.eval()
 
 
@@ -81,8 +83,12 @@ def evaluate_lavit(run: str | Path, n: int = 256, *, batch: int = 32, progress: 
     ids = lavit_token_ids([torch.zeros(c, dtype=torch.long) for c in counts])
     c = torch.tensor(counts, dtype=torch.float32)
     return {
-        "model": "lavit", "preset": tok.config.name, "n": n,
-        "tokens_per_image_mean": float(c.mean()), "tokens_per_image_min": int(c.min()), "tokens_per_image_max": int(c.max()),
+        "model": "lavit",
+        "preset": tok.config.name,
+        "n": n,
+        "tokens_per_image_mean": float(c.mean()),
+        "tokens_per_image_min": int(c.min()),
+        "tokens_per_image_max": int(c.max()),
         "llm_tokens_per_image_mean": sum(len(i) for i in ids) / n,
         "kept_share": float(c.mean()) / tok.config.num_patches,
         "feature_reconstruction_cos": cos / n,
@@ -107,10 +113,14 @@ def evaluate_flamingo(run: str | Path, n: int = 256, *, batch: int = 32, compare
     for a, b in _bar(_chunks(n, batch), "flamingo", progress):
         pixels = images_to_tensor(images[a:b], tok.config.vision.image_size)
         t0 = time.perf_counter()
-        preds += flamingo_captions(conn, llm, tok, pixels, seqs, meta["media"], max_new_tokens=meta.get("max_new_tokens", 16))
+        preds += flamingo_captions(
+            conn, llm, tok, pixels, seqs, meta["media"], max_new_tokens=meta.get("max_new_tokens", 16)
+        )
         t_cap += time.perf_counter() - t0
     out = {
-        "model": "flamingo", "media": meta["media"], "n": n,
+        "model": "flamingo",
+        "media": meta["media"],
+        "n": n,
         "caption_objects_ok": sum(_objects_ok(parse_caption(p), f) for p, f in zip(preds, facts)) / n,
         "caption_exact": sum(p.strip().rstrip(".") == c for p, c in zip(preds, caps)) / n,
         "llm_tokens_per_image_mean": 0.0,  # the image enters through cross-attention, not as tokens
@@ -140,8 +150,9 @@ def _seed_captions(m, images, caps, facts, batch: int, progress: bool) -> dict:
 
 
 @torch.no_grad()
-def evaluate_vwlmm(run: str | Path, n: int = 256, *, batch: int = 32, compare=None, progress: bool = True,
-                   show: int = 2) -> dict:
+def evaluate_vwlmm(
+    run: str | Path, n: int = 256, *, batch: int = 32, compare=None, progress: bool = True, show: int = 2
+) -> dict:
     """Captions through the visual-words connector (and, with `compare`, SEED's from codes) on the
     held-out scenes; `show` scenes' per-patch top visual words go into "top_words"."""
     from .models.preprocess import images_to_tensor
@@ -171,7 +182,10 @@ def evaluate_vwlmm(run: str | Path, n: int = 256, *, batch: int = 32, compare=No
     order = counts.argsort(descending=True)[:5]
     decode = vw.llm.text_tokenizer.decode
     out = {
-        "model": "vwlmm", "media": meta["media"], "variant": meta["variant"], "n": n,
+        "model": "vwlmm",
+        "media": meta["media"],
+        "variant": meta["variant"],
+        "n": n,
         "caption_objects_ok": sum(_objects_ok(parse_caption(p), f) for p, f in zip(preds, facts)) / n,
         "caption_exact": sum(p.strip().rstrip(".") == c for p, c in zip(preds, caps)) / n,
         "llm_tokens_per_image_mean": float(feats.shape[1] + 2),  # the patches between <img> and </img>
@@ -196,10 +210,10 @@ def top_words_markdown(metrics: dict) -> str:
     for item in metrics.get("top_words", []):
         words = [w.replace("|", "\\|") or "·" for w in item["words"]]  # a table cell: no bare pipe, never empty
         side = int(round(len(words) ** 0.5))
-        lines += ["", f"top visual word of each patch, scene \"{item['caption']}\":", ""]
+        lines += ["", f'top visual word of each patch, scene "{item["caption"]}":', ""]
         if side * side == len(words) and metrics.get("media") == "vit":
             lines += ["| " + " | ".join(words[:side]) + " |", "|" + "---|" * side]
-            lines += ["| " + " | ".join(words[r * side:(r + 1) * side]) + " |" for r in range(1, side)]
+            lines += ["| " + " | ".join(words[r * side : (r + 1) * side]) + " |" for r in range(1, side)]
         else:
             lines.append(" ".join(words))
     return "\n".join(lines)
@@ -207,16 +221,21 @@ def top_words_markdown(metrics: dict) -> str:
 
 ROWS = {
     "lavit": (
-        ("tokens_per_image_mean", "codes per image (mean)"), ("tokens_per_image_min", "codes per image (min)"),
-        ("tokens_per_image_max", "codes per image (max)"), ("llm_tokens_per_image_mean", "LLM tokens per image with [IMG] [/IMG]"),
-        ("kept_share", "share of patches kept"), ("feature_reconstruction_cos", "ViT feature reconstruction cosine (through codes)"),
-        ("codebook_usage", "codebook usage on these images"), ("deterministic", "same codes run to run"),
+        ("tokens_per_image_mean", "codes per image (mean)"),
+        ("tokens_per_image_min", "codes per image (min)"),
+        ("tokens_per_image_max", "codes per image (max)"),
+        ("llm_tokens_per_image_mean", "LLM tokens per image with [IMG] [/IMG]"),
+        ("kept_share", "share of patches kept"),
+        ("feature_reconstruction_cos", "ViT feature reconstruction cosine (through codes)"),
+        ("codebook_usage", "codebook usage on these images"),
+        ("deterministic", "same codes run to run"),
         ("tokenizer_images_per_s", "tokenizer images/s (this machine)"),
     ),
     "flamingo": (
         ("caption_objects_ok", "captions: every object's color and shape right (Flamingo, continuous)"),
         ("seed_caption_objects_ok", "captions: every object's color and shape right (SEED, 32 codes)"),
-        ("caption_exact", "captions exact (Flamingo)"), ("seed_caption_exact", "captions exact (SEED)"),
+        ("caption_exact", "captions exact (Flamingo)"),
+        ("seed_caption_exact", "captions exact (SEED)"),
         ("llm_tokens_per_image_mean", "LLM tokens per image (Flamingo: cross-attention only)"),
         ("seed_llm_tokens_per_image", "LLM tokens per image (SEED)"),
         ("resampled_latents_per_image", "resampled latents per image (Flamingo)"),
@@ -226,7 +245,8 @@ ROWS = {
     "vwlmm": (
         ("caption_objects_ok", "captions: every object's color and shape right (VW-LMM, continuous)"),
         ("seed_caption_objects_ok", "captions: every object's color and shape right (SEED, 32 codes)"),
-        ("caption_exact", "captions exact (VW-LMM)"), ("seed_caption_exact", "captions exact (SEED)"),
+        ("caption_exact", "captions exact (VW-LMM)"),
+        ("seed_caption_exact", "captions exact (SEED)"),
         ("llm_tokens_per_image_mean", "LLM tokens per image (VW-LMM: patches + <img> </img>)"),
         ("seed_llm_tokens_per_image", "LLM tokens per image (SEED)"),
         ("caption_images_per_s", "captioned images/s (VW-LMM: features + caption, this machine)"),

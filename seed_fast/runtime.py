@@ -44,8 +44,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
     ids = np.full((len(rows), n), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), n), dtype=np.int64)
     for i, r in enumerate(rows):
-        ids[i, n - len(r):] = r
-        mask[i, n - len(r):] = 1
+        ids[i, n - len(r) :] = r
+        mask[i, n - len(r) :] = 1
     return ids, mask
 
 
@@ -54,7 +54,9 @@ class DDIM:
 
     def __init__(self, cfg: dict):
         if cfg.get("thresholding"):
-            raise RuntimeInputError("the exported scheduler uses dynamic thresholding, which this runtime does not implement")
+            raise RuntimeInputError(
+                "the exported scheduler uses dynamic thresholding, which this runtime does not implement"
+            )
         if cfg.get("prediction_type") not in ("epsilon", "sample", "v_prediction"):
             raise RuntimeInputError(f"unknown scheduler prediction_type {cfg.get('prediction_type')!r}")
         self.cfg = cfg
@@ -103,14 +105,20 @@ class SeedRuntime:
         if not self.folder.is_dir():
             raise RuntimeInputError(f"model folder {str(self.folder)!r} does not exist")
         if not man.is_file():
-            raise RuntimeInputError(f"{self.folder} has no {MANIFEST}: export the model first (seed-fast export onnx --out {self.folder})")
+            raise RuntimeInputError(
+                f"{self.folder} has no {MANIFEST}: export the model first (seed-fast export onnx --out {self.folder})"
+            )
         self.manifest = json.loads(man.read_text())
         if self.manifest.get("format") != 1:
-            raise RuntimeInputError(f"{man}: manifest format {self.manifest.get('format')!r}, this runtime reads format 1")
+            raise RuntimeInputError(
+                f"{man}: manifest format {self.manifest.get('format')!r}, this runtime reads format 1"
+            )
         self.parts = self.manifest.get("parts", {})
         for part, info in self.parts.items():
             if not (self.folder / info["file"]).is_file():
-                raise RuntimeInputError(f"{self.folder}: the manifest lists {info['file']} for part {part!r} but the file is missing")
+                raise RuntimeInputError(
+                    f"{self.folder}: the manifest lists {info['file']} for part {part!r} but the file is missing"
+                )
         self.providers = list(providers) if providers else default_providers()
         self._sessions: dict = {}
         self._text = None
@@ -119,8 +127,10 @@ class SeedRuntime:
     # ------------------------------------------------------------------------------------ plumbing
     def _need(self, part: str) -> dict:
         if part not in self.parts:
-            raise RuntimeInputError(f"{self.folder} has no exported {part!r} (has {sorted(self.parts)}): "
-                                    f"seed-fast export onnx --part {part} --out {self.folder}")
+            raise RuntimeInputError(
+                f"{self.folder} has no exported {part!r} (has {sorted(self.parts)}): "
+                f"seed-fast export onnx --part {part} --out {self.folder}"
+            )
         return self.parts[part]
 
     def session(self, part: str, key: str = "file"):
@@ -176,7 +186,9 @@ class SeedRuntime:
                     raise RuntimeInputError(f"images contain {int((~np.isfinite(x)).sum())} NaN/inf value(s)")
                 lo, hi = float(x.min()), float(x.max())
                 if lo < -1e-3 or hi > 1 + 1e-3:
-                    raise RuntimeInputError(f"float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}] (0-255 values? pass uint8)")
+                    raise RuntimeInputError(
+                        f"float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}] (0-255 values? pass uint8)"
+                    )
                 x = np.clip(x.astype(np.float32), 0.0, 1.0)
             else:
                 raise RuntimeInputError(f"images must be uint8 or float, got dtype {x.dtype}")
@@ -251,7 +263,9 @@ class SeedRuntime:
         tpl, voc = info["template"], info["image_vocab"]
         n_images = 0 if codes is None else len(codes)
         if text.count(IMAGE_PLACEHOLDER) != n_images:
-            raise RuntimeInputError(f"prompt has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s): {text!r}")
+            raise RuntimeInputError(
+                f"prompt has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s): {text!r}"
+            )
         if chat:
             text = tpl["chat"].format(prompt=text)
         ids = [info["bos_id"]] if tpl["add_bos"] and info["bos_id"] is not None else []
@@ -280,7 +294,9 @@ class SeedRuntime:
         limit = self._llm.get("max_positions")
         return ids, mask, pos, limit
 
-    def generate_ids(self, rows: list[list[int]], *, max_new_tokens: int = 32, suppress_image_tokens: bool = True) -> list[list[int]]:
+    def generate_ids(
+        self, rows: list[list[int]], *, max_new_tokens: int = 32, suppress_image_tokens: bool = True
+    ) -> list[list[int]]:
         """Greedy text continuation of token-id prompts (stops after EOS), through the KV-cache graph."""
         if not rows or any(len(r) == 0 for r in rows):
             raise RuntimeInputError("generate_ids needs at least one non-empty prompt")
@@ -290,7 +306,9 @@ class SeedRuntime:
         voc = info["image_vocab"]
         ids, mask, pos, limit = self._prefill(rows)
         if limit is not None and ids.shape[1] + max_new_tokens > limit:
-            raise RuntimeInputError(f"prompt + new tokens = {ids.shape[1] + max_new_tokens} exceeds the model's {limit} positions")
+            raise RuntimeInputError(
+                f"prompt + new tokens = {ids.shape[1] + max_new_tokens} exceeds the model's {limit} positions"
+            )
         logits, past = self._lm_step(ids, mask, pos, self._past(len(rows)))
         eos = info["eos_id"]
         out = np.zeros((len(rows), max_new_tokens), dtype=np.int64)
@@ -299,7 +317,7 @@ class SeedRuntime:
         n = 0
         for t in range(max_new_tokens):
             if suppress_image_tokens:
-                logits[:, voc["base"]: voc["base"] + voc["num_codes"] + 2] = -np.inf
+                logits[:, voc["base"] : voc["base"] + voc["num_codes"] + 2] = -np.inf
             tok = logits.argmax(-1)
             out[:, t] = tok
             n = t + 1
@@ -330,7 +348,7 @@ class SeedRuntime:
         turn = self._llm["template"]["caption"] if prompt is None else prompt
         if IMAGE_PLACEHOLDER not in turn:
             turn = IMAGE_PLACEHOLDER + turn
-        rows = [self.encode_turn(turn, c[i: i + 1]) for i in range(len(c))]
+        rows = [self.encode_turn(turn, c[i : i + 1]) for i in range(len(c))]
         return self._decode(self.generate_ids(rows, max_new_tokens=max_new_tokens))
 
     def answer(self, questions, images=None, *, codes=None, max_new_tokens: int = 32) -> list[str]:
@@ -341,7 +359,10 @@ class SeedRuntime:
         if len(questions) != len(c):
             raise RuntimeInputError(f"{len(c)} image(s) but {len(questions)} question(s)")
         tpl = self._llm["template"]["answer"]
-        rows = [self.encode_turn(q if IMAGE_PLACEHOLDER in q else tpl.format(question=q), c[i: i + 1]) for i, q in enumerate(questions)]
+        rows = [
+            self.encode_turn(q if IMAGE_PLACEHOLDER in q else tpl.format(question=q), c[i : i + 1])
+            for i, q in enumerate(questions)
+        ]
         return self._decode(self.generate_ids(rows, max_new_tokens=max_new_tokens))
 
     def generate_codes(self, texts, *, cfg_scale: float = 1.0) -> np.ndarray:
@@ -382,8 +403,17 @@ class SeedRuntime:
         return codes
 
     # ------------------------------------------------------------------------------------ decoder
-    def render(self, embeddings, *, steps: int = 20, guidance: float = 1.5, seed: int = 0, noise=None,
-               negative=None, **unclip_kwargs) -> np.ndarray:
+    def render(
+        self,
+        embeddings,
+        *,
+        steps: int = 20,
+        guidance: float = 1.5,
+        seed: int = 0,
+        noise=None,
+        negative=None,
+        **unclip_kwargs,
+    ) -> np.ndarray:
         """Generation embeddings (B, D) -> images (B, S, S, 3) float32 in [0, 1] through the
         exported UNet and a numpy DDIM loop. noise: the starting sample (B, C, S, S) (default: a
         seeded numpy normal draw). guidance > 1 uses `negative` (B, D) or the decoder's zero null; the
@@ -401,8 +431,9 @@ class SeedRuntime:
         if not np.isfinite(e).all():
             raise RuntimeInputError("embeddings contain NaN/inf")
         if info.get("kind") == "unclip":
-            return self._render_unclip(info, e, steps=steps, guidance=guidance, seed=seed, noise=noise, negative=negative,
-                                       **unclip_kwargs)
+            return self._render_unclip(
+                info, e, steps=steps, guidance=guidance, seed=seed, noise=noise, negative=negative, **unclip_kwargs
+            )
         if unclip_kwargs:
             raise RuntimeInputError(f"{sorted(unclip_kwargs)}: only a Stable unCLIP decoder takes these")
         b = e.shape[0]
@@ -430,8 +461,19 @@ class SeedRuntime:
             x = self.session("decoder", "vae_file").run(None, {"latents": x})[0]
         return np.clip(x.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0)
 
-    def _render_unclip(self, info: dict, e: np.ndarray, *, steps: int, guidance: float, seed: int, noise, negative,
-                       noise_level: int = 0, embed_noise=None) -> np.ndarray:
+    def _render_unclip(
+        self,
+        info: dict,
+        e: np.ndarray,
+        *,
+        steps: int,
+        guidance: float,
+        seed: int,
+        noise,
+        negative,
+        noise_level: int = 0,
+        embed_noise=None,
+    ) -> np.ndarray:
         """StableUnCLIPImg2ImgPipeline's loop (empty prompt, DDIM eta 0) over the exported UNet and VAE."""
         b, d = e.shape
         c, h = info["in_channels"], info["latent_size"]
@@ -467,8 +509,15 @@ class SeedRuntime:
         sess = self.session("decoder")
         for t in self._ddim.timesteps(steps):
             inp = np.concatenate([x, x]) if use_cfg else x
-            out = sess.run(None, {"sample": inp, "timestep": np.full(len(inp), t, np.int64),
-                                  "encoder_hidden_states": states, "class_labels": labels})[0]
+            out = sess.run(
+                None,
+                {
+                    "sample": inp,
+                    "timestep": np.full(len(inp), t, np.int64),
+                    "encoder_hidden_states": states,
+                    "class_labels": labels,
+                },
+            )[0]
             if use_cfg:
                 uncond, cond = out[:b], out[b:]
                 out = uncond + guidance * (cond - uncond)
@@ -519,15 +568,23 @@ def to_pil(images: np.ndarray) -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="seed-fast ort-run", description="run an exported SEED stack with onnxruntime (no torch)")
+    p = argparse.ArgumentParser(
+        prog="seed-fast ort-run", description="run an exported SEED stack with onnxruntime (no torch)"
+    )
     p.add_argument("--model", required=True, metavar="DIR", help="a folder written by `seed-fast export onnx`")
     p.add_argument("images", nargs="*", help="image files: print codes and captions")
     p.add_argument("--question", help="also answer this question about each image")
     p.add_argument("--generate", nargs="+", metavar="TEXT", help="prompts to draw (PNG files in --out)")
     p.add_argument("--out", default="ort_out", help="folder for generated images (default: ort_out)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
-    p.add_argument("--guidance", type=float, default=1.5, help="decoder guidance scale (default: 1.5, the embedded decoder's)")
-    p.add_argument("--providers", nargs="+", help=f"onnxruntime providers (default: the first available of {list(PREFERRED_PROVIDERS)})")
+    p.add_argument(
+        "--guidance", type=float, default=1.5, help="decoder guidance scale (default: 1.5, the embedded decoder's)"
+    )
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        help=f"onnxruntime providers (default: the first available of {list(PREFERRED_PROVIDERS)})",
+    )
     args = p.parse_args(argv)
     try:
         rt = SeedRuntime(args.model, providers=args.providers)
@@ -535,7 +592,9 @@ def main(argv=None) -> int:
         if args.images:
             codes = rt.tokenize(list(args.images))
             caps = rt.caption(codes=codes) if "llm" in rt.parts else [None] * len(codes)
-            answers = rt.answer(args.question, codes=codes) if args.question and "llm" in rt.parts else [None] * len(codes)
+            answers = (
+                rt.answer(args.question, codes=codes) if args.question and "llm" in rt.parts else [None] * len(codes)
+            )
             for path, c, cap, ans in zip(args.images, codes, caps, answers):
                 print(f"{path}: codes {' '.join(map(str, c.tolist()))}")
                 if cap is not None:

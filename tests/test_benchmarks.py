@@ -17,7 +17,9 @@ import run_all  # noqa: E402
 def test_roofline_fraction_is_the_binding_limit():
     peaks = common.gpu_peaks("NVIDIA H100 80GB HBM3")
     assert peaks == {"fp32": 67.0, "tensor16": 989.0, "tb_s": 3.35}
-    assert common.gpu_peaks("NVIDIA H100 PCIe")["tb_s"] == 2.0 and common.gpu_peaks("Tesla V100-SXM2-16GB")["fp32"] == 15.7
+    assert (
+        common.gpu_peaks("NVIDIA H100 PCIe")["tb_s"] == 2.0 and common.gpu_peaks("Tesla V100-SXM2-16GB")["fp32"] == 15.7
+    )
     assert common.gpu_peaks("Some Future GPU") is None
     # compute-bound row: 33.5 TFLOP/s of 67 fp32 -> 50%; memory side 0.67 of 3.35 TB/s -> 20%
     assert common.roofline_fraction(33.5, 0.67, peaks, "fp32") == pytest.approx(0.5)
@@ -28,15 +30,24 @@ def test_roofline_fraction_is_the_binding_limit():
 
 
 def test_summary_tables_json_and_headline(tmp_path):
-    rows = [{"N": 32, "provider": "torch", "ms": "2.0"}, {"N": 32, "provider": "seed_fast cpu", "ms": "0.5"},
-            {"N": 64, "provider": "torch", "ms": "4.0"}, {"N": 64, "provider": "seed_fast cpu", "ms": "1.0"},
-            {"N": 64, "provider": "faiss", "ms": "3.0"}]
+    rows = [
+        {"N": 32, "provider": "torch", "ms": "2.0"},
+        {"N": 32, "provider": "seed_fast cpu", "ms": "0.5"},
+        {"N": 64, "provider": "torch", "ms": "4.0"},
+        {"N": 64, "provider": "seed_fast cpu", "ms": "1.0"},
+        {"N": 64, "provider": "faiss", "ms": "3.0"},
+    ]
     (tmp_path / "bench_x.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     (tmp_path / "bench_x.md").write_text("# bench_x\n\nheader\n\n| a |\n")
     title, bars = run_all.headline(rows)
     assert title == "N 64" and [b[0] for b in bars] == ["torch", "seed_fast cpu", "faiss"]
-    meta = {"device": "cpu-test", "date": "today", "versions": {"torch": "x"}, "quick": True,
-            "scripts": {"x": {"status": "ok", "seconds": 1.0}}}
+    meta = {
+        "device": "cpu-test",
+        "date": "today",
+        "versions": {"torch": "x"},
+        "quick": True,
+        "scripts": {"x": {"status": "ok", "seconds": 1.0}},
+    }
     run_all.summarize(tmp_path, meta)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["results"]["bench_x"]["rows"] == rows and summary["meta"]["scripts"]["x"]["status"] == "ok"
@@ -46,9 +57,21 @@ def test_summary_tables_json_and_headline(tmp_path):
 
 
 def test_bench_cli_rejects_unknown_benchmarks():
-    r = subprocess.run([sys.executable, "-m", "seed_fast.cli", "bench", "--only", "nope"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "seed_fast.cli", "bench", "--only", "nope"], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 2 and "invalid choice" in r.stderr
-    assert set(run_all.ORDER) == {"codebook", "codebook-fp16", "attention", "lora", "tokenizer", "tokenizer-embedded", "llm", "export", "related"}
+    assert set(run_all.ORDER) == {
+        "codebook",
+        "codebook-fp16",
+        "attention",
+        "lora",
+        "tokenizer",
+        "tokenizer-embedded",
+        "llm",
+        "export",
+        "related",
+    }
     for name, b in run_all.BENCHES.items():
         assert (ROOT / "benchmarks" / b["script"]).is_file(), name
 
@@ -91,6 +114,8 @@ def test_every_readme_benchmark_table_is_what_its_results_file_prints():
     assert len(readme) >= 12, f"expected the README's CPU and GPU tables, found {len(readme)}"
     assert any("NVIDIA" in caption for caption in readme), "the README lacks the GPU tables"
     for caption, table in readme.items():
-        assert caption in printed, f"README table not printed by readme_tables.py (stale or hand-typed): {caption[:120]}"
+        assert caption in printed, (
+            f"README table not printed by readme_tables.py (stale or hand-typed): {caption[:120]}"
+        )
         assert table, f"README caption without a table: {caption[:120]}"
         assert table == printed[caption], f"README table differs from its results file: {caption[:120]}"

@@ -76,7 +76,9 @@ def test_cli_errors(image_files, checkpoint, tmp_path):
 def test_console_script_runs(image_files):
     out = subprocess.run(
         [sys.executable, "-m", "seed_fast.cli", "tokenize", image_files[0], "--json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "RANDOM weights" in out.stderr
     assert len(json.loads(out.stdout)[0]["codes"]) == 32
@@ -88,7 +90,10 @@ def test_a_wrong_or_partial_checkpoint_is_a_clear_error(command, tmp_path):
         main([command, "--checkpoint", str(tmp_path / "nope")])
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "recipe.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"not a complete seed_fast model folder: missing \['llm', 'decoder', 'itc', 'checker.safetensors'\]"):
+    with pytest.raises(
+        SystemExit,
+        match=r"not a complete seed_fast model folder: missing \['llm', 'decoder', 'itc', 'checker.safetensors'\]",
+    ):
         main([command, "--checkpoint", str(tmp_path)])
 
 

@@ -33,7 +33,10 @@ def test_generate_tokens_only_and_images(tmp_path, capsys):
     recs = json.loads((tmp_path / "a" / "codes.json").read_text())
     assert len(recs) == 2 and all(len(r["codes"]) == 32 for r in recs) and "image" not in recs[0]
     pytest.importorskip("diffusers")
-    assert main(["generate", "two red circles", "--out", str(tmp_path / "b"), "--steps", "2", "--sample", "--top-k", "20"]) == 0
+    assert (
+        main(["generate", "two red circles", "--out", str(tmp_path / "b"), "--steps", "2", "--sample", "--top-k", "20"])
+        == 0
+    )
     rec = json.loads((tmp_path / "b" / "codes.json").read_text())[0]
     assert (tmp_path / "b" / rec["image"]).exists()
 

@@ -22,9 +22,15 @@ def test_caption_parser_reads_back_every_scene_and_refuses_the_rest():
         _, caption, facts = make_scene(rng, 64)
         assert parse_caption(caption) == facts
         assert parse_caption(caption.upper() + ".") == facts
-    for bad in ("", "one red circles left of a blue square", "two red circle left of a blue square",
-                "one pink circle left of a blue square", "one red circle right of a blue square",
-                "four red circles left of a blue square", "one red circle left of a blue"):
+    for bad in (
+        "",
+        "one red circles left of a blue square",
+        "two red circle left of a blue square",
+        "one pink circle left of a blue square",
+        "one red circle right of a blue square",
+        "four red circles left of a blue square",
+        "one red circle left of a blue",
+    ):
         assert parse_caption(bad) is None, bad
 
 
@@ -79,8 +85,23 @@ def test_the_recipe_runs_its_two_branches_at_once_and_installs(tmp_path):
     recipe = recipe_mod.for_this_machine("fp32", _tiny_recipe(latent=True))
     (tmp_path / "tiny.json").write_text(json.dumps(recipe))
     work, dest = tmp_path / "work", tmp_path / "model"
-    assert recipe_mod.main(["--work", str(work), "--recipe", str(tmp_path / "tiny.json"), "--jobs", "2", "--no-progress",
-                            "--install", "--dest", str(dest)]) == 0
+    assert (
+        recipe_mod.main(
+            [
+                "--work",
+                str(work),
+                "--recipe",
+                str(tmp_path / "tiny.json"),
+                "--jobs",
+                "2",
+                "--no-progress",
+                "--install",
+                "--dest",
+                str(dest),
+            ]
+        )
+        == 0
+    )
     assert all((work / n / "DONE").is_file() for n in recipe_mod.ORDER)
     logs = sorted(p.name for p in (work / "logs").iterdir())
     assert logs == ["llm_lora_checker.log", "vae_decoder.log"]
@@ -121,7 +142,10 @@ def test_the_recipe_has_the_vae_stage_and_the_pixel_option_drops_it(monkeypatch)
     from pathlib import Path
 
     cfg = recipe_mod.stage_config("decoder", Path("/w"))
-    assert cfg["decoder"]["vae"] == "/w/vae/vae" and "vae" not in recipe_mod.stage_config("decoder", Path("/w"), pixel)["decoder"]
+    assert (
+        cfg["decoder"]["vae"] == "/w/vae/vae"
+        and "vae" not in recipe_mod.stage_config("decoder", Path("/w"), pixel)["decoder"]
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert recipe_mod._default_jobs(recipe) == (2 if (__import__("os").cpu_count() or 1) >= 2 else 1)
     assert recipe_mod._default_jobs(pixel) == 1
@@ -140,8 +164,12 @@ def test_the_decoder_option_adds_or_drops_the_vae_stage_of_a_recipe_file(tmp_pat
     (tmp_path / "pixel.json").write_text(json.dumps(pixel))
     added = recipe_mod.with_latent_decoder(pixel)  # RECIPE's vae stage
     assert added["vae"] == recipe_mod.RECIPE["vae"] and added["decoder"] == pixel["decoder"]
-    for file, option, expect in [("latent.json", "pixel", pixel), ("pixel.json", "latent", added),
-                                 ("pixel.json", None, pixel), ("latent.json", None, recipe)]:
+    for file, option, expect in [
+        ("latent.json", "pixel", pixel),
+        ("pixel.json", "latent", added),
+        ("pixel.json", None, pixel),
+        ("latent.json", None, recipe),
+    ]:
         ran.clear()
         argv = ["--work", str(tmp_path / "w"), "--recipe", str(tmp_path / file), "--jobs", "1", "--no-progress"]
         assert recipe_mod.main(argv + (["--decoder", option] if option else [])) == 0
@@ -189,7 +217,13 @@ def test_the_installed_folder_loads_evaluates_and_demos(tiny_model, tmp_path):
         assert json.loads(cfg.read_text())["base_model_name_or_path"] is None
         assert not (cfg.parent / "README.md").exists()
     metrics = evaluate(m, 4, n_gen=2, steps=2, progress=False)
-    for key in ("retrieval_i2t_r1", "caption_objects_ok", "answer_exact", "generation_objects_ok", "reconstruction_objects_ok"):
+    for key in (
+        "retrieval_i2t_r1",
+        "caption_objects_ok",
+        "answer_exact",
+        "generation_objects_ok",
+        "reconstruction_objects_ok",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["code_cfg_scale"] == 2.0 and metrics["decoder_guidance"] == 1.5
     seen_g, render = [], m.render

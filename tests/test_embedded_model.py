@@ -51,8 +51,13 @@ def default():
     return load_default()
 
 
-SCENES = ["one red circle", "two blue squares", "a green triangle left of a red square", "three yellow circles",
-          "a blue circle above two green triangles"]
+SCENES = [
+    "one red circle",
+    "two blue squares",
+    "a green triangle left of a red square",
+    "three yellow circles",
+    "a blue circle above two green triangles",
+]
 
 
 @pytest.mark.parametrize("guidance", [1.0, 2.5])

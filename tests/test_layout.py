@@ -41,7 +41,12 @@ def _seed_fast_modules():
 
 def test_every_module_is_found():
     names = _seed_fast_modules()
-    for expected in ("seed_fast.kernels.codebook_lookup", "seed_fast.export.to_onnx", "seed_fast.models.llm", "seed_fast.cli"):
+    for expected in (
+        "seed_fast.kernels.codebook_lookup",
+        "seed_fast.export.to_onnx",
+        "seed_fast.models.llm",
+        "seed_fast.cli",
+    ):
         assert expected in names
     assert not any(n.startswith(("kernels", "export")) for n in names)
 
@@ -71,7 +76,9 @@ def test_pytest_collects_everything_from_the_root():
 
 
 def test_sdist_and_wheel_hold_the_source_folders(tmp_path):
-    _run_from_root(["setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "--dist-dir", str(tmp_path / "dist")])
+    _run_from_root(
+        ["setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "--dist-dir", str(tmp_path / "dist")]
+    )
     (sdist,) = (tmp_path / "dist").glob("seed_fast-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
@@ -81,9 +88,13 @@ def test_sdist_and_wheel_hold_the_source_folders(tmp_path):
     for f in ("LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", "seed_fast/kernels/__init__.py"):
         assert f in names, f"{f} missing from the sdist"
     # the wheel's pure-Python part: the folders' modules land inside the seed_fast namespace
-    _run_from_root(["setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "build_py", "--build-lib", str(tmp_path / "lib")])
+    _run_from_root(
+        ["setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "build_py", "--build-lib", str(tmp_path / "lib")]
+    )
     lib = tmp_path / "lib"
     for folder in ("kernels", "export"):
         for f in (ROOT / folder).glob("*.py"):
-            assert (lib / "seed_fast" / folder / f.name).is_file(), f"seed_fast/{folder}/{f.name} missing from the wheel"
+            assert (lib / "seed_fast" / folder / f.name).is_file(), (
+                f"seed_fast/{folder}/{f.name} missing from the wheel"
+            )
     assert not (lib / "kernels").exists() and not (lib / "export").exists()

@@ -25,22 +25,39 @@ def _model(kind: str, seed: int = 0, dropout: float = 0.0, adapters=("default",)
     torch.manual_seed(seed)
     if kind == "opt":
         cfg = transformers.OPTConfig(
-            vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
-            max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
+            vocab_size=97,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=48,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+            dropout=0.0,
+            attention_dropout=0.0,
         )
         base = transformers.OPTForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(
-            vocab_size=97, hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64,
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=44,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
         )
         base = transformers.LlamaForCausalLM(cfg)
-    lcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS[kind],
-                           init_lora_weights=False)  # random B too, so the LoRA branch is not zero
+    lcfg = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS[kind], init_lora_weights=False
+    )  # random B too, so the LoRA branch is not zero
     model = peft.get_peft_model(base, lcfg, adapter_name=adapters[0])
     for name in adapters[1:]:
-        model.add_adapter(name, peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=dropout,
-                                                target_modules=TARGETS[kind], init_lora_weights=False))
+        model.add_adapter(
+            name,
+            peft.LoraConfig(
+                r=4, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS[kind], init_lora_weights=False
+            ),
+        )
     return model.to(DEVICE)
 
 

@@ -69,8 +69,9 @@ def test_captions_and_answers(default):
 
 def test_generation_with_guidance(default):
     with no_deprecations():
-        default.llm.generate_images(["one red circle", "two blue squares"], num_inference_steps=2, guidance_scale=2.0,
-                                    progress=False)
+        default.llm.generate_images(
+            ["one red circle", "two blue squares"], num_inference_steps=2, guidance_scale=2.0, progress=False
+        )
 
 
 def test_stock_unclip_generation_and_peft_lora():

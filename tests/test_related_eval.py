@@ -14,9 +14,21 @@ from seed_fast.train.loop import train
 @pytest.fixture(scope="module")
 def lavit_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lavit_eval") / "run"
-    train(TrainConfig.from_dict({"stage": "lavit", "out": str(out), "steps": 3, "global_batch": 8, "ckpt_every": 3,
-                                 "data": {"n": 24, "val_n": 8, "image_size": 64}, "optim": {"lr": 2e-3, "warmup": 1},
-                                 "lavit": {"preset": "tiny-lavit"}}), progress=False)
+    train(
+        TrainConfig.from_dict(
+            {
+                "stage": "lavit",
+                "out": str(out),
+                "steps": 3,
+                "global_batch": 8,
+                "ckpt_every": 3,
+                "data": {"n": 24, "val_n": 8, "image_size": 64},
+                "optim": {"lr": 2e-3, "warmup": 1},
+                "lavit": {"preset": "tiny-lavit"},
+            }
+        ),
+        progress=False,
+    )
     return out
 
 
@@ -25,10 +37,27 @@ def flamingo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("flamingo_eval")
     SeedLLM.from_config("tiny-llama", seed=0).save_pretrained(root / "llm")
     SeedTokenizer.from_config("mini", seed=1).save_pretrained(root / "tok")
-    train(TrainConfig.from_dict({"stage": "flamingo", "out": str(root / "run"), "steps": 2, "global_batch": 8, "ckpt_every": 2,
-                                 "data": {"n": 16, "val_n": 8, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1},
-                                 "flamingo": {"lm": str(root / "llm"), "vit_from": str(root / "tok"), "eval_n": 0,
-                                              "num_latents": 4, "max_new_tokens": 4}}), progress=False)
+    train(
+        TrainConfig.from_dict(
+            {
+                "stage": "flamingo",
+                "out": str(root / "run"),
+                "steps": 2,
+                "global_batch": 8,
+                "ckpt_every": 2,
+                "data": {"n": 16, "val_n": 8, "image_size": 64},
+                "optim": {"lr": 1e-3, "warmup": 1},
+                "flamingo": {
+                    "lm": str(root / "llm"),
+                    "vit_from": str(root / "tok"),
+                    "eval_n": 0,
+                    "num_latents": 4,
+                    "max_new_tokens": 4,
+                },
+            }
+        ),
+        progress=False,
+    )
     return root / "run"
 
 
@@ -37,10 +66,21 @@ def vwlmm_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("vwlmm_eval")
     SeedLLM.from_config("tiny-llama", seed=0).save_pretrained(root / "llm")
     SeedTokenizer.from_config("mini", seed=1).save_pretrained(root / "tok")
-    train(TrainConfig.from_dict({"stage": "vwlmm", "out": str(root / "run"), "steps": 2, "global_batch": 8, "ckpt_every": 2,
-                                 "data": {"n": 16, "val_n": 8, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1},
-                                 "vwlmm": {"lm": str(root / "llm"), "vit_from": str(root / "tok"), "eval_n": 0,
-                                           "max_new_tokens": 4}}), progress=False)
+    train(
+        TrainConfig.from_dict(
+            {
+                "stage": "vwlmm",
+                "out": str(root / "run"),
+                "steps": 2,
+                "global_batch": 8,
+                "ckpt_every": 2,
+                "data": {"n": 16, "val_n": 8, "image_size": 64},
+                "optim": {"lr": 1e-3, "warmup": 1},
+                "vwlmm": {"lm": str(root / "llm"), "vit_from": str(root / "tok"), "eval_n": 0, "max_new_tokens": 4},
+            }
+        ),
+        progress=False,
+    )
     return root / "run"
 
 
@@ -50,7 +90,9 @@ def test_lavit_eval_counts_tokens_and_is_deterministic(lavit_run):
     codes = tok.encode(held_out_scenes(12)[0])
     lengths = torch.tensor([len(c) for c in codes], dtype=torch.float32)
     assert m["tokens_per_image_mean"] == pytest.approx(float(lengths.mean()))
-    assert m["tokens_per_image_min"] == int(lengths.min()) >= 1 and m["tokens_per_image_max"] == int(lengths.max()) <= 64
+    assert (
+        m["tokens_per_image_min"] == int(lengths.min()) >= 1 and m["tokens_per_image_max"] == int(lengths.max()) <= 64
+    )
     assert m["llm_tokens_per_image_mean"] == pytest.approx(m["tokens_per_image_mean"] + 2)
     assert m["kept_share"] == pytest.approx(m["tokens_per_image_mean"] / 64)
     assert m["deterministic"] is True and 0 < m["codebook_usage"] <= 1 and -1 <= m["feature_reconstruction_cos"] <= 1
@@ -60,7 +102,11 @@ def test_lavit_eval_counts_tokens_and_is_deterministic(lavit_run):
 
 def test_flamingo_eval_with_and_without_seed_next_to_it(flamingo_run):
     m = evaluate_flamingo(flamingo_run, n=4, progress=False)
-    assert 0 <= m["caption_objects_ok"] <= 1 and m["llm_tokens_per_image_mean"] == 0 and m["resampled_latents_per_image"] == 4
+    assert (
+        0 <= m["caption_objects_ok"] <= 1
+        and m["llm_tokens_per_image_mean"] == 0
+        and m["resampled_latents_per_image"] == 4
+    )
     assert "seed_caption_objects_ok" not in m
     from seed_fast.default_model import load_default
 
@@ -97,8 +143,17 @@ def test_vwlmm_eval_captions_and_lays_the_top_words_on_the_patch_grid(vwlmm_run,
     assert m["word_most_common"][0][1] == pytest.approx(m["word_most_common_share"]) and len(m["word_most_common"]) <= 5
     md = related_markdown(m)
     assert "VW-LMM, continuous" in md and "top visual word of each patch" in md and "most common top visual words" in md
-    grid = [line for line in md.splitlines() if line.startswith("| ") and "metric" not in line and "VW-LMM" not in line
-            and "captions" not in line and "LLM tokens" not in line and "images/s" not in line and "word" not in line]
+    grid = [
+        line
+        for line in md.splitlines()
+        if line.startswith("| ")
+        and "metric" not in line
+        and "VW-LMM" not in line
+        and "captions" not in line
+        and "LLM tokens" not in line
+        and "images/s" not in line
+        and "word" not in line
+    ]
     assert len(grid) == 2 * 8 and all(line.count(" | ") == 7 for line in grid)  # 8 x 8 patches, twice
     assert main(["eval", "--vwlmm", str(vwlmm_run), "--n", "2", "--no-progress", "--no-compare"]) == 0
     assert "vwlmm on 2 held-out scenes" in capsys.readouterr().out
@@ -114,6 +169,8 @@ def test_eval_cli_names_a_run_that_is_not_one(tmp_path, capsys):
 
 
 def test_eval_cli_lavit_prints_the_table(lavit_run, capsys, tmp_path):
-    assert main(["eval", "--lavit", str(lavit_run), "--n", "4", "--no-progress", "--json", str(tmp_path / "m.json")]) == 0
+    assert (
+        main(["eval", "--lavit", str(lavit_run), "--n", "4", "--no-progress", "--json", str(tmp_path / "m.json")]) == 0
+    )
     out = capsys.readouterr().out
     assert "lavit on 4 held-out scenes" in out and (tmp_path / "m.json").is_file()

@@ -15,4 +15,13 @@ __path__ += source_folder("export")
 from .tensorrt_build import TensorRTError, build_engines  # noqa: E402
 from .to_onnx import MANIFEST, PARTS, ExportError, PartReport, export_onnx, load_checkpoint  # noqa: E402
 
-__all__ = ["MANIFEST", "PARTS", "ExportError", "PartReport", "TensorRTError", "build_engines", "export_onnx", "load_checkpoint"]
+__all__ = [
+    "MANIFEST",
+    "PARTS",
+    "ExportError",
+    "PartReport",
+    "TensorRTError",
+    "build_engines",
+    "export_onnx",
+    "load_checkpoint",
+]

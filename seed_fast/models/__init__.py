@@ -4,4 +4,15 @@ from .llm import ImageVocab, PromptTemplate, SeedLLM
 from .preprocess import InputError
 from .tokenizer import SeedTokenizer
 
-__all__ = ["CheckpointError", "ImageVocab", "InputError", "LoadReport", "PRESETS", "PromptTemplate", "SeedLLM", "SeedTokenizer", "TokenizerConfig", "get_config"]
+__all__ = [
+    "CheckpointError",
+    "ImageVocab",
+    "InputError",
+    "LoadReport",
+    "PRESETS",
+    "PromptTemplate",
+    "SeedLLM",
+    "SeedTokenizer",
+    "TokenizerConfig",
+    "get_config",
+]

@@ -98,7 +98,9 @@ def _as_flat_state_dict(obj, path) -> dict[str, torch.Tensor]:
         if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
             obj = inner
             break
-    bad = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor) or not isinstance(k, str)]
+    bad = [
+        f"{k} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor) or not isinstance(k, str)
+    ]
     if bad:
         raise CheckpointError(
             f"{path} is not a plain tensor state dict: entries that are not tensors: {', '.join(bad[:8])}"
@@ -259,7 +261,9 @@ def ours_to_hf_qformer(sd: dict) -> dict:
     return out
 
 
-def load_into(model: torch.nn.Module, mapped: dict, *, strict: bool, report: LoadReport, allow_missing=()) -> LoadReport:
+def load_into(
+    model: torch.nn.Module, mapped: dict, *, strict: bool, report: LoadReport, allow_missing=()
+) -> LoadReport:
     """Copy `mapped` into `model`, filling `report`; raise CheckpointError when strict and anything is off.
 
     allow_missing: prefixes of model keys that may stay at their initial values (heads a file lacks).

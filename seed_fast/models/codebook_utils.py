@@ -124,8 +124,7 @@ def _check_rows(z: Any, name: str = "z") -> Tensor:
     if not bool(torch.isfinite(rows).all()):
         bad = (~torch.isfinite(rows)).any(dim=1).nonzero().flatten()
         raise ValueError(
-            f"{name} contains NaN/inf in {bad.numel()} row(s) (flattened row indices, first ones: "
-            f"{bad[:5].tolist()})"
+            f"{name} contains NaN/inf in {bad.numel()} row(s) (flattened row indices, first ones: {bad[:5].tolist()})"
         )
     return rows
 
@@ -170,9 +169,7 @@ def codebook_usage(indices: Tensor, codebook_size: int) -> Tensor:
         return torch.zeros(k, dtype=torch.int64, device=indices.device)
     lo, hi = int(flat.min()), int(flat.max())
     if lo < 0 or hi >= k:
-        raise ValueError(
-            f"indices must lie in [0, codebook_size) = [0, {k}), got values in [{lo}, {hi}]"
-        )
+        raise ValueError(f"indices must lie in [0, codebook_size) = [0, {k}), got values in [{lo}, {hi}]")
     return torch.bincount(flat, minlength=k)
 
 
@@ -204,8 +201,7 @@ def codebook_perplexity(indices_or_counts: Tensor, codebook_size: int | None = N
     else:
         if x.ndim != 1:
             raise ValueError(
-                f"counts must be 1-D (K,), got shape {tuple(x.shape)}; "
-                "to pass code indices, give codebook_size as well"
+                f"counts must be 1-D (K,), got shape {tuple(x.shape)}; to pass code indices, give codebook_size as well"
             )
         counts = _check_counts(x, "counts")
         if counts.numel() == 0:
@@ -527,9 +523,7 @@ def restart_dead_codes(
         raise ValueError(f"counts must have shape (K,) = ({k},) to match codebook, got {tuple(counts.shape)}")
     z = _check_tensor(z, "z")
     if z.ndim >= 1 and z.shape[-1] != d:
-        raise ValueError(
-            f"z's last dim must equal the codebook dim D = {d}, got z of shape {tuple(z.shape)}"
-        )
+        raise ValueError(f"z's last dim must equal the codebook dim D = {d}, got z of shape {tuple(z.shape)}")
     rows = _check_rows(z)
     if isinstance(noise, bool) or not isinstance(noise, numbers.Real):
         raise TypeError(f"noise must be a number, got {type(noise).__name__}")

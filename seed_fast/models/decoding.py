@@ -120,7 +120,9 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise InputError(f"top_p must lie in (0, 1] (or None), got {top_p}")
 
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
     """Temperature, then top-k, then nucleus (top-p) filtering; removed entries become -inf.
     The most likely token always survives, so a row never ends up all -inf."""
     logits = logits / temperature

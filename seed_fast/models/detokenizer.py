@@ -18,9 +18,7 @@ class MlpDetokenizer(nn.Module):
         hidden = q.hidden
         self.pos_embed_image = nn.Parameter(torch.zeros(1, q.num_queries, hidden))
         mlp_hidden = int(hidden * cfg.mlp_ratio)
-        self.blocks_image = nn.ModuleList(
-            Block(hidden, cfg.heads, mlp_hidden, cfg.ln_eps) for _ in range(cfg.depth)
-        )
+        self.blocks_image = nn.ModuleList(Block(hidden, cfg.heads, mlp_hidden, cfg.ln_eps) for _ in range(cfg.depth))
         layers: list[nn.Module] = []
         dims = (hidden, *cfg.down_dims)
         for i in range(len(cfg.down_dims)):

@@ -20,7 +20,9 @@ from .preprocess import InputError
 
 class _FeedForward(nn.Sequential):
     def __init__(self, dim: int, mult: int = 4):
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False))
+        super().__init__(
+            nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False)
+        )
 
 
 class _Attend(nn.Module):
@@ -101,8 +103,16 @@ class FlamingoConnector(nn.Module):
     """Resampler + gated cross-attention before every `every`-th layer of a frozen LM (forward
     pre-hooks: the LM's code is not touched; `remove()` takes them out)."""
 
-    def __init__(self, lm: nn.Module, media_dim: int, *, every: int = 1, num_latents: int = 64,
-                 resampler_depth: int = 2, heads: int | None = None):
+    def __init__(
+        self,
+        lm: nn.Module,
+        media_dim: int,
+        *,
+        every: int = 1,
+        num_latents: int = 64,
+        resampler_depth: int = 2,
+        heads: int | None = None,
+    ):
         super().__init__()
         cfg = lm.config
         dim = cfg.hidden_size
@@ -116,7 +126,9 @@ class FlamingoConnector(nn.Module):
         self.where = list(range(0, len(layers), every))
         self.xattn = nn.ModuleList(GatedCrossAttentionBlock(dim, dim, heads) for _ in self.where)
         self._latents: torch.Tensor | None = None
-        self._hooks = [layers[i].register_forward_pre_hook(self._hook(j), with_kwargs=True) for j, i in enumerate(self.where)]
+        self._hooks = [
+            layers[i].register_forward_pre_hook(self._hook(j), with_kwargs=True) for j, i in enumerate(self.where)
+        ]
 
     def _hook(self, j: int):
         def pre(module, args, kwargs):
@@ -130,8 +142,15 @@ class FlamingoConnector(nn.Module):
 
         return pre
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, media: torch.Tensor,
-                media_mask: torch.Tensor | None = None, **lm_kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        media: torch.Tensor,
+        media_mask: torch.Tensor | None = None,
+        **lm_kwargs,
+    ):
         """media (B, M, media_dim): e.g. ViT features or a Q-Former's continuous embeddings."""
         if media.shape[0] != input_ids.shape[0]:
             raise InputError(f"{input_ids.shape[0]} sequences but {media.shape[0]} media items")
@@ -142,8 +161,16 @@ class FlamingoConnector(nn.Module):
             self._latents = None
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, media: torch.Tensor,
-                 media_mask: torch.Tensor | None = None, max_new_tokens: int = 16, **generate_kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        media: torch.Tensor,
+        media_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 16,
+        **generate_kwargs,
+    ) -> torch.Tensor:
         """Greedy (by default) continuation through the LM's own `generate` and KV cache, the
         resampled latents set for the whole call: every new token cross-attends to the media.
         Returns the LM's output ids (prompt included)."""

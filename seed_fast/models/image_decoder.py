@@ -33,7 +33,13 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 
-__all__ = ["SeedImageDecoderPipeline", "decoder_training_loss", "load_image_decoder", "mini_autoencoder", "mini_image_decoder"]
+__all__ = [
+    "SeedImageDecoderPipeline",
+    "decoder_training_loss",
+    "load_image_decoder",
+    "mini_autoencoder",
+    "mini_image_decoder",
+]
 
 
 class SeedImageDecoderPipeline(DiffusionPipeline):
@@ -122,7 +128,9 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
         if unused:
             raise TypeError(f"SeedImageDecoderPipeline got unexpected arguments {sorted(unused)}")
         if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 2:
-            raise ValueError(f"image_embeds must be a (B, D) tensor, got {getattr(image_embeds, 'shape', type(image_embeds))}")
+            raise ValueError(
+                f"image_embeds must be a (B, D) tensor, got {getattr(image_embeds, 'shape', type(image_embeds))}"
+            )
         dim = self.image_embedding_dim
         if image_embeds.shape[1] != dim:
             raise ValueError(f"image_embeds has D={image_embeds.shape[1]}, this decoder takes D={dim}")
@@ -166,7 +174,9 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
             result = images
         else:
             arr = images.permute(0, 2, 3, 1).cpu().numpy()
-            result = arr if output_type == "np" else [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+            result = (
+                arr if output_type == "np" else [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+            )
         if not return_dict:
             return (result,)
         return ImagePipelineOutput(images=result)
@@ -175,13 +185,16 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
 def _patch_of(in_channels: int, channels: int = 3, latent: bool = False) -> int:
     p = int(round((in_channels / channels) ** 0.5))
     if p < 1 or channels * p * p != in_channels:
-        raise ValueError(f"a SeedImageDecoderPipeline UNet takes {channels} * patch**2 input channels "
-                         f"({'the autoencoder latents' if latent else 'RGB pixels'}), got {in_channels}")
+        raise ValueError(
+            f"a SeedImageDecoderPipeline UNet takes {channels} * patch**2 input channels "
+            f"({'the autoencoder latents' if latent else 'RGB pixels'}), got {in_channels}"
+        )
     return p
 
 
-def mini_autoencoder(image_size: int = 32, channels: tuple[int, ...] = (16, 32), latent_channels: int = 4,
-                     seed: int = 0) -> AutoencoderKL:
+def mini_autoencoder(
+    image_size: int = 32, channels: tuple[int, ...] = (16, 32), latent_channels: int = 4, seed: int = 0
+) -> AutoencoderKL:
     """A small diffusers AutoencoderKL with seeded random weights, for a latent decoder: one level per
     entry of `channels` (each after the first halves the resolution), one ResNet layer each, so
     (16, 32) maps 32 px images to 16 x 16 x `latent_channels` latents. `scaling_factor` starts at 1;
@@ -193,18 +206,34 @@ def mini_autoencoder(image_size: int = 32, channels: tuple[int, ...] = (16, 32),
         raise ValueError(f"latent_channels must be a positive integer, got {latent_channels!r}")
     down = 2 ** (len(channels) - 1)
     if image_size % down:
-        raise ValueError(f"image_size must be a multiple of {down} ({len(channels) - 1} down-samplings), got {image_size}")
+        raise ValueError(
+            f"image_size must be a multiple of {down} ({len(channels) - 1} down-samplings), got {image_size}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(channels),
-                             up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels,
-                             latent_channels=int(latent_channels), layers_per_block=1, norm_num_groups=8,
-                             sample_size=image_size, scaling_factor=1.0)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(channels),
+            up_block_types=("UpDecoderBlock2D",) * len(channels),
+            block_out_channels=channels,
+            latent_channels=int(latent_channels),
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=image_size,
+            scaling_factor=1.0,
+        )
 
 
-def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0,
-                       channels: tuple[int, ...] = (32, 64, 128), patch: int = 1,
-                       attention_levels: int = 1, vae: AutoencoderKL | None = None) -> SeedImageDecoderPipeline:
+def mini_image_decoder(
+    embed_dim: int = 64,
+    image_size: int = 64,
+    seed: int = 0,
+    channels: tuple[int, ...] = (32, 64, 128),
+    patch: int = 1,
+    attention_levels: int = 1,
+    vae: AutoencoderKL | None = None,
+) -> SeedImageDecoderPipeline:
     """The embedded model's decoder architecture with seeded random weights.
 
     `channels` gives one UNet level per entry (full resolution first; each level halves the
@@ -241,10 +270,16 @@ def mini_image_decoder(embed_dim: int = 64, image_size: int = 64, seed: int = 0,
         raise ValueError(f"channels must be at least 2 levels of multiples of 8, got {channels}")
     down = 2 ** (len(channels) - 1)
     if image_size % (down * patch):
-        raise ValueError(f"image_size must be a multiple of {down * patch} ({len(channels) - 1} down-samplings"
-                         f"{f' of {image_size // patch} px after the {patch}x{patch} patches' if patch > 1 else ''}), got {image_size}")
+        raise ValueError(
+            f"image_size must be a multiple of {down * patch} ({len(channels) - 1} down-samplings"
+            f"{f' of {image_size // patch} px after the {patch}x{patch} patches' if patch > 1 else ''}), got {image_size}"
+        )
     levels = len(channels)
-    if isinstance(attention_levels, bool) or int(attention_levels) != attention_levels or not 1 <= attention_levels <= levels:
+    if (
+        isinstance(attention_levels, bool)
+        or int(attention_levels) != attention_levels
+        or not 1 <= attention_levels <= levels
+    ):
         raise ValueError(f"attention_levels must be an integer from 1 to the {levels} levels, got {attention_levels!r}")
     plain, attn = levels - int(attention_levels), int(attention_levels)
     if any(c % 16 for c in channels[plain:]):
@@ -311,13 +346,15 @@ def load_image_decoder(folder, *, device=None, dtype: torch.dtype | None = None)
     if missing:
         raise FileNotFoundError(f"{str(root)!r} is not a SeedImageDecoderPipeline folder: no {missing} subfolder(s)")
     # the dtype at load time (not a cast afterwards, which diffusers warns about on every load)
-    unet = UNet2DConditionModel.from_pretrained(str(root / "unet"), local_files_only=True,
-                                                torch_dtype=torch.float32 if dtype is None else dtype)
+    unet = UNet2DConditionModel.from_pretrained(
+        str(root / "unet"), local_files_only=True, torch_dtype=torch.float32 if dtype is None else dtype
+    )
     scheduler = DDIMScheduler.from_pretrained(str(root / "scheduler"), local_files_only=True)
     vae = None
     if (root / "vae").is_dir():
-        vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True,
-                                            torch_dtype=torch.float32 if dtype is None else dtype)
+        vae = AutoencoderKL.from_pretrained(
+            str(root / "vae"), local_files_only=True, torch_dtype=torch.float32 if dtype is None else dtype
+        )
     else:
         index = root / "model_index.json"
         if index.is_file():

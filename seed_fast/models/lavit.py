@@ -70,12 +70,26 @@ LAVIT_PRESETS = {
     # the embedded model's ViT (`mini` SeedTokenizer preset: 64 px, 8 px patches, 128 wide), so a LaVIT
     # tokenizer can be trained on CPU over a trained ViT
     "mini-lavit": LavitConfig(
-        name="mini-lavit", vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_hidden=384),
-        heads=4, merger_depth=2, mlp_hidden=256, codebook_size=1024, code_dim=16, llm_dim=256, decoder_depth=2,
+        name="mini-lavit",
+        vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_hidden=384),
+        heads=4,
+        merger_depth=2,
+        mlp_hidden=256,
+        codebook_size=1024,
+        code_dim=16,
+        llm_dim=256,
+        decoder_depth=2,
     ),
     "tiny-lavit": LavitConfig(
-        name="tiny-lavit", vision=VisionConfig(image_size=64, patch_size=8, width=64, depth=2, heads=4, mlp_hidden=128),
-        heads=4, merger_depth=2, mlp_hidden=128, codebook_size=512, code_dim=16, llm_dim=96, decoder_depth=2,
+        name="tiny-lavit",
+        vision=VisionConfig(image_size=64, patch_size=8, width=64, depth=2, heads=4, mlp_hidden=128),
+        heads=4,
+        merger_depth=2,
+        mlp_hidden=128,
+        codebook_size=512,
+        code_dim=16,
+        llm_dim=96,
+        decoder_depth=2,
     ),
 }
 
@@ -94,7 +108,11 @@ class TokenPredictor(nn.Module):
         super().__init__()
         self.in_conv = nn.Sequential(nn.LayerNorm(dim, eps=1e-5), nn.Linear(dim, dim), nn.GELU())
         self.out_conv = nn.Sequential(
-            nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(), nn.Linear(dim // 4, 2),
+            nn.Linear(dim, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
+            nn.Linear(dim // 4, 2),
             nn.LogSoftmax(dim=-1),
         )
 
@@ -112,6 +130,7 @@ class TokenPredictor(nn.Module):
 def _run_fp32(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """A Sequential of Linear / LayerNorm / parameter-free layers applied in fp32 (weights upcast on
     the fly; with fp32 weights this is the plain forward)."""
+
     def up(t):
         return None if t is None else t.float()
 
@@ -125,8 +144,15 @@ def _run_fp32(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def select_tokens(log_probs: torch.Tensor, mode: str = "threshold", *, threshold: float = 0.5, k: int | None = None,
-                  tau: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def select_tokens(
+    log_probs: torch.Tensor,
+    mode: str = "threshold",
+    *,
+    threshold: float = 0.5,
+    k: int | None = None,
+    tau: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Keep / drop decisions (B, N) in {0, 1} (float, differentiable in "gumbel" mode through the
     straight-through hard sample, as F.gumbel_softmax(hard=True)).
 
@@ -142,7 +168,9 @@ def select_tokens(log_probs: torch.Tensor, mode: str = "threshold", *, threshold
     if mode == "gumbel":
         if not tau > 0:
             raise InputError(f"tau must be > 0, got {tau}")
-        u = torch.rand(log_probs.shape, generator=generator, device="cpu" if generator is not None else log_probs.device)
+        u = torch.rand(
+            log_probs.shape, generator=generator, device="cpu" if generator is not None else log_probs.device
+        )
         g = -torch.log((-torch.log(u.to(log_probs.device).clamp(1e-10, 1.0))).clamp_min(1e-10))  # Gumbel(0, 1)
         soft = ((log_probs + g) / tau).softmax(-1)
         hard = F.one_hot(soft.argmax(-1), 2).to(soft)
@@ -263,8 +291,9 @@ def _gather(feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torc
     return out, valid
 
 
-def merge_tokens(merger: TokenMerger, feats: torch.Tensor, keep: torch.Tensor, impl: str | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_tokens(
+    merger: TokenMerger, feats: torch.Tensor, keep: torch.Tensor, impl: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched token merger: feats (B, N, C), keep (B, N) {0, 1} -> merged kept tokens (B, Lmax, C)
     (padded, left-aligned in raster order) and their mask (B, Lmax) bool. Equals `merge_tokens_ref`
     on the valid rows. No Python loop over images: kept and dropped sets are gathered into padded
@@ -366,19 +395,28 @@ class LavitTokenizer(nn.Module):
         from .checkpoint import CheckpointError
 
         own = self.state_dict()
-        bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items() if k in own and v.shape != own[k].shape}
+        bad = {
+            k: (tuple(v.shape), tuple(own[k].shape))
+            for k, v in state_dict.items()
+            if k in own and v.shape != own[k].shape
+        }
         if bad:
             k = next(iter(bad))
-            raise CheckpointError(f"{len(bad)} tensor(s) of the wrong shape, e.g. {k}: file {bad[k][0]}, model {bad[k][1]} "
-                                  f"(preset {self.config.name!r})")
+            raise CheckpointError(
+                f"{len(bad)} tensor(s) of the wrong shape, e.g. {k}: file {bad[k][0]}, model {bad[k][1]} "
+                f"(preset {self.config.name!r})"
+            )
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
         if strict and (missing or unexpected):
-            raise CheckpointError(f"missing keys {missing[:5]} ({len(missing)}), unexpected keys {unexpected[:5]} ({len(unexpected)})")
+            raise CheckpointError(
+                f"missing keys {missing[:5]} ({len(missing)}), unexpected keys {unexpected[:5]} ({len(unexpected)})"
+            )
         return list(missing), list(unexpected)
 
 
-def lavit_token_ids(codes: list[torch.Tensor], *, img_id: int = IMG_ID, end_id: int = END_IMG_ID,
-                    offset: int = CODE_OFFSET) -> list[list[int]]:
+def lavit_token_ids(
+    codes: list[torch.Tensor], *, img_id: int = IMG_ID, end_id: int = END_IMG_ID, offset: int = CODE_OFFSET
+) -> list[list[int]]:
     """Per image: [IMG], codes + offset, [/IMG] (LaVIT's LLaMA ids)."""
     return [[img_id] + [int(c) + offset for c in cs] + [end_id] for cs in codes]
 
@@ -443,4 +481,3 @@ class LavitFeatureDecoder(nn.Module):
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - cosine similarity between reconstructed and ViT features, averaged over patches."""
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
-

@@ -105,7 +105,9 @@ def get_template(template: str | PromptTemplate) -> PromptTemplate:
     if isinstance(template, dict):  # as saved in seed_llm.json
         return PromptTemplate(**template)
     if template not in TEMPLATES:
-        raise ValueError(f"unknown prompt template {template!r}; choose from {sorted(TEMPLATES)} or pass a PromptTemplate")
+        raise ValueError(
+            f"unknown prompt template {template!r}; choose from {sorted(TEMPLATES)} or pass a PromptTemplate"
+        )
     return TEMPLATES[template]
 
 
@@ -125,7 +127,9 @@ def seed_lora_config(model: nn.Module, *, r: int = 16, alpha: int = 32, dropout:
             raise ValueError(
                 f"seed_lora_config: none of {LORA_TARGETS} is a Linear in {type(model).__name__}; pass target_modules"
             )
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
+    )
 
 
 def _is_extra_trainable(name: str) -> bool:
@@ -198,7 +202,9 @@ class SeedLLM(nn.Module):
                 )
             added = tt.add_tokens(vocab.token_names(), special_tokens=True)
             if added != num_codes + 2 or tt.convert_tokens_to_ids(BOI_TOKEN) != vocab.boi:
-                raise CheckpointError(f"adding the image tokens to the text tokenizer did not give ids {vocab.base}..{vocab.eoi}")
+                raise CheckpointError(
+                    f"adding the image tokens to the text tokenizer did not give ids {vocab.base}..{vocab.eoi}"
+                )
         rows = self.model.get_input_embeddings().weight.shape[0]
         if rows < vocab.size:
             if not add:
@@ -243,9 +249,16 @@ class SeedLLM(nn.Module):
             from ..synthetic import COLORS, COUNTS, QUESTION_WORDS, SHAPES
 
             corpus = [" ".join(COLORS), " ".join(SHAPES), " ".join(s + "s" for s in SHAPES), " ".join(COUNTS.values())]
-            corpus += ["left of a an", "a photo of question short answer generate an image", _SEED_LLAMA_CAPTION, "user assistant inst"]
+            corpus += [
+                "left of a an",
+                "a photo of question short answer generate an image",
+                _SEED_LLAMA_CAPTION,
+                "user assistant inst",
+            ]
             corpus += [QUESTION_WORDS]
-        text_tok = build_word_tokenizer(corpus, extra_words=(".", ",", "?", "!", ":", "[", "]", "/"), vocab_size=text_vocab_size)
+        text_tok = build_word_tokenizer(
+            corpus, extra_words=(".", ",", "?", "!", ":", "[", "]", "/"), vocab_size=text_vocab_size
+        )
         if isinstance(tokenizer, str):
             tokenizer = SeedTokenizer.from_config(tokenizer, seed=seed, init="unit")
         torch.manual_seed(seed)
@@ -289,7 +302,9 @@ class SeedLLM(nn.Module):
             meta = json.loads((root / "seed_llm.json").read_text())
             lm_dir = root / "llm"
         if not (lm_dir / "config.json").exists():
-            raise CheckpointError(f"{lm_dir} has no config.json: not a transformers model folder (nor a SeedLLM folder)")
+            raise CheckpointError(
+                f"{lm_dir} has no config.json: not a transformers model folder (nor a SeedLLM folder)"
+            )
         kwargs = {"local_files_only": True}
         if dtype is not None:
             kwargs["dtype"] = dtype
@@ -317,7 +332,9 @@ class SeedLLM(nn.Module):
             num_codes=meta.get("image_vocab", {}).get("num_codes"),
         )
         if meta and meta.get("image_vocab", {}).get("base", llm.vocab.base) != llm.vocab.base:
-            raise CheckpointError(f"{root}/seed_llm.json says image tokens start at {meta['image_vocab']['base']}, the tokenizer at {llm.vocab.base}")
+            raise CheckpointError(
+                f"{root}/seed_llm.json says image tokens start at {meta['image_vocab']['base']}, the tokenizer at {llm.vocab.base}"
+            )
         if lora is not None and lora is not False:
             llm.add_lora(lora, fused=fused_lora)
         if device is not None:
@@ -371,8 +388,14 @@ class SeedLLM(nn.Module):
         if self.has_lora:
             raise ValueError("this SeedLLM already has a LoRA adapter")
         if not (lora is True or lora == "seed" or isinstance(lora, (LoraConfig, str, os.PathLike))):
-            raise TypeError(f"lora must be True, 'seed', a peft LoraConfig or an adapter folder, got {type(lora).__name__}")
-        if isinstance(lora, (str, os.PathLike)) and lora != "seed" and not (Path(lora) / "adapter_config.json").exists():
+            raise TypeError(
+                f"lora must be True, 'seed', a peft LoraConfig or an adapter folder, got {type(lora).__name__}"
+            )
+        if (
+            isinstance(lora, (str, os.PathLike))
+            and lora != "seed"
+            and not (Path(lora) / "adapter_config.json").exists()
+        ):
             raise CheckpointError(f"{lora} is not a peft adapter folder (no adapter_config.json)")
         with warnings.catch_warnings():
             # peft reads transformers' deprecated `is_gradient_checkpointing` alias: a FutureWarning on
@@ -427,10 +450,16 @@ class SeedLLM(nn.Module):
             raise InputError(f"{where} must be a string, got {type(text).__name__}")
         n_images = 0 if codes is None else len(codes)
         if text.count(IMAGE_PLACEHOLDER) != n_images:
-            raise InputError(f"{where} has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s) were given: {text!r}")
+            raise InputError(
+                f"{where} has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s) were given: {text!r}"
+            )
         if chat:
             text = self.template.chat.format(prompt=text)
-        ids = [self.text_tokenizer.bos_token_id] if self.template.add_bos and self.text_tokenizer.bos_token_id is not None else []
+        ids = (
+            [self.text_tokenizer.bos_token_id]
+            if self.template.add_bos and self.text_tokenizer.bos_token_id is not None
+            else []
+        )
         pieces = text.split(IMAGE_PLACEHOLDER)
         for i, piece in enumerate(pieces):
             ids += self._text_ids(piece)
@@ -455,7 +484,9 @@ class SeedLLM(nn.Module):
         if not flat:
             return [None] * n_prompts
         if codes is not None:
-            all_codes = check_codes(torch.stack([torch.as_tensor(c) for c in flat]), self.tokens_per_image, self.vocab.num_codes)
+            all_codes = check_codes(
+                torch.stack([torch.as_tensor(c) for c in flat]), self.tokens_per_image, self.vocab.num_codes
+            )
         else:
             all_codes = self.image_codes(flat)
         out, i = [], 0
@@ -523,7 +554,9 @@ class SeedLLM(nn.Module):
             for t in range(max_new_tokens):
                 if suppress_image_tokens:
                     logits[:, self.vocab.base : self.vocab.size] = float("-inf")
-                tok = pick(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+                tok = pick(
+                    logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen
+                )
                 out[:, t] = tok
                 n = t + 1
                 done |= torch.isin(tok, stop_t)
@@ -539,14 +572,14 @@ class SeedLLM(nn.Module):
     def _decode_text(self, new_ids: list[list[int]]) -> list[str]:
         return [self.text_tokenizer.decode(r, skip_special_tokens=True).strip() for r in new_ids]
 
-    def generate_text(
-        self, prompts: list[str], images=None, *, codes=None, chat: bool = True, **kwargs
-    ) -> list[str]:
+    def generate_text(self, prompts: list[str], images=None, *, codes=None, chat: bool = True, **kwargs) -> list[str]:
         """Interleaved prompts (text with `<image>` placeholders; images[i] is the list of prompt
         i's images, in order) -> text answers. kwargs as in `generate_ids`."""
         prompts = _as_list(prompts, "prompts")
         groups = self._images_per_prompt(images, codes, len(prompts), "generate_text")
-        rows = [self.encode_turn(p, g, chat=chat, where=f"prompts[{i}]") for i, (p, g) in enumerate(zip(prompts, groups))]
+        rows = [
+            self.encode_turn(p, g, chat=chat, where=f"prompts[{i}]") for i, (p, g) in enumerate(zip(prompts, groups))
+        ]
         return self._decode_text(self.generate_ids(rows, **kwargs))
 
     def caption(self, images=None, prompt: str | None = None, *, codes=None, **kwargs) -> list[str]:
@@ -554,7 +587,11 @@ class SeedLLM(nn.Module):
         `<image>` placeholder in it says where the image goes (else the image comes first)."""
         groups = images if images is not None else codes
         n = _count(groups, "images")
-        turn = self.template.caption if prompt is None else (prompt if IMAGE_PLACEHOLDER in prompt else IMAGE_PLACEHOLDER + prompt)
+        turn = (
+            self.template.caption
+            if prompt is None
+            else (prompt if IMAGE_PLACEHOLDER in prompt else IMAGE_PLACEHOLDER + prompt)
+        )
         return self.generate_text([turn] * n, _one_each(images), codes=_one_each(codes), **kwargs)
 
     def answer(self, images=None, questions=None, *, codes=None, **kwargs) -> list[str]:
@@ -633,7 +670,9 @@ class SeedLLM(nn.Module):
                     cond, uncond = scores.chunk(2)
                     scores = uncond + cfg_scale * (cond - uncond)
                 if nb == 1:
-                    tok = pick(scores, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+                    tok = pick(
+                        scores, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen
+                    )
                 else:
                     logp = torch.log_softmax(scores / temperature, -1).view(b, nb, -1)
                     total = (beam_scores[..., None] + logp).view(b, -1)
@@ -662,7 +701,9 @@ class SeedLLM(nn.Module):
         """(1, 32) greedy codes for the prompt `<img>` alone: SEED's negative image for guidance."""
         return self.generate_codes_from_ids([self.unconditional_ids()])
 
-    def generate_image_embeddings(self, texts, *, negative: bool = True, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def generate_image_embeddings(
+        self, texts, *, negative: bool = True, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Texts -> (generation embeddings (B, D), negative embedding (1, D) or None). Needs the
         image tokenizer but no diffusion pipeline."""
         if self.tokenizer is None:
@@ -778,8 +819,14 @@ def tiny_causal_lm(preset: str, vocab_size: int, overrides: dict | None = None) 
 
     overrides: transformers config fields to change from the preset's, e.g. {"num_hidden_layers": 6};
     a name the config class does not have is an error."""
-    common = dict(vocab_size=vocab_size, num_attention_heads=4, max_position_embeddings=512,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    common = dict(
+        vocab_size=vocab_size,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     overrides = dict(overrides or {})
     if "vocab_size" in overrides:
         raise ValueError("tiny_causal_lm: vocab_size is set by the vocabulary, not by overrides")

@@ -40,9 +40,7 @@ def images_to_tensor(images, size: int) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor):
-        raise InputError(
-            f"images must be a tensor (B, 3, H, W) or a list of PIL images, got {type(images).__name__}"
-        )
+        raise InputError(f"images must be a tensor (B, 3, H, W) or a list of PIL images, got {type(images).__name__}")
     if images.dim() != 4:
         hint = " (a single image? add a batch dimension: images[None])" if images.dim() == 3 else ""
         raise InputError(f"images must have 4 dims (B, 3, H, W), got shape {tuple(images.shape)}{hint}")
@@ -121,7 +119,9 @@ def check_codes(codes, num_codes: int, codebook_size: int) -> torch.Tensor:
     if codes.shape[0] == 0:
         raise InputError("codes is an empty batch (B = 0)")
     if codes.shape[1] != num_codes:
-        raise InputError(f"each image needs exactly {num_codes} codes, got {codes.shape[1]} (shape {tuple(codes.shape)})")
+        raise InputError(
+            f"each image needs exactly {num_codes} codes, got {codes.shape[1]} (shape {tuple(codes.shape)})"
+        )
     lo, hi = int(codes.min()), int(codes.max())
     if lo < 0 or hi >= codebook_size:
         bad = ((codes < 0) | (codes >= codebook_size)).nonzero()[0].tolist()

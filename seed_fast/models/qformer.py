@@ -125,8 +125,10 @@ class FusedLinearCache:
         if hit is not None and hit[0] == key:
             return hit[1], hit[2]
         with torch.no_grad():
-            if hit is not None and hit[1].shape[0] == sum(w.shape[0] for w in weights) and all(
-                t.dtype == hit[1].dtype and t.device == hit[1].device for t in weights + biases
+            if (
+                hit is not None
+                and hit[1].shape[0] == sum(w.shape[0] for w in weights)
+                and all(t.dtype == hit[1].dtype and t.device == hit[1].device for t in weights + biases)
             ):
                 w, b = hit[1], hit[2]
                 torch.cat(weights, out=w)
@@ -224,7 +226,9 @@ class QFormer(nn.Module):
             w, bias = self.fused.get("cross_kv", groups["cross_kv"])
             kv = F.linear(encoder_states, w, bias)  # (B, L, n_cross * 2 * hidden): one matmul for all layers
             kv = kv.view(b, length, 2 * len(cross), heads, hidden // heads)
-            cross_kv = {i: (kv[:, :, 2 * j].transpose(1, 2), kv[:, :, 2 * j + 1].transpose(1, 2)) for j, i in enumerate(cross)}
+            cross_kv = {
+                i: (kv[:, :, 2 * j].transpose(1, 2), kv[:, :, 2 * j + 1].transpose(1, 2)) for j, i in enumerate(cross)
+            }
         for i, layer in enumerate(self.layers):
             w, bias = self.fused.get(f"qkv{i}", groups[f"qkv{i}"])
             kv_i = None

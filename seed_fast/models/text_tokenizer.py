@@ -19,7 +19,9 @@ def words_of(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def build_word_tokenizer(corpus: Iterable[str], *, extra_words: Iterable[str] = (), vocab_size: int | None = None, min_freq: int = 1):
+def build_word_tokenizer(
+    corpus: Iterable[str], *, extra_words: Iterable[str] = (), vocab_size: int | None = None, min_freq: int = 1
+):
     """A `PreTrainedTokenizerFast` whose vocabulary is the specials, then `extra_words`, then the
     corpus words by falling frequency (ties alphabetical, so the result is deterministic).
 

@@ -1,10 +1,10 @@
 """The SEED tokenizer: image -> 32 causal codes -> generation embedding.
 
-    images -> preprocess -> EVA ViT -> ln_vision        (B, 257, 1408)
-           -> causal Q-Former                            (B, 32, 768)   `encode_embeddings`
-           -> encode_task_layer -> nearest code          (B, 32)        `encode`
-    codes  -> codebook -> decode_task_layer              (B, 32, 768)
-           -> de-tokenizer head                          (B, 1024)      `decode`
+images -> preprocess -> EVA ViT -> ln_vision        (B, 257, 1408)
+       -> causal Q-Former                            (B, 32, 768)   `encode_embeddings`
+       -> encode_task_layer -> nearest code          (B, 32)        `encode`
+codes  -> codebook -> decode_task_layer              (B, 32, 768)
+       -> de-tokenizer head                          (B, 1024)      `decode`
 """
 
 from __future__ import annotations

@@ -52,8 +52,10 @@ class VisualWordHead(nn.Module):
         """PIF: softmax(vm_head(x)) @ E_text -> (..., hidden). text_embeddings: (vocab, hidden), the
         LM's input embedding rows of the same vocabulary."""
         if text_embeddings.dim() != 2 or text_embeddings.shape[0] != self.vocab:
-            raise InputError(f"text_embeddings must be ({self.vocab}, hidden) to match vm_head's vocabulary, "
-                             f"got {tuple(text_embeddings.shape)}")
+            raise InputError(
+                f"text_embeddings must be ({self.vocab}, hidden) to match vm_head's vocabulary, "
+                f"got {tuple(text_embeddings.shape)}"
+            )
         return (self.words(x) @ text_embeddings.float()).to(text_embeddings.dtype)
 
     def top_words(self, x: torch.Tensor, tokenizer, k: int = 1) -> list[list[list[str]]]:
@@ -73,8 +75,10 @@ def visual_word_kl(lm_logits: torch.Tensor, target_words: torch.Tensor, image_ma
     positions where a next patch exists."""
     v = target_words.shape[-1]
     if lm_logits.shape[:2] != target_words.shape[:2] or image_mask.shape != lm_logits.shape[:2]:
-        raise InputError(f"lm_logits {tuple(lm_logits.shape)}, target_words {tuple(target_words.shape)} and "
-                         f"image_mask {tuple(image_mask.shape)} must share (B, T)")
+        raise InputError(
+            f"lm_logits {tuple(lm_logits.shape)}, target_words {tuple(target_words.shape)} and "
+            f"image_mask {tuple(image_mask.shape)} must share (B, T)"
+        )
     if lm_logits.shape[-1] < v:
         raise InputError(f"the LM has {lm_logits.shape[-1]} logits but the visual words span {v} words")
     sel = image_mask.to(torch.bool)
@@ -101,7 +105,9 @@ def visual_word_kl_ref(lm_logits: torch.Tensor, target_words: torch.Tensor, imag
     return total / max(count, 1)
 
 
-def next_patch_targets(words: torch.Tensor, image_positions: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def next_patch_targets(
+    words: torch.Tensor, image_positions: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Place the visual words of an image's patches as targets of the positions before them.
 
     words: (B, P, V) visual words of the P patches; image_positions: (B, P) int, where each patch
@@ -111,7 +117,9 @@ def next_patch_targets(words: torch.Tensor, image_positions: torch.Tensor, seq_l
     if image_positions.shape != (b, p):
         raise InputError(f"image_positions must be {(b, p)}, got {tuple(image_positions.shape)}")
     if int(image_positions.max()) >= seq_len or int(image_positions.min()) < 0:
-        raise InputError(f"image_positions must lie in [0, {seq_len}), got [{int(image_positions.min())}, {int(image_positions.max())}]")
+        raise InputError(
+            f"image_positions must lie in [0, {seq_len}), got [{int(image_positions.min())}, {int(image_positions.max())}]"
+        )
     targets = words.new_zeros(b, seq_len, v)
     mask = torch.zeros(b, seq_len, dtype=torch.bool, device=words.device)
     pos = image_positions[:, :-1]

@@ -114,6 +114,7 @@ def _(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_finite: bool = T
 
 # --------------------------------------------------------------------------------------- dispatch
 
+
 def not_supported_reasons(impl: str, z: torch.Tensor, codebook: torch.Tensor) -> list[str]:
     """Why backend `impl` cannot run these (prepared, 2-D) inputs; empty when it can."""
     reasons = []

@@ -151,17 +151,34 @@ def _keep_args(dropout_p: float) -> tuple[int, float]:
 
 @torch.library.custom_op("seed_fast::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    scaling: float, dropout_p: float, seed: int,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward on 2-D x (N, in): (y (N, out), t = dropout(x) A^T (N, r) fp32, kept for the backward)."""
     from ..kernels.lora_linear import lora_mm
 
     thresh, inv_keep = _keep_args(dropout_p)
     return lora_mm(
-        x, (weight, weight.stride(0), weight.stride(1)), (lora_A, lora_A.stride(0), lora_A.stride(1)),
-        (lora_B, lora_B.stride(0), lora_B.stride(1)), bias, weight.shape[0], lora_A.shape[0], scaling,
-        seed=seed, thresh=thresh, inv_keep=inv_keep, drop_in=dropout_p > 0, drop_out=False, store_t=True,
+        x,
+        (weight, weight.stride(0), weight.stride(1)),
+        (lora_A, lora_A.stride(0), lora_A.stride(1)),
+        (lora_B, lora_B.stride(0), lora_B.stride(1)),
+        bias,
+        weight.shape[0],
+        lora_A.shape[0],
+        scaling,
+        seed=seed,
+        thresh=thresh,
+        inv_keep=inv_keep,
+        drop_in=dropout_p > 0,
+        drop_out=False,
+        store_t=True,
         out_dtype=x.dtype,
     )
 
@@ -173,8 +190,15 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 @torch.library.custom_op("seed_fast::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(
-    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    t: torch.Tensor, scaling: float, dropout_p: float, seed: int,
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    t: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: (dx (N, in), dA (r, in), dB (out, r)) for 2-D x and grad_y (N, out).
 
@@ -187,9 +211,21 @@ def lora_linear_bwd(
     g = grad_y.contiguous()
     # operand triples (tensor, stride over the kernel's output dim, stride over its reduction dim)
     gx, u = lora_mm(
-        g, (weight, weight.stride(1), weight.stride(0)), (lora_B, lora_B.stride(1), lora_B.stride(0)),
-        (lora_A, lora_A.stride(1), lora_A.stride(0)), None, weight.shape[1], lora_A.shape[0], scaling,
-        seed=seed, thresh=thresh, inv_keep=inv_keep, drop_in=False, drop_out=drop, store_t=True, out_dtype=x.dtype,
+        g,
+        (weight, weight.stride(1), weight.stride(0)),
+        (lora_B, lora_B.stride(1), lora_B.stride(0)),
+        (lora_A, lora_A.stride(1), lora_A.stride(0)),
+        None,
+        weight.shape[1],
+        lora_A.shape[0],
+        scaling,
+        seed=seed,
+        thresh=thresh,
+        inv_keep=inv_keep,
+        drop_in=False,
+        drop_out=drop,
+        store_t=True,
+        out_dtype=x.dtype,
     )
     ga = lora_da(u, x, seed=seed, thresh=thresh, drop=drop) * (scaling * inv_keep)
     gb = (g.t() @ t.to(g.dtype)) * scaling  # (out, r)
@@ -228,6 +264,7 @@ def lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_
 
 
 # --------------------------------------------------------------------------------------- dispatch
+
 
 def not_supported_reasons(impl: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> list[str]:
     """Why backend `impl` cannot run these inputs; empty when it can."""
@@ -277,7 +314,9 @@ def lora_linear(
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     amp = _autocast_dtype(x)
-    if amp is not None:  # as torch.nn.Linear under autocast: compute in the autocast dtype (grads reach the fp32 weights)
+    if (
+        amp is not None
+    ):  # as torch.nn.Linear under autocast: compute in the autocast dtype (grads reach the fp32 weights)
         x, weight, bias, lora_A, lora_B = _cast(amp, x, weight, bias, lora_A, lora_B)
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed, impl=impl)

@@ -91,7 +91,11 @@ def qformer_attention_sdpa(q, k, v, *, causal=False, key_padding_mask=None, scal
 # --------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("seed_fast::qformer_attention_fwd", mutates_args=())
 def qformer_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: (out (B, H, Lq, Dh), lse (B, H, Lq) fp32 base-2 log-sum-exp)."""
@@ -109,8 +113,15 @@ def _(q, k, v, key_padding_mask, causal, scale):
 
 @torch.library.custom_op("seed_fast::qformer_attention_bwd", mutates_args=())
 def qformer_attention_bwd(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool, scale: float,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: (dq, dk, dv), contiguous."""
     from ..kernels.qformer_attention import qformer_attention_bwd_triton
@@ -120,9 +131,11 @@ def qformer_attention_bwd(
 
 @qformer_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -145,6 +158,7 @@ qformer_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------- dispatch
+
 
 def not_supported_reasons(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Why backend `impl` cannot run these inputs; empty when it can."""

@@ -57,7 +57,10 @@ DATA = {"kind": "synthetic", "n": 8192, "val_n": 256, "image_size": 64, "seed": 
 
 RECIPE: dict[str, dict] = {
     "stage1": {
-        "stage": "stage1", "steps": 800, "global_batch": 64, "tokenizer": "mini",
+        "stage": "stage1",
+        "steps": 800,
+        "global_batch": 64,
+        "tokenizer": "mini",
         "optim": {"lr": 5e-4, "warmup": 40, "weight_decay": 0.05},
         # no pretrained ViT at this size (SEED's is EVA-CLIP): learn it with the Q-Former, CLIP-style
         "stage1": {"train_vit": True},
@@ -67,32 +70,64 @@ RECIPE: dict[str, dict] = {
         # 1024 codes left the probe reading the left-hand shape from the codes 89.5% of the time, 4096 92.3%.
         # `code_dim` 32 (SEED's, through `stage2.code_dim`) was tried and not better end to end:
         # benchmarks/results/default_model/experiments_after_v2.md
-        "stage": "stage2", "steps": 800, "global_batch": 128,
+        "stage": "stage2",
+        "steps": 800,
+        "global_batch": 128,
         "optim": {"lr": 1e-3, "warmup": 20},
         # stage I's contrastive loss on the codes' rebuilt retrieval feature against the frozen text branch,
         # with 4096 earlier captions as extra negatives (version 6): the probe read the left-hand shape from
         # the codes 94.2% of the time against 90.8% without it (93.8% with a second seed), and captions
         # through a retrained LLM rose from 89.1% to 90.2%; without the queue the loss gave nothing (90.7%)
-        "stage2": {"codebook_init": "kmeans", "restart_dead_every": 20, "target": "itc", "itc_weight": 2.0,
-                   "codebook_size": 4096, "itc_text_weight": 2.0, "itc_text_queue": 4096},
+        "stage2": {
+            "codebook_init": "kmeans",
+            "restart_dead_every": 20,
+            "target": "itc",
+            "itc_weight": 2.0,
+            "codebook_size": 4096,
+            "itc_text_weight": 2.0,
+            "itc_text_queue": 4096,
+        },
     },
     "llm": {
         # bf16 autocast (version 4): 2500 steps in 646 s against 889 s in fp32, the same held-out losses
-        "stage": "llm", "steps": 2500, "global_batch": 32, "data": {"n": 32768}, "precision": "bf16",
+        "stage": "llm",
+        "steps": 2500,
+        "global_batch": 32,
+        "data": {"n": 32768},
+        "precision": "bf16",
         "optim": {"lr": 1e-3, "warmup": 50, "weight_decay": 0.01},
         # "seed-opt": captions and answers have distinct prompts ("a photo of" / "Question: ...");
         # with "plain" both start right after the image and the model may caption with a question.
         # "eager" attention (version 5): 612 s for the stage against 642 s with SDPA, whose CPU backward is slow here
-        "llm": {"model": "mini-llama", "template": "seed-opt", "mode": "instruct", "lora_r": 0, "eval_n": 64,
-                "qa_ratio": 0.3, "image_first_ratio": 0.6, "attention": "eager"},
+        "llm": {
+            "model": "mini-llama",
+            "template": "seed-opt",
+            "mode": "instruct",
+            "lora_r": 0,
+            "eval_n": 64,
+            "qa_ratio": 0.3,
+            "image_first_ratio": 0.6,
+            "attention": "eager",
+        },
     },
     "lora": {
-        "stage": "llm", "steps": 300, "global_batch": 32, "data": {"n": 32768}, "precision": "bf16",
+        "stage": "llm",
+        "steps": 300,
+        "global_batch": 32,
+        "data": {"n": 32768},
+        "precision": "bf16",
         "optim": {"lr": 1e-3, "warmup": 20},
         # peft's LoRA forward (version 5): on this CPU under bf16 autocast a step takes 0.29 s with it and
         # eager attention, 0.50 s with seed_fast's fused LoRA op (a GPU kernel; on CPU its reference path)
-        "llm": {"mode": "instruct", "lora_r": 16, "lora_alpha": 32, "eval_n": 64, "qa_ratio": 0.5,
-                "attention": "eager", "fused_lora": False},
+        "llm": {
+            "mode": "instruct",
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "eval_n": 64,
+            "qa_ratio": 0.5,
+            "attention": "eager",
+            "fused_lora": False,
+        },
     },
     "decoder": {
         # 1400 steps (version 3): twice version 2's; held-out denoising MSE at t=300 0.0079 -> 0.0043 and
@@ -100,7 +135,10 @@ RECIPE: dict[str, dict] = {
         # bf16 autocast (version 4): 1.16 s a step against 1.4 in fp32; the tokenizer stays in fp32
         # 2400 steps with "math" attention (version 5): 0.86 s a step against 1.16 (SDPA's CPU backward is
         # slow at 8 x 8 cells), so 1.7x the steps in 1.3x the time; MSE at t=300 0.0040 -> 0.0023
-        "stage": "decoder", "steps": 2400, "global_batch": 64, "precision": "bf16",
+        "stage": "decoder",
+        "steps": 2400,
+        "global_batch": 64,
+        "precision": "bf16",
         "optim": {"lr": 1e-3, "warmup": 30, "weight_decay": 0.0},
         "decoder": {"image_size": 32, "null_prob": 0.1, "attention": "math"},
     },
@@ -114,7 +152,9 @@ RECIPE: dict[str, dict] = {
 # (benchmarks/results/default_model/experiments_after_v2.md, "Version 7").
 LATENT_DECODER = {
     "vae": {
-        "stage": "vae", "steps": 800, "global_batch": 32,
+        "stage": "vae",
+        "steps": 800,
+        "global_batch": 32,
         "optim": {"lr": 1e-3, "warmup": 40, "weight_decay": 0.0},
         "vae": {"image_size": 32, "channels": [32, 64], "latent_channels": 4, "kl_weight": 1e-6},
     },
@@ -234,7 +274,9 @@ def install(work: Path, dest: Path, metrics: dict, recipe: dict | None = None) -
     from ..default_model import assemble
 
     recipe = recipe or RECIPE
-    return assemble(work, dest, recipe={"seed": SEED, "data": recipe.get("data", DATA), "stages": recipe}, metrics=metrics)
+    return assemble(
+        work, dest, recipe={"seed": SEED, "data": recipe.get("data", DATA), "stages": recipe}, metrics=metrics
+    )
 
 
 def _stage_steps(name: str, recipe: dict) -> int:
@@ -276,18 +318,35 @@ def run_branches(work: Path, branches, recipe: dict, threads: int, *, progress: 
     procs = []
     for names in branches:
         log = logs / f"{'_'.join(names)}.log"
-        cmd = [sys.executable, "-m", "seed_fast.recipes.default_model", "--work", str(work), "--only", *names,
-               "--recipe", str(recipe_file), "--threads", str(threads), "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "seed_fast.recipes.default_model",
+            "--work",
+            str(work),
+            "--only",
+            *names,
+            "--recipe",
+            str(recipe_file),
+            "--threads",
+            str(threads),
+            "--no-progress",
+        ]
         fh = open(log, "a")
         procs.append((names, log, fh, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)))
-    print(f"[recipe] running {' | '.join(' -> '.join(n) for n in branches)} at once, {threads} thread(s) each "
-          f"(logs in {logs})", flush=True)
+    print(
+        f"[recipe] running {' | '.join(' -> '.join(n) for n in branches)} at once, {threads} thread(s) each "
+        f"(logs in {logs})",
+        flush=True,
+    )
     bars = []
     if progress:
         from tqdm.auto import tqdm
 
-        bars = [tqdm(total=sum(_stage_steps(n, recipe) for n in names), desc=" -> ".join(names), unit="step", position=i)
-                for i, (names, *_rest) in enumerate(procs)]
+        bars = [
+            tqdm(total=sum(_stage_steps(n, recipe) for n in names), desc=" -> ".join(names), unit="step", position=i)
+            for i, (names, *_rest) in enumerate(procs)
+        ]
     failed = None
     try:
         while True:
@@ -310,8 +369,10 @@ def run_branches(work: Path, branches, recipe: dict, threads: int, *, progress: 
     if failed:
         names, log, code = failed
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        raise RuntimeError(f"the stages {' -> '.join(names)} failed (exit {code}); the others were stopped. "
-                           f"The last lines of {log}:\n{tail}")
+        raise RuntimeError(
+            f"the stages {' -> '.join(names)} failed (exit {code}); the others were stopped. "
+            f"The last lines of {log}:\n{tail}"
+        )
 
 
 def _default_jobs(recipe: dict) -> int:
@@ -330,20 +391,37 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", choices=ORDER, help="run only these stages (their inputs must exist)")
     p.add_argument("--install", action="store_true", help="then write the shipped copy (see --dest)")
     p.add_argument("--dest", default=None, help="default: the package's assets/default_model folder")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
-                   help="the LLM, LoRA and decoder stages' precision (default auto: bf16 where this machine has fast bf16 kernels, else fp32)")
-    p.add_argument("--jobs", type=int, choices=(1, 2), default=None,
-                   help="2: after stage II, run the LLM side (llm, lora, checker) and the image side (vae, decoder) "
-                        "as two processes on half the cores each (the default for --decoder latent on a CPU-only "
-                        "machine with 2+ cores); 1: one stage after another (the default otherwise)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default=None,
+        help="the LLM, LoRA and decoder stages' precision (default auto: bf16 where this machine has fast bf16 kernels, else fp32)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="2: after stage II, run the LLM side (llm, lora, checker) and the image side (vae, decoder) "
+        "as two processes on half the cores each (the default for --decoder latent on a CPU-only "
+        "machine with 2+ cores); 1: one stage after another (the default otherwise)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of this process (default: torch's)")
-    p.add_argument("--recipe", default=None, help="a recipe JSON file to run instead of RECIPE (same stage names; "
-                                                  "its precisions are kept unless --precision is given)")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="a recipe JSON file to run instead of RECIPE (same stage names; "
+        "its precisions are kept unless --precision is given)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    p.add_argument("--decoder", choices=("latent", "pixel"), default=None,
-                   help="latent: a vae stage and a UNet on its latents (version 7, the shipped model; RECIPE's, the "
-                        "default); pixel: no vae stage, the UNet on 32 px pixels (version 6). With --recipe, the "
-                        "default is what the file holds")
+    p.add_argument(
+        "--decoder",
+        choices=("latent", "pixel"),
+        default=None,
+        help="latent: a vae stage and a UNet on its latents (version 7, the shipped model; RECIPE's, the "
+        "default); pixel: no vae stage, the UNet on 32 px pixels (version 6). With --recipe, the "
+        "default is what the file holds",
+    )
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -363,8 +441,10 @@ def main(argv=None) -> int:
         unknown = sorted(set(given) - set(ORDER) - {"data"})
         missing = [n for n in REQUIRED if n not in given]
         if unknown or missing:
-            p.error(f"--recipe {args.recipe}: stages must be {list(REQUIRED)}, optionally vae and data; "
-                    f"missing {missing}, unknown {unknown}")
+            p.error(
+                f"--recipe {args.recipe}: stages must be {list(REQUIRED)}, optionally vae and data; "
+                f"missing {missing}, unknown {unknown}"
+            )
         if args.decoder == "latent":
             given = with_latent_decoder(given)
         elif args.decoder == "pixel":

@@ -1,7 +1,7 @@
 """Training: `seed-fast train {stage1,stage2,llm,decoder,lavit,flamingo,vwlmm} --config FILE`, one process or under torchrun.
 
-    python -m seed_fast.train stage2 --config run.json
-    torchrun --nproc-per-node 4 -m seed_fast.train stage2 --config run.json
+python -m seed_fast.train stage2 --config run.json
+torchrun --nproc-per-node 4 -m seed_fast.train stage2 --config run.json
 """
 
 from __future__ import annotations

@@ -40,9 +40,15 @@ class OptimConfig:
 
 @dataclass
 class Stage1Config:
-    init: str | None = None  # a BLIP-2 checkpoint (LAVIS .pth or transformers file / folder): Q-Former, text branch, projections
-    text_tokenizer: str | None = None  # a transformers tokenizer folder (BLIP-2: bert-base-uncased); default: a word tokenizer
-    train_vit: bool = False  # also train the ViT (CLIP-style, for a stack with no pretrained ViT); SEED keeps EVA-CLIP frozen
+    init: str | None = (
+        None  # a BLIP-2 checkpoint (LAVIS .pth or transformers file / folder): Q-Former, text branch, projections
+    )
+    text_tokenizer: str | None = (
+        None  # a transformers tokenizer folder (BLIP-2: bert-base-uncased); default: a word tokenizer
+    )
+    train_vit: bool = (
+        False  # also train the ViT (CLIP-style, for a stack with no pretrained ViT); SEED keeps EVA-CLIP frozen
+    )
 
 
 @dataclass
@@ -134,14 +140,18 @@ class LavitTrainConfig:
     keep_weight: float | None = None  # weight of the keep-ratio loss (default: the preset's, 2)
     vq_weight: float = 1.0  # codebook + 0.25 x commitment, on l2-normalized vectors
     tau: float = 1.0  # Gumbel-softmax temperature
-    codebook_init: str = "kmeans"  # kmeans (cosine, from the first batch's vectors) | random (as released: normalized randn)
+    codebook_init: str = (
+        "kmeans"  # kmeans (cosine, from the first batch's vectors) | random (as released: normalized randn)
+    )
     restart_dead_every: int = 10  # steps; 0 disables dead-code restarts
 
 
 @dataclass
 class FlamingoTrainConfig:
     lm: str | None = None  # frozen LM: a SeedLLM / transformers causal-LM folder (default: the embedded model's LLM)
-    vit_from: str | None = None  # frozen SeedTokenizer folder giving the media (default: the embedded model's tokenizer)
+    vit_from: str | None = (
+        None  # frozen SeedTokenizer folder giving the media (default: the embedded model's tokenizer)
+    )
     media: str = "vit"  # vit: ViT patch features | qformer: the 32 causal Q-Former embeddings (pre-quantization)
     every: int = 1  # a gated cross-attention block before every `every`-th LM layer
     num_latents: int = 32  # Perceiver Resampler outputs
@@ -154,8 +164,12 @@ class FlamingoTrainConfig:
 @dataclass
 class VwlmmTrainConfig:
     lm: str | None = None  # frozen LM: a SeedLLM / transformers causal-LM folder (default: the embedded model's LLM)
-    vit_from: str | None = None  # frozen SeedTokenizer folder giving the image features (default: the embedded model's tokenizer)
-    media: str = "vit"  # vit: the ViT's patch features (class token dropped) | qformer: the 32 causal Q-Former embeddings
+    vit_from: str | None = (
+        None  # frozen SeedTokenizer folder giving the image features (default: the embedded model's tokenizer)
+    )
+    media: str = (
+        "vit"  # vit: the ViT's patch features (class token dropped) | qformer: the 32 causal Q-Former embeddings
+    )
     variant: str = "vw"  # vw: the LM reads the projected patches | pif: it reads softmax(vm_head(patch)) @ E_text
     projector: str = "mlp"  # mlp (Linear-GELU-Linear, as LLaVA-1.5) | linear
     kl_weight: float = 1.0  # weight of KL(visual word of the next patch || LM) next to the caption loss (upstream: 1)
@@ -228,8 +242,10 @@ class TrainConfig:
         need(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
         need(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
         need(self.strategy in ("ddp", "fsdp"), f"strategy must be ddp or fsdp, got {self.strategy!r}")
-        need(self.strategy != "fsdp" or self.stage == "llm",
-             f"strategy 'fsdp' is for the llm stage; {self.stage} trains the tokenizer, small enough to replicate: use ddp")
+        need(
+            self.strategy != "fsdp" or self.stage == "llm",
+            f"strategy 'fsdp' is for the llm stage; {self.stage} trains the tokenizer, small enough to replicate: use ddp",
+        )
         for name in ("log_every", "ckpt_every", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
@@ -239,116 +255,207 @@ class TrainConfig:
             need(d.n >= self.global_batch, f"data.n ({d.n}) must be >= global_batch ({self.global_batch})")
             need(d.val_n >= 1, f"data.val_n must be >= 1, got {d.val_n}")
         if d.kind == "folder":
-            need(d.index is not None and Path(d.index).is_file(), f"data.index must be an existing JSONL / CSV file, got {d.index!r}")
+            need(
+                d.index is not None and Path(d.index).is_file(),
+                f"data.index must be an existing JSONL / CSV file, got {d.index!r}",
+            )
         if d.kind == "tar":
             need(bool(d.shards), "data.shards must list at least one tar shard")
-        need(d.image_size >= (48 if d.kind == "synthetic" else 14), f"data.image_size must be >= 48 (synthetic) / 14, got {d.image_size}")
+        need(
+            d.image_size >= (48 if d.kind == "synthetic" else 14),
+            f"data.image_size must be >= 48 (synthetic) / 14, got {d.image_size}",
+        )
         need(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
         o = self.optim
         need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
         need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-        need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        need(
+            len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+            f"optim.betas must be two numbers in [0, 1), got {o.betas}",
+        )
         need(0 <= o.warmup < self.steps or o.warmup == 0, f"optim.warmup must be in [0, steps), got {o.warmup}")
         need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
         need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
         s = self.stage2
-        need(s.codebook_init in ("uniform", "kmeans"), f"stage2.codebook_init must be uniform or kmeans, got {s.codebook_init!r}")
-        need(s.target in ("pixels", "itc") or Path(s.target).is_dir(),
-             f"stage2.target must be 'pixels', 'itc' or a CLIP vision model folder, got {s.target!r}")
-        need(s.target != "itc" or s.itc_heads is not None, "stage2.target 'itc' needs stage2.itc_heads (a stage-I run folder)")
-        need(min(s.vq_weight, s.cos_weight, s.mse_weight, s.itc_weight, s.itc_text_weight) >= 0, "stage2 loss weights must be >= 0")
-        need(s.itc_weight == 0 or s.itc_heads is not None, "stage2.itc_weight needs stage2.itc_heads (a stage-I run folder)")
-        need(s.itc_text_weight == 0 or s.itc_heads is not None, "stage2.itc_text_weight needs stage2.itc_heads (a stage-I run folder)")
-        need(isinstance(s.itc_text_queue, int) and s.itc_text_queue >= 0, "stage2.itc_text_queue must be a number of captions (>= 0)")
+        need(
+            s.codebook_init in ("uniform", "kmeans"),
+            f"stage2.codebook_init must be uniform or kmeans, got {s.codebook_init!r}",
+        )
+        need(
+            s.target in ("pixels", "itc") or Path(s.target).is_dir(),
+            f"stage2.target must be 'pixels', 'itc' or a CLIP vision model folder, got {s.target!r}",
+        )
+        need(
+            s.target != "itc" or s.itc_heads is not None,
+            "stage2.target 'itc' needs stage2.itc_heads (a stage-I run folder)",
+        )
+        need(
+            min(s.vq_weight, s.cos_weight, s.mse_weight, s.itc_weight, s.itc_text_weight) >= 0,
+            "stage2 loss weights must be >= 0",
+        )
+        need(
+            s.itc_weight == 0 or s.itc_heads is not None,
+            "stage2.itc_weight needs stage2.itc_heads (a stage-I run folder)",
+        )
+        need(
+            s.itc_text_weight == 0 or s.itc_heads is not None,
+            "stage2.itc_text_weight needs stage2.itc_heads (a stage-I run folder)",
+        )
+        need(
+            isinstance(s.itc_text_queue, int) and s.itc_text_queue >= 0,
+            "stage2.itc_text_queue must be a number of captions (>= 0)",
+        )
         need(s.itc_text_queue == 0 or s.itc_text_weight > 0, "stage2.itc_text_queue needs stage2.itc_text_weight > 0")
         need(s.restart_dead_every >= 0, f"stage2.restart_dead_every must be >= 0, got {s.restart_dead_every}")
-        need(s.itc_heads is None or (Path(s.itc_heads) / "itc_heads.safetensors").is_file(),
-             f"stage2.itc_heads must be a stage-I run folder holding itc_heads.safetensors, got {s.itc_heads!r}")
+        need(
+            s.itc_heads is None or (Path(s.itc_heads) / "itc_heads.safetensors").is_file(),
+            f"stage2.itc_heads must be a stage-I run folder holding itc_heads.safetensors, got {s.itc_heads!r}",
+        )
         s1 = self.stage1
-        need(s1.init is None or Path(s1.init).exists(), f"stage1.init must be an existing BLIP-2 checkpoint file or folder, got {s1.init!r}")
-        need(s1.text_tokenizer is None or Path(s1.text_tokenizer).is_dir(), f"stage1.text_tokenizer must be a tokenizer folder, got {s1.text_tokenizer!r}")
+        need(
+            s1.init is None or Path(s1.init).exists(),
+            f"stage1.init must be an existing BLIP-2 checkpoint file or folder, got {s1.init!r}",
+        )
+        need(
+            s1.text_tokenizer is None or Path(s1.text_tokenizer).is_dir(),
+            f"stage1.text_tokenizer must be a tokenizer folder, got {s1.text_tokenizer!r}",
+        )
         lv = self.lavit
         from ..models.lavit import LAVIT_PRESETS
 
         need(lv.preset in LAVIT_PRESETS, f"lavit.preset must be one of {sorted(LAVIT_PRESETS)}, got {lv.preset!r}")
-        need(lv.vit_from is None or Path(lv.vit_from).is_dir(), f"lavit.vit_from must be a SeedTokenizer folder, got {lv.vit_from!r}")
-        need(lv.codebook_init in ("kmeans", "random"), f"lavit.codebook_init must be kmeans or random, got {lv.codebook_init!r}")
-        need(lv.keep_ratio is None or 0 < lv.keep_ratio <= 1, f"lavit.keep_ratio must be in (0, 1], got {lv.keep_ratio}")
-        need(min(lv.vq_weight, lv.keep_weight or 0.0) >= 0 and lv.tau > 0, "lavit: vq_weight, keep_weight must be >= 0 and tau > 0")
+        need(
+            lv.vit_from is None or Path(lv.vit_from).is_dir(),
+            f"lavit.vit_from must be a SeedTokenizer folder, got {lv.vit_from!r}",
+        )
+        need(
+            lv.codebook_init in ("kmeans", "random"),
+            f"lavit.codebook_init must be kmeans or random, got {lv.codebook_init!r}",
+        )
+        need(
+            lv.keep_ratio is None or 0 < lv.keep_ratio <= 1, f"lavit.keep_ratio must be in (0, 1], got {lv.keep_ratio}"
+        )
+        need(
+            min(lv.vq_weight, lv.keep_weight or 0.0) >= 0 and lv.tau > 0,
+            "lavit: vq_weight, keep_weight must be >= 0 and tau > 0",
+        )
         need(lv.restart_dead_every >= 0, f"lavit.restart_dead_every must be >= 0, got {lv.restart_dead_every}")
         fl = self.flamingo
         need(fl.media in ("vit", "qformer"), f"flamingo.media must be vit or qformer, got {fl.media!r}")
         for name in ("lm", "vit_from"):
             v = getattr(fl, name)
             need(v is None or Path(v).is_dir(), f"flamingo.{name} must be a folder, got {v!r}")
-        need(fl.every >= 1 and fl.num_latents >= 1 and fl.resampler_depth >= 1,
-             f"flamingo.every, num_latents and resampler_depth must be >= 1, got {fl.every}, {fl.num_latents}, {fl.resampler_depth}")
+        need(
+            fl.every >= 1 and fl.num_latents >= 1 and fl.resampler_depth >= 1,
+            f"flamingo.every, num_latents and resampler_depth must be >= 1, got {fl.every}, {fl.num_latents}, {fl.resampler_depth}",
+        )
         need(fl.eval_n >= 0 and fl.max_new_tokens >= 1, "flamingo.eval_n must be >= 0 and flamingo.max_new_tokens >= 1")
         vc = self.vwlmm
         need(vc.media in ("vit", "qformer"), f"vwlmm.media must be vit or qformer, got {vc.media!r}")
         need(vc.variant in ("vw", "pif"), f"vwlmm.variant must be vw or pif, got {vc.variant!r}")
         need(vc.projector in ("mlp", "linear"), f"vwlmm.projector must be mlp or linear, got {vc.projector!r}")
-        need(isinstance(vc.kl_weight, (int, float)) and not isinstance(vc.kl_weight, bool) and vc.kl_weight >= 0,
-             f"vwlmm.kl_weight must be a number >= 0, got {vc.kl_weight!r}")
+        need(
+            isinstance(vc.kl_weight, (int, float)) and not isinstance(vc.kl_weight, bool) and vc.kl_weight >= 0,
+            f"vwlmm.kl_weight must be a number >= 0, got {vc.kl_weight!r}",
+        )
         for name in ("lm", "vit_from"):
             v = getattr(vc, name)
             need(v is None or Path(v).is_dir(), f"vwlmm.{name} must be a folder, got {v!r}")
-        need(vc.prompt is None or (isinstance(vc.prompt, str) and vc.prompt.count("<image>") == 1),
-             f"vwlmm.prompt must hold exactly one <image>, got {vc.prompt!r}")
+        need(
+            vc.prompt is None or (isinstance(vc.prompt, str) and vc.prompt.count("<image>") == 1),
+            f"vwlmm.prompt must hold exactly one <image>, got {vc.prompt!r}",
+        )
         need(vc.eval_n >= 0 and vc.max_new_tokens >= 1, "vwlmm.eval_n must be >= 0 and vwlmm.max_new_tokens >= 1")
         for name in ("codebook_size", "code_dim"):
             v = getattr(self.stage2, name)
-            need(v is None or (isinstance(v, int) and v >= 1), f"stage2.{name} must be a positive integer or null, got {v!r}")
+            need(
+                v is None or (isinstance(v, int) and v >= 1),
+                f"stage2.{name} must be a positive integer or null, got {v!r}",
+            )
         dc = self.decoder
         need(isinstance(dc.patch, int) and dc.patch >= 1, f"decoder.patch must be a positive integer, got {dc.patch!r}")
         down = 2 ** (len(dc.channels) - 1) * dc.patch
         if dc.vae is not None:
             vae_cfg = Path(dc.vae) / "config.json"
-            need(vae_cfg.is_file(), f"decoder.vae must be an autoencoder folder (the vae stage's vae/, with config.json), got {dc.vae!r}")
+            need(
+                vae_cfg.is_file(),
+                f"decoder.vae must be an autoencoder folder (the vae stage's vae/, with config.json), got {dc.vae!r}",
+            )
             try:
                 vae_json = json.loads(vae_cfg.read_text())
                 blocks, vae_size = vae_json["block_out_channels"], int(vae_json["sample_size"])
             except (ValueError, KeyError, TypeError):
                 raise ConfigError(f"decoder.vae: {vae_cfg} is not a diffusers AutoencoderKL config") from None
-            need(dc.image_size == vae_size, f"decoder.image_size ({dc.image_size}) must be the size the autoencoder in "
-                 f"decoder.vae was trained at ({vae_size})")
+            need(
+                dc.image_size == vae_size,
+                f"decoder.image_size ({dc.image_size}) must be the size the autoencoder in "
+                f"decoder.vae was trained at ({vae_size})",
+            )
             down *= 2 ** (len(blocks) - 1)  # the UNet runs on latents, down-sampled once per level after the first
-        need(len(dc.channels) >= 2 and all(isinstance(c, int) and c >= 8 and c % 8 == 0 for c in dc.channels),
-             f"decoder.channels must be 2 or more multiples of 8, got {dc.channels}")
-        need(dc.image_size >= down and dc.image_size % down == 0,
-             f"decoder.image_size must be a multiple of {down} (decoder.patch times one halving per level after the "
-             f"first{', times the autoencoder' + chr(39) + 's down-sampling' if dc.vae is not None else ''}), got {dc.image_size}")
+        need(
+            len(dc.channels) >= 2 and all(isinstance(c, int) and c >= 8 and c % 8 == 0 for c in dc.channels),
+            f"decoder.channels must be 2 or more multiples of 8, got {dc.channels}",
+        )
+        need(
+            dc.image_size >= down and dc.image_size % down == 0,
+            f"decoder.image_size must be a multiple of {down} (decoder.patch times one halving per level after the "
+            f"first{', times the autoencoder' + chr(39) + 's down-sampling' if dc.vae is not None else ''}), got {dc.image_size}",
+        )
         vc = self.vae
-        need(len(vc.channels) >= 1 and all(isinstance(c, int) and c >= 8 and c % 8 == 0 for c in vc.channels),
-             f"vae.channels must be 1 or more multiples of 8, got {vc.channels}")
+        need(
+            len(vc.channels) >= 1 and all(isinstance(c, int) and c >= 8 and c % 8 == 0 for c in vc.channels),
+            f"vae.channels must be 1 or more multiples of 8, got {vc.channels}",
+        )
         vdown = 2 ** (len(vc.channels) - 1)
-        need(vc.image_size >= vdown and vc.image_size % vdown == 0,
-             f"vae.image_size must be a multiple of {vdown} (one halving per level after the first), got {vc.image_size}")
+        need(
+            vc.image_size >= vdown and vc.image_size % vdown == 0,
+            f"vae.image_size must be a multiple of {vdown} (one halving per level after the first), got {vc.image_size}",
+        )
         need(vc.latent_channels >= 1, f"vae.latent_channels must be >= 1, got {vc.latent_channels}")
         need(vc.kl_weight >= 0, f"vae.kl_weight must be >= 0, got {vc.kl_weight}")
         need(0 <= dc.null_prob < 1, f"decoder.null_prob must be in [0, 1), got {dc.null_prob}")
         need(0 <= dc.ema < 1, f"decoder.ema must be in [0, 1), got {dc.ema}")
-        need(isinstance(dc.embedding_cache, int) and not isinstance(dc.embedding_cache, bool) and dc.embedding_cache >= 0,
-             f"decoder.embedding_cache must be a number of samples >= 0 (0: off), got {dc.embedding_cache!r}")
-        need(isinstance(dc.attention_levels, int) and not isinstance(dc.attention_levels, bool)
-             and 1 <= dc.attention_levels <= len(dc.channels),
-             f"decoder.attention_levels must be an integer from 1 to the {len(dc.channels)} levels of decoder.channels, "
-             f"got {dc.attention_levels!r}")
+        need(
+            isinstance(dc.embedding_cache, int)
+            and not isinstance(dc.embedding_cache, bool)
+            and dc.embedding_cache >= 0,
+            f"decoder.embedding_cache must be a number of samples >= 0 (0: off), got {dc.embedding_cache!r}",
+        )
+        need(
+            isinstance(dc.attention_levels, int)
+            and not isinstance(dc.attention_levels, bool)
+            and 1 <= dc.attention_levels <= len(dc.channels),
+            f"decoder.attention_levels must be an integer from 1 to the {len(dc.channels)} levels of decoder.channels, "
+            f"got {dc.attention_levels!r}",
+        )
         if isinstance(dc.attention_levels, int) and 1 <= dc.attention_levels <= len(dc.channels):
-            attn = dc.channels[len(dc.channels) - dc.attention_levels:]
-            need(all(c % 16 == 0 for c in attn),
-                 f"decoder.channels of the attention levels (the last decoder.attention_levels) must be multiples of 16, got {attn}")
+            attn = dc.channels[len(dc.channels) - dc.attention_levels :]
+            need(
+                all(c % 16 == 0 for c in attn),
+                f"decoder.channels of the attention levels (the last decoder.attention_levels) must be multiples of 16, got {attn}",
+            )
         need(dc.attention in ("sdpa", "math"), f"decoder.attention must be 'sdpa' or 'math', got {dc.attention!r}")
         m = self.llm
-        need(m.attention in (None, "eager", "sdpa"), f"llm.attention must be null, 'eager' or 'sdpa', got {m.attention!r}")
-        need(not m.lm_overrides or m.model in LM_PRESETS,
-             f"llm.lm_overrides applies to the preset models {LM_PRESETS} only; llm.model is {m.model!r}")
-        need(m.model in LM_PRESETS or Path(m.model).is_dir(), f"llm.model must be one of {LM_PRESETS} or a model folder, got {m.model!r}")
+        need(
+            m.attention in (None, "eager", "sdpa"),
+            f"llm.attention must be null, 'eager' or 'sdpa', got {m.attention!r}",
+        )
+        need(
+            not m.lm_overrides or m.model in LM_PRESETS,
+            f"llm.lm_overrides applies to the preset models {LM_PRESETS} only; llm.model is {m.model!r}",
+        )
+        need(
+            m.model in LM_PRESETS or Path(m.model).is_dir(),
+            f"llm.model must be one of {LM_PRESETS} or a model folder, got {m.model!r}",
+        )
         need(m.mode in ("pretrain", "instruct"), f"llm.mode must be pretrain or instruct, got {m.mode!r}")
         need(m.loss_on in ("all", "answers"), f"llm.loss_on must be all or answers, got {m.loss_on!r}")
         for name in ("image_first_ratio", "qa_ratio", "lora_dropout"):
             need(0 <= getattr(m, name) <= 1, f"llm.{name} must be in [0, 1], got {getattr(m, name)}")
-        need(m.lora_r >= 0 and m.lora_alpha >= 1, f"llm.lora_r must be >= 0 and llm.lora_alpha >= 1, got {m.lora_r}, {m.lora_alpha}")
+        need(
+            m.lora_r >= 0 and m.lora_alpha >= 1,
+            f"llm.lora_r must be >= 0 and llm.lora_alpha >= 1, got {m.lora_r}, {m.lora_alpha}",
+        )
         need(m.max_len >= 40, f"llm.max_len must be >= 40 (an image alone takes 34 tokens), got {m.max_len}")
         need(m.encode_batch >= 1 and m.eval_n >= 0, "llm.encode_batch must be >= 1 and llm.eval_n >= 0")
         if m.template is not None:
@@ -371,7 +478,22 @@ def _build(cls, data: Any, where: str):
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         value = data[name]
-        sub = {"data": DataConfig, "optim": OptimConfig, "stage1": Stage1Config, "stage2": Stage2Config, "llm": LLMConfig, "decoder": DecoderConfig, "vae": VaeConfig, "lavit": LavitTrainConfig, "flamingo": FlamingoTrainConfig, "vwlmm": VwlmmTrainConfig}.get(name) if cls is TrainConfig else None
+        sub = (
+            {
+                "data": DataConfig,
+                "optim": OptimConfig,
+                "stage1": Stage1Config,
+                "stage2": Stage2Config,
+                "llm": LLMConfig,
+                "decoder": DecoderConfig,
+                "vae": VaeConfig,
+                "lavit": LavitTrainConfig,
+                "flamingo": FlamingoTrainConfig,
+                "vwlmm": VwlmmTrainConfig,
+            }.get(name)
+            if cls is TrainConfig
+            else None
+        )
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:

@@ -85,7 +85,9 @@ class FolderPairs(torch.utils.data.Dataset):
                 reader = csv.DictReader(f)
                 cols = set(reader.fieldnames or ())
                 if "image" not in cols or not ("caption" in cols or {"question", "answer"} <= cols):
-                    raise ValueError(f"{self.index}: a CSV index needs the columns image and caption (or question, answer); got {reader.fieldnames}")
+                    raise ValueError(
+                        f"{self.index}: a CSV index needs the columns image and caption (or question, answer); got {reader.fieldnames}"
+                    )
                 for r in reader:
                     self.rows.append((root / r["image"], r.get("caption"), r.get("question"), r.get("answer")))
         else:
@@ -150,7 +152,9 @@ class TarShards(torch.utils.data.Dataset):
             if len(self.entries) == before:
                 self.bad_shards.append(str(shard))
         if not self.entries:
-            raise ValueError(f"no image-caption pairs in {len(shards)} shard(s) (unreadable or empty: {self.bad_shards})")
+            raise ValueError(
+                f"no image-caption pairs in {len(shards)} shard(s) (unreadable or empty: {self.bad_shards})"
+            )
         self._open: dict[Path, tarfile.TarFile] = {}
 
     def __len__(self) -> int:

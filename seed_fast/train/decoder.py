@@ -89,7 +89,9 @@ class DecoderModule(nn.Module):
         self.tok, self.unet, self.dcfg = tok, pipe.unet, dcfg
         self.pipe = pipe
         # a latent decoder keeps each sample's latents (the autoencoder is frozen too) beside its embedding
-        self.embeddings = EmbeddingCache(dcfg.embedding_cache, self._embedding_and_sample if pipe.vae is not None else None)
+        self.embeddings = EmbeddingCache(
+            dcfg.embedding_cache, self._embedding_and_sample if pipe.vae is not None else None
+        )
         # the exponential moving average of the UNet's weights (decoder.ema > 0): checkpointed with the
         # run, used for evaluation and export
         self.ema_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval() if dcfg.ema > 0 else None
@@ -150,7 +152,9 @@ class DecoderTask(Task):
         self.cfg = cfg
         tok = load_tokenizer(cfg)
         if tok.config.detokenizer.kind != "mlp" or tok.config.detokenizer.rq_queries != 1:
-            raise ConfigError("the decoder stage needs a tokenizer whose generation embedding is one vector (detokenizer kind 'mlp')")
+            raise ConfigError(
+                "the decoder stage needs a tokenizer whose generation embedding is one vector (detokenizer kind 'mlp')"
+            )
         tok = tok.to(device).eval().requires_grad_(False)
         d = cfg.decoder
         self.tok = tok
@@ -164,9 +168,15 @@ class DecoderTask(Task):
             # decoder would then carry: a path on the training machine, meaningless to anyone loading it
             vae._internal_dict = FrozenDict({k: v for k, v in vae.config.items() if k != "_name_or_path"})
             vae = vae.to(device).eval().requires_grad_(False)
-        self.pipe = mini_image_decoder(tok.config.detokenizer.out_dim, d.image_size, seed=cfg.seed,
-                                       channels=tuple(d.channels), patch=d.patch,
-                                       attention_levels=d.attention_levels, vae=vae)
+        self.pipe = mini_image_decoder(
+            tok.config.detokenizer.out_dim,
+            d.image_size,
+            seed=cfg.seed,
+            channels=tuple(d.channels),
+            patch=d.patch,
+            attention_levels=d.attention_levels,
+            vae=vae,
+        )
         self.pipe.unet.to(device)
         self.module = DecoderModule(tok, self.pipe, d)
         if d.attention == "math":
@@ -201,7 +211,9 @@ class DecoderTask(Task):
             if len(batch) == 0:
                 continue
             emb = embeddings_from_pixels(self.tok, batch.pixels)
-            images = pipe.encode_images(decoder_targets(batch.pixels, self.cfg.decoder.image_size).to(emb.device)).float()
+            images = pipe.encode_images(
+                decoder_targets(batch.pixels, self.cfg.decoder.image_size).to(emb.device)
+            ).float()
             for t, acc in losses.items():
                 noise = torch.randn(images.shape, generator=g).to(images)
                 tt = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)

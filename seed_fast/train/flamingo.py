@@ -130,8 +130,13 @@ class FlamingoTask(Task):
         media_dim = self.tok.config.vision.width if fc.media == "vit" else self.tok.config.qformer.hidden
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            conn = FlamingoConnector(self.llm.model, media_dim, every=fc.every, num_latents=fc.num_latents,
-                                     resampler_depth=fc.resampler_depth)
+            conn = FlamingoConnector(
+                self.llm.model,
+                media_dim,
+                every=fc.every,
+                num_latents=fc.num_latents,
+                resampler_depth=fc.resampler_depth,
+            )
         self.seqs = CaptionSequences(self.llm, fc.prompt)
         self.module = FlamingoModule(conn.to(device), self.tok, self.seqs, fc.media)
         self.image_size = self.tok.config.vision.image_size
@@ -159,8 +164,15 @@ class FlamingoTask(Task):
                     continue
                 ce, target = self.module.token_losses(batch.pixels, batch.captions)
                 tot, cnt = tot + float(ce.sum()), cnt + float((target != IGNORE).sum())
-                preds += flamingo_captions(self.module.connector, self.llm, self.tok, batch.pixels, self.seqs,
-                                           self.cfg.flamingo.media, max_new_tokens=self.cfg.flamingo.max_new_tokens)
+                preds += flamingo_captions(
+                    self.module.connector,
+                    self.llm,
+                    self.tok,
+                    batch.pixels,
+                    self.seqs,
+                    self.cfg.flamingo.media,
+                    max_new_tokens=self.cfg.flamingo.max_new_tokens,
+                )
                 truth += batch.captions
         finally:
             self.module.connector.train()
@@ -173,8 +185,12 @@ class FlamingoTask(Task):
         out.mkdir(parents=True, exist_ok=True)
         sd = {k: v.contiguous() for k, v in self.module.connector.state_dict().items()}
         save_file(sd, str(out / "connector.safetensors"))
-        meta = {"format": 1, **self.sources, **{k: v for k, v in asdict(self.cfg.flamingo).items() if k not in ("lm", "vit_from")},
-                "media_dim": int(self.module.connector.resampler.media_proj.in_features)}
+        meta = {
+            "format": 1,
+            **self.sources,
+            **{k: v for k, v in asdict(self.cfg.flamingo).items() if k not in ("lm", "vit_from")},
+            "media_dim": int(self.module.connector.resampler.media_proj.in_features),
+        }
         (out / "config.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -191,20 +207,29 @@ def caption_scores(preds: list[str], truth: list[str]) -> dict[str, float]:
         return a is not None and b is not None and all(a[k] == b[k] for k in keys)
 
     n = max(len(truth), 1)
-    return {"val_caption_exact": sum(norm(p) == norm(t) for p, t in zip(preds, truth)) / n,
-            "val_caption_objects_ok": sum(objects_ok(p, t) for p, t in zip(preds, truth)) / n}
+    return {
+        "val_caption_exact": sum(norm(p) == norm(t) for p, t in zip(preds, truth)) / n,
+        "val_caption_objects_ok": sum(objects_ok(p, t) for p, t in zip(preds, truth)) / n,
+    }
 
 
 @torch.no_grad()
-def flamingo_captions(connector, llm, tok, pixels: torch.Tensor, seqs: CaptionSequences, media: str, *,
-                      max_new_tokens: int = 16) -> list[str]:
+def flamingo_captions(
+    connector, llm, tok, pixels: torch.Tensor, seqs: CaptionSequences, media: str, *, max_new_tokens: int = 16
+) -> list[str]:
     """Greedy captions through the connector (the LM's own KV-cached `generate`; the latents stay
     set for the whole call, so every new token cross-attends to the image)."""
     feats = media_features(tok, pixels, media)
     ids = torch.tensor([seqs.prompt] * feats.shape[0], device=feats.device)
-    out = connector.generate(ids, torch.ones_like(ids), media=feats, max_new_tokens=max_new_tokens,
-                             eos_token_id=seqs.eos, pad_token_id=seqs.pad)
-    return llm._decode_text(out[:, ids.shape[1]:].tolist())
+    out = connector.generate(
+        ids,
+        torch.ones_like(ids),
+        media=feats,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=seqs.eos,
+        pad_token_id=seqs.pad,
+    )
+    return llm._decode_text(out[:, ids.shape[1] :].tolist())
 
 
 def frozen_lm_and_tokenizer(section: str, lm: str | None, vit_from: str | None, device):
@@ -246,7 +271,9 @@ def load_exact(module: nn.Module, path: Path, what: str) -> None:
 
     missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path.parent}: {what} weights do not fit its config (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise ValueError(
+            f"{path.parent}: {what} weights do not fit its config (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
 
 
 def load_flamingo(folder: str | Path, *, device=None):
@@ -254,8 +281,13 @@ def load_flamingo(folder: str | Path, *, device=None):
     from ..models.flamingo import FlamingoConnector
 
     root, meta, llm, tok = open_connector_run(folder, "flamingo", "connector.safetensors")
-    conn = FlamingoConnector(llm.model, meta["media_dim"], every=meta["every"], num_latents=meta["num_latents"],
-                             resampler_depth=meta["resampler_depth"])
+    conn = FlamingoConnector(
+        llm.model,
+        meta["media_dim"],
+        every=meta["every"],
+        num_latents=meta["num_latents"],
+        resampler_depth=meta["resampler_depth"],
+    )
     load_exact(conn, root / "connector.safetensors", "connector")
     if device is not None:
         llm.model.to(device)

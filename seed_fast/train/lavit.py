@@ -73,8 +73,14 @@ class LavitModule(nn.Module):
         rec = reconstruction_loss(recon, feats)
         kl = keep_ratio_loss(keep, self.keep_ratio, self.keep_weight)
         loss = rec + kl + self.lcfg.vq_weight * vq
-        return {"loss": loss, "recon": rec.detach(), "keep_loss": kl.detach(), "vq": vq.detach(),
-                "kept": keep.detach().mean(), "tokens": valid.sum(-1).float().mean()}
+        return {
+            "loss": loss,
+            "recon": rec.detach(),
+            "keep_loss": kl.detach(),
+            "vq": vq.detach(),
+            "kept": keep.detach().mean(),
+            "tokens": valid.sum(-1).float().mean(),
+        }
 
 
 class LavitTask(Task):
@@ -116,7 +122,9 @@ class LavitTask(Task):
 
         with torch.no_grad():
             self.module(batch)
-            book = kmeans_init(self.module.last_z.float(), self.tok.config.codebook_size, seed=self.cfg.seed, metric="cosine")
+            book = kmeans_init(
+                self.module.last_z.float(), self.tok.config.codebook_size, seed=self.cfg.seed, metric="cosine"
+            )
             self.tok.quantize.embedding.weight.copy_(F.normalize(book, dim=-1))
         self._sync_codebook()
 
@@ -132,7 +140,9 @@ class LavitTask(Task):
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts)
         with torch.no_grad():
-            restart_dead_codes(self.tok.quantize.embedding.weight, counts, self.module.last_z, seed=self.cfg.seed + step)
+            restart_dead_codes(
+                self.tok.quantize.embedding.weight, counts, self.module.last_z, seed=self.cfg.seed + step
+            )
         self._sync_codebook()
 
     @torch.no_grad()
@@ -166,7 +176,9 @@ class LavitTask(Task):
         out = run / "lavit"
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.tok.state_dict().items()}, str(out / "tokenizer.safetensors"))
-        save_file({k: v.contiguous() for k, v in self.module.decoder.state_dict().items()}, str(out / "decoder.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in self.module.decoder.state_dict().items()}, str(out / "decoder.safetensors")
+        )
         (out / "config.json").write_text(json.dumps({"preset": self.cfg.lavit.preset}, indent=1))
 
 
@@ -181,7 +193,9 @@ def _load_vit(tok: LavitTokenizer, folder: str) -> dict:
     sd = src.vision.state_dict()
     own = tok.encoder.state_dict()
     if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in sd):
-        raise ConfigError(f"lavit.vit_from: the ViT of {folder} ({src.config.name}: width {src.config.vision.width}, "
-                          f"depth {src.config.vision.depth}) does not fit preset {tok.config.name!r}")
+        raise ConfigError(
+            f"lavit.vit_from: the ViT of {folder} ({src.config.name}: width {src.config.vision.width}, "
+            f"depth {src.config.vision.depth}) does not fit preset {tok.config.name!r}"
+        )
     tok.encoder.load_state_dict(sd)
     return {"loaded": len(sd), "from": str(path)}

@@ -64,7 +64,9 @@ def data_fingerprint(cfg: TrainConfig, split: str) -> str:
     d = asdict(cfg.data)
     d.pop("workers")
     ident = {"data": d, "split": split, "qa": cfg.llm.mode == "instruct"}
-    files = ([d["index"]] if cfg.data.kind == "folder" else []) + (sorted(cfg.data.shards) if cfg.data.kind == "tar" else [])
+    files = ([d["index"]] if cfg.data.kind == "folder" else []) + (
+        sorted(cfg.data.shards) if cfg.data.kind == "tar" else []
+    )
     for f in files:
         p = Path(f)
         ident[str(p)] = [p.stat().st_size, p.stat().st_mtime_ns] if p.exists() else None
@@ -83,8 +85,17 @@ def _read_cache(path: Path, key: str) -> dict | None:
     return data
 
 
-def build_code_cache(ds, tok, path: Path, key: str, *, batch_size: int = 32, workers: int = 0, progress: bool = True,
-                     collective: bool = True) -> dict:
+def build_code_cache(
+    ds,
+    tok,
+    path: Path,
+    key: str,
+    *,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = True,
+    collective: bool = True,
+) -> dict:
     """Codes of every sample of `ds` (N, num_codes) int32 plus its texts, computed once and kept in
     `path`; `valid[i]` is False for a sample that could not be read. collective (every rank calls
     it): every rank encodes its share (i % world == rank); rank 0 merges and writes atomically; all
@@ -325,14 +336,20 @@ def build_llm(cfg: TrainConfig, tok):
 
     m = cfg.llm
     if m.model in LM_PRESETS:
-        llm = SeedLLM.from_config(m.model, seed=cfg.seed, tokenizer=tok, template=m.template, lm_overrides=m.lm_overrides)
+        llm = SeedLLM.from_config(
+            m.model, seed=cfg.seed, tokenizer=tok, template=m.template, lm_overrides=m.lm_overrides
+        )
     else:
         llm = SeedLLM.from_pretrained(m.model, tokenizer=tok, template=m.template, fused_lora=m.fused_lora)
     if llm.vocab.num_codes != tok.codebook_size:
-        raise ConfigError(f"llm.model has {llm.vocab.num_codes} image tokens but the tokenizer has {tok.codebook_size} codes")
+        raise ConfigError(
+            f"llm.model has {llm.vocab.num_codes} image tokens but the tokenizer has {tok.codebook_size} codes"
+        )
     if not llm.has_lora:
         if m.lora_r > 0:
-            llm.add_lora(seed_lora_config(llm.model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout), fused=m.fused_lora)
+            llm.add_lora(
+                seed_lora_config(llm.model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout), fused=m.fused_lora
+            )
         else:
             llm.model.requires_grad_(True)
     base = llm.base_model
@@ -389,8 +406,15 @@ class LLMTask(Task):
             folder = Path(m.code_cache) if m.code_cache else Path(self.cfg.out) / "codes"
             key = tokenizer_fingerprint(self.tok) + "-" + data_fingerprint(self.cfg, split)
             ds = make_source(self.cfg, split)
-            self._caches[split] = build_code_cache(ds, self.tok, folder / f"{split}.pt", key, batch_size=m.encode_batch,
-                                                   workers=self.cfg.data.workers, progress=self.progress)
+            self._caches[split] = build_code_cache(
+                ds,
+                self.tok,
+                folder / f"{split}.pt",
+                key,
+                batch_size=m.encode_batch,
+                workers=self.cfg.data.workers,
+                progress=self.progress,
+            )
         return self._caches[split]
 
     def dataset(self):
@@ -436,7 +460,9 @@ class LLMTask(Task):
             right = 0
             for i in range(0, len(qad), 16):
                 group = qad[i : i + 16]
-                preds = llm.answer(codes=torch.stack([s.codes for s in group]), questions=[s.question for s in group], max_new_tokens=8)
+                preds = llm.answer(
+                    codes=torch.stack([s.codes for s in group]), questions=[s.question for s in group], max_new_tokens=8
+                )
                 right += sum(_norm(p) == _norm(s.answer) for p, s in zip(preds, group))
             out["val_answer_exact"] = right / len(qad)
         return out

@@ -206,7 +206,9 @@ class Task:
         own = self.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"{self.cfg.stage} checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"{self.cfg.stage} checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         self.module.load_state_dict(state, strict=False)
 
     # ------------------------------------------------------------------ FSDP (strategy "fsdp")
@@ -216,7 +218,9 @@ class Task:
         """The submodules that become their own FSDP units (the root is sharded as well)."""
         from .config import ConfigError
 
-        raise ConfigError(f"strategy 'fsdp' is supported for the llm stage; {self.cfg.stage} trains the tokenizer (small enough to replicate): use ddp")
+        raise ConfigError(
+            f"strategy 'fsdp' is supported for the llm stage; {self.cfg.stage} trains the tokenizer (small enough to replicate): use ddp"
+        )
 
     def shard(self) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -230,7 +234,11 @@ class Task:
         """(kept model state, optimizer state) gathered in full on rank 0 (FSDP: a collective)."""
         if not self.sharded:
             return self.state_dict(), opt.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         o = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model = {k: v for k, v in get_model_state_dict(self.module, options=o).items() if self.keeps(k)}
@@ -241,12 +249,18 @@ class Task:
             self.load_state_dict(model)
             opt.load_state_dict(optim)
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         want = {k for k in self.module.state_dict() if self.keeps(k)}
         missing, unexpected = sorted(want - set(model)), sorted(set(model) - want)
         if missing or unexpected:
-            raise ValueError(f"{self.cfg.stage} checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"{self.cfg.stage} checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         o = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(self.module, model, options=o)
         set_optimizer_state_dict(self.module, opt, optim, options=StateDictOptions(full_state_dict=True))
@@ -273,7 +287,9 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None, stop_after: int | None = None) -> dict:
+def train(
+    cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None, stop_after: int | None = None
+) -> dict:
     """Run (or resume) `cfg`. Returns the last logged metrics (rank 0) or {}.
     stop_after: stop once this many steps are done in this call (without a final checkpoint)."""
     from .data import BatchLoader, ResumableBatches
@@ -292,19 +308,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
         if d.main:
             run.mkdir(parents=True, exist_ok=True)
             if not resume and latest_checkpoint(run) is not None:
-                raise FileExistsError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
+                raise FileExistsError(
+                    f"{run} already holds a run: pass --resume to continue it, or choose another --out"
+                )
             _atomic_write_text(run / "config.json", json.dumps(cfg.to_dict(), indent=1))
             if not resume:
                 (run / "metrics.jsonl").unlink(missing_ok=True)
         d.barrier()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         random.seed(cfg.seed)
-        task = {"stage1": Stage1Task, "stage2": Stage2Task, "llm": LLMTask, "vae": VaeTask, "decoder": DecoderTask, "lavit": LavitTask, "flamingo": FlamingoTask, "vwlmm": VwlmmTask}[cfg.stage](cfg, d.device)
+        task = {
+            "stage1": Stage1Task,
+            "stage2": Stage2Task,
+            "llm": LLMTask,
+            "vae": VaeTask,
+            "decoder": DecoderTask,
+            "lavit": LavitTask,
+            "flamingo": FlamingoTask,
+            "vwlmm": VwlmmTask,
+        }[cfg.stage](cfg, d.device)
         fsdp = d.world > 1 and cfg.strategy == "fsdp"
         if fsdp:
             task.shard()
         params = task.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+        opt = torch.optim.AdamW(
+            params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
         step = 0
         ck = latest_checkpoint(run) if resume else None
@@ -314,7 +343,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
             was = state.get("strategy", "ddp")
             if was != ("fsdp" if fsdp else "ddp"):
-                raise ValueError(f"{ck} was written by a {was} run; resume it with the same strategy (the optimizer state differs)")
+                raise ValueError(
+                    f"{ck} was written by a {was} run; resume it with the same strategy (the optimizer state differs)"
+                )
             task.load_full_state(state["model"], state["optimizer"], opt)
             sched.load_state_dict(state["scheduler"])
             step = int(state["step"])
@@ -339,9 +370,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
 
             bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.stage}", unit="step")
         if cfg.precision == "bf16" and d.device.type == "cpu" and d.main and not cpu_has_fast_bf16():
-            warnings.warn("precision bf16 on a CPU without oneDNN's bf16 kernels (no AVX-512 BF16 / AMX): autocast "
-                          "falls back to slow paths (an LLM step measured about 25x slower than fp32 on an AVX2 CPU); "
-                          "consider precision fp32", stacklevel=2)
+            warnings.warn(
+                "precision bf16 on a CPU without oneDNN's bf16 kernels (no AVX-512 BF16 / AMX): autocast "
+                "falls back to slow paths (an LLM step measured about 25x slower than fp32 on an AVX2 CPU); "
+                "consider precision fp32",
+                stacklevel=2,
+            )
         amp = torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
         last: dict = {}
         t0 = time.perf_counter()
@@ -363,8 +397,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
             skipped_total += d.sum_int(batch.skipped)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 parts = d.mean({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
-                last = {"step": step, "lr": sched.get_last_lr()[0], **parts, "skipped": skipped_total,
-                        "time_s": round(time.perf_counter() - t0, 3)}
+                last = {
+                    "step": step,
+                    "lr": sched.get_last_lr()[0],
+                    **parts,
+                    "skipped": skipped_total,
+                    "time_s": round(time.perf_counter() - t0, 3),
+                }
                 _log(run, last, d)
                 if bar is not None:
                     bar.set_postfix(loss=f"{parts['loss']:.4f}")
@@ -372,8 +411,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = Non
                 _evaluate(task, run, step, d)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 model_state, optim_state = task.full_state(opt)
-                save_checkpoint(run, step, {"model": model_state, "optimizer": optim_state, "scheduler": sched.state_dict(),
-                                            "step": step, "strategy": "fsdp" if fsdp else "ddp"}, d, cfg.keep_checkpoints)
+                save_checkpoint(
+                    run,
+                    step,
+                    {
+                        "model": model_state,
+                        "optimizer": optim_state,
+                        "scheduler": sched.state_dict(),
+                        "step": step,
+                        "strategy": "fsdp" if fsdp else "ddp",
+                    },
+                    d,
+                    cfg.keep_checkpoints,
+                )
             if bar is not None:
                 bar.update(1)
         if bar is not None:

@@ -114,7 +114,9 @@ class Stage1Module(nn.Module):
         labels = torch.arange(img.shape[0], device=img.device) + offset
         i2t = img @ all_txt.t() / temp
         t2i = txt @ all_img.t() / temp
-        loss = (F.cross_entropy(i2t, labels, label_smoothing=0.1) + F.cross_entropy(t2i, labels, label_smoothing=0.1)) / 2
+        loss = (
+            F.cross_entropy(i2t, labels, label_smoothing=0.1) + F.cross_entropy(t2i, labels, label_smoothing=0.1)
+        ) / 2
         return {"loss": loss, "itc": loss.detach(), "temp": temp.detach()}
 
 
@@ -154,7 +156,7 @@ def blip2_text_branch(sd: dict) -> dict:
         k = key
         for prefix in ("Qformer.bert.", "qformer."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
                 break
         m = re.fullmatch(r"encoder\.layer\.(\d+)\.(intermediate|output)\.(.+)", k)
         if m:
@@ -183,7 +185,9 @@ def load_itc_heads(tok, run: str | Path) -> "Stage1Module":
     own = {k for k in module.state_dict() if not k.startswith("tok.")}
     missing, unexpected = sorted(own - set(heads)), sorted(set(heads) - own)
     if missing or unexpected:
-        raise CheckpointError(f"{run}/itc_heads.safetensors does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{run}/itc_heads.safetensors does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     module.load_state_dict(heads, strict=False)
     return module.to(tok.device).eval()
 
@@ -203,7 +207,13 @@ class Stage1Task(Task):
 
             text_tok = AutoTokenizer.from_pretrained(s1.text_tokenizer, local_files_only=True)
         else:
-            words = list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(COUNTS.values()) + ["left", "of", "a", "an"]
+            words = (
+                list(COLORS)
+                + list(SHAPES)
+                + [s + "s" for s in SHAPES]
+                + list(COUNTS.values())
+                + ["left", "of", "a", "an"]
+            )
             text_tok = build_word_tokenizer([" ".join(words)], extra_words=(".", ","))
         heads = {}
         if s1.init:
@@ -218,8 +228,10 @@ class Stage1Task(Task):
             heads = blip2_text_branch(sd)
             words = heads.get("text.word_embeddings.weight")
             if words is not None and words.shape[0] < len(text_tok):
-                raise ConfigError(f"stage1.init has {words.shape[0]} word embeddings but the text tokenizer has {len(text_tok)} "
-                                  "tokens: give BLIP-2's tokenizer as stage1.text_tokenizer")
+                raise ConfigError(
+                    f"stage1.init has {words.shape[0]} word embeddings but the text tokenizer has {len(text_tok)} "
+                    "tokens: give BLIP-2's tokenizer as stage1.text_tokenizer"
+                )
         pos = heads.get("text.position_embeddings.weight")
         tok = tok.to(device).requires_grad_(False)
         tok.qformer.requires_grad_(True)
@@ -237,7 +249,10 @@ class Stage1Task(Task):
             unexpected = [k for k in unexpected if not k.startswith("tok.")]
             if unexpected:
                 raise ConfigError(f"stage1.init: text-branch keys that do not fit: {unexpected[:5]}")
-            self.init_report = {"loaded": sorted(heads), "kept_random": sorted(k for k in missing if not k.startswith("tok."))}
+            self.init_report = {
+                "loaded": sorted(heads),
+                "kept_random": sorted(k for k in missing if not k.startswith("tok.")),
+            }
         self.module = module.to(device)
         self.image_size = tok.config.vision.image_size
 

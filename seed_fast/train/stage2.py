@@ -48,7 +48,9 @@ class ClipTarget(nn.Module):
         super().__init__()
         from transformers import CLIPVisionModelWithProjection
 
-        self.model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
+        self.model = (
+            CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
+        )
         self.mean, self.std = image_mean, image_std
         self.size = self.model.config.image_size
 
@@ -154,8 +156,12 @@ class Stage2Module(nn.Module):
             # queued captions equal to the sample's own, and empty slots, are not negatives
             ok = (self.text_queue_ids[None, :] >= 0) & (self.text_queue_ids[None, :] != ids[:, None])
             queue_logits = img @ self.text_queue.clone().t() / temp  # a copy: the queue is updated below
-            i2t = _smoothed_ce(torch.cat([i2t_logits, queue_logits], 1), labels,
-                               torch.cat([torch.ones_like(i2t_logits, dtype=torch.bool), ok], 1), 0.1)
+            i2t = _smoothed_ce(
+                torch.cat([i2t_logits, queue_logits], 1),
+                labels,
+                torch.cat([torch.ones_like(i2t_logits, dtype=torch.bool), ok], 1),
+                0.1,
+            )
             self._enqueue(all_txt, all_ids)
         else:
             i2t = F.cross_entropy(i2t_logits, labels, label_smoothing=0.1)
@@ -176,8 +182,11 @@ def _caption_ids(captions: list[str], device) -> torch.Tensor:
     """A stable 63-bit id per caption string (the same in every process)."""
     import hashlib
 
-    return torch.tensor([int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "little") >> 1 for c in captions],
-                        dtype=torch.long, device=device)
+    return torch.tensor(
+        [int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "little") >> 1 for c in captions],
+        dtype=torch.long,
+        device=device,
+    )
 
 
 def _smoothed_ce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
@@ -217,7 +226,9 @@ class Stage2Task(Task):
         self.cfg = cfg
         tok = load_tokenizer(cfg)
         if tok.reconstructor is None:
-            raise ConfigError("stage 2 needs the reconstruction head: the tokenizer config has reconstruction_blocks=False")
+            raise ConfigError(
+                "stage 2 needs the reconstruction head: the tokenizer config has reconstruction_blocks=False"
+            )
         reshape_quantizer(tok, cfg.stage2.codebook_size, cfg.stage2.code_dim, seed=cfg.seed)
         tok = tok.to(device)
         tok.requires_grad_(False)
@@ -235,7 +246,9 @@ class Stage2Task(Task):
             target = PixelTarget(out_dim, seed=cfg.seed)
         elif s2.target == "itc":
             if self.itc is None:
-                raise ConfigError("stage2.target 'itc' needs stage2.itc_heads (the stage-I run whose vision_proj it uses)")
+                raise ConfigError(
+                    "stage2.target 'itc' needs stage2.itc_heads (the stage-I run whose vision_proj it uses)"
+                )
             proj_dim = self.itc.vision_proj.out_features
             if proj_dim != out_dim:
                 raise ConfigError(
@@ -248,7 +261,9 @@ class Stage2Task(Task):
         if s2.itc_weight > 0 and self.itc is None:
             raise ConfigError("stage2.itc_weight needs stage2.itc_heads (the stage-I run whose vision_proj it uses)")
         if s2.itc_text_weight > 0 and self.itc is None:
-            raise ConfigError("stage2.itc_text_weight needs stage2.itc_heads (the stage-I run whose text branch it uses)")
+            raise ConfigError(
+                "stage2.itc_text_weight needs stage2.itc_heads (the stage-I run whose text branch it uses)"
+            )
         if self.itc is not None:
             self.itc.requires_grad_(False)
             for name, p in tok.named_parameters():  # the heads hold the same tokenizer: keep its trained parts
@@ -275,7 +290,9 @@ class Stage2Task(Task):
             z = self.module.last_z.flatten(0, 1).float()
             k = self.tok.codebook_size
             if z.shape[0] < k:
-                raise ConfigError(f"k-means init needs at least {k} vectors; the first batch gives {z.shape[0]} (raise global_batch)")
+                raise ConfigError(
+                    f"k-means init needs at least {k} vectors; the first batch gives {z.shape[0]} (raise global_batch)"
+                )
             self.tok.quantizer.codebook.weight.copy_(kmeans_init(z, k, seed=self.cfg.seed))
         self._sync_codebook()
 
@@ -289,7 +306,9 @@ class Stage2Task(Task):
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts)
         with torch.no_grad():
-            restart_dead_codes(self.tok.quantizer.codebook.weight, counts, self.module.last_z.flatten(0, 1), seed=self.cfg.seed + step)
+            restart_dead_codes(
+                self.tok.quantizer.codebook.weight, counts, self.module.last_z.flatten(0, 1), seed=self.cfg.seed + step
+            )
         self._sync_codebook()
 
     def evaluate(self) -> dict[str, float]:
@@ -336,7 +355,8 @@ class Stage2Task(Task):
                 r = retrieval_at_k(torch.cat(feats), txt, caps)
                 extra.update({f"val_{name}_{k}": v for k, v in r.items() if k != "chance_r1"})
             extra["val_chance_r1"] = r["chance_r1"]
-        return {**extra,
+        return {
+            **extra,
             "val_recon_cos": float(torch.cat(cos).mean()),
             "val_target_cos": float(torch.cat(tcos).mean()),
             "val_mse": float(torch.cat(mse).mean()),

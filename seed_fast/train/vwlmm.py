@@ -111,7 +111,7 @@ class VisualWordsLM(nn.Module):
             k = len(self.suffix) + len(a)
             tail[i, :k] = torch.tensor(self.suffix + a)
             tail_mask[i, :k] = 1
-            tail_labels[i, len(self.suffix):k] = torch.tensor(a, dtype=torch.long)
+            tail_labels[i, len(self.suffix) : k] = torch.tensor(a, dtype=torch.long)
         embed = self.llm.model.get_input_embeddings()
         pre = torch.tensor(self.prefix, device=dev)
         head_len = len(self.prefix) + p
@@ -180,7 +180,9 @@ class VwlmmModule(nn.Module):
 
 def _build(llm, tok, meta: dict) -> VisualWordsLM:
     media_dim = tok.config.vision.width if meta["media"] == "vit" else tok.config.qformer.hidden
-    return VisualWordsLM(llm, media_dim, projector=meta["projector"], variant=meta["variant"], prompt=meta.get("prompt"))
+    return VisualWordsLM(
+        llm, media_dim, projector=meta["projector"], variant=meta["variant"], prompt=meta.get("prompt")
+    )
 
 
 class VwlmmTask(Task):
@@ -222,7 +224,11 @@ class VwlmmTask(Task):
                 truth += batch.captions
         finally:
             vw.train()
-        return {"val_caption_loss": ce / max(tokens, 1), "val_kl": kl / max(len(truth), 1), **caption_scores(preds, truth)}
+        return {
+            "val_caption_loss": ce / max(tokens, 1),
+            "val_kl": kl / max(len(truth), 1),
+            **caption_scores(preds, truth),
+        }
 
     def export(self, run: Path) -> None:
         from safetensors.torch import save_file
@@ -231,7 +237,11 @@ class VwlmmTask(Task):
         out.mkdir(parents=True, exist_ok=True)
         sd = {k: v.contiguous() for k, v in self.module.vw.state_dict().items()}
         save_file(sd, str(out / "weights.safetensors"))
-        meta = {"format": 1, **self.sources, **{k: v for k, v in asdict(self.cfg.vwlmm).items() if k not in ("lm", "vit_from")}}
+        meta = {
+            "format": 1,
+            **self.sources,
+            **{k: v for k, v in asdict(self.cfg.vwlmm).items() if k not in ("lm", "vit_from")},
+        }
         (out / "config.json").write_text(json.dumps(meta, indent=1))
 
 

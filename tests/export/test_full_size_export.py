@@ -39,4 +39,6 @@ def test_seed_tokenizer_2_exports_and_runs_in_onnxruntime(tmp_path):
     assert emb.shape == (2, 1024)
     ref = tok.decode(torch.from_numpy(codes)).numpy()
     assert np.abs(emb - ref).max() <= 1e-4 * np.abs(ref).max()
-    print(f"\nseed-tokenizer-2: export {t_export:.0f} s ({rep['megabytes']:.0f} MB), onnxruntime 2 images {t_run:.1f} s")
+    print(
+        f"\nseed-tokenizer-2: export {t_export:.0f} s ({rep['megabytes']:.0f} MB), onnxruntime 2 images {t_run:.1f} s"
+    )

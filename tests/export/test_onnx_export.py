@@ -108,8 +108,9 @@ def test_embeddings_and_logits_within_1e4(exported):
     ids, mask, pos, _ = rt._prefill(rows)
     logits, _ = rt._lm_step(ids, mask, pos, rt._past(len(rows)))
     with torch.no_grad():
-        ref = llm.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                        position_ids=torch.from_numpy(pos)).logits[:, -1]
+        ref = llm.model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(pos)
+        ).logits[:, -1]
     assert _rel(logits, ref.numpy()) <= 1e-4
 
 
@@ -117,18 +118,22 @@ def test_greedy_captions_and_answers_identical_token_for_token(exported):
     llm, _, rt, _, _ = exported
     g = torch.Generator().manual_seed(_fresh_seed())
     codes = torch.randint(0, llm.tokenizer.codebook_size, (4, 32), generator=g)
-    rows = [llm.encode_turn(llm.template.caption, codes[i: i + 1]) for i in range(4)]
+    rows = [llm.encode_turn(llm.template.caption, codes[i : i + 1]) for i in range(4)]
     assert rt.generate_ids(rows, max_new_tokens=12) == llm.generate_ids(rows, max_new_tokens=12)
     assert rt.caption(codes=codes.numpy(), max_new_tokens=12) == llm.caption(codes=codes, max_new_tokens=12)
     qs = ["what color is the shape on the right?", "how many shapes are on the left?", "what shape", "color"]
-    assert rt.answer(qs, codes=codes.numpy(), max_new_tokens=6) == llm.answer(codes=codes, questions=qs, max_new_tokens=6)
+    assert rt.answer(qs, codes=codes.numpy(), max_new_tokens=6) == llm.answer(
+        codes=codes, questions=qs, max_new_tokens=6
+    )
 
 
 def test_generated_codes_identical_with_and_without_guidance(exported):
     llm, _, rt, _, _ = exported
     texts = ["one red circle left of a blue square", "three green triangles left of a yellow circle"]
     assert np.array_equal(rt.generate_codes(texts), llm.generate_image_codes(texts).numpy())
-    assert np.array_equal(rt.generate_codes(texts, cfg_scale=3.0), llm.generate_image_codes(texts, cfg_scale=3.0).numpy())
+    assert np.array_equal(
+        rt.generate_codes(texts, cfg_scale=3.0), llm.generate_image_codes(texts, cfg_scale=3.0).numpy()
+    )
 
 
 def test_denoising_loop_matches_the_pipeline_given_the_same_noise(exported):
@@ -177,7 +182,12 @@ def test_latent_decoder_exports_its_autoencoder_and_renders_like_the_pipeline(tm
     dec = mini_image_decoder(embed_dim=12, image_size=16, seed=seed % 1000, channels=(16, 32), vae=vae)
     m = export_onnx(["decoder"], tmp_path, objects={"decoder": dec}, progress=False)
     info = m["parts"]["decoder"]
-    assert (info["in_channels"], info["latent_size"], info["image_size"], info["vae_file"]) == (4, 8, 16, "decoder_vae.onnx")
+    assert (info["in_channels"], info["latent_size"], info["image_size"], info["vae_file"]) == (
+        4,
+        8,
+        16,
+        "decoder_vae.onnx",
+    )
     assert info["vae_scaling_factor"] == pytest.approx(1.3) and (tmp_path / "decoder_vae.onnx").is_file()
     assert m["reports"]["decoder"]["parity"]["decoder_vae_max_rel_err"] < 1e-4
     rt = _renders_like_the_pipeline(dec, tmp_path, seed, (2, 4, 8, 8))
@@ -194,8 +204,13 @@ def test_text_to_image_end_to_end(exported):
 
 def test_external_data_and_fp16(tmp_path):
     llm = SeedLLM.from_config("tiny-llama", seed=4)
-    m = export_onnx(["llm", "detokenizer"], tmp_path, objects={"tokenizer": llm.tokenizer, "llm": llm},
-                    external_data=True, progress=False)
+    m = export_onnx(
+        ["llm", "detokenizer"],
+        tmp_path,
+        objects={"tokenizer": llm.tokenizer, "llm": llm},
+        external_data=True,
+        progress=False,
+    )
     assert (tmp_path / "llm.onnx.data").is_file() and (tmp_path / "detokenizer.onnx.data").is_file()
     assert "llm.onnx.data" in m["reports"]["llm"]["files"]
     rt = SeedRuntime(tmp_path, providers=["CPUExecutionProvider"])
@@ -203,8 +218,13 @@ def test_external_data_and_fp16(tmp_path):
     assert rt.caption(codes=codes.numpy(), max_new_tokens=5) == llm.caption(codes=codes, max_new_tokens=5)
     # fp16: checked against torch at fp16's tolerance, runs on the CPU provider
     llm16 = SeedLLM.from_config("tiny-llama", seed=4)
-    m16 = export_onnx(["llm", "tokenizer"], tmp_path / "fp16", objects={"tokenizer": llm16.tokenizer, "llm": llm16},
-                      fp16=True, progress=False)
+    m16 = export_onnx(
+        ["llm", "tokenizer"],
+        tmp_path / "fp16",
+        objects={"tokenizer": llm16.tokenizer, "llm": llm16},
+        fp16=True,
+        progress=False,
+    )
     assert m16["fp16"] and m16["parts"]["llm"]["kv_dtype"] == "float16"
     assert m16["reports"]["llm"]["parity"]["max_rel_err"] <= 2e-2
     rt16 = SeedRuntime(tmp_path / "fp16", providers=["CPUExecutionProvider"])
@@ -220,7 +240,7 @@ def test_lora_is_merged_into_the_exported_weights(tmp_path):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     codes = torch.randint(0, llm.tokenizer.codebook_size, (2, 32), generator=g)
-    rows = [llm.encode_turn(llm.template.caption, codes[i: i + 1]) for i in range(2)]
+    rows = [llm.encode_turn(llm.template.caption, codes[i : i + 1]) for i in range(2)]
     want = llm.generate_ids(rows, max_new_tokens=8)
     export_onnx(["llm"], tmp_path, objects={"llm": llm}, progress=False)
     assert not llm.has_lora
@@ -242,5 +262,10 @@ def test_export_errors_are_clear(tmp_path):
     with pytest.raises(ExportError, match="image_dtype"):
         from seed_fast import SeedTokenizer
 
-        export_onnx(["tokenizer"], tmp_path / "out", objects={"tokenizer": SeedTokenizer.from_config("tiny")},
-                    image_dtype="int16", progress=False)
+        export_onnx(
+            ["tokenizer"],
+            tmp_path / "out",
+            objects={"tokenizer": SeedTokenizer.from_config("tiny")},
+            image_dtype="int16",
+            progress=False,
+        )

@@ -30,7 +30,9 @@ sys.meta_path.insert(0, _Block())
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     llm = SeedLLM.from_config("tiny-llama", seed=11, template="seed-opt")
-    dec = mini_image_decoder(embed_dim=llm.tokenizer.decode(torch.zeros(1, 32, dtype=torch.long)).shape[-1], image_size=16)
+    dec = mini_image_decoder(
+        embed_dim=llm.tokenizer.decode(torch.zeros(1, 32, dtype=torch.long)).shape[-1], image_size=16
+    )
     out = tmp_path_factory.mktemp("onnx-rt")
     export_onnx(["all"], out, objects={"tokenizer": llm.tokenizer, "llm": llm, "decoder": dec}, progress=False)
     return llm, out
@@ -88,7 +90,12 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path):
         (lambda: rt.generate_codes(["x"], cfg_scale=0.5), "cfg_scale"),
         (lambda: rt.render(np.zeros((1, 5), np.float32)), "embeddings must be"),
         (lambda: rt.render(np.zeros((1, rt.parts["decoder"]["embed_dim"]), np.float32), steps=0), "steps"),
-        (lambda: rt.render(np.zeros((1, rt.parts["decoder"]["embed_dim"]), np.float32), noise=np.zeros((2, 3, 16, 16))), "noise"),
+        (
+            lambda: rt.render(
+                np.zeros((1, rt.parts["decoder"]["embed_dim"]), np.float32), noise=np.zeros((2, 3, 16, 16))
+            ),
+            "noise",
+        ),
     ]
     for fn, pattern in cases:
         with pytest.raises(RuntimeInputError, match=pattern):
@@ -115,7 +122,23 @@ def test_cli_export_and_ort_run(tmp_path):
     llm = SeedLLM.from_config("tiny-llama", seed=2, template="seed-opt")
     llm.save_pretrained(ckpt)
     out = tmp_path / "onnx"
-    assert main(["export", "onnx", "--part", "tokenizer", "llm", "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "onnx",
+                "--part",
+                "tokenizer",
+                "llm",
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     man = json.loads((out / MANIFEST).read_text())
     assert set(man["parts"]) == {"tokenizer", "llm"}
     from seed_fast.synthetic import sample_images
@@ -125,12 +148,20 @@ def test_cli_export_and_ort_run(tmp_path):
     for i, im in enumerate(imgs):
         paths.append(str(tmp_path / f"im{i}.png"))
         im.save(paths[-1])
-    r = subprocess.run([sys.executable, "-m", "seed_fast.runtime", "--model", str(out), *paths, "--question", "what color"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "seed_fast.runtime", "--model", str(out), *paths, "--question", "what color"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("codes ") == 2 and r.stdout.count("caption: ") == 2 and r.stdout.count("answer: ") == 2
-    r = subprocess.run([sys.executable, "-m", "seed_fast.runtime", "--model", str(tmp_path / "nope"), paths[0]],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "seed_fast.runtime", "--model", str(tmp_path / "nope"), paths[0]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
@@ -182,7 +213,13 @@ def test_embedded_default_model_through_onnx(tmp_path):
     assert np.abs(emb - m.tokenizer.decode(torch.from_numpy(gen)).numpy()).max() <= 1e-4 * np.abs(emb).max()
     c, s = m.decoder.sample_channels, m.decoder.sample_size  # the latents of a latent decoder
     noise = np.random.default_rng(0).standard_normal((4, c, s, s)).astype(np.float32)
-    ref = m.decoder(torch.from_numpy(emb), num_inference_steps=5, guidance_scale=2.0, latents=torch.from_numpy(noise), output_type="np").images
+    ref = m.decoder(
+        torch.from_numpy(emb),
+        num_inference_steps=5,
+        guidance_scale=2.0,
+        latents=torch.from_numpy(noise),
+        output_type="np",
+    ).images
     assert np.abs(rt.render(emb, steps=5, guidance=2.0, noise=noise) - ref).max() <= 1e-4
 
 

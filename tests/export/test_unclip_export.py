@@ -45,8 +45,10 @@ def test_noise_level_embedding_matches_diffusers():
         # arguments up to 999 radians: one float32 ulp there is 6e-5, and numpy's and torch's sin / cos
         # may round differently
         assert np.abs(timestep_embedding(t.numpy(), dim) - want).max() < 1e-4
-        assert np.array_equal(timestep_embedding(np.zeros(2), dim), get_timestep_embedding(torch.zeros(2), dim, flip_sin_to_cos=True,
-                                                                                          downscale_freq_shift=0).numpy())
+        assert np.array_equal(
+            timestep_embedding(np.zeros(2), dim),
+            get_timestep_embedding(torch.zeros(2), dim, flip_sin_to_cos=True, downscale_freq_shift=0).numpy(),
+        )
 
 
 @pytest.mark.parametrize("guidance,level", [(1.0, 0), (3.0, 0), (4.0, 300)])
@@ -55,15 +57,27 @@ def test_runtime_images_equal_the_diffusers_pipeline(exported, guidance, level):
     g = torch.Generator().manual_seed(11)
     emb = torch.randn(3, 32, generator=g)
     latents = torch.randn(3, 4, 8, 8, generator=g)
-    want = pipe(prompt=[""] * 3, image_embeds=emb, latents=latents.clone(), num_inference_steps=4, guidance_scale=guidance,
-                noise_level=level, generator=torch.Generator().manual_seed(7), output_type="np").images
+    want = pipe(
+        prompt=[""] * 3,
+        image_embeds=emb,
+        latents=latents.clone(),
+        num_inference_steps=4,
+        guidance_scale=guidance,
+        noise_level=level,
+        generator=torch.Generator().manual_seed(7),
+        output_type="np",
+    ).images
     embed_noise = torch.randn(3, 32, generator=torch.Generator().manual_seed(7)).numpy()  # diffusers' one draw
     rt = SeedRuntime(folder)
-    got = rt.render(emb.numpy(), steps=4, guidance=guidance, noise=latents.numpy(), embed_noise=embed_noise, noise_level=level)
+    got = rt.render(
+        emb.numpy(), steps=4, guidance=guidance, noise=latents.numpy(), embed_noise=embed_noise, noise_level=level
+    )
     assert got.shape == want.shape == (3, 64, 64, 3)
     assert np.abs(got - want).max() < 2e-4
     # a different embedding gives a different image: the comparison is not between two constants
-    other = rt.render(emb.numpy() * -1, steps=4, guidance=guidance, noise=latents.numpy(), embed_noise=embed_noise, noise_level=level)
+    other = rt.render(
+        emb.numpy() * -1, steps=4, guidance=guidance, noise=latents.numpy(), embed_noise=embed_noise, noise_level=level
+    )
     assert np.abs(other - got).max() > 1e-3
 
 
@@ -95,7 +109,10 @@ def test_tensorrt_profiles_cover_both_unclip_graphs(exported):
         sess = ort.InferenceSession(str(folder / fname), providers=["CPUExecutionProvider"])
         assert {i.name for i in sess.get_inputs()} == set(prof)
         for k in (0, 2):  # min and max shapes
-            feed = {n: (np.zeros(shape[k], np.int64) if n == "timestep" else np.zeros(shape[k], np.float32)) for n, shape in prof.items()}
+            feed = {
+                n: (np.zeros(shape[k], np.int64) if n == "timestep" else np.zeros(shape[k], np.float32))
+                for n, shape in prof.items()
+            }
             out = sess.run(None, feed)[0]
             assert out.shape[0] == next(iter(prof.values()))[k][0]
     assert shape_profiles("decoder", info, max_batch=3)["class_labels"][2] == (6, 64)  # guidance doubles the batch

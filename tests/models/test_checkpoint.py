@@ -44,7 +44,9 @@ def _spec_official_shapes():
         quant[pos] = (1, 32, H)
         for i in range(4):
             b = f"{blocks}.{i}."
-            quant.update({b + "norm1.weight": (H,), b + "norm1.bias": (H,), b + "norm2.weight": (H,), b + "norm2.bias": (H,)})
+            quant.update(
+                {b + "norm1.weight": (H,), b + "norm1.bias": (H,), b + "norm2.weight": (H,), b + "norm2.bias": (H,)}
+            )
             quant.update({b + "attn.qkv.weight": (3 * H, H), b + "attn.qkv.bias": (3 * H,)})
             quant.update({b + "attn.proj.weight": (H, H), b + "attn.proj.bias": (H,)})
             quant.update({b + "mlp.fc1.weight": (4 * H, H), b + "mlp.fc1.bias": (4 * H,)})

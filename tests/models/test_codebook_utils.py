@@ -108,7 +108,7 @@ def test_perplexity_single_code_is_one():
 
 def test_perplexity_two_codes_by_hand():
     # p = (1/4, 3/4): H = -(1/4 ln 1/4 + 3/4 ln 3/4), exp(H) = 4^(1/4) * (4/3)^(3/4) = 1.7547654...
-    expected = 4 ** 0.25 * (4 / 3) ** 0.75
+    expected = 4**0.25 * (4 / 3) ** 0.75
     assert expected == pytest.approx(1.7547654, abs=1e-7)
     assert codebook_perplexity(torch.tensor([1, 3])) == pytest.approx(expected, rel=1e-12)
     assert codebook_perplexity(torch.tensor([0, 2, 0, 6, 0])) == pytest.approx(expected, rel=1e-12)
@@ -395,8 +395,12 @@ def test_kmeans_fp64_is_computed_in_fp64():
         (torch.randn(6, 2), {"iters": 0}, ValueError, "iters must be >= 1"),
         (torch.randn(6, 2), {"chunk": 0}, ValueError, "chunk must be >= 1"),
         (torch.randn(6, 2), {"metric": "dot"}, ValueError, "unknown metric 'dot'"),
-        (torch.eye(3)[[0, 2, 2, 1]] * torch.tensor([[1.0], [1.0], [0.0], [1.0]]), {"metric": "cosine"},
-         ValueError, r"1 all-zero row\(s\) \(first ones: \[2\]\).*cosine"),
+        (
+            torch.eye(3)[[0, 2, 2, 1]] * torch.tensor([[1.0], [1.0], [0.0], [1.0]]),
+            {"metric": "cosine"},
+            ValueError,
+            r"1 all-zero row\(s\) \(first ones: \[2\]\).*cosine",
+        ),
         (torch.randn(6, 2), {"init": "kmeans++"}, ValueError, "unknown init 'kmeans\\+\\+'"),
         (torch.randn(6, 2), {"seed": 1.5}, TypeError, "seed must be an int"),
         (torch.randn(6, 2), {"iters": 2.0}, TypeError, "iters must be an int"),

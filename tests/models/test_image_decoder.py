@@ -38,13 +38,19 @@ def test_guidance_uses_the_negative_embedding(pipe):
     emb = torch.randn(2, 16, generator=torch.Generator().manual_seed(4))
     kw = dict(num_inference_steps=2, guidance_scale=3.0, output_type="pt")
     zeros = pipe(emb, generator=torch.Generator().manual_seed(2), **kw).images
-    explicit = pipe(emb, negative_image_embeds=torch.zeros_like(emb), generator=torch.Generator().manual_seed(2), **kw).images
-    other = pipe(emb, negative_image_embeds=torch.ones_like(emb), generator=torch.Generator().manual_seed(2), **kw).images
+    explicit = pipe(
+        emb, negative_image_embeds=torch.zeros_like(emb), generator=torch.Generator().manual_seed(2), **kw
+    ).images
+    other = pipe(
+        emb, negative_image_embeds=torch.ones_like(emb), generator=torch.Generator().manual_seed(2), **kw
+    ).images
     assert torch.allclose(zeros, explicit) and not torch.allclose(zeros, other)
     # one negative row is shared by the batch, as the unCLIP pipeline does (SeedLLM passes its (1, D) negative)
     neg = torch.randn(1, 16, generator=torch.Generator().manual_seed(5))
     shared = pipe(emb, negative_image_embeds=neg, generator=torch.Generator().manual_seed(2), **kw).images
-    per_row = pipe(emb, negative_image_embeds=neg.expand(2, 16), generator=torch.Generator().manual_seed(2), **kw).images
+    per_row = pipe(
+        emb, negative_image_embeds=neg.expand(2, 16), generator=torch.Generator().manual_seed(2), **kw
+    ).images
     assert torch.allclose(shared, per_row) and not torch.allclose(shared, zeros)
 
 
@@ -115,7 +121,9 @@ def test_patch_decoder_folds_pixels_into_channels():
     t = torch.randint(0, 1000, (3,), generator=g)
     with torch.no_grad():
         got = p._denoise(x, t, emb)
-        ref = F.pixel_shuffle(p.unet(F.pixel_unshuffle(x, 2), t, encoder_hidden_states=emb[:, None], class_labels=emb).sample, 2)
+        ref = F.pixel_shuffle(
+            p.unet(F.pixel_unshuffle(x, 2), t, encoder_hidden_states=emb[:, None], class_labels=emb).sample, 2
+        )
     assert got.shape == x.shape and torch.equal(got, ref)
     # the fold keeps each 2x2 block together: moving one pixel changes only the UNet input cell holding it
     y = x.clone()
@@ -136,8 +144,10 @@ def test_patch_decoder_saves_loads_and_rejects_bad_sizes(tmp_path):
     assert (q.patch, q.image_size) == (2, 16)
     emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
     kw = dict(num_inference_steps=2, output_type="pt")
-    assert torch.equal(p(emb, generator=torch.Generator().manual_seed(4), **kw).images,
-                       q(emb, generator=torch.Generator().manual_seed(4), **kw).images)
+    assert torch.equal(
+        p(emb, generator=torch.Generator().manual_seed(4), **kw).images,
+        q(emb, generator=torch.Generator().manual_seed(4), **kw).images,
+    )
     with pytest.raises(ValueError, match="multiple of patch 3"):
         mini_image_decoder(8, 16, patch=3)
     with pytest.raises(ValueError, match="multiple of 8"):
@@ -147,13 +157,24 @@ def test_patch_decoder_saves_loads_and_rejects_bad_sizes(tmp_path):
     from diffusers import UNet2DConditionModel
 
     unet4 = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8, cross_attention_dim=8,
-        class_embed_type="projection", projection_class_embeddings_input_dim=8)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=8,
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=8,
+    )
     with pytest.raises(ValueError, match="3 \\* patch\\*\\*2 input channels \\(RGB pixels\\), got 4"):
         SeedImageDecoderPipeline(unet=unet4, scheduler=p.scheduler)
     with pytest.raises(ValueError, match="3 \\* patch\\*\\*2 input channels \\(the autoencoder latents\\), got 4"):
-        SeedImageDecoderPipeline(unet=unet4, scheduler=p.scheduler, vae=mini_autoencoder(16, (8, 16), latent_channels=3))
+        SeedImageDecoderPipeline(
+            unet=unet4, scheduler=p.scheduler, vae=mini_autoencoder(16, (8, 16), latent_channels=3)
+        )
     with pytest.raises(TypeError, match="AutoencoderKL"):
         SeedImageDecoderPipeline(unet=unet4, scheduler=p.scheduler, vae=unet4)
 
@@ -182,7 +203,9 @@ def test_attention_levels_puts_cross_attention_on_more_levels(tmp_path):
 
 
 def _latent_decoder(seed: int, image_size: int = 16):
-    vae = mini_autoencoder(image_size, (8, 16), latent_channels=4, seed=seed).eval()  # as loaded (SDPA rounds otherwise)
+    vae = mini_autoencoder(
+        image_size, (8, 16), latent_channels=4, seed=seed
+    ).eval()  # as loaded (SDPA rounds otherwise)
     vae.register_to_config(scaling_factor=1.7)
     return mini_image_decoder(embed_dim=8, image_size=image_size, seed=seed, channels=(16, 32), vae=vae)
 
@@ -233,8 +256,10 @@ def test_latent_decoder_saves_loads_and_errors(tmp_path):
     assert q.vae is not None and q.vae.config.scaling_factor == 1.7 and q.image_size == 16
     emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
     kw = dict(num_inference_steps=2, output_type="pt")
-    assert torch.equal(p(emb, generator=torch.Generator().manual_seed(4), **kw).images,
-                       q(emb, generator=torch.Generator().manual_seed(4), **kw).images)
+    assert torch.equal(
+        p(emb, generator=torch.Generator().manual_seed(4), **kw).images,
+        q(emb, generator=torch.Generator().manual_seed(4), **kw).images,
+    )
     assert embeddings_to_images(q, emb, num_inference_steps=2, seed=1, progress=False)[0].size == (16, 16)
     # a pixel decoder saves no vae and loads as one
     mini_image_decoder(embed_dim=8, image_size=16, seed=0).save_pretrained(tmp_path / "pix")

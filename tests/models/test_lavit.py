@@ -100,8 +100,12 @@ def test_selection_modes():
     keep = select_tokens(logits.log_softmax(-1), "gumbel", generator=torch.Generator().manual_seed(0))
     keep_ratio_loss(keep, 1 / 3).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
-    for bad, match in (({"mode": "nope"}, "unknown selection"), ({"mode": "topk"}, "topk"),
-                       ({"mode": "threshold", "threshold": 2.0}, "threshold"), ({"mode": "gumbel", "tau": 0.0}, "tau")):
+    for bad, match in (
+        ({"mode": "nope"}, "unknown selection"),
+        ({"mode": "topk"}, "topk"),
+        ({"mode": "threshold", "threshold": 2.0}, "threshold"),
+        ({"mode": "gumbel", "tau": 0.0}, "tau"),
+    ):
         with pytest.raises(InputError, match=match):
             select_tokens(lp, **bad)
     with pytest.raises(InputError, match="no token"):
@@ -176,8 +180,12 @@ def test_keep_ratio_moves_toward_its_target_in_a_short_training_run():
     torch.manual_seed(0)
     tok = LavitTokenizer.from_config("tiny-lavit", seed=0)
     dec = LavitFeatureDecoder(tok.config)
-    params = list(tok.token_predictor.parameters()) + list(tok.causal_encoder.parameters()) + list(
-        tok.encode_task_layer.parameters()) + list(dec.parameters())
+    params = (
+        list(tok.token_predictor.parameters())
+        + list(tok.causal_encoder.parameters())
+        + list(tok.encode_task_layer.parameters())
+        + list(dec.parameters())
+    )
     opt = torch.optim.AdamW(params, lr=3e-3)
     images, _ = sample_images(64, seed=1, size=64)
     with torch.no_grad():
@@ -206,20 +214,42 @@ def test_official_layout_loads_by_key_name():
     tok = LavitTokenizer.from_config("tiny-lavit", seed=1)
     keys = {k for k in tok.state_dict() if not k.startswith("encoder.")}
     # the released tokenizer_encoder.bin layout (facts: key names of jy0205/LaVIT's DynamicVisualTokenizer)
-    expected = {"quantize.embedding.weight", "encode_task_layer.0.weight", "encode_task_layer.0.bias",
-                "encode_task_layer.2.weight", "encode_task_layer.2.bias", "vit_proj.weight", "vit_proj.bias",
-                "causal_encoder.ln_vision.weight", "causal_encoder.ln_vision.bias", "causal_encoder.norm.weight",
-                "causal_encoder.norm.bias"}
+    expected = {
+        "quantize.embedding.weight",
+        "encode_task_layer.0.weight",
+        "encode_task_layer.0.bias",
+        "encode_task_layer.2.weight",
+        "encode_task_layer.2.bias",
+        "vit_proj.weight",
+        "vit_proj.bias",
+        "causal_encoder.ln_vision.weight",
+        "causal_encoder.ln_vision.bias",
+        "causal_encoder.norm.weight",
+        "causal_encoder.norm.bias",
+    }
     for p in ("in_conv.0", "in_conv.1", "out_conv.0", "out_conv.2", "out_conv.4"):
         expected |= {f"token_predictor.{p}.weight", f"token_predictor.{p}.bias"}
     for i in range(tok.config.merger_depth):
-        for p in ("norm0", "token_causal_attn.qkv", "token_causal_attn.proj", "norm1", "token_cross_attn.query",
-                  "token_cross_attn.key", "token_cross_attn.value", "token_cross_attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+        for p in (
+            "norm0",
+            "token_causal_attn.qkv",
+            "token_causal_attn.proj",
+            "norm1",
+            "token_cross_attn.query",
+            "token_cross_attn.key",
+            "token_cross_attn.value",
+            "token_cross_attn.proj",
+            "norm2",
+            "mlp.fc1",
+            "mlp.fc2",
+        ):
             expected |= {f"causal_encoder.blocks.{i}.{p}.weight", f"causal_encoder.blocks.{i}.{p}.bias"}
     assert keys == expected
     # an official-format dict built from that key list loads and is used
     g = _gen()
-    official = {k: torch.randn(v.shape, generator=g) for k, v in tok.state_dict().items() if not k.startswith("encoder.")}
+    official = {
+        k: torch.randn(v.shape, generator=g) for k, v in tok.state_dict().items() if not k.startswith("encoder.")
+    }
     other = LavitTokenizer.from_config("tiny-lavit", seed=2)
     missing, unexpected = other.load_official(official)
     assert unexpected == [] and all(m.startswith("encoder.") for m in missing)

@@ -91,7 +91,9 @@ def test_prompt_places_image_blocks_where_the_placeholders_are(llm, pics):
     assert block == [v.base + int(c) for c in codes[0]] and len(block) == 32
 
 
-@pytest.mark.parametrize("name,pre,post", [("seed-llama-8b", "USER: ", "\nASSISTANT:"), ("seed-llama-14b", "[INST] ", " [/INST]\n")])
+@pytest.mark.parametrize(
+    "name,pre,post", [("seed-llama-8b", "USER: ", "\nASSISTANT:"), ("seed-llama-14b", "[INST] ", " [/INST]\n")]
+)
 def test_chat_templates(name, pre, post):
     t = get_template(name)
     assert t.chat.format(prompt="<image>hi") == f"{pre}<image>hi{post}"
@@ -163,7 +165,11 @@ def _nocache_greedy(model, ids, n, suppress=None):
 
 def test_static_cache_decode_matches_transformers_generate(llm, pics):
     codes = llm.image_codes(pics[:1])
-    rows = [llm.encode_turn("<image>red two", codes), llm.encode_turn("blue", None), llm.encode_turn("a photo of three", None)]
+    rows = [
+        llm.encode_turn("<image>red two", codes),
+        llm.encode_turn("blue", None),
+        llm.encode_turn("a photo of three", None),
+    ]
     ours = llm.generate_ids(rows, max_new_tokens=12, suppress_image_tokens=False, stop_ids=())
     model = llm.model
     for row, got in zip(rows, ours):
@@ -174,7 +180,9 @@ def test_static_cache_decode_matches_transformers_generate(llm, pics):
         # batched with left padding; (transformers 5.23's batched OPT generate disagrees with its own
         # single-row results, so OPT is checked per row above against both)
         ids, mask = left_pad(rows, llm.text_tokenizer.pad_token_id)
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=3)
+        ref = model.generate(
+            ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=3
+        )
         assert ours == ref[:, ids.shape[1] :].tolist()
 
 
@@ -185,7 +193,9 @@ def test_text_decoding_suppresses_image_tokens_and_stops(llm):
         saved = w.clone()
         w[llm.vocab.base : llm.vocab.size] *= 50  # image tokens would win without the mask
         try:
-            assert any(t >= llm.vocab.base for t in llm.generate_ids(rows, max_new_tokens=6, suppress_image_tokens=False)[0])
+            assert any(
+                t >= llm.vocab.base for t in llm.generate_ids(rows, max_new_tokens=6, suppress_image_tokens=False)[0]
+            )
             for got in llm.generate_ids(rows, max_new_tokens=6):
                 assert all(t < llm.vocab.base for t in got)
         finally:
@@ -340,7 +350,14 @@ def test_lora_defaults_trainable_set_and_fused_layers():
     # peft initialises B = 0: the adapter starts as the identity
     assert torch.equal(llm.generate_image_codes(["red circle"]), before)
     opt = SeedLLM.from_config("tiny-opt", seed=3).add_lora()
-    assert set(opt.model.peft_config["default"].target_modules) == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    assert set(opt.model.peft_config["default"].target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "fc1",
+        "fc2",
+    }
 
 
 def test_save_and_load_round_trip_with_lora(tmp_path, pics):
@@ -396,13 +413,27 @@ def test_generate_images_through_a_tiny_unclip_pipeline():
     assert isinstance(pipe, StableUnCLIPImg2ImgPipeline)
     llm.diffusion = pipe
     texts = ["two red circles left of a blue square", "one green triangle"]
-    images = llm.generate_images(texts, height=64, width=48, num_inference_steps=2, guidance_scale=4.0, image_seed=3, progress=False)
+    images = llm.generate_images(
+        texts, height=64, width=48, num_inference_steps=2, guidance_scale=4.0, image_seed=3, progress=False
+    )
     assert len(images) == 2 and all(im.size == (48, 64) for im in images)
     # the same thing by hand: codes -> embedding, the <img>-only generation as the negative
     emb, neg = llm.generate_image_embeddings(texts)
-    again = embeddings_to_images(pipe, emb, negative_image_embeds=neg, num_inference_steps=2, guidance_scale=4.0, height=64, width=48, seed=3, progress=False)
+    again = embeddings_to_images(
+        pipe,
+        emb,
+        negative_image_embeds=neg,
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        height=64,
+        width=48,
+        seed=3,
+        progress=False,
+    )
     assert [im.tobytes() for im in images] == [im.tobytes() for im in again]
-    stock_neg = embeddings_to_images(pipe, emb, num_inference_steps=2, guidance_scale=4.0, height=64, width=48, seed=3, progress=False)
+    stock_neg = embeddings_to_images(
+        pipe, emb, num_inference_steps=2, guidance_scale=4.0, height=64, width=48, seed=3, progress=False
+    )
     assert [im.tobytes() for im in images] != [im.tobytes() for im in stock_neg]
 
 

@@ -280,8 +280,11 @@ def test_uniform_init_reaches_every_parameter_with_unit_scales(name):
         elif isinstance(m, torch.nn.LayerNorm):
             assert bool((m.weight == 1).all()) and not m.bias.any()
     assert n_linear >= 4
-    codes = tok.encode(torch.rand(3, 3, tok.config.vision.image_size, tok.config.vision.image_size,
-                                  generator=torch.Generator().manual_seed(0)))
+    codes = tok.encode(
+        torch.rand(
+            3, 3, tok.config.vision.image_size, tok.config.vision.image_size, generator=torch.Generator().manual_seed(0)
+        )
+    )
     assert codes.shape == (3, tok.num_codes) and int(codes.max()) < tok.codebook_size
     assert codes.unique().numel() > 1, "unit-scale weights: the codes should depend on the image"
 

@@ -132,10 +132,20 @@ def test_without_negative_matches_stock_diffusers_exactly(pipe, embeds):
     stock = StableUnCLIPImg2ImgPipeline(**pipe.components)
     stock.set_progress_bar_config(disable=True)
     emb = embeds[0]
-    ours = pipe(prompt=["", ""], image_embeds=emb, num_inference_steps=STEPS,
-                generator=torch.Generator().manual_seed(1), output_type="np").images
-    ref = stock(prompt=["", ""], image_embeds=emb, num_inference_steps=STEPS,
-                generator=torch.Generator().manual_seed(1), output_type="np").images
+    ours = pipe(
+        prompt=["", ""],
+        image_embeds=emb,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(1),
+        output_type="np",
+    ).images
+    ref = stock(
+        prompt=["", ""],
+        image_embeds=emb,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(1),
+        output_type="np",
+    ).images
     np.testing.assert_array_equal(ours, ref)
 
 
@@ -143,8 +153,14 @@ def test_negative_is_noised_like_the_positive(pipe, embeds):
     pos, neg = embeds
 
     def call():
-        pipe(prompt=["", ""], image_embeds=pos, negative_image_embeds=neg, num_inference_steps=1,
-             generator=torch.Generator().manual_seed(4), output_type="latent")
+        pipe(
+            prompt=["", ""],
+            image_embeds=pos,
+            negative_image_embeds=neg,
+            num_inference_steps=1,
+            generator=torch.Generator().manual_seed(4),
+            output_type="latent",
+        )
 
     labels = capture_class_labels(pipe, call)
     assert labels.shape == (4, 2 * D)
@@ -164,8 +180,13 @@ def test_negative_is_noised_like_the_positive(pipe, embeds):
     assert torch.count_nonzero(stock_labels[:2]) == 0
     zero_neg = capture_class_labels(
         pipe,
-        lambda: pipe(prompt=["", ""], image_embeds=pos, negative_image_embeds=torch.zeros(2, D),
-                     num_inference_steps=1, output_type="latent"),
+        lambda: pipe(
+            prompt=["", ""],
+            image_embeds=pos,
+            negative_image_embeds=torch.zeros(2, D),
+            num_inference_steps=1,
+            output_type="latent",
+        ),
     )
     assert torch.count_nonzero(zero_neg[:2, D:]) > 0
 
@@ -175,8 +196,15 @@ def test_negative_changes_the_images(pipe, embeds):
     latents = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(2))
 
     def run(**kw):
-        return pipe(prompt=["", ""], image_embeds=pos, latents=latents, num_inference_steps=STEPS,
-                    guidance_scale=7.0, output_type="np", **kw).images
+        return pipe(
+            prompt=["", ""],
+            image_embeds=pos,
+            latents=latents,
+            num_inference_steps=STEPS,
+            guidance_scale=7.0,
+            output_type="np",
+            **kw,
+        ).images
 
     base = run()
     with_neg = run(negative_image_embeds=neg)
@@ -194,8 +222,15 @@ def test_negative_follows_num_images_per_prompt(pipe, embeds):
     pos, neg = embeds
 
     def call():
-        out = pipe(prompt=["", ""], image_embeds=pos, negative_image_embeds=neg, num_images_per_prompt=2,
-                   num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pil")
+        out = pipe(
+            prompt=["", ""],
+            image_embeds=pos,
+            negative_image_embeds=neg,
+            num_images_per_prompt=2,
+            num_inference_steps=1,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pil",
+        )
         assert len(out.images) == 4
 
     labels = capture_class_labels(pipe, call)
@@ -212,8 +247,7 @@ def test_negative_with_image_input(pipe):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
     labels = capture_class_labels(
         pipe,
-        lambda: pipe(image=image, negative_image_embeds=torch.ones(1, D), num_inference_steps=1,
-                     output_type="latent"),
+        lambda: pipe(image=image, negative_image_embeds=torch.ones(1, D), num_inference_steps=1, output_type="latent"),
     )
     assert labels.shape == (2, 2 * D) and torch.count_nonzero(labels[0]) > 0
 
@@ -253,8 +287,13 @@ def test_as_seed_pipeline_shares_modules(pipe, embeds):
 
 def test_as_seed_pipeline_rejects_other_pipelines(pipe):
     sd = StableDiffusionPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        scheduler=pipe.scheduler, safety_checker=None, feature_extractor=pipe.feature_extractor,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=pipe.feature_extractor,
         requires_safety_checker=False,
     )
     with pytest.raises(TypeError, match="expected a diffusers StableUnCLIPImg2ImgPipeline.*StableDiffusionPipeline"):
@@ -279,8 +318,10 @@ def test_as_seed_pipeline_rejects_other_pipelines(pipe):
         (dict(image_embeds=torch.zeros(2, D, dtype=torch.long)), "image_embeds must be a floating-point tensor"),
         (dict(height=60), "height must be a positive multiple of 8"),
         (dict(width=36), "width must be a positive multiple of 8"),
-        (dict(negative_image_embeds=torch.zeros(3, D)),
-         r"negative_image_embeds must have shape \(2, 32\) or \(1, 32\).*got \(3, 32\)"),
+        (
+            dict(negative_image_embeds=torch.zeros(3, D)),
+            r"negative_image_embeds must have shape \(2, 32\) or \(1, 32\).*got \(3, 32\)",
+        ),
         (dict(negative_image_embeds=torch.zeros(2, D + 1)), r"negative_image_embeds .*embedding dim is 32"),
         (dict(negative_image_embeds=torch.zeros(D)), r"negative_image_embeds must have shape .*\(32,\)"),
         (dict(negative_image_embeds=torch.tensor([[float("inf")] * D])), "negative_image_embeds contains NaN"),

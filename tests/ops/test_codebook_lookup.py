@@ -76,10 +76,14 @@ def _check_achieves_min(z, book, idx, metric, exact_fraction=0.99):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (1, 300, 5), (33, 77, 32), (64, 1100, 16), (65, 1100, 16), (70, 130, 70), (5, 600, 768)])
+@pytest.mark.parametrize(
+    "n,k,d", [(1, 1, 1), (1, 300, 5), (33, 77, 32), (64, 1100, 16), (65, 1100, 16), (70, 130, 70), (5, 600, 768)]
+)
 def test_backends_achieve_the_minimum(impl, dtype, metric, n, k, d):
     if not _runnable(impl, dtype):
-        pytest.skip(f"{impl} cannot run {dtype} here: {not_supported_reasons(impl, torch.empty(1, 1, dtype=dtype), torch.empty(1, 1, dtype=dtype))}")
+        pytest.skip(
+            f"{impl} cannot run {dtype} here: {not_supported_reasons(impl, torch.empty(1, 1, dtype=dtype), torch.empty(1, 1, dtype=dtype))}"
+        )
     g = torch.Generator().manual_seed(n * 1000 + k + d)
     z = torch.randn(n, d, generator=g).to(DEVICE, dtype)
     book = torch.randn(k, d, generator=g).to(DEVICE, dtype)

@@ -134,8 +134,15 @@ def test_autocast_computes_in_the_autocast_dtype_and_grads_reach_fp32_weights(im
     ids = torch.tensor([0, -1, 1, 0], device=DEVICE)
     xs = torch.randn(4, 3, 24, device=DEVICE)
     with torch.autocast(DEVICE, dtype=amp):
-        got = lora_linear_multi(xs, w.detach(), b.detach(), torch.stack([a, a * 2]).detach(), torch.stack([bb, bb]).detach(), ids,
-                                torch.tensor([0.5, 1.0]))
+        got = lora_linear_multi(
+            xs,
+            w.detach(),
+            b.detach(),
+            torch.stack([a, a * 2]).detach(),
+            torch.stack([bb, bb]).detach(),
+            ids,
+            torch.tensor([0.5, 1.0]),
+        )
     assert got.dtype == amp
 
 
@@ -170,7 +177,8 @@ def test_opcheck_and_compile():
         torch.library.opcheck(torch.ops.seed_fast.lora_linear_fwd.default, args)
         y, t = torch.ops.seed_fast.lora_linear_fwd(x, w, b, a.detach(), bb.detach(), 0.5, p, 17)
         torch.library.opcheck(
-            torch.ops.seed_fast.lora_linear_bwd.default, (torch.randn_like(y), x, w, a.detach(), bb.detach(), t, 0.5, p, 17)
+            torch.ops.seed_fast.lora_linear_bwd.default,
+            (torch.randn_like(y), x, w, a.detach(), bb.detach(), t, 0.5, p, 17),
         )
 
     def f(x, a, bb):

@@ -64,7 +64,9 @@ def test_low_precision_error_is_bounded_by_torch(dtype):
     ref = qformer_attention_ref(q.double(), k.double(), v.double(), causal=True)
     ours = qformer_attention_ref(q.to(dtype), k.to(dtype), v.to(dtype), causal=True)
     assert ours.dtype == dtype
-    plain = torch.softmax((q.to(dtype) @ k.to(dtype).transpose(-1, -2)) / 4 + torch.full((32, 32), float("-inf")).triu(1).to(dtype), -1) @ v.to(dtype)
+    plain = torch.softmax(
+        (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) / 4 + torch.full((32, 32), float("-inf")).triu(1).to(dtype), -1
+    ) @ v.to(dtype)
     err_ours = (ours.double() - ref).abs().max()
     err_plain = (plain.double() - ref).abs().max()
     assert err_ours <= 2 * err_plain + 1e-6
@@ -98,9 +100,7 @@ def test_requested_backend_that_cannot_run_says_why():
 
 
 # (causal, Lq, Lk): the odd sizes; causal needs Lq == Lk
-SHAPES = [(False, lq, lk) for lq in (1, 31, 32, 33) for lk in (1, 257, 300)] + [
-    (True, n, n) for n in (1, 31, 32, 33)
-]
+SHAPES = [(False, lq, lk) for lq in (1, 31, 32, 33) for lk in (1, 257, 300)] + [(True, n, n) for n in (1, 31, 32, 33)]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 

@@ -33,8 +33,12 @@ def test_folder_pairs_skip_and_count_bad_samples(tmp_path):
     (tmp_path / "a.png").write_bytes(_png((255, 0, 0)))
     (tmp_path / "b.png").write_bytes(b"not an image")
     (tmp_path / "c.png").write_bytes(_png((0, 0, 255)))
-    lines = [{"image": "a.png", "caption": "a red square"}, {"image": "b.png", "caption": "broken"},
-             {"image": "c.png"}, {"image": "missing.png", "caption": "gone"}]
+    lines = [
+        {"image": "a.png", "caption": "a red square"},
+        {"image": "b.png", "caption": "broken"},
+        {"image": "c.png"},
+        {"image": "missing.png", "caption": "gone"},
+    ]
     index = tmp_path / "index.jsonl"
     index.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
     ds = FolderPairs(index)
@@ -61,8 +65,16 @@ def _tar(path, members):
 
 
 def test_tar_shards(tmp_path):
-    _tar(tmp_path / "s0.tar", [("k1.png", _png((0, 255, 0))), ("k1.txt", b"a green square"),
-                               ("k2.jpg", b"garbage"), ("k2.txt", b"broken"), ("k3.png", _png((1, 2, 3)))])
+    _tar(
+        tmp_path / "s0.tar",
+        [
+            ("k1.png", _png((0, 255, 0))),
+            ("k1.txt", b"a green square"),
+            ("k2.jpg", b"garbage"),
+            ("k2.txt", b"broken"),
+            ("k3.png", _png((1, 2, 3))),
+        ],
+    )
     _tar(tmp_path / "s1.tar", [("x.png", _png((9, 9, 9))), ("x.json", json.dumps({"caption": "grey"}).encode())])
     _tar(tmp_path / "empty.tar", [])
     (tmp_path / "corrupt.tar").write_bytes(b"\x00" * 10)

@@ -12,10 +12,19 @@ from seed_fast.train.loop import latest_checkpoint, train  # noqa: E402
 
 
 def _cfg(out, **decoder):
-    return TrainConfig.from_dict({"stage": "decoder", "out": str(out), "steps": 4, "global_batch": 4, "ckpt_every": 2,
-                                  "tokenizer": str(DEFAULT_DIR / "tokenizer"),
-                                  "data": {"n": 16, "val_n": 4, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1},
-                                  "decoder": {"image_size": 16, "channels": [8, 16], **decoder}})
+    return TrainConfig.from_dict(
+        {
+            "stage": "decoder",
+            "out": str(out),
+            "steps": 4,
+            "global_batch": 4,
+            "ckpt_every": 2,
+            "tokenizer": str(DEFAULT_DIR / "tokenizer"),
+            "data": {"n": 16, "val_n": 4, "image_size": 64},
+            "optim": {"lr": 1e-3, "warmup": 1},
+            "decoder": {"image_size": 16, "channels": [8, 16], **decoder},
+        }
+    )
 
 
 def test_ema_weights_are_checkpointed_resumed_and_exported(tmp_path):
@@ -28,8 +37,8 @@ def test_ema_weights_are_checkpointed_resumed_and_exported(tmp_path):
     exported = load_image_decoder(tmp_path / "a" / "decoder").unet.state_dict()
     other = load_image_decoder(tmp_path / "b" / "decoder").unet.state_dict()
     assert all(torch.allclose(exported[k], other[k], atol=1e-5) for k in exported)
-    ema = {k[len("ema_unet."):]: v for k, v in state.items() if k.startswith("ema_unet.")}
-    raw = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    ema = {k[len("ema_unet.") :]: v for k, v in state.items() if k.startswith("ema_unet.")}
+    raw = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
     assert set(ema) == set(exported) == set(raw)
     assert all(torch.equal(ema[k], exported[k]) for k in ema)
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the export is the average, not the last weights

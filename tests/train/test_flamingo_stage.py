@@ -24,11 +24,26 @@ def parts(tmp_path_factory):
 
 
 def _cfg(out, parts, **fl):
-    return TrainConfig.from_dict({
-        "stage": "flamingo", "out": str(out), "steps": 4, "global_batch": 8, "ckpt_every": 2, "eval_every": 4,
-        "data": {"n": 48, "val_n": 8, "image_size": 64}, "optim": {"lr": 3e-3, "warmup": 1},
-        "flamingo": {"lm": str(parts / "llm"), "vit_from": str(parts / "tok"), "eval_n": 4, "max_new_tokens": 6,
-                     "num_latents": 8, **fl}})
+    return TrainConfig.from_dict(
+        {
+            "stage": "flamingo",
+            "out": str(out),
+            "steps": 4,
+            "global_batch": 8,
+            "ckpt_every": 2,
+            "eval_every": 4,
+            "data": {"n": 48, "val_n": 8, "image_size": 64},
+            "optim": {"lr": 3e-3, "warmup": 1},
+            "flamingo": {
+                "lm": str(parts / "llm"),
+                "vit_from": str(parts / "tok"),
+                "eval_n": 4,
+                "max_new_tokens": 6,
+                "num_latents": 8,
+                **fl,
+            },
+        }
+    )
 
 
 @pytest.mark.parametrize("media", ["vit", "qformer"])
@@ -50,7 +65,9 @@ def test_flamingo_stage_trains_only_the_connector_and_exports(tmp_path, parts, m
     ref = SeedLLM.from_pretrained(parts / "llm").model.state_dict()
     assert all(torch.equal(lm_sd[k], ref[k]) for k in ref)
     # a weights file that does not fit its config is refused, naming the keys
-    refuses_misfit_weights(tmp_path / "run" / "flamingo" / "connector.safetensors", lambda: load_flamingo(tmp_path / "run"))
+    refuses_misfit_weights(
+        tmp_path / "run" / "flamingo" / "connector.safetensors", lambda: load_flamingo(tmp_path / "run")
+    )
 
 
 def test_cached_greedy_equals_a_full_forward_loop(parts):
@@ -66,9 +83,17 @@ def test_cached_greedy_equals_a_full_forward_loop(parts):
     ids = torch.randint(5, 200, (3, 6), generator=g)
 
     def cached(m):
-        out = conn.generate(ids, torch.ones_like(ids), media=m, max_new_tokens=5, eos_token_id=None, pad_token_id=0,
-                            return_dict_in_generate=True, output_logits=True)
-        return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1).float()
+        out = conn.generate(
+            ids,
+            torch.ones_like(ids),
+            media=m,
+            max_new_tokens=5,
+            eos_token_id=None,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, 1).float()
 
     got, got_logits = cached(media)
     seq, logits = ids, []
@@ -77,7 +102,7 @@ def test_cached_greedy_equals_a_full_forward_loop(parts):
             step = conn(seq, torch.ones_like(seq), media=media, use_cache=False).logits[:, -1].float()
             logits.append(step)
             seq = torch.cat([seq, step.argmax(-1)[:, None]], 1)
-    assert torch.equal(got, seq[:, ids.shape[1]:])
+    assert torch.equal(got, seq[:, ids.shape[1] :])
     assert torch.allclose(got_logits, torch.stack(logits, 1), atol=1e-4, rtol=1e-4)
     # the media reach the logits, and the connector at closed gates is exactly the LM
     _, other = cached(torch.randn(3, 7, 24, generator=g))
@@ -102,8 +127,15 @@ def test_flamingo_resume_matches_an_uninterrupted_run(tmp_path, parts):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-@pytest.mark.parametrize("change,msg", [({"media": "pixels"}, "flamingo.media"), ({"lm": "/no/such"}, "flamingo.lm"),
-                                        ({"every": 0}, "every"), ({"max_new_tokens": 0}, "max_new_tokens")])
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        ({"media": "pixels"}, "flamingo.media"),
+        ({"lm": "/no/such"}, "flamingo.lm"),
+        ({"every": 0}, "every"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
 def test_bad_flamingo_configs_fail_before_any_work(tmp_path, parts, change, msg):
     with pytest.raises(ConfigError, match=msg):
         _cfg(tmp_path / "x", parts, **change)

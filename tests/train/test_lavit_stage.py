@@ -13,9 +13,19 @@ from seed_fast.train.config import ConfigError
 
 
 def _cfg(out, **lavit):
-    return TrainConfig.from_dict({"stage": "lavit", "out": str(out), "steps": 6, "global_batch": 8, "ckpt_every": 3,
-                                  "eval_every": 6, "data": {"n": 48, "val_n": 16, "image_size": 64},
-                                  "optim": {"lr": 2e-3, "warmup": 1}, "lavit": {"preset": "tiny-lavit", **lavit}})
+    return TrainConfig.from_dict(
+        {
+            "stage": "lavit",
+            "out": str(out),
+            "steps": 6,
+            "global_batch": 8,
+            "ckpt_every": 3,
+            "eval_every": 6,
+            "data": {"n": 48, "val_n": 16, "image_size": 64},
+            "optim": {"lr": 2e-3, "warmup": 1},
+            "lavit": {"preset": "tiny-lavit", **lavit},
+        }
+    )
 
 
 def test_lavit_stage_trains_evaluates_and_exports(tmp_path):
@@ -43,9 +53,16 @@ def test_lavit_resume_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-@pytest.mark.parametrize("change,msg", [({"preset": "nope"}, "lavit.preset"), ({"vit_from": "/no/such"}, "vit_from"),
-                                        ({"codebook_init": "zeros"}, "codebook_init"), ({"keep_ratio": 1.5}, "keep_ratio"),
-                                        ({"tau": 0}, "tau")])
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        ({"preset": "nope"}, "lavit.preset"),
+        ({"vit_from": "/no/such"}, "vit_from"),
+        ({"codebook_init": "zeros"}, "codebook_init"),
+        ({"keep_ratio": 1.5}, "keep_ratio"),
+        ({"tau": 0}, "tau"),
+    ],
+)
 def test_bad_lavit_configs_fail_before_any_work(tmp_path, change, msg):
     with pytest.raises(ConfigError, match=msg):
         _cfg(tmp_path / "x", **change)

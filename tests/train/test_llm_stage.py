@@ -14,9 +14,19 @@ from cfgs import merged  # tests/train/cfgs.py (pytest puts this folder on sys.p
 
 
 def _cfg(out, **kw):
-    return merged({"stage": "llm", "out": str(out), "steps": 4, "global_batch": 8, "ckpt_every": 2,
-                  "data": {"n": 48, "val_n": 8, "image_size": 64}, "optim": {"lr": 2e-3, "warmup": 1},
-                  "llm": {"eval_n": 8, "lora_dropout": 0.0}}, **kw)
+    return merged(
+        {
+            "stage": "llm",
+            "out": str(out),
+            "steps": 4,
+            "global_batch": 8,
+            "ckpt_every": 2,
+            "data": {"n": 48, "val_n": 8, "image_size": 64},
+            "optim": {"lr": 2e-3, "warmup": 1},
+            "llm": {"eval_n": 8, "lora_dropout": 0.0},
+        },
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +90,15 @@ def test_long_sequences_are_cut_and_counted(task):
 
 def test_loss_is_the_token_mean_of_a_plain_formulation(task):
     b = SequenceBuilder(task.llm, task.cfg.llm)
-    batch = b.batch([_sample(task, i, question="what shape is on the right?", answer="square") for i in range(5)],
-                    ["i2t", "t2i", "qa", "t2i", "i2t"])
+    batch = b.batch(
+        [_sample(task, i, question="what shape is on the right?", answer="square") for i in range(5)],
+        ["i2t", "t2i", "qa", "t2i", "i2t"],
+    )
     out = task.module(batch)
     logits = task.llm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
-                                            ignore_index=IGNORE)
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )
     torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=1e-6)
     assert out["tokens"] == float((batch.labels[:, 1:] != IGNORE).sum())
 
@@ -98,7 +111,11 @@ def test_code_cache_is_built_once_and_keyed(task, tmp_path, monkeypatch):
     lines = []
     for i in range(7):
         Image.new("RGB", (50, 50), (30 * i, 200 - 20 * i, 90)).save(tmp_path / f"{i}.png")
-        lines.append({"image": f"{i}.png", "caption": f"red {i}"} if i != 4 else {"image": "4.png", "question": "q?", "answer": "a"})
+        lines.append(
+            {"image": f"{i}.png", "caption": f"red {i}"}
+            if i != 4
+            else {"image": "4.png", "question": "q?", "answer": "a"}
+        )
     (tmp_path / "2.png").write_bytes(b"not a png")
     (tmp_path / "index.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     ds = FolderPairs(tmp_path / "index.jsonl")
@@ -132,24 +149,36 @@ def test_tokenizer_fingerprint_sees_weight_changes(task):
     assert a != b and tokenizer_fingerprint(tok) == a
 
 
-@pytest.mark.parametrize("change,msg", [
-    ({"llm": {"mode": "chat"}}, "llm.mode must be"),
-    ({"llm": {"model": "/no/such/model"}}, "llm.model must be"),
-    ({"llm": {"max_len": 20}}, "llm.max_len must be >= 40"),
-    ({"llm": {"loss_on": "some"}}, "llm.loss_on"),
-    ({"llm": {"template": "vicuna"}}, "llm.template must be one of"),
-    ({"llm": {"gradient_checkpointing": 1}}, "llm.gradient_checkpointing must be bool"),
-    ({"llm": {"attention": "flash"}}, "llm.attention must be"),
-    ({"llm": {"lm_overrides": [6]}}, "llm.lm_overrides must be dict"),
-])
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        ({"llm": {"mode": "chat"}}, "llm.mode must be"),
+        ({"llm": {"model": "/no/such/model"}}, "llm.model must be"),
+        ({"llm": {"max_len": 20}}, "llm.max_len must be >= 40"),
+        ({"llm": {"loss_on": "some"}}, "llm.loss_on"),
+        ({"llm": {"template": "vicuna"}}, "llm.template must be one of"),
+        ({"llm": {"gradient_checkpointing": 1}}, "llm.gradient_checkpointing must be bool"),
+        ({"llm": {"attention": "flash"}}, "llm.attention must be"),
+        ({"llm": {"lm_overrides": [6]}}, "llm.lm_overrides must be dict"),
+    ],
+)
 def test_bad_llm_configs(tmp_path, change, msg):
     with pytest.raises(ConfigError, match=msg):
         TrainConfig.from_dict(_cfg(tmp_path / "run", **change))
 
 
 def test_llm_stage_learns_and_exports(tmp_path):
-    cfg = TrainConfig.from_dict(_cfg(tmp_path / "run", steps=120, global_batch=16, ckpt_every=60, eval_every=20,
-                                     data={"n": 128, "val_n": 16}, llm={"eval_n": 16}))
+    cfg = TrainConfig.from_dict(
+        _cfg(
+            tmp_path / "run",
+            steps=120,
+            global_batch=16,
+            ckpt_every=60,
+            eval_every=20,
+            data={"n": 128, "val_n": 16},
+            llm={"eval_n": 16},
+        )
+    )
     train(cfg, progress=False)
     evals = [r for r in read_metrics(tmp_path / "run") if r.get("eval")]
     first, last = evals[0], evals[-1]
@@ -170,7 +199,12 @@ def test_gradient_checkpointing_gives_the_same_steps_and_bf16_runs(tmp_path):
         train(TrainConfig.from_dict(_cfg(tmp_path / name, **extra)), progress=False)
         runs[name] = [r["loss"] for r in read_metrics(tmp_path / name) if not r.get("eval")]
     assert runs["plain"] == pytest.approx(runs["ckpt"], rel=1e-5)
-    train(TrainConfig.from_dict(_cfg(tmp_path / "bf16", precision="bf16", llm={"mode": "instruct", "loss_on": "answers"})), progress=False)
+    train(
+        TrainConfig.from_dict(
+            _cfg(tmp_path / "bf16", precision="bf16", llm={"mode": "instruct", "loss_on": "answers"})
+        ),
+        progress=False,
+    )
     rows = read_metrics(tmp_path / "bf16")
     losses = [r["loss"] for r in rows if not r.get("eval")]
     assert all(0 < x < 20 for x in losses) and losses[-1] < losses[0]
@@ -202,6 +236,10 @@ def test_attention_and_preset_overrides(tmp_path):
     cfg = TrainConfig.from_dict(_cfg(tmp_path / "deep", llm={"lm_overrides": {"num_hidden_layers": 3}}))
     assert LLMTask(cfg, torch.device("cpu")).llm.base_model.config.num_hidden_layers == 3
     with pytest.raises(ValueError, match="unknown config field.*num_layerz"):
-        LLMTask(TrainConfig.from_dict(_cfg(tmp_path / "bad", llm={"lm_overrides": {"num_layerz": 3}})), torch.device("cpu"))
+        LLMTask(
+            TrainConfig.from_dict(_cfg(tmp_path / "bad", llm={"lm_overrides": {"num_layerz": 3}})), torch.device("cpu")
+        )
     with pytest.raises(ConfigError, match="lm_overrides applies to the preset models"):
-        TrainConfig.from_dict(_cfg(tmp_path / "dir", llm={"model": str(tmp_path), "lm_overrides": {"num_hidden_layers": 3}}))
+        TrainConfig.from_dict(
+            _cfg(tmp_path / "dir", llm={"model": str(tmp_path), "lm_overrides": {"num_hidden_layers": 3}})
+        )

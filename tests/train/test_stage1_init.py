@@ -17,10 +17,20 @@ def _hf_retrieval_state(tok_cfg, vocab: int, seed: int):
     """A state dict in Blip2ForImageTextRetrieval's layout for a tiny Q-Former, and that Q-Former."""
     q = tok_cfg.qformer
     hf_cfg = transformers.Blip2QFormerConfig(
-        hidden_size=q.hidden, num_hidden_layers=q.layers, num_attention_heads=q.heads, intermediate_size=q.ffn,
-        encoder_hidden_size=tok_cfg.vision.width, cross_attention_frequency=q.cross_attention_freq,
-        layer_norm_eps=q.ln_eps, hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        use_qformer_text_input=True, vocab_size=vocab, max_position_embeddings=40)
+        hidden_size=q.hidden,
+        num_hidden_layers=q.layers,
+        num_attention_heads=q.heads,
+        intermediate_size=q.ffn,
+        encoder_hidden_size=tok_cfg.vision.width,
+        cross_attention_frequency=q.cross_attention_freq,
+        layer_norm_eps=q.ln_eps,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        use_qformer_text_input=True,
+        vocab_size=vocab,
+        max_position_embeddings=40,
+    )
     torch.manual_seed(seed)
     hf = transformers.Blip2QFormerModel(hf_cfg).eval()
     for prm in hf.parameters():  # BERT init leaves LayerNorms at 1 / 0: perturb everything
@@ -35,8 +45,17 @@ def _hf_retrieval_state(tok_cfg, vocab: int, seed: int):
 
 
 def _cfg(out, **s1):
-    return TrainConfig.from_dict({"stage": "stage1", "out": str(out), "steps": 1, "global_batch": 4, "tokenizer": "tiny",
-                                  "data": {"n": 8, "val_n": 4, "image_size": 64}, "stage1": s1})
+    return TrainConfig.from_dict(
+        {
+            "stage": "stage1",
+            "out": str(out),
+            "steps": 1,
+            "global_batch": 4,
+            "tokenizer": "tiny",
+            "data": {"n": 8, "val_n": 4, "image_size": 64},
+            "stage1": s1,
+        }
+    )
 
 
 def test_text_branch_from_transformers_blip2_matches_its_text_path(tmp_path):
@@ -53,7 +72,7 @@ def test_text_branch_from_transformers_blip2_matches_its_text_path(tmp_path):
 
     task = Stage1Task(_cfg(tmp_path / "run", init=str(tmp_path / "blip2.safetensors")), torch.device("cpu"))
     m = task.module
-    assert "text.output.0.LayerNorm.weight" in task.init_report["loaded"] 
+    assert "text.output.0.LayerNorm.weight" in task.init_report["loaded"]
     assert task.init_report["kept_random"] == ["temp"]  # transformers' retrieval model has no learned temperature
     torch.testing.assert_close(m.tok.qformer.query_tokens.detach(), sd["query_tokens"])
     ids, mask = m.text_ids(["two red circles left of a blue square", "one green triangle", "red"])
@@ -67,14 +86,31 @@ def test_text_branch_from_transformers_blip2_matches_its_text_path(tmp_path):
 
 def test_lavis_key_names_map_to_the_text_branch():
     t = torch.zeros(1)
-    sd = {"Qformer.bert.embeddings.word_embeddings.weight": t, "Qformer.bert.embeddings.position_embeddings.weight": t,
-          "Qformer.bert.embeddings.LayerNorm.weight": t, "Qformer.bert.encoder.layer.3.intermediate.dense.bias": t,
-          "Qformer.bert.encoder.layer.3.output.LayerNorm.weight": t, "Qformer.bert.encoder.layer.3.output_query.dense.bias": t,
-          "Qformer.bert.encoder.layer.3.attention.self.query.weight": t, "vision_proj.weight": t, "text_proj.bias": t,
-          "temp": t, "itm_head.weight": t, "visual_encoder.blocks.0.norm1.weight": t}
-    assert sorted(blip2_text_branch(sd)) == sorted([
-        "text.word_embeddings.weight", "text.position_embeddings.weight", "text.intermediate.3.dense.bias",
-        "text.output.3.LayerNorm.weight", "vision_proj.weight", "text_proj.bias", "temp"])
+    sd = {
+        "Qformer.bert.embeddings.word_embeddings.weight": t,
+        "Qformer.bert.embeddings.position_embeddings.weight": t,
+        "Qformer.bert.embeddings.LayerNorm.weight": t,
+        "Qformer.bert.encoder.layer.3.intermediate.dense.bias": t,
+        "Qformer.bert.encoder.layer.3.output.LayerNorm.weight": t,
+        "Qformer.bert.encoder.layer.3.output_query.dense.bias": t,
+        "Qformer.bert.encoder.layer.3.attention.self.query.weight": t,
+        "vision_proj.weight": t,
+        "text_proj.bias": t,
+        "temp": t,
+        "itm_head.weight": t,
+        "visual_encoder.blocks.0.norm1.weight": t,
+    }
+    assert sorted(blip2_text_branch(sd)) == sorted(
+        [
+            "text.word_embeddings.weight",
+            "text.position_embeddings.weight",
+            "text.intermediate.3.dense.bias",
+            "text.output.3.LayerNorm.weight",
+            "vision_proj.weight",
+            "text_proj.bias",
+            "temp",
+        ]
+    )
 
 
 def test_bad_init_is_a_clear_error(tmp_path):
@@ -82,7 +118,9 @@ def test_bad_init_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="stage1.init must be an existing"):
         _cfg(tmp_path / "r", init=str(tmp_path / "missing.pth"))
-    save_file({"embeddings.word_embeddings.weight": torch.zeros(3, 8), "qformer.layernorm.weight": torch.ones(8)},
-              str(tmp_path / "small.safetensors"))
+    save_file(
+        {"embeddings.word_embeddings.weight": torch.zeros(3, 8), "qformer.layernorm.weight": torch.ones(8)},
+        str(tmp_path / "small.safetensors"),
+    )
     with pytest.raises(ConfigError, match="3 word embeddings but the text tokenizer has"):
         Stage1Task(_cfg(tmp_path / "r2", init=str(tmp_path / "small.safetensors")), torch.device("cpu"))

@@ -21,9 +21,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(out, **kw):
-    return merged({"stage": "stage2", "out": str(out), "steps": 6, "global_batch": 8, "ckpt_every": 2,
-                  "data": {"n": 64, "val_n": 16, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1},
-                  "llm": {"lora_dropout": 0.0, "eval_n": 8}}, **kw)
+    return merged(
+        {
+            "stage": "stage2",
+            "out": str(out),
+            "steps": 6,
+            "global_batch": 8,
+            "ckpt_every": 2,
+            "data": {"n": 64, "val_n": 16, "image_size": 64},
+            "optim": {"lr": 1e-3, "warmup": 1},
+            "llm": {"lora_dropout": 0.0, "eval_n": 8},
+        },
+        **kw,
+    )
 
 
 def _write(tmp_path, data, name="cfg.json"):
@@ -37,31 +47,37 @@ def _losses(run):
     return [tuple(r[k] for k in keys if k in r) for r in read_metrics(run) if not r.get("eval")]
 
 
-@pytest.mark.parametrize("change,msg", [
-    ({"stepz": 3}, r"unknown key\(s\) \['stepz'\]"),
-    ({"steps": "10"}, "config.steps must be int"),
-    ({"steps": 0}, "steps must be >= 1"),
-    ({"stage": "stage9"}, "stage must be one of"),
-    ({"data": {"kind": "webdataset"}}, "data.kind must be"),
-    ({"data": {"kind": "folder", "index": "/nope.jsonl"}}, "data.index must be an existing"),
-    ({"data": {"n": 4}}, r"data.n \(4\) must be >= global_batch"),
-    ({"optim": {"betas": [0.9]}}, "optim.betas"),
-    ({"optim": {"lr": -1}}, "optim.lr must be > 0"),
-    ({"stage2": {"target": "/no/clip"}}, "stage2.target"),
-    ({"stage2": {"codebook_init": "magic"}}, "codebook_init"),
-    ({"stage2": {"code_dim": 0}}, "stage2.code_dim must be a positive integer"),
-    ({"stage2": {"itc_text_weight": 1.0}}, "stage2.itc_text_weight needs stage2.itc_heads"),
-    ({"stage2": {"itc_text_weight": -1.0}}, "stage2 loss weights must be >= 0"),
-    ({"precision": "fp8"}, "precision"),
-    ({"strategy": "fsdp"}, "strategy 'fsdp' is for the llm stage"),
-    ({"decoder": {"channels": [32]}}, "decoder.channels must be 2 or more"),
-    ({"decoder": {"channels": [16, 20]}}, "decoder.channels must be 2 or more multiples of 8"),
-    ({"decoder": {"channels": [16, 32, 64, 128], "image_size": 36}}, "decoder.image_size must be a multiple of 8"),
-    ({"decoder": {"channels": [16, 32], "patch": 2, "image_size": 30}}, "decoder.image_size must be a multiple of 4"),
-    ({"decoder": {"patch": 0}}, "decoder.patch must be a positive integer"),
-    ({"decoder": {"embedding_cache": -1}}, "decoder.embedding_cache must be a number of samples"),
-    ({"decoder": {"embedding_cache": True}}, "decoder.embedding_cache must be int"),
-])
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        ({"stepz": 3}, r"unknown key\(s\) \['stepz'\]"),
+        ({"steps": "10"}, "config.steps must be int"),
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"stage": "stage9"}, "stage must be one of"),
+        ({"data": {"kind": "webdataset"}}, "data.kind must be"),
+        ({"data": {"kind": "folder", "index": "/nope.jsonl"}}, "data.index must be an existing"),
+        ({"data": {"n": 4}}, r"data.n \(4\) must be >= global_batch"),
+        ({"optim": {"betas": [0.9]}}, "optim.betas"),
+        ({"optim": {"lr": -1}}, "optim.lr must be > 0"),
+        ({"stage2": {"target": "/no/clip"}}, "stage2.target"),
+        ({"stage2": {"codebook_init": "magic"}}, "codebook_init"),
+        ({"stage2": {"code_dim": 0}}, "stage2.code_dim must be a positive integer"),
+        ({"stage2": {"itc_text_weight": 1.0}}, "stage2.itc_text_weight needs stage2.itc_heads"),
+        ({"stage2": {"itc_text_weight": -1.0}}, "stage2 loss weights must be >= 0"),
+        ({"precision": "fp8"}, "precision"),
+        ({"strategy": "fsdp"}, "strategy 'fsdp' is for the llm stage"),
+        ({"decoder": {"channels": [32]}}, "decoder.channels must be 2 or more"),
+        ({"decoder": {"channels": [16, 20]}}, "decoder.channels must be 2 or more multiples of 8"),
+        ({"decoder": {"channels": [16, 32, 64, 128], "image_size": 36}}, "decoder.image_size must be a multiple of 8"),
+        (
+            {"decoder": {"channels": [16, 32], "patch": 2, "image_size": 30}},
+            "decoder.image_size must be a multiple of 4",
+        ),
+        ({"decoder": {"patch": 0}}, "decoder.patch must be a positive integer"),
+        ({"decoder": {"embedding_cache": -1}}, "decoder.embedding_cache must be a number of samples"),
+        ({"decoder": {"embedding_cache": True}}, "decoder.embedding_cache must be int"),
+    ],
+)
 def test_bad_configs_fail_before_any_work(tmp_path, change, msg):
     with pytest.raises(ConfigError, match=msg):
         TrainConfig.from_dict(_cfg(tmp_path / "run", **change))
@@ -79,8 +95,9 @@ def test_cli_reports_bad_config_and_stage_mismatch(tmp_path, capsys):
 
 
 def test_stage2_trains_logs_checkpoints_and_exports(tmp_path):
-    cfg = TrainConfig.from_dict(_cfg(tmp_path / "run", steps=12, stage2={"codebook_init": "kmeans", "restart_dead_every": 4},
-                                     global_batch=16))
+    cfg = TrainConfig.from_dict(
+        _cfg(tmp_path / "run", steps=12, stage2={"codebook_init": "kmeans", "restart_dead_every": 4}, global_batch=16)
+    )
     last = train(cfg, progress=False)
     rows = _losses(tmp_path / "run")
     assert [r[0] for r in rows] == list(range(1, 13))
@@ -127,8 +144,11 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     (tmp_path / "3.png").write_bytes(b"corrupt")
     lines[5]["caption"] = ""
     (tmp_path / "index.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    cfg = TrainConfig.from_dict(_cfg(tmp_path / "run", steps=4, global_batch=10,
-                                     data={"kind": "folder", "index": str(tmp_path / "index.jsonl")}))
+    cfg = TrainConfig.from_dict(
+        _cfg(
+            tmp_path / "run", steps=4, global_batch=10, data={"kind": "folder", "index": str(tmp_path / "index.jsonl")}
+        )
+    )
     train(cfg, progress=False)
     rows = [r for r in read_metrics(tmp_path / "run") if not r.get("eval")]
     assert [r["skipped"] for r in rows] == [2, 4, 6, 8]
@@ -136,7 +156,9 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
 
 def _spawn(args, **kw):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -178,8 +200,21 @@ def test_torchrun_two_processes_match_one(tmp_path, stage):
     one = _write(tmp_path, _cfg(tmp_path / "one", steps=5, stage=stage), "one.json")
     two = _write(tmp_path, _cfg(tmp_path / "two", steps=5, stage=stage), "two.json")
     p = _spawn(["-m", "seed_fast.train", stage, "--config", str(one), "--no-progress"])
-    q = _spawn(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "seed_fast.train", stage, "--config", str(two), "--no-progress"])
+    q = _spawn(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "seed_fast.train",
+            stage,
+            "--config",
+            str(two),
+            "--no-progress",
+        ]
+    )
     _, err_p = p.communicate(timeout=600)
     _, err_q = q.communicate(timeout=600)
     assert p.returncode == 0, err_p
@@ -199,8 +234,19 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path):
     p = _spawn(["-m", "seed_fast.train", "llm", "--config", str(one), "--no-progress"])
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
-    run2 = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "seed_fast.train", "llm",
-            "--config", str(two), "--no-progress"]
+    run2 = [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "seed_fast.train",
+        "llm",
+        "--config",
+        str(two),
+        "--no-progress",
+    ]
     for extra in (["--stop-after", "3"], ["--resume"]):
         q = _spawn(run2 + extra)
         _, err = q.communicate(timeout=600)
@@ -224,15 +270,33 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path):
 
 
 def test_stage1_retrieval_beats_chance(tmp_path):
-    cfg = TrainConfig.from_dict(_cfg(tmp_path / "s1", stage="stage1", steps=60, global_batch=32, ckpt_every=60,
-                                     data={"n": 1024, "val_n": 64}, optim={"lr": 3e-4, "warmup": 5, "weight_decay": 0.01}))
+    cfg = TrainConfig.from_dict(
+        _cfg(
+            tmp_path / "s1",
+            stage="stage1",
+            steps=60,
+            global_batch=32,
+            ckpt_every=60,
+            data={"n": 1024, "val_n": 64},
+            optim={"lr": 3e-4, "warmup": 5, "weight_decay": 0.01},
+        )
+    )
     last = train(cfg, progress=False)
     assert last["val_i2t_r1"] > 5 * last["val_chance_r1"] and last["val_t2i_r1"] > 5 * last["val_chance_r1"]
     assert (tmp_path / "s1" / "itc_heads.safetensors").exists() and (tmp_path / "s1" / "tokenizer").is_dir()
     # stage II on the stage-I tokenizer, with its ITC heads: most codes in use, and retrieval with codes
-    cfg2 = TrainConfig.from_dict(_cfg(tmp_path / "s2", steps=40, global_batch=64, ckpt_every=40, tokenizer=str(tmp_path / "s1" / "tokenizer"),
-                                      data={"n": 1024, "val_n": 64}, optim={"lr": 1e-3, "warmup": 5},
-                                      stage2={"codebook_init": "kmeans", "restart_dead_every": 10, "itc_heads": str(tmp_path / "s1")}))
+    cfg2 = TrainConfig.from_dict(
+        _cfg(
+            tmp_path / "s2",
+            steps=40,
+            global_batch=64,
+            ckpt_every=40,
+            tokenizer=str(tmp_path / "s1" / "tokenizer"),
+            data={"n": 1024, "val_n": 64},
+            optim={"lr": 1e-3, "warmup": 5},
+            stage2={"codebook_init": "kmeans", "restart_dead_every": 10, "itc_heads": str(tmp_path / "s1")},
+        )
+    )
     ev = train(cfg2, progress=False)
     assert ev["val_codebook_usage"] > 0.5
     # continuous features through the loaded heads are stage I's own (same numbers as its evaluation);
@@ -247,9 +311,18 @@ def test_stage1_retrieval_beats_chance(tmp_path):
     from seed_fast.train.data import make_collate, make_source
     from seed_fast.train.stage2 import Stage2Task
 
-    cfg3 = TrainConfig.from_dict(_cfg(tmp_path / "s3", steps=4, global_batch=64, ckpt_every=4, tokenizer=str(tmp_path / "s1" / "tokenizer"),
-                                      data={"n": 1024, "val_n": 64}, optim={"lr": 1e-3, "warmup": 1},
-                                      stage2={"codebook_init": "kmeans", "itc_heads": str(tmp_path / "s1"), "itc_text_weight": 1.0}))
+    cfg3 = TrainConfig.from_dict(
+        _cfg(
+            tmp_path / "s3",
+            steps=4,
+            global_batch=64,
+            ckpt_every=4,
+            tokenizer=str(tmp_path / "s1" / "tokenizer"),
+            data={"n": 1024, "val_n": 64},
+            optim={"lr": 1e-3, "warmup": 1},
+            stage2={"codebook_init": "kmeans", "itc_heads": str(tmp_path / "s1"), "itc_text_weight": 1.0},
+        )
+    )
     task = Stage2Task(cfg3, torch.device("cpu"))
     ds = make_source(cfg3, "train")
     batch = make_collate(task.image_size)([ds[j] for j in range(24)])
@@ -269,14 +342,27 @@ def test_stage1_retrieval_beats_chance(tmp_path):
     assert all(p.grad is None for p in heads.text.parameters()) and heads.temp.grad is None
     assert not any(k.startswith("_itc_heads") for k in task.module.state_dict())
     ev3 = train(cfg3, progress=False)
-    assert "itc_text" in [r for r in read_metrics(tmp_path / "s3") if not r.get("eval")][-1] and ev3["val_codebook_usage"] > 0
+    assert (
+        "itc_text" in [r for r in read_metrics(tmp_path / "s3") if not r.get("eval")][-1]
+        and ev3["val_codebook_usage"] > 0
+    )
 
     # with a queue of earlier captions' text features (stage2.itc_text_queue): the ring fills in order,
     # the image -> text side ranks against it minus the sample's own caption, and a stopped run resumes
     # to the uninterrupted one's losses (the queue is checkpointed)
     s2q = {"codebook_init": "kmeans", "itc_heads": str(tmp_path / "s1"), "itc_text_weight": 1.0, "itc_text_queue": 40}
-    cfgq = TrainConfig.from_dict(_cfg(tmp_path / "q", steps=4, global_batch=32, ckpt_every=2, tokenizer=str(tmp_path / "s1" / "tokenizer"),
-                                      data={"n": 1024, "val_n": 32}, optim={"lr": 1e-3, "warmup": 1}, stage2=s2q))
+    cfgq = TrainConfig.from_dict(
+        _cfg(
+            tmp_path / "q",
+            steps=4,
+            global_batch=32,
+            ckpt_every=2,
+            tokenizer=str(tmp_path / "s1" / "tokenizer"),
+            data={"n": 1024, "val_n": 32},
+            optim={"lr": 1e-3, "warmup": 1},
+            stage2=s2q,
+        )
+    )
     tq = Stage2Task(cfgq, torch.device("cpu"))
     m = tq.module
     m.w = dataclasses.replace(cfgq.stage2, vq_weight=0.0, cos_weight=0.0, mse_weight=0.0)
@@ -299,7 +385,9 @@ def test_stage1_retrieval_beats_chance(tmp_path):
             negs = [t1[j] for j in range(24) if b1.captions[j] != b2.captions[i]]
             row = torch.cat([img[i] @ t2.t(), img[i] @ torch.stack(negs).t()]) / temp
             want_i2t.append(F.cross_entropy(row[None], torch.tensor([i]), label_smoothing=0.1))
-        want = (torch.stack(want_i2t).mean() + F.cross_entropy(t2 @ img.t() / temp, torch.arange(24), label_smoothing=0.1)) / 2
+        want = (
+            torch.stack(want_i2t).mean() + F.cross_entropy(t2 @ img.t() / temp, torch.arange(24), label_smoothing=0.1)
+        ) / 2
         got = m(b2)["loss"]
         assert got.item() == pytest.approx(want.item(), rel=1e-4) and got.item() != pytest.approx(first.item())
         assert int(m.text_queue_next) == 48 - 40 and torch.allclose(m.text_queue[:8], t2[16:])  # wrapped around
@@ -318,12 +406,20 @@ def test_smoothed_cross_entropy_over_the_valid_classes():
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     logits, labels = torch.randn(5, 9, generator=g), torch.tensor([0, 3, 8, 2, 2])
     every = torch.ones(5, 9, dtype=torch.bool)
-    assert _smoothed_ce(logits, labels, every, 0.1).item() == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-6)
+    assert _smoothed_ce(logits, labels, every, 0.1).item() == pytest.approx(
+        F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-6
+    )
     valid = every.clone()
     valid[1, [0, 5]] = False  # row 1 sees 7 classes: its label (3) becomes index 2 of them
     keep = [c for c in range(9) if c not in (0, 5)]
-    rows = [F.cross_entropy(logits[i:i + 1, keep if i == 1 else slice(None)], torch.tensor([2 if i == 1 else int(labels[i])]), label_smoothing=0.1)
-            for i in range(5)]
+    rows = [
+        F.cross_entropy(
+            logits[i : i + 1, keep if i == 1 else slice(None)],
+            torch.tensor([2 if i == 1 else int(labels[i])]),
+            label_smoothing=0.1,
+        )
+        for i in range(5)
+    ]
     assert _smoothed_ce(logits, labels, valid, 0.1).item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-6)
 
 
@@ -337,7 +433,10 @@ def test_retrieval_at_k_matches_a_loop():
     sim = img @ txt.t()
     for k in (1, 3):
         i2t = sum(any(caps[j] == caps[i] for j in sim[i].argsort(descending=True)[:k].tolist()) for i in range(17)) / 17
-        t2i = sum(any(caps[j] == caps[i] for j in sim[:, i].argsort(descending=True)[:k].tolist()) for i in range(17)) / 17
+        t2i = (
+            sum(any(caps[j] == caps[i] for j in sim[:, i].argsort(descending=True)[:k].tolist()) for i in range(17))
+            / 17
+        )
         assert got[f"i2t_r{k}"] == pytest.approx(i2t) and got[f"t2i_r{k}"] == pytest.approx(t2i)
 
 

@@ -14,16 +14,34 @@ from seed_fast.train.loop import latest_checkpoint, read_metrics, train  # noqa:
 
 
 def _vae_cfg(out, steps=4, **vae):
-    return TrainConfig.from_dict({"stage": "vae", "out": str(out), "steps": steps, "global_batch": 4, "ckpt_every": 2,
-                                  "data": {"n": 16, "val_n": 4, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1},
-                                  "vae": {"image_size": 16, "channels": [8, 16], **vae}})
+    return TrainConfig.from_dict(
+        {
+            "stage": "vae",
+            "out": str(out),
+            "steps": steps,
+            "global_batch": 4,
+            "ckpt_every": 2,
+            "data": {"n": 16, "val_n": 4, "image_size": 64},
+            "optim": {"lr": 1e-3, "warmup": 1},
+            "vae": {"image_size": 16, "channels": [8, 16], **vae},
+        }
+    )
 
 
 def _decoder_cfg(out, vae, **decoder):
-    return TrainConfig.from_dict({"stage": "decoder", "out": str(out), "steps": 3, "global_batch": 4, "ckpt_every": 3,
-                                  "tokenizer": str(DEFAULT_DIR / "tokenizer"),
-                                  "data": {"n": 16, "val_n": 4, "image_size": 64}, "optim": {"lr": 1e-3, "warmup": 1},
-                                  "decoder": {"image_size": 16, "channels": [16, 32], "vae": str(vae), **decoder}})
+    return TrainConfig.from_dict(
+        {
+            "stage": "decoder",
+            "out": str(out),
+            "steps": 3,
+            "global_batch": 4,
+            "ckpt_every": 3,
+            "tokenizer": str(DEFAULT_DIR / "tokenizer"),
+            "data": {"n": 16, "val_n": 4, "image_size": 64},
+            "optim": {"lr": 1e-3, "warmup": 1},
+            "decoder": {"image_size": 16, "channels": [16, 32], "vae": str(vae), **decoder},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +79,12 @@ def test_vae_stage_resumes_to_the_same_weights(tmp_path, vae_run):
 
 
 def test_vae_config_errors(tmp_path):
-    for bad, msg in (({"channels": [12]}, "vae.channels"), ({"image_size": 15}, "vae.image_size must be a multiple of 2"),
-                     ({"latent_channels": 0}, "vae.latent_channels"), ({"kl_weight": -1.0}, "vae.kl_weight")):
+    for bad, msg in (
+        ({"channels": [12]}, "vae.channels"),
+        ({"image_size": 15}, "vae.image_size must be a multiple of 2"),
+        ({"latent_channels": 0}, "vae.latent_channels"),
+        ({"kl_weight": -1.0}, "vae.kl_weight"),
+    ):
         with pytest.raises(ConfigError, match=msg):
             _vae_cfg(tmp_path / "x", **bad)
 
@@ -73,7 +95,9 @@ def test_latent_decoder_stage_trains_on_the_autoencoders_latents(tmp_path, vae_r
     assert {"val_latent_mse_t50", "val_latent_mse_t300", "val_latent_mse_t700"} <= set(metrics)
     dec = load_image_decoder(tmp_path / "dec" / "decoder")
     assert dec.vae is not None and (dec.sample_channels, dec.sample_size, dec.image_size) == (4, 8, 16)
-    assert dec.vae.config.scaling_factor == pytest.approx(json.loads((run / "vae" / "config.json").read_text())["scaling_factor"])
+    assert dec.vae.config.scaling_factor == pytest.approx(
+        json.loads((run / "vae" / "config.json").read_text())["scaling_factor"]
+    )
     exported = json.loads((tmp_path / "dec" / "decoder" / "vae" / "config.json").read_text())
     assert "_name_or_path" not in exported and str(tmp_path) not in json.dumps(exported)  # no training-machine path
     # the frozen autoencoder is not trained: the exported one is the vae stage's
@@ -112,4 +136,6 @@ def test_latent_decoder_config_errors(tmp_path, vae_run):
     with pytest.raises(ConfigError, match=r"decoder.image_size \(32\) must be the size the autoencoder"):
         _decoder_cfg(tmp_path / "x", run / "vae", image_size=32)
     with pytest.raises(ConfigError, match="times the autoencoder's down-sampling"):
-        _decoder_cfg(tmp_path / "x", run / "vae", channels=[16, 32, 64, 128, 256])  # 16 px -> 8 latents: 4 halvings too many
+        _decoder_cfg(
+            tmp_path / "x", run / "vae", channels=[16, 32, 64, 128, 256]
+        )  # 16 px -> 8 latents: 4 halvings too many

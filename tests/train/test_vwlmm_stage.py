@@ -34,10 +34,19 @@ def llm(parts):
 
 
 def _cfg(out, parts, **vc):
-    return TrainConfig.from_dict({
-        "stage": "vwlmm", "out": str(out), "steps": 4, "global_batch": 8, "ckpt_every": 2, "eval_every": 4,
-        "data": {"n": 48, "val_n": 8, "image_size": 64}, "optim": {"lr": 3e-3, "warmup": 1},
-        "vwlmm": {"lm": str(parts / "llm"), "vit_from": str(parts / "tok"), "eval_n": 4, "max_new_tokens": 6, **vc}})
+    return TrainConfig.from_dict(
+        {
+            "stage": "vwlmm",
+            "out": str(out),
+            "steps": 4,
+            "global_batch": 8,
+            "ckpt_every": 2,
+            "eval_every": 4,
+            "data": {"n": 48, "val_n": 8, "image_size": 64},
+            "optim": {"lr": 3e-3, "warmup": 1},
+            "vwlmm": {"lm": str(parts / "llm"), "vit_from": str(parts / "tok"), "eval_n": 4, "max_new_tokens": 6, **vc},
+        }
+    )
 
 
 def _vw(llm, variant="vw", seed=0, media_dim=12):
@@ -151,10 +160,18 @@ def test_vwlmm_resume_matches_an_uninterrupted_run(tmp_path, parts):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-@pytest.mark.parametrize("change,msg", [({"media": "pixels"}, "vwlmm.media"), ({"variant": "soft"}, "vwlmm.variant"),
-                                        ({"projector": "qformer"}, "vwlmm.projector"), ({"kl_weight": -1}, "kl_weight"),
-                                        ({"prompt": "no image here"}, "vwlmm.prompt"), ({"lm": "/no/such"}, "vwlmm.lm"),
-                                        ({"max_new_tokens": 0}, "max_new_tokens")])
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        ({"media": "pixels"}, "vwlmm.media"),
+        ({"variant": "soft"}, "vwlmm.variant"),
+        ({"projector": "qformer"}, "vwlmm.projector"),
+        ({"kl_weight": -1}, "kl_weight"),
+        ({"prompt": "no image here"}, "vwlmm.prompt"),
+        ({"lm": "/no/such"}, "vwlmm.lm"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
 def test_bad_vwlmm_configs_fail_before_any_work(tmp_path, parts, change, msg):
     with pytest.raises(ConfigError, match=msg):
         _cfg(tmp_path / "x", parts, **change)

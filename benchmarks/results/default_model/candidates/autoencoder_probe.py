@@ -8,6 +8,7 @@ does it cost on 2 CPU cores? A probe for a latent decoder (not part of the recip
 --size 32 --channels 16,32 --steps 800 is the 32 px autoencoder the first latent-decoder probe used
 (latent_unet_probe.py); --out keeps the trained autoencoder (diffusers save_pretrained).
 """
+
 import argparse
 import time
 
@@ -39,9 +40,17 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     ch = tuple(int(c) for c in args.channels.split(","))
-    ae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(ch),
-                       up_block_types=("UpDecoderBlock2D",) * len(ch), block_out_channels=ch, latent_channels=4,
-                       layers_per_block=1, norm_num_groups=8, sample_size=args.size)
+    ae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(ch),
+        up_block_types=("UpDecoderBlock2D",) * len(ch),
+        block_out_channels=ch,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=args.size,
+    )
     print("parameters", sum(q.numel() for q in ae.parameters()))
     images, _ = sample_images(args.train_n, seed=0, size=64)
     x = to_tensor(images, args.size) * 2 - 1
@@ -73,8 +82,10 @@ def main():
         rec = ae.decode(lat).sample
     ims = [Image.fromarray(((t.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).mul(255).round().byte().numpy()) for t in rec]
     ok = sum(r["objects_ok"] for r in m.checker.judge(ims, facts)) / len(facts)
-    print(f"latents {tuple(lat.shape[1:])}; train {train_s:.0f} s for {args.steps} steps of {args.batch}; "
-          f"test MSE {F.mse_loss(rec, xt).item():.5f}; checker finds every object in {ok:.1%} of 256 reconstructions")
+    print(
+        f"latents {tuple(lat.shape[1:])}; train {train_s:.0f} s for {args.steps} steps of {args.batch}; "
+        f"test MSE {F.mse_loss(rec, xt).item():.5f}; checker finds every object in {ok:.1%} of 256 reconstructions"
+    )
 
 
 if __name__ == "__main__":
