@@ -2,13 +2,15 @@
 PYTHON ?= python3
 VENV   ?= .venv
 # torch==2.13.0 resolves to the CPU wheel on the project's machines; override for CUDA, e.g.
-#   make test TORCH="torch==2.4.1"
+#   make test TORCH="torch==2.6.0"
 TORCH  ?= torch==2.13.0
+# the linter's version is pinned, so that a new ruff release cannot fail CI on unchanged code
+RUFF   ?= ruff==0.17.6
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.seed_fast-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install demo test test-all info clean
+.PHONY: install demo test test-all lint info clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +29,11 @@ demo: install
 test: install
 	$(PY) -m seed_fast.info
 	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(PY)
+	$(PY) -m pip install -q "$(RUFF)"
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-all: install
 	$(PY) -m pytest -q tests

@@ -82,7 +82,8 @@ def main(argv=None) -> int:
             }
         )
         print(
-            f"{part:12s} {workload:28s} {provider:26s} {t['median_ms']:9.2f} ms  {n / t['median_ms'] * 1e3:9.1f} {units}",
+            f"{part:12s} {workload:28s} {provider:26s} {t['median_ms']:9.2f} ms  "
+            f"{n / t['median_ms'] * 1e3:9.1f} {units}",
             flush=True,
         )
 

@@ -183,7 +183,8 @@ def main() -> int:
         ("same", "same tokens as generate"),
     ]
     md = (
-        f"dtype {str(dtype).replace('torch.', '')}; prompt {args.prompt} tokens (left-padded, lengths vary by up to 4), "
+        f"dtype {str(dtype).replace('torch.', '')}; prompt {args.prompt} tokens "
+        "(left-padded, lengths vary by up to 4), "
         f"{n_new} new tokens greedy, random weights. tokens/s = batch x new tokens / call time (prefill included).\n\n"
     )
     md += markdown_table(rows, columns)

@@ -189,7 +189,8 @@ def write_results(
             if lines:
                 keys = [k for k in lines[0] if k not in ("roofline", "iqr", "err", "agree", "peak_mb", "note", "check")]
                 markdown += (
-                    "\n\nRoofline fraction = max(achieved FLOP/s / peak, achieved bytes/s / peak bandwidth), spec peaks "
+                    "\n\nRoofline fraction = max(achieved FLOP/s / peak, achieved bytes/s / peak bandwidth), "
+                    "spec peaks "
                     f"{peaks} (TFLOP/s, TB/s; `{roofline_math}` unless the row is fp16 / bf16 on tensor cores):\n\n"
                     + markdown_table(lines, [(k, k) for k in keys] + [("roofline", "roofline")])
                 )

@@ -108,7 +108,8 @@ def related_table(path: Path) -> str:
         ("pre_img_s", "LLM prefill images/s"),
     ]
     lines = [
-        f"What an image costs an LLM, batch {rows[0]['batch']}, {meta['device']}, torch {meta['versions'].get('torch')}, "
+        f"What an image costs an LLM, batch {rows[0]['batch']}, {meta['device']}, "
+        f"torch {meta['versions'].get('torch')}, "
         f"{meta['date']}, from [{rel}]({rel}):",
         "",
         "| model | " + " | ".join(h for _, h in cols) + " |",

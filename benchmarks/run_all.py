@@ -264,7 +264,6 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     import torch
-
     from common import device_name
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

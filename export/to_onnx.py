@@ -229,7 +229,8 @@ def export_tokenizer(
             same = float((got == ref).mean())
             if not fp16 and same < 1.0:
                 raise ExportError(
-                    f"tokenizer: onnxruntime codes differ from torch's at {int((got != ref).sum())} of {ref.size} positions"
+                    f"tokenizer: onnxruntime codes differ from torch's at {int((got != ref).sum())} "
+                    f"of {ref.size} positions"
                 )
             _move(Path(tmp), folder, files)
     finally:

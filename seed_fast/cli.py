@@ -1,4 +1,5 @@
-"""`seed-fast` command line: tokenize, detokenize, caption, generate, train, info, demo, eval, export, ort-run, bench."""
+"""`seed-fast` command line: tokenize, detokenize, caption, generate, train, info, demo, eval, export, ort-run,
+bench."""
 
 from __future__ import annotations
 
@@ -224,7 +225,8 @@ def cmd_generate(args) -> int:
         if not args.tokens_only:
             if llm.diffusion is None:
                 raise InputError(
-                    f"{args.llm} has no diffusion/ pipeline: add --tokens-only, or put the unCLIP pipeline in {args.llm}/diffusion"
+                    f"{args.llm} has no diffusion/ pipeline: add --tokens-only, "
+                    f"or put the unCLIP pipeline in {args.llm}/diffusion"
                 )
             emb = llm.tokenizer.decode(codes)
             neg = llm.tokenizer.decode(llm.negative_codes()) if args.guidance > 1 else None

@@ -16,9 +16,9 @@ validation splits the recipe used). Metrics, all on that split:
 
 from __future__ import annotations
 
+import base64
 import html
 import io
-import base64
 import json
 import random
 import time
@@ -264,12 +264,15 @@ def _html_report(names, images, codes, pred, caps, recon, prompts, gen, gen_judg
         f"<tr><td>{e(label)}</td><td>{100 * metrics[k]:.1f}%</td></tr>" for k, label in METRIC_ROWS if k in metrics
     )
     return f"""<!doctype html><html><head><meta charset=utf-8><title>seed_fast demo</title>
-<style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 8px;vertical-align:middle}} .codes{{font-family:monospace;font-size:11px;max-width:320px}} table{{border-collapse:collapse}} tr:nth-child(even){{background:#f4f4f4}}</style></head><body>
+<style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 8px;vertical-align:middle}} \
+.codes{{font-family:monospace;font-size:11px;max-width:320px}} table{{border-collapse:collapse}} \
+tr:nth-child(even){{background:#f4f4f4}}</style></head><body>
 <h1>seed_fast demo: the embedded default model</h1>
 <p>Model folder: {e(str(m.folder))}. Images become 32 discrete codes; an LLM reads the codes (captions, answers)
 and writes them (text to image); a diffusion decoder draws the generation embedding rebuilt from codes.</p>
 <h2>Images, codes, captions, reconstructions</h2>
-<table><tr><th>image</th><th>input</th><th>32 codes</th><th>caption (truth below)</th><th>codes &rarr; decoder</th></tr>{"".join(rows)}</table>
+<table><tr><th>image</th><th>input</th><th>32 codes</th><th>caption (truth below)</th>\
+<th>codes &rarr; decoder</th></tr>{"".join(rows)}</table>
 <p>Question about the first image: <b>{e(question)}</b> &rarr; <b>{e(ans)}</b></p>
 <h2>Text &rarr; codes &rarr; image</h2>
 <table><tr><th>prompt</th><th>generated</th><th>checker agrees</th></tr>{"".join(grows)}</table>

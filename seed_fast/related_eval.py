@@ -51,7 +51,8 @@ def load_lavit_run(folder: str | Path):
     missing, unexpected = dec.load_state_dict(load_file(str(root / "decoder.safetensors")), strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"{root}: decoder weights do not fit preset {cfg.name!r} (missing {missing[:4]}, unexpected {unexpected[:4]})"
+            f"{root}: decoder weights do not fit preset {cfg.name!r} "
+            f"(missing {missing[:4]}, unexpected {unexpected[:4]})"
         )
     return tok.eval(), dec.eval()
 

@@ -264,7 +264,8 @@ class SeedRuntime:
         n_images = 0 if codes is None else len(codes)
         if text.count(IMAGE_PLACEHOLDER) != n_images:
             raise RuntimeInputError(
-                f"prompt has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s): {text!r}"
+                f"prompt has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
+                f"but {n_images} image(s): {text!r}"
             )
         if chat:
             text = tpl["chat"].format(prompt=text)

@@ -1,6 +1,5 @@
 """The package, its compiled extension and `python -m seed_fast.info`."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -18,7 +18,8 @@ class GraphedForward:
     """fn(x) -> tensor or tuple of tensors, captured per (shape, dtype, device) of x on first use.
 
     max_graphs: captures kept (least recently used dropped first); each holds its own static input
-    and outputs. prepare() runs before each replay. Outputs are cloned out of the graph's static buffers unless clone_outputs=False
+    and outputs. prepare() runs before each replay. Outputs are cloned out of the graph's static buffers
+    unless clone_outputs=False
     (then they are overwritten by the next replay of the same shape). CPU inputs just call fn.
     """
 

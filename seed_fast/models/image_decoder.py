@@ -272,7 +272,8 @@ def mini_image_decoder(
     if image_size % (down * patch):
         raise ValueError(
             f"image_size must be a multiple of {down * patch} ({len(channels) - 1} down-samplings"
-            f"{f' of {image_size // patch} px after the {patch}x{patch} patches' if patch > 1 else ''}), got {image_size}"
+            f"{f' of {image_size // patch} px after the {patch}x{patch} patches' if patch > 1 else ''}), "
+            f"got {image_size}"
         )
     levels = len(channels)
     if (

@@ -197,7 +197,8 @@ class SeedLLM(nn.Module):
             vocab = ImageVocab(base=len(tt), num_codes=num_codes, tokens_per_image=self.tokens_per_image)
             if not add:
                 raise CheckpointError(
-                    f"the text tokenizer has no image tokens ({image_token(0)!r} is unknown) and add_image_tokens=False: "
+                    f"the text tokenizer has no image tokens ({image_token(0)!r} is unknown) "
+                    "and add_image_tokens=False: "
                     "this model was not trained with SEED's image vocabulary"
                 )
             added = tt.add_tokens(vocab.token_names(), special_tokens=True)
@@ -210,7 +211,8 @@ class SeedLLM(nn.Module):
             if not add:
                 raise CheckpointError(
                     f"the LM's embedding has {rows} rows but the image vocabulary needs {vocab.size} "
-                    f"(text {vocab.base} + {num_codes} codes + <img>, </img>); load with add_image_tokens=True to resize"
+                    f"(text {vocab.base} + {num_codes} codes + <img>, </img>); "
+                    "load with add_image_tokens=True to resize"
                 )
             self.model.resize_token_embeddings(vocab.size)
         if tt.pad_token_id is None:
@@ -333,7 +335,8 @@ class SeedLLM(nn.Module):
         )
         if meta and meta.get("image_vocab", {}).get("base", llm.vocab.base) != llm.vocab.base:
             raise CheckpointError(
-                f"{root}/seed_llm.json says image tokens start at {meta['image_vocab']['base']}, the tokenizer at {llm.vocab.base}"
+                f"{root}/seed_llm.json says image tokens start at {meta['image_vocab']['base']}, "
+                f"the tokenizer at {llm.vocab.base}"
             )
         if lora is not None and lora is not False:
             llm.add_lora(lora, fused=fused_lora)
@@ -451,7 +454,8 @@ class SeedLLM(nn.Module):
         n_images = 0 if codes is None else len(codes)
         if text.count(IMAGE_PLACEHOLDER) != n_images:
             raise InputError(
-                f"{where} has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s) were given: {text!r}"
+                f"{where} has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
+                f"but {n_images} image(s) were given: {text!r}"
             )
         if chat:
             text = self.template.chat.format(prompt=text)

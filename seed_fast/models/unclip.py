@@ -429,7 +429,8 @@ def embeddings_to_images(
         )
     if not isinstance(pipe, StableUnCLIPImg2ImgPipeline):
         raise TypeError(
-            "pipe must be a diffusers StableUnCLIPImg2ImgPipeline (see load_unclip_pipeline) or a SeedImageDecoderPipeline, "
+            "pipe must be a diffusers StableUnCLIPImg2ImgPipeline (see load_unclip_pipeline) "
+            "or a SeedImageDecoderPipeline, "
             f"got {type(pipe).__module__}.{type(pipe).__qualname__}"
         )
     dim = int(pipe.image_normalizer.mean.shape[-1])

@@ -118,7 +118,8 @@ def next_patch_targets(
         raise InputError(f"image_positions must be {(b, p)}, got {tuple(image_positions.shape)}")
     if int(image_positions.max()) >= seq_len or int(image_positions.min()) < 0:
         raise InputError(
-            f"image_positions must lie in [0, {seq_len}), got [{int(image_positions.min())}, {int(image_positions.max())}]"
+            f"image_positions must lie in [0, {seq_len}), "
+            f"got [{int(image_positions.min())}, {int(image_positions.max())}]"
         )
     targets = words.new_zeros(b, seq_len, v)
     mask = torch.zeros(b, seq_len, dtype=torch.bool, device=words.device)

@@ -395,7 +395,8 @@ def main(argv=None) -> int:
         "--precision",
         choices=("auto", "bf16", "fp32"),
         default=None,
-        help="the LLM, LoRA and decoder stages' precision (default auto: bf16 where this machine has fast bf16 kernels, else fp32)",
+        help="the LLM, LoRA and decoder stages' precision "
+        "(default auto: bf16 where this machine has fast bf16 kernels, else fp32)",
     )
     p.add_argument(
         "--jobs",

@@ -1,4 +1,5 @@
-"""Training: `seed-fast train {stage1,stage2,llm,decoder,lavit,flamingo,vwlmm} --config FILE`, one process or under torchrun.
+"""Training: `seed-fast train {stage1,stage2,llm,decoder,lavit,flamingo,vwlmm} --config FILE`, one process or
+under torchrun.
 
 python -m seed_fast.train stage2 --config run.json
 torchrun --nproc-per-node 4 -m seed_fast.train stage2 --config run.json

@@ -64,7 +64,9 @@ class Stage2Config:
     # of this many earlier captions (a queue; the text branch is frozen, so they never go stale), minus
     # any with the sample's own caption: negatives that differ in one word appear far more often
     itc_text_queue: int = 0
-    target: str = "pixels"  # "pixels" (a fixed random projection of the downsampled image), "itc" (stage I's image feature; needs itc_heads) or a CLIP vision folder
+    # "pixels" (a fixed random projection of the downsampled image), "itc" (stage I's image feature; needs
+    # itc_heads) or a CLIP vision folder
+    target: str = "pixels"
     codebook_init: str = "uniform"  # uniform (as released) | kmeans (from the first batch's z)
     restart_dead_every: int = 0  # steps; 0 disables dead-code restarts
     itc_heads: str | None = None  # a stage-I run folder: evaluation then also measures retrieval with codes
@@ -244,7 +246,8 @@ class TrainConfig:
         need(self.strategy in ("ddp", "fsdp"), f"strategy must be ddp or fsdp, got {self.strategy!r}")
         need(
             self.strategy != "fsdp" or self.stage == "llm",
-            f"strategy 'fsdp' is for the llm stage; {self.stage} trains the tokenizer, small enough to replicate: use ddp",
+            f"strategy 'fsdp' is for the llm stage; {self.stage} trains the tokenizer, "
+            "small enough to replicate: use ddp",
         )
         for name in ("log_every", "ckpt_every", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -347,7 +350,8 @@ class TrainConfig:
             need(v is None or Path(v).is_dir(), f"flamingo.{name} must be a folder, got {v!r}")
         need(
             fl.every >= 1 and fl.num_latents >= 1 and fl.resampler_depth >= 1,
-            f"flamingo.every, num_latents and resampler_depth must be >= 1, got {fl.every}, {fl.num_latents}, {fl.resampler_depth}",
+            "flamingo.every, num_latents and resampler_depth must be >= 1, "
+            f"got {fl.every}, {fl.num_latents}, {fl.resampler_depth}",
         )
         need(fl.eval_n >= 0 and fl.max_new_tokens >= 1, "flamingo.eval_n must be >= 0 and flamingo.max_new_tokens >= 1")
         vc = self.vwlmm
@@ -399,7 +403,8 @@ class TrainConfig:
         need(
             dc.image_size >= down and dc.image_size % down == 0,
             f"decoder.image_size must be a multiple of {down} (decoder.patch times one halving per level after the "
-            f"first{', times the autoencoder' + chr(39) + 's down-sampling' if dc.vae is not None else ''}), got {dc.image_size}",
+            f"first{', times the autoencoder' + chr(39) + 's down-sampling' if dc.vae is not None else ''}), "
+            f"got {dc.image_size}",
         )
         vc = self.vae
         need(
@@ -409,7 +414,8 @@ class TrainConfig:
         vdown = 2 ** (len(vc.channels) - 1)
         need(
             vc.image_size >= vdown and vc.image_size % vdown == 0,
-            f"vae.image_size must be a multiple of {vdown} (one halving per level after the first), got {vc.image_size}",
+            f"vae.image_size must be a multiple of {vdown} (one halving per level after the first), "
+            f"got {vc.image_size}",
         )
         need(vc.latent_channels >= 1, f"vae.latent_channels must be >= 1, got {vc.latent_channels}")
         need(vc.kl_weight >= 0, f"vae.kl_weight must be >= 0, got {vc.kl_weight}")
@@ -432,7 +438,8 @@ class TrainConfig:
             attn = dc.channels[len(dc.channels) - dc.attention_levels :]
             need(
                 all(c % 16 == 0 for c in attn),
-                f"decoder.channels of the attention levels (the last decoder.attention_levels) must be multiples of 16, got {attn}",
+                "decoder.channels of the attention levels (the last decoder.attention_levels) "
+                f"must be multiples of 16, got {attn}",
             )
         need(dc.attention in ("sdpa", "math"), f"decoder.attention must be 'sdpa' or 'math', got {dc.attention!r}")
         m = self.llm

@@ -86,7 +86,8 @@ class FolderPairs(torch.utils.data.Dataset):
                 cols = set(reader.fieldnames or ())
                 if "image" not in cols or not ("caption" in cols or {"question", "answer"} <= cols):
                     raise ValueError(
-                        f"{self.index}: a CSV index needs the columns image and caption (or question, answer); got {reader.fieldnames}"
+                        f"{self.index}: a CSV index needs the columns image and caption (or question, answer); "
+                        f"got {reader.fieldnames}"
                     )
                 for r in reader:
                     self.rows.append((root / r["image"], r.get("caption"), r.get("question"), r.get("answer")))

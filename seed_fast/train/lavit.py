@@ -8,7 +8,8 @@ loss = (1 - cos(decoder(codes), ViT features))          reconstruct all 256 (N) 
 Selection is Gumbel-softmax hard (straight-through) in training and deterministic ("expected": the
 round(sum p(keep)) most likely patches) at evaluation. The codebook starts from cosine k-means of the
 first batch's vectors and dead codes are restarted from recent vectors (`lavit.codebook_init`,
-`lavit.restart_dead_every`), as stage II does. `lavit.vit_from` takes the ViT of a SeedTokenizer folder (the embedded model's
+`lavit.restart_dead_every`), as stage II does. `lavit.vit_from` takes the ViT of a SeedTokenizer folder
+(the embedded model's
 tokenizer for the `mini-lavit` preset), as LaVIT starts from a pretrained EVA-CLIP.
 
     seed-fast train lavit --config run.json

@@ -207,7 +207,8 @@ class Task:
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(
-                f"{self.cfg.stage} checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"{self.cfg.stage} checkpoint does not match the model: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         self.module.load_state_dict(state, strict=False)
 
@@ -219,7 +220,8 @@ class Task:
         from .config import ConfigError
 
         raise ConfigError(
-            f"strategy 'fsdp' is supported for the llm stage; {self.cfg.stage} trains the tokenizer (small enough to replicate): use ddp"
+            f"strategy 'fsdp' is supported for the llm stage; {self.cfg.stage} trains the tokenizer "
+            "(small enough to replicate): use ddp"
         )
 
     def shard(self) -> None:
@@ -259,7 +261,8 @@ class Task:
         missing, unexpected = sorted(want - set(model)), sorted(set(model) - want)
         if missing or unexpected:
             raise ValueError(
-                f"{self.cfg.stage} checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"{self.cfg.stage} checkpoint does not match the model: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         o = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(self.module, model, options=o)
@@ -293,13 +296,13 @@ def train(
     """Run (or resume) `cfg`. Returns the last logged metrics (rank 0) or {}.
     stop_after: stop once this many steps are done in this call (without a final checkpoint)."""
     from .data import BatchLoader, ResumableBatches
-    from .stage1 import Stage1Task
-    from .llm import LLMTask
-    from .stage2 import Stage2Task
     from .decoder import DecoderTask
-    from .vae import VaeTask
-    from .lavit import LavitTask
     from .flamingo import FlamingoTask
+    from .lavit import LavitTask
+    from .llm import LLMTask
+    from .stage1 import Stage1Task
+    from .stage2 import Stage2Task
+    from .vae import VaeTask
     from .vwlmm import VwlmmTask
 
     d = Dist()

@@ -5,7 +5,8 @@ total = vq_weight * VQ + cos_weight * mean(1 - cos(blocks(decode(z_q) + pos_embe
 (SEED_SPEC section 3: 5, 2 and 0.5), and, given stage I's heads (`stage2.itc_heads`), optionally
         + itc_weight * mean(1 - cos(vision_proj(rebuilt last query), vision_proj(last causal query)))
         + itc_text_weight * InfoNCE(vision_proj(rebuilt last query), stage I's frozen text features)
-(not in SEED: they make the codes keep what tells captions apart). The target is a CLIP vision model's image embedding when
+(not in SEED: they make the codes keep what tells captions apart). The target is a CLIP vision model's
+image embedding when
 `stage2.target` names a transformers CLIPVisionModelWithProjection folder, or for the synthetic set
 a fixed encoder: the image pooled to 8 x 8 and sent through a seeded random projection.
 """
@@ -252,7 +253,8 @@ class Stage2Task(Task):
             proj_dim = self.itc.vision_proj.out_features
             if proj_dim != out_dim:
                 raise ConfigError(
-                    f"stage2.target 'itc': stage I's vision_proj gives {proj_dim} dims but detokenizer.out_dim is {out_dim}"
+                    f"stage2.target 'itc': stage I's vision_proj gives {proj_dim} dims "
+                    f"but detokenizer.out_dim is {out_dim}"
                 )
             target = ItcTarget(self.itc.vision_proj)
         else:

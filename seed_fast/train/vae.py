@@ -4,7 +4,8 @@ Stable unCLIP, SEED's decoder, denoises the latents of a KL autoencoder. The emb
 decoder does the same at a CPU's size: this stage trains a diffusers ``AutoencoderKL``
 (`seed_fast.models.image_decoder.mini_autoencoder`) on the training images, area-down-sampled to
 `vae.image_size` pixels in [-1, 1], with the pixel MSE of the decoded posterior sample plus
-`vae.kl_weight` times the KL to a unit normal (summed over a sample's latents, averaged over the batch). Its export, `vae/`, sets `scaling_factor` to 1 / the
+`vae.kl_weight` times the KL to a unit normal (summed over a sample's latents, averaged over the batch).
+Its export, `vae/`, sets `scaling_factor` to 1 / the
 standard deviation of the training latents' means (as Stable Diffusion's 0.18215 does for its own), so
 the decoder stage's UNet sees unit-scale latents: give that folder as `decoder.vae`.
 

@@ -82,7 +82,8 @@ def _check_achieves_min(z, book, idx, metric, exact_fraction=0.99):
 def test_backends_achieve_the_minimum(impl, dtype, metric, n, k, d):
     if not _runnable(impl, dtype):
         pytest.skip(
-            f"{impl} cannot run {dtype} here: {not_supported_reasons(impl, torch.empty(1, 1, dtype=dtype), torch.empty(1, 1, dtype=dtype))}"
+            f"{impl} cannot run {dtype} here: "
+            f"{not_supported_reasons(impl, torch.empty(1, 1, dtype=dtype), torch.empty(1, 1, dtype=dtype))}"
         )
     g = torch.Generator().manual_seed(n * 1000 + k + d)
     z = torch.randn(n, d, generator=g).to(DEVICE, dtype)

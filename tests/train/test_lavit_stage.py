@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from seed_fast.models.lavit import LavitTokenizer
 from seed_fast.train import TrainConfig
-from seed_fast.train.loop import train
 from seed_fast.train.config import ConfigError
+from seed_fast.train.loop import train
 
 
 def _cfg(out, **lavit):

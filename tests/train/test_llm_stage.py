@@ -6,11 +6,11 @@ from collections import Counter
 
 import pytest
 import torch
+from cfgs import merged  # tests/train/cfgs.py (pytest puts this folder on sys.path)
 
 from seed_fast.train import ConfigError, TrainConfig
 from seed_fast.train.llm import IGNORE, CachedPairs, CodedSample, LLMTask, SequenceBuilder, build_code_cache
 from seed_fast.train.loop import read_metrics, train
-from cfgs import merged  # tests/train/cfgs.py (pytest puts this folder on sys.path)
 
 
 def _cfg(out, **kw):

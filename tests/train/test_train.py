@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cfgs import merged  # tests/train/cfgs.py (pytest puts this folder on sys.path)
 
 from seed_fast.train import ConfigError, TrainConfig, main
 from seed_fast.train.loop import latest_checkpoint, read_metrics, train
-from cfgs import merged  # tests/train/cfgs.py (pytest puts this folder on sys.path)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""How much resolution does the embedded checker need? python benchmarks/results/default_model/candidates/lowres_probe.py"""
+"""How much resolution does the embedded checker need?
+python benchmarks/results/default_model/candidates/lowres_probe.py"""
 
-import torch, torch.nn.functional as F
-from PIL import Image
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
 from seed_fast.default_model import load_default
 from seed_fast.demo import test_scenes
 
