@@ -92,7 +92,8 @@ class KVDecoder:
     def reorder(self, index: torch.Tensor) -> None:
         """Rows <- rows[index] in place (beam search); keeps the cache's static addresses."""
         for layer in self.cache.layers:
-            if getattr(layer, "is_initialized", False):
+            # a layer holds its tensors once the prefill has run; test them, not a flag some releases lack
+            if isinstance(getattr(layer, "keys", None), torch.Tensor):
                 layer.keys.copy_(layer.keys.index_select(0, index))
                 layer.values.copy_(layer.values.index_select(0, index))
         self.mask.copy_(self.mask.index_select(0, index))
