@@ -67,6 +67,17 @@ def _want_cuda() -> bool:
         reasons.append(f"torch {torch.__version__} is a CPU build")
     if not CUDA_HOME or not os.path.isdir(CUDA_HOME):
         reasons.append("CUDA_HOME not found (no nvcc)")
+    elif torch.version.cuda is not None:
+        # torch refuses to build an extension with an nvcc of another major version than its own
+        ver = _nvcc_version()
+        want = int(torch.version.cuda.split(".")[0])
+        if ver is None:
+            reasons.append(f"cannot read the version of {CUDA_HOME}/bin/nvcc")
+        elif ver[0] != want:
+            reasons.append(
+                f"nvcc {ver[0]}.{ver[1]} ({CUDA_HOME}) does not match torch's CUDA {torch.version.cuda}; "
+                f"point CUDA_HOME at a CUDA {want}.x toolkit"
+            )
     if mode == "1" and reasons:
         sys.exit("seed_fast: SEED_FAST_BUILD_CUDA=1 but CUDA cannot be built: " + "; ".join(reasons))
     if reasons:
