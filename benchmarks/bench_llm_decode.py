@@ -255,7 +255,8 @@ def prefill_rows(llm, name, batches, args, device, repeats) -> list[dict]:
             ).logits[:, -1]
 
         def ours():
-            return llm._decoder(b, ids.shape[1] + args.new).prefill(ids, mask)
+            with llm._decoder(b, ids.shape[1] + args.new) as dec:
+                return dec.prefill(ids, mask)
 
         def full():
             return llm.generate_ids(prompts, max_new_tokens=args.new, suppress_image_tokens=False, stop_ids=())
@@ -322,7 +323,8 @@ def lora_table(llm, name, batches, args, device, repeats) -> list[dict]:
         for pname, v in variants.items():
 
             def pre(v=v):
-                return v._decoder(b, ids.shape[1] + args.new).prefill(ids, mask)
+                with v._decoder(b, ids.shape[1] + args.new) as dec:
+                    return dec.prefill(ids, mask)
 
             def gen(v=v):
                 return v.generate_ids(prompts, max_new_tokens=args.new, suppress_image_tokens=False, stop_ids=())

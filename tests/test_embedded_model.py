@@ -91,3 +91,30 @@ def test_a_saved_llm_reloads_its_image_decoder(default, tmp_path):
     kw = dict(num_inference_steps=2, guidance_scale=2.0, image_seed=1, progress=False)
     want = default.llm.generate_images(SCENES[:2], **kw)
     assert [im.tobytes() for im in llm.generate_images(SCENES[:2], **kw)] == [im.tobytes() for im in want]
+
+
+def test_threads_calling_the_llm_at_once_get_their_own_results(default):
+    """A server calls one SeedLLM from several threads: every call must get what it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from seed_fast.synthetic import sample_images
+
+    llm = default.llm
+    images = sample_images(16, seed=21)[0]
+    codes = default.tokenizer.encode(images)
+    jobs = [("caption", codes[2 * i : 2 * i + 2]) for i in range(8)]
+    jobs += [("draw", [SCENES[i % 5], SCENES[(i + 2) % 5] + " and a red circle" * (i % 3)]) for i in range(8)]
+
+    def run(job):
+        kind, x = job
+        if kind == "caption":
+            return llm.caption(codes=x, max_new_tokens=12)
+        return llm.generate_image_codes(x, cfg_scale=2.0).tolist()
+
+    alone = [run(job) for job in jobs]
+    assert len({str(r) for r in alone}) > 8  # the jobs' answers differ, so a mix-up would show
+    for _ in range(2):
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(run, jobs))
+        assert together == alone
+    assert not llm.model.training

@@ -13,9 +13,12 @@ diffusers unCLIP pipeline draws it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from .decoding import KVDecoder, check_sampling, left_pad, pick
 from .preprocess import InputError, check_codes
 
 IMAGE_PLACEHOLDER = "<image>"
+_MAX_IDLE_DECODERS = 4  # static caches kept between calls (each holds a full-length KV cache)
 BOI_TOKEN, EOI_TOKEN = "<img>", "</img>"
 
 
@@ -148,6 +152,10 @@ class SeedLLM(nn.Module):
     add_image_tokens: add `<img_XXXXX>`, `<img>`, `</img>` to the text tokenizer and resize the
                      embeddings when they are missing; False raises instead
     diffusion:       a diffusers StableUnCLIPImg2ImgPipeline (see seed_fast.models.unclip) or None
+
+    Generation (caption, answer, generate_text, generate_image_codes, generate_images) may be called
+    from several threads at once: each call decodes through a KV cache of its own. Changing the model
+    (add_lora, merge_lora, compile_decode) while calls run is not supported.
     """
 
     def __init__(
@@ -175,7 +183,10 @@ class SeedLLM(nn.Module):
         self.diffusion = diffusion
         self.tokens_per_image = tokenizer.num_codes if tokenizer is not None else 32
         self.vocab = self._install_image_vocab(num_codes, add_image_tokens)
-        self._decoders: dict[tuple[int, int], KVDecoder] = {}
+        # idle decoders by (batch, cache length); a call takes one out for its own use (thread safety)
+        self._decoders: dict[tuple[int, int], list[KVDecoder]] = {}
+        self._decoders_lock = threading.Lock()
+        self._decoders_epoch = 0  # bumped when the model changes: decoders of an older epoch are dropped
         self._compile = False
 
     # ------------------------------------------------------------------ vocabulary
@@ -417,7 +428,7 @@ class SeedLLM(nn.Module):
             from ..lora import apply_fused_lora
 
             apply_fused_lora(self.model, impl=impl)
-        self._decoders.clear()
+        self._drop_decoders()
         return self
 
     def merge_lora(self) -> "SeedLLM":
@@ -427,13 +438,13 @@ class SeedLLM(nn.Module):
 
             remove_fused_lora(self.model)
             self.model = self.model.merge_and_unload()
-            self._decoders.clear()
+            self._drop_decoders()
         return self
 
     def compile_decode(self, enable: bool = True) -> "SeedLLM":
         """Compile the one-token decode step (torch.compile "reduce-overhead": CUDA graphs on GPU)."""
         self._compile = enable
-        self._decoders.clear()
+        self._drop_decoders()
         return self
 
     # ------------------------------------------------------------------ prompts -> ids
@@ -500,7 +511,11 @@ class SeedLLM(nn.Module):
         return out
 
     # ------------------------------------------------------------------ decoding
-    def _decoder(self, batch: int, max_len: int) -> KVDecoder:
+    @contextlib.contextmanager
+    def _decoder(self, batch: int, max_len: int) -> Iterator[KVDecoder]:
+        """A KV decoder for this call alone: an idle one of the same shape, or a new one. Calls from
+        several threads never share a decoder (each holds its own static cache); the decoder returns
+        to the idle pool when the call ends."""
         limit = getattr(self.base_model.config, "max_position_embeddings", None)
         if limit is not None and max_len > limit:
             raise InputError(f"prompt + new tokens = {max_len} exceeds the model's max_position_embeddings ({limit})")
@@ -508,14 +523,28 @@ class SeedLLM(nn.Module):
         if limit is not None:
             max_len = min(max_len, limit)
         key = (batch, max_len)
-        dec = self._decoders.get(key)
+        with self._decoders_lock:
+            idle = self._decoders.get(key)
+            dec = idle.pop() if idle else None
+            epoch = self._decoders_epoch
         if dec is None:
-            if len(self._decoders) >= 4:
-                self._decoders.clear()
-            dec = self._decoders[key] = KVDecoder(self.model, max_len=max_len, compile=self._compile)
+            dec = KVDecoder(self.model, max_len=max_len, compile=self._compile)
         else:
             dec.cache.reset()
-        return dec
+        try:
+            yield dec
+        finally:
+            with self._decoders_lock:
+                if epoch == self._decoders_epoch:
+                    if sum(map(len, self._decoders.values())) >= _MAX_IDLE_DECODERS:
+                        self._decoders.clear()
+                    self._decoders.setdefault(key, []).append(dec)
+
+    def _drop_decoders(self) -> None:
+        """Forget every idle decoder, and those in use when their calls end (the model changed)."""
+        with self._decoders_lock:
+            self._decoders.clear()
+            self._decoders_epoch += 1
 
     def _generator(self, seed: int | None):
         if seed is None:
@@ -547,8 +576,7 @@ class SeedLLM(nn.Module):
         eos = self.text_tokenizer.eos_token_id
         stops = set(stop_ids) if stop_ids is not None else ({eos} if eos is not None else set())
         ids, mask = left_pad(rows, self.text_tokenizer.pad_token_id)
-        with _eval(self.model):
-            dec = self._decoder(len(rows), ids.shape[1] + max_new_tokens)
+        with _eval(self.model), self._decoder(len(rows), ids.shape[1] + max_new_tokens) as dec:
             logits = dec.prefill(ids, mask)
             gen = self._generator(seed)
             out = torch.empty(len(rows), max_new_tokens, dtype=torch.long, device=dec.device)
@@ -660,8 +688,7 @@ class SeedLLM(nn.Module):
         if guided:
             all_rows += [self.unconditional_ids()] * (b * nb)
         ids, mask = left_pad(all_rows, self.text_tokenizer.pad_token_id)
-        with _eval(self.model):
-            dec = self._decoder(len(all_rows), ids.shape[1] + n_tok)
+        with _eval(self.model), self._decoder(len(all_rows), ids.shape[1] + n_tok) as dec:
             logits = dec.prefill(ids, mask)
             gen = self._generator(seed)
             dev = dec.device
@@ -767,18 +794,30 @@ def _load_diffusion(folder: Path, dtype):
     return load_unclip_pipeline(folder, dtype=dtype)
 
 
+_EVAL_LOCK = threading.Lock()
+_EVAL_CALLS: dict[int, tuple[int, bool]] = {}  # id(model) -> (generations running, mode before the first)
+
+
 class _eval:
-    """Eval mode for the duration of a generation (dropout off), restoring the previous mode."""
+    """Eval mode for the duration of a generation (dropout off), restoring the previous mode when the
+    last of the generations running at once (from several threads) ends."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
+        with _EVAL_LOCK:
+            calls, was_training = _EVAL_CALLS.get(id(self.model), (0, self.model.training))
+            _EVAL_CALLS[id(self.model)] = (calls + 1, was_training)
+            self.model.eval()
 
     def __exit__(self, *exc):
-        self.model.train(self.was_training)
+        with _EVAL_LOCK:
+            calls, was_training = _EVAL_CALLS.pop(id(self.model))
+            if calls > 1:
+                _EVAL_CALLS[id(self.model)] = (calls - 1, was_training)
+            else:
+                self.model.train(was_training)
 
 
 def _as_list(x, name: str) -> list:
