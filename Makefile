@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 # torch==2.13.0 resolves to the CPU wheel on the project's machines; override for CUDA, e.g.
-#   make test TORCH="torch==2.6.0"
+#   make test TORCH="torch==2.9.0"
 TORCH  ?= torch==2.13.0
 # the linter's version is pinned, so that a new ruff release cannot fail CI on unchanged code
 RUFF   ?= ruff==0.17.6
