@@ -49,13 +49,17 @@ def _load_tokenizer(args):
 def _open_images(paths):
     from PIL import Image, UnidentifiedImageError
 
+    from .images import ImageModeError, to_rgb
+
     images = []
     for p in paths:
         try:
             with Image.open(p) as im:
-                images.append(im.convert("RGB"))
+                images.append(to_rgb(im, str(p)))
         except FileNotFoundError:
             raise SystemExit(f"seed-fast: no such image: {p}") from None
+        except ImageModeError as e:
+            raise SystemExit(f"seed-fast: {e}") from None
         except (UnidentifiedImageError, OSError) as e:
             raise SystemExit(f"seed-fast: cannot read {p} as an image: {e}") from None
     return images

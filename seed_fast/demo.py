@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .images import to_rgb
 from .synthetic import make_question, make_scene, parse_caption
 
 TEST_SEED = 20261122
@@ -209,7 +210,8 @@ def run_demo(
     images, caps, facts, qas = test_scenes(n_images)
     names = [f"test scene {i}" for i in range(n_images)]
     for p in image_paths:
-        images.append(Image.open(p).convert("RGB"))
+        with Image.open(p) as im:
+            images.append(to_rgb(im, str(p)))
         caps.append(None)
         names.append(str(p))
     codes = m.tokenizer.encode(images)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .images import ImageModeError, to_rgb
+
 MANIFEST = "seed_fast_onnx.json"
 IMAGE_PLACEHOLDER = "<image>"
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -219,7 +221,10 @@ class SeedRuntime:
             im = Image.open(im)
         if not isinstance(im, Image.Image):
             raise RuntimeInputError(f"images[{i}] is a {type(im).__name__}; a list must hold PIL images or file paths")
-        im = im.convert("RGB")
+        try:
+            im = to_rgb(im, f"images[{i}]")
+        except ImageModeError as e:
+            raise RuntimeInputError(str(e)) from None
         if im.size != (s, s):
             im = im.resize((s, s), Image.BICUBIC)
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..images import ImageModeError, to_rgb
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -86,7 +88,10 @@ def _pil_list_to_tensor(images: Sequence, size: int) -> torch.Tensor:
             raise InputError(f"images[{i}] is a {type(im).__name__}; a list must hold PIL images only")
         if im.width == 0 or im.height == 0:
             raise InputError(f"images[{i}] is empty ({im.width}x{im.height})")
-        im = im.convert("RGB")
+        try:
+            im = to_rgb(im, f"images[{i}]")
+        except ImageModeError as e:
+            raise InputError(str(e)) from None
         if im.size != (size, size):
             im = im.resize((size, size), Image.BICUBIC)
         arr = np.asarray(im, dtype=np.uint8).copy()  # (S, S, 3)

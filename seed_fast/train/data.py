@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..images import to_rgb
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -63,8 +65,8 @@ class SyntheticPairs(torch.utils.data.Dataset):
 def _open_image(data: bytes | Path) -> Image.Image | None:
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError):
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, ValueError):  # ImageModeError is a ValueError
         return None
 
 

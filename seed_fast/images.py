@@ -1,0 +1,48 @@
+"""PIL images of any mode -> 8-bit RGB without silent clipping (numpy + pillow only: the torch-free
+runtime uses it too).
+
+PIL's `convert("RGB")` clips high-bit-depth modes instead of scaling them: a mid-gray 16-bit image
+becomes white and a float image in [0, 1] black. `to_rgb` scales them into 0..255 first:
+- "I;16*" (16-bit): value / 65535;
+- "I" (32-bit integer, which is how PIL opens 16-bit grayscale PNGs): value / 65535, refusing values
+  outside [0, 65535], which have no known white level;
+- "F" (32-bit float): taken as [0, 1], refusing NaN / inf or values outside [0, 1].
+Every other mode (L, P, RGBA, CMYK, YCbCr, LA, 1, ...) goes through `convert("RGB")`, which is exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class ImageModeError(ValueError):
+    """An image whose pixel values cannot be read as colours without guessing."""
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(im, where: str = "image"):
+    """An 8-bit RGB PIL image with `im`'s colours; `where` names the image in errors."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        values = np.asarray(im, dtype=np.float64)
+        if mode == "F":
+            if not np.isfinite(values).all():
+                raise ImageModeError(f"{where}: a float (mode F) image with NaN or inf pixels")
+            scale = 1.0
+        else:
+            scale = 65535.0
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if lo < 0 or hi > scale:
+            kind = (
+                "a float (mode F) image must lie in [0, 1]"
+                if mode == "F"
+                else f"a mode {mode} image must lie in [0, 65535]"
+            )
+            raise ImageModeError(f"{where}: {kind}, got values in [{lo:.6g}, {hi:.6g}]")
+        gray = np.rint(values / scale * 255.0).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return im.convert("RGB")  # a new, loaded image even for RGB input (callers may close the file)

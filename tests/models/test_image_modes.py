@@ -1,0 +1,100 @@
+"""High-bit-depth and float PIL images are scaled into 8-bit RGB, never clipped (PIL's convert("RGB")
+turns a mid-gray 16-bit image white and a float image in [0, 1] black)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seed_fast import InputError, SeedTokenizer
+from seed_fast.images import ImageModeError, to_rgb
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return SeedTokenizer.from_config("tiny", seed=3, init="unit").eval()
+
+
+def _gray8(rng, shape):
+    return rng.integers(0, 256, shape).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_deep_images_scale_like_their_8_bit_version(mode):
+    rng = np.random.default_rng()
+    g = _gray8(rng, (7, 5))
+    if mode == "F":
+        deep = Image.fromarray((g / 255.0).astype(np.float32))
+    elif mode == "I":
+        deep = Image.fromarray(g.astype(np.int32) * 257)
+    else:
+        deep = Image.fromarray(g.astype(np.uint16) * 257)
+    assert deep.mode == mode
+    want = np.repeat(g[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(np.asarray(to_rgb(deep)), want)
+
+
+def test_a_16_bit_png_from_disk(tmp_path, tok):
+    rng = np.random.default_rng()
+    g = _gray8(rng, (33, 20))
+    Image.fromarray(g.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    Image.fromarray(g).save(tmp_path / "eight.png")
+    with Image.open(tmp_path / "deep.png") as deep, Image.open(tmp_path / "eight.png") as eight:
+        assert deep.mode.startswith("I")
+        codes = tok.encode([deep, eight])
+    assert codes[0].tolist() == codes[1].tolist()
+    white = tok.encode([Image.new("RGB", (33, 20), (255, 255, 255))])
+    mid = Image.fromarray(np.full((16, 16), 32768, np.uint16))
+    assert tok.encode([mid]).tolist() != white.tolist()  # a mid-gray 16-bit image is not white
+
+
+def test_the_command_line_reads_a_16_bit_png(tmp_path, capsys):
+    from seed_fast.cli import main
+
+    tok = SeedTokenizer.from_config("tiny", seed=3, init="unit")
+    tok.save_pretrained(tmp_path / "ckpt")
+    rng = np.random.default_rng()
+    g = _gray8(rng, (24, 24))
+    Image.fromarray(g.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    Image.fromarray(g).convert("RGB").save(tmp_path / "eight.png")
+    files = [str(tmp_path / "deep.png"), str(tmp_path / "eight.png")]
+    assert main(["tokenize", *files, "--checkpoint", str(tmp_path / "ckpt"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["codes"] == out[1]["codes"]
+    Image.fromarray(np.full((8, 8), 3.0, np.float32)).save(tmp_path / "bad.tiff")
+    with pytest.raises(SystemExit, match=r"must lie in \[0, 1\], got values in \[3, 3\]"):
+        main(["tokenize", str(tmp_path / "bad.tiff"), "--checkpoint", str(tmp_path / "ckpt")])
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda: Image.fromarray(np.full((4, 4), 1.5, np.float32)),
+            r"images\[0\]: a float \(mode F\) image must lie in",
+        ),
+        (lambda: Image.fromarray(np.full((4, 4), np.nan, np.float32)), r"images\[0\]: .*NaN or inf"),
+        (
+            lambda: Image.fromarray(np.full((4, 4), -3, np.int32)),
+            r"images\[0\]: a mode I image must lie in \[0, 65535\]",
+        ),
+        (lambda: Image.fromarray(np.full((4, 4), 70000, np.int32)), r"must lie in \[0, 65535\], got values in \[70000"),
+    ],
+)
+def test_values_without_a_known_range_are_refused(tok, make, match):
+    with pytest.raises(InputError, match=match):
+        tok.encode([make()])
+    with pytest.raises(ImageModeError):
+        to_rgb(make())
+
+
+def test_the_runtime_reads_deep_images_the_same_way():
+    from seed_fast.runtime import RuntimeInputError, SeedRuntime
+
+    rng = np.random.default_rng()
+    g = _gray8(rng, (10, 10))
+    deep = SeedRuntime._load_image(Image.fromarray(g.astype(np.uint16) * 257), 10, 0)
+    np.testing.assert_array_equal(deep, np.repeat(g[None], 3, axis=0))
+    with pytest.raises(RuntimeInputError, match=r"images\[2\]"):
+        SeedRuntime._load_image(Image.fromarray(np.full((4, 4), 2.0, np.float32)), 4, 2)
