@@ -78,15 +78,58 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        msg = str(e)
-        if "Unsupported global" in msg or "Unsupported class" in msg or "Unsupported operand" in msg:
+        # Why it failed is read from the file, not from torch's wording (which changes between releases):
+        # an intact file whose pickle names objects beyond tensors was refused by the weights-only unpickler.
+        odd = [n for n in _pickled_globals(path) or [] if not n.startswith(_STATE_DICT_MODULES)]
+        if odd:
             raise CheckpointError(
-                f"{path} holds pickled objects other than tensors, so it is not a plain state dict; "
-                "refusing to unpickle it (re-save it with torch.save(model.state_dict()) or as safetensors)"
+                f"{path} holds pickled objects other than tensors (it names {', '.join(sorted(set(odd))[:5])}), "
+                "so it is not a plain state dict; refusing to unpickle it (re-save it with "
+                "torch.save(model.state_dict()) or as safetensors)"
             ) from None
-        first = next((line for line in msg.splitlines() if line.strip()), type(e).__name__)
-        raise CheckpointError(f"{path} is corrupt or truncated, or not a torch checkpoint: {first}") from None
+        raise CheckpointError(
+            f"{path} is corrupt or truncated, or not a torch checkpoint ({type(e).__name__})"
+        ) from None
     return _as_flat_state_dict(obj, path)
+
+
+# modules whose globals a plain state dict's pickle names (tensors, storages, OrderedDict)
+_STATE_DICT_MODULES = ("torch.", "collections.OrderedDict", "builtins.")
+
+
+def _pickled_globals(path: Path) -> list[str] | None:
+    """The `module.name` globals a torch file's pickles name, without running them; None when the file
+    is not intact (a damaged zip, a pickle that does not parse)."""
+    import io
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                if z.testzip() is not None:
+                    return None
+                pkl = [n for n in z.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
+                if len(pkl) != 1:
+                    return None
+                streams = [z.read(pkl[0])]
+                count = 1
+        else:  # the legacy format: magic number, protocol, system info, then the object
+            streams = [path.read_bytes()]
+            count = 4
+        names: list[str] = []
+        buf = io.BytesIO(streams[0])
+        for _ in range(count):
+            strings: list[str] = []
+            for op, arg, _pos in pickletools.genops(buf):
+                if op.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # pickletools raises ValueError and others on a damaged stream
+        return None
+    return names
 
 
 def _as_flat_state_dict(obj, path) -> dict[str, torch.Tensor]:

@@ -206,3 +206,24 @@ def test_bad_checkpoint_files(tmp_path, case, match):
 def test_lavis_wrapper_is_unwrapped(tmp_path):
     torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "x.pt")
     assert list(load_state_dict_file(tmp_path / "x.pt")) == ["w"]
+
+
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_malicious_pickle_is_refused_as_such(tmp_path, legacy):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.randn(3), "x": _RunsACommand(marker)}, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(
+        CheckpointError, match=r"pickled objects other than tensors \(it names (posix|os|nt)\.system\)"
+    ) as e:
+        load_state_dict_file(path)
+    assert "weights_only" not in str(e.value) and "corrupt" not in str(e.value)
+    assert not marker.exists()
