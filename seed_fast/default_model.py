@@ -133,6 +133,8 @@ def assemble(work: Path, dest: Path, *, recipe: dict, metrics: dict, llm_stage: 
     llm_stage: the run whose SeedLLM is shipped ("lora": the adapter stage, or "llm")."""
     work, dest = Path(work), Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
+    for folder in (dest, tmp):
+        check_replaceable(folder)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -147,7 +149,33 @@ def assemble(work: Path, dest: Path, *, recipe: dict, metrics: dict, llm_stage: 
     _half_safetensors(tmp)
     _portable_adapters(tmp / "llm")
     (tmp / "recipe.json").write_text(json.dumps({"recipe": recipe, "metrics": metrics}, indent=1))
-    if dest.exists():
-        shutil.rmtree(dest)
+    old = dest.with_name(dest.name + ".old")
+    if dest.exists():  # checked above: an earlier model folder (or an empty one)
+        check_replaceable(old)
+        if old.exists():
+            shutil.rmtree(old)
+        dest.replace(old)
     tmp.replace(dest)
+    if old.exists():
+        shutil.rmtree(old)
     return dest
+
+
+# what `assemble` writes into a model folder: it replaces a folder holding nothing else
+MODEL_FOLDER_ENTRIES = {"tokenizer", "llm", "decoder", "itc", "checker.safetensors", "recipe.json"}
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse to delete a folder this code did not write: it must be missing, empty, or hold only a
+    model folder's entries."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise DefaultModelError(f"{folder} exists and is not a folder; choose another destination")
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in MODEL_FOLDER_ENTRIES)
+    if extra:
+        shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise DefaultModelError(
+            f"{folder} exists and holds files a model folder does not ({shown}); it is left as it is: "
+            "choose another destination, or empty it"
+        )

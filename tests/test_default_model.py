@@ -271,3 +271,30 @@ def test_partial_folders_are_refused(tiny_model, tmp_path):
         check_folder(part)
     with pytest.raises(DefaultModelError, match="not a folder"):
         load_default(tmp_path / "absent")
+
+
+def test_install_replaces_only_an_earlier_model_folder(tiny_model, tmp_path):
+    work, dest = tiny_model
+    metrics = json.loads((dest / "recipe.json").read_text())["metrics"]
+    recipe = _tiny_recipe()
+    # a folder with the user's own files is left as it is
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DefaultModelError, match=r"holds files a model folder does not \(notes.txt\)"):
+        recipe_mod.install(work, mine, metrics, recipe)
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "mine.tmp").exists()
+    # and the command line says so before it trains anything
+    with pytest.raises(SystemExit):
+        recipe_mod.main(["--work", str(work), "--install", "--dest", str(mine), "--no-progress"])
+    assert (mine / "notes.txt").read_text() == "keep me"
+    # an earlier model folder is replaced; so is an empty folder
+    again = recipe_mod.install(work, tmp_path / "model", metrics, recipe)
+    (again / "recipe.json").write_text("{}")
+    recipe_mod.install(work, again, metrics, recipe)
+    assert json.loads((again / "recipe.json").read_text())["metrics"] == metrics
+    assert not (tmp_path / "model.old").exists() and not (tmp_path / "model.tmp").exists()
+    (tmp_path / "empty").mkdir()
+    recipe_mod.install(work, tmp_path / "empty", metrics, recipe)
+    assert (tmp_path / "empty" / "recipe.json").is_file()

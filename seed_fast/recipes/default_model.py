@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -454,6 +453,14 @@ def main(argv=None) -> int:
     else:
         base = with_pixel_decoder() if args.decoder == "pixel" else RECIPE
         recipe = for_this_machine(args.precision or "auto", base)
+    if args.install:  # refuse a destination holding other files now, not after the training
+        from ..default_model import DEFAULT_DIR, DefaultModelError, check_replaceable
+
+        dest = Path(args.dest) if args.dest else DEFAULT_DIR
+        try:
+            check_replaceable(dest)
+        except DefaultModelError as e:
+            p.error(f"--dest: {e}")
     used = sorted({st["precision"] for st in recipe.values() if isinstance(st, dict) and "precision" in st})
     print(f"[recipe] precision of the LLM, LoRA and decoder stages: {', '.join(used)}", flush=True)
     jobs = 1 if args.only else (args.jobs or _default_jobs(recipe))
@@ -479,12 +486,7 @@ def main(argv=None) -> int:
     if not args.only:
         metrics["run"] = {"wall_seconds": round(wall, 1), "jobs": jobs}
     if args.install:
-        from ..default_model import DEFAULT_DIR
-
-        dest = Path(args.dest) if args.dest else DEFAULT_DIR
-        if dest.exists():
-            shutil.rmtree(dest)
-        out = install(work, dest, metrics, recipe)
+        out = install(work, dest, metrics, recipe)  # replaces only an earlier model folder
         print(f"[recipe] installed into {out}")
     return 0
 
