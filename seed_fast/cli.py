@@ -303,6 +303,7 @@ def cmd_demo(args) -> int:
         cfg_scale=CODE_CFG if args.cfg_scale is None else args.cfg_scale,
         guidance=DECODER_GUIDANCE if args.guidance is None else args.guidance,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     print(f"demo done in {time.perf_counter() - t0:.0f} s")
     return 0
@@ -461,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", metavar="IMAGE", help="extra images to tokenize and caption")
     p.add_argument("--checkpoint", default=None, help="a model folder (default: the embedded model)")
     p.add_argument("--out", default="seed_fast_demo", help="report folder (default: ./seed_fast_demo)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier report in --out (default: keep it and write to <out>-2, -3, ...)",
+    )
     p.add_argument("--num-images", type=int, default=6, help="held-out synthetic scenes to show")
     p.add_argument("--eval-n", type=int, default=48, help="held-out scenes for the metrics table")
     p.add_argument("--steps", type=int, default=20, help="decoder diffusion steps")

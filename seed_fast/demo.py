@@ -188,6 +188,23 @@ def make_grid(rows: list[list], cell: int = 96):
     return grid
 
 
+REPORT_FILES = ("report.html", "grid.png", "metrics.json")
+
+
+def report_folder(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """out_dir, or the first `<out_dir>-N` holding none of the report's files (an earlier report is kept)."""
+    out = Path(out_dir)
+    if overwrite:
+        return out
+    n, folder = 1, out
+    while any((folder / f).exists() for f in REPORT_FILES):
+        n += 1
+        folder = out.with_name(f"{out.name}-{n}")
+    if folder != out:
+        print(f"{out} holds an earlier report; writing this one to {folder} (--overwrite replaces it)")
+    return folder
+
+
 def run_demo(
     m,
     out_dir: str | Path,
@@ -200,12 +217,16 @@ def run_demo(
     guidance: float = DECODER_GUIDANCE,
     cfg_scale: float = CODE_CFG,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
+    """The demo's console walk-through and its report (report.html, grid.png, metrics.json) in
+    out_dir. A folder holding an earlier report keeps it: the new one goes to the first free
+    `<out_dir>-2`, `-3`, ... unless overwrite is set."""
     from PIL import Image
 
     _check_cfg_scale(cfg_scale)
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    out = report_folder(out_dir, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     images, caps, facts, qas = test_scenes(n_images)
     names = [f"test scene {i}" for i in range(n_images)]

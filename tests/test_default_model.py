@@ -258,6 +258,15 @@ def test_the_installed_folder_loads_evaluates_and_demos(tiny_model, tmp_path):
     out = run_demo(m, tmp_path / "demo", n_images=2, eval_n=4, steps=2, progress=False)
     assert (tmp_path / "demo" / "report.html").read_text().count("<img") >= 2 + 2 + 4
     assert (tmp_path / "demo" / "grid.png").stat().st_size > 0 and "generation_objects_ok" in out
+    # a second run keeps the first report and writes beside it; --overwrite replaces it
+    first = {f: (tmp_path / "demo" / f).read_bytes() for f in ("report.html", "grid.png", "metrics.json")}
+    (tmp_path / "demo" / "notes.txt").write_text("mine")
+    run_demo(m, tmp_path / "demo", n_images=1, eval_n=2, steps=1, progress=False)
+    assert {f: (tmp_path / "demo" / f).read_bytes() for f in first} == first
+    assert (tmp_path / "demo-2" / "report.html").is_file()
+    run_demo(m, tmp_path / "demo", n_images=1, eval_n=2, steps=1, progress=False, overwrite=True)
+    assert (tmp_path / "demo" / "report.html").read_bytes() != first["report.html"]
+    assert (tmp_path / "demo" / "notes.txt").read_text() == "mine" and not (tmp_path / "demo-3").exists()
 
 
 def test_partial_folders_are_refused(tiny_model, tmp_path):
