@@ -280,8 +280,8 @@ def _cfg_scale(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 1.0:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (1 disables guidance), got {text}")
+    if not 1.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1 (1 disables guidance), got {text}")
     return value
 
 

@@ -84,7 +84,7 @@ def code_features(m, codes: torch.Tensor) -> torch.Tensor:
 
 
 def _check_cfg_scale(cfg_scale: float) -> None:
-    if not cfg_scale >= 1.0:
+    if not 1.0 <= cfg_scale < float("inf"):
         raise ValueError(f"cfg_scale must be >= 1 (1 disables the LLM's guidance), got {cfg_scale}")
 
 

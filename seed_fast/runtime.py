@@ -378,8 +378,8 @@ class SeedRuntime:
             texts = [texts]
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise RuntimeInputError("texts must be a non-empty list of non-empty strings")
-        if cfg_scale < 1.0:
-            raise RuntimeInputError(f"cfg_scale must be >= 1, got {cfg_scale}")
+        if not 1.0 <= cfg_scale < float("inf"):  # NaN and inf too
+            raise RuntimeInputError(f"cfg_scale must be a finite number >= 1, got {cfg_scale}")
         info = self._llm
         voc, tpl = info["image_vocab"], info["template"]
         boi, lo = voc["base"] + voc["num_codes"], voc["base"]

@@ -254,6 +254,8 @@ def test_the_installed_folder_loads_evaluates_and_demos(tiny_model, tmp_path):
         evaluate(m, 2, steps=1, cfg_scale=0.5, progress=False)
     with pytest.raises(ValueError, match="cfg_scale must be >= 1"):
         run_demo(m, tmp_path / "bad", cfg_scale=0.0, progress=False)
+    with pytest.raises(ValueError, match="cfg_scale must be >= 1"):
+        run_demo(m, tmp_path / "bad", cfg_scale=float("nan"), progress=False)
     assert not (tmp_path / "bad").exists()
     out = run_demo(m, tmp_path / "demo", n_images=2, eval_n=4, steps=2, progress=False)
     assert (tmp_path / "demo" / "report.html").read_text().count("<img") >= 2 + 2 + 4

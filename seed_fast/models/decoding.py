@@ -113,12 +113,19 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature > 0:
-        raise InputError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < float("inf"):  # also refuses NaN
+        raise InputError(f"temperature must be a finite number > 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise InputError(f"top_k must be >= 1 (or None), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise InputError(f"top_p must lie in (0, 1] (or None), got {top_p}")
+
+
+def check_cfg_scale(cfg_scale: float) -> None:
+    """Classifier-free guidance scale: finite and >= 1 (1 disables guidance). NaN would turn guidance off
+    silently and inf would score every code NaN."""
+    if not 1.0 <= cfg_scale < float("inf"):
+        raise InputError(f"cfg_scale must be a finite number >= 1 (1 disables guidance), got {cfg_scale}")
 
 
 def filter_logits(

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError
-from .decoding import KVDecoder, check_sampling, left_pad, pick
+from .decoding import KVDecoder, check_cfg_scale, check_sampling, left_pad, pick
 from .preprocess import InputError, check_codes
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -679,8 +679,7 @@ class SeedLLM(nn.Module):
             raise InputError(f"num_beams must be >= 1, got {num_beams}")
         if num_beams > 1 and do_sample:
             raise InputError("beam search is deterministic: use num_beams=1 with do_sample=True")
-        if cfg_scale < 1.0:
-            raise InputError(f"cfg_scale must be >= 1 (1 disables guidance), got {cfg_scale}")
+        check_cfg_scale(cfg_scale)
         b, nb, n_tok, lo = len(rows), num_beams, self.tokens_per_image, self.vocab.base
         hi = lo + self.vocab.num_codes
         guided = cfg_scale > 1.0

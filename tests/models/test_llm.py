@@ -292,6 +292,10 @@ def test_generation_argument_errors(llm):
         (dict(num_beams=0), "num_beams"),
         (dict(num_beams=2, do_sample=True), "beam search"),
         (dict(cfg_scale=0.5), "cfg_scale"),
+        (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number >= 1"),
+        (dict(cfg_scale=float("inf")), "cfg_scale must be a finite number >= 1"),
+        (dict(do_sample=True, temperature=float("nan")), "temperature must be a finite number > 0"),
+        (dict(do_sample=True, temperature=float("inf")), "temperature"),
     ]:
         with pytest.raises(InputError, match=msg):
             llm.generate_image_codes(["red"], **kw)
