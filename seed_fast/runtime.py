@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .images import ImageModeError, to_rgb
 
 MANIFEST = "seed_fast_onnx.json"
 IMAGE_PLACEHOLDER = "<image>"
+_IMAGE_TOKEN_TEXT = re.compile(r"</?img>|<img_\d+>")  # what the tokenizer would read as image-vocabulary tokens
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
@@ -271,6 +273,12 @@ class SeedRuntime:
             raise RuntimeInputError(
                 f"prompt has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
                 f"but {n_images} image(s): {text!r}"
+            )
+        typed = _IMAGE_TOKEN_TEXT.search(text)
+        if typed:
+            raise RuntimeInputError(
+                f"prompt contains {typed.group(0)!r}, an image token's text; images enter a prompt as codes "
+                f"at {IMAGE_PLACEHOLDER} placeholders, never as typed text: {text!r}"
             )
         if chat:
             text = tpl["chat"].format(prompt=text)

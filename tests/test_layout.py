@@ -98,3 +98,48 @@ def test_sdist_and_wheel_hold_the_source_folders(tmp_path):
                 f"seed_fast/{folder}/{f.name} missing from the wheel"
             )
     assert not (lib / "kernels").exists() and not (lib / "export").exists()
+
+
+def _declared_floors():
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        reqs += extra
+    floors = {}
+    for line in reqs:
+        req = Requirement(line)
+        for spec in req.specifier:
+            if spec.operator == ">=":
+                floors.setdefault(req.name.lower(), set()).add(spec.version)
+    return floors
+
+
+def test_floors_file_pins_every_declared_floor():
+    """`make test-floors` installs tests/floors.txt: it must pin exactly the floors pyproject.toml declares."""
+    pins = {}
+    for line in (ROOT / "tests" / "floors.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"tests/floors.txt: {line!r} is not a name==version pin"
+            pins[name.strip().lower()] = version.strip()
+    for name, versions in _declared_floors().items():
+        if name in ("pytest", "setuptools", "tensorrt", "onnxruntime-gpu"):
+            continue  # the test runner, the build tool, and GPU-only packages this machine cannot run
+        assert len(versions) == 1, f"{name} has several floors in pyproject.toml: {sorted(versions)}"
+        assert pins.get(name) == next(iter(versions)), (
+            f"pyproject.toml declares {name}>={next(iter(versions))}, tests/floors.txt pins {pins.get(name)}"
+        )
+
+
+def test_no_extra_mixes_onnxruntime_builds():
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name, reqs in extras.items():
+        names = {Requirement(r).name.lower() for r in reqs}
+        assert not {"onnxruntime", "onnxruntime-gpu"} <= names, f"extra [{name}] installs both onnxruntime builds"

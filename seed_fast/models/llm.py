@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from .decoding import KVDecoder, check_cfg_scale, check_sampling, left_pad, pick
 from .preprocess import InputError, check_codes
 
 IMAGE_PLACEHOLDER = "<image>"
+_IMAGE_TOKEN_TEXT = re.compile(r"</?img>|<img_\d+>")  # what the tokenizer would read as image-vocabulary tokens
 _MAX_IDLE_DECODERS = 4  # static caches kept between calls (each holds a full-length KV cache)
 BOI_TOKEN, EOI_TOKEN = "<img>", "</img>"
 
@@ -467,6 +469,12 @@ class SeedLLM(nn.Module):
             raise InputError(
                 f"{where} has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
                 f"but {n_images} image(s) were given: {text!r}"
+            )
+        typed = _IMAGE_TOKEN_TEXT.search(text)
+        if typed:
+            raise InputError(
+                f"{where} contains {typed.group(0)!r}, an image token's text; images enter a prompt through "
+                f"images= / codes= at {IMAGE_PLACEHOLDER} placeholders, never as typed text: {text!r}"
             )
         if chat:
             text = self.template.chat.format(prompt=text)

@@ -88,6 +88,7 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path):
         (lambda: rt.answer(["a", "b"], codes=np.zeros((1, 32), np.int64)), "question"),
         (lambda: rt.generate_codes([""]), "non-empty"),
         (lambda: rt.generate_codes(["x"], cfg_scale=0.5), "cfg_scale"),
+        (lambda: rt.generate_codes(["two <img_00003> circles"]), "an image token's text"),
         (lambda: rt.generate_codes(["x"], cfg_scale=float("nan")), "cfg_scale must be a finite number"),
         (lambda: rt.generate_codes(["x"], cfg_scale=float("inf")), "cfg_scale must be a finite number"),
         (lambda: rt.render(np.zeros((1, 5), np.float32)), "embeddings must be"),

@@ -463,3 +463,14 @@ def test_cuda_graph_decode_on_gpu():
     for _ in range(3):  # replays
         assert llm.generate_ids(rows, max_new_tokens=10, stop_ids=()) == eager
     assert llm.generate_image_codes(["red circle"]).shape == (1, 32)
+
+
+@pytest.mark.parametrize("typed", ["<img>", "</img>", "<img_00005>", "a <img_42> b"])
+def test_image_tokens_typed_in_a_prompt_are_refused(llm, typed):
+    with pytest.raises(InputError, match="an image token's text"):
+        llm.generate_image_codes([f"two red circles {typed}"])
+    with pytest.raises(InputError, match="an image token's text"):
+        llm.generate_text([typed])
+    assert llm.generate_text(
+        ["<image> is not typed here"], codes=[torch.zeros(1, 32, dtype=torch.long)], max_new_tokens=2
+    )
