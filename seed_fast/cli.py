@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--config", default="tiny", help="preset for random weights when no checkpoint is given (default: tiny)"
     )
     g.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
 
 
@@ -141,9 +142,9 @@ def _add_llm_args(p: argparse.ArgumentParser) -> None:
         "--preset", default="tiny-llama", help="random LM preset when no --llm is given (default: tiny-llama)"
     )
     g.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling (default: 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
 
 
 def _load_llm(args, *, need_diffusion: bool = False):
@@ -273,6 +274,43 @@ def _load_model(args):
         return load_default(args.checkpoint)
     except DefaultModelError as e:
         raise SystemExit(f"seed-fast {args.command}: {e}") from None
+
+
+def _int(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _int(text, 1, ">= 1")
+
+
+def _non_negative_int(text: str) -> int:
+    return _int(text, 0, ">= 0")
+
+
+def _device(text: str) -> str:
+    """A torch device this machine has: checked here, not as an error deep inside the first kernel."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise argparse.ArgumentTypeError(f"{text}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu" and dev.type != "mps":
+        raise argparse.ArgumentTypeError(f"{text}: seed-fast runs on cpu or cuda devices")
+    return text
 
 
 def _cfg_scale(text: str) -> float:
@@ -413,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenize", help="print the 32 codes of each image")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--json", action="store_true", help="print JSON [{image, codes}]")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     _add_model_args(p)
     p.set_defaults(func=cmd_tokenize)
 
@@ -436,16 +474,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.add_argument("--out", required=True, metavar="DIR", help="writes codes.json and one PNG per text")
     p.add_argument("--tokens-only", action="store_true", help="only the codes: no diffusion pipeline needed")
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-beams", type=_positive_int, default=1)
     p.add_argument("--cfg-scale", type=float, default=1.0, help="LLM-side classifier-free guidance (1 = off)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=_positive_int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--steps", type=int, default=20, help="diffusion steps (default: 20)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="diffusion steps (default: 20)")
     p.add_argument("--guidance", type=float, default=10.0, help="diffusion guidance scale (default: 10)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=_positive_int, default=None)
+    p.add_argument("--width", type=_positive_int, default=None)
     _add_llm_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -467,9 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an earlier report in --out (default: keep it and write to <out>-2, -3, ...)",
     )
-    p.add_argument("--num-images", type=int, default=6, help="held-out synthetic scenes to show")
-    p.add_argument("--eval-n", type=int, default=48, help="held-out scenes for the metrics table")
-    p.add_argument("--steps", type=int, default=20, help="decoder diffusion steps")
+    p.add_argument("--num-images", type=_non_negative_int, default=6, help="held-out synthetic scenes to show")
+    p.add_argument("--eval-n", type=_positive_int, default=48, help="held-out scenes for the metrics table")
+    p.add_argument("--steps", type=_positive_int, default=20, help="decoder diffusion steps")
     p.add_argument(
         "--cfg-scale",
         type=_cfg_scale,
@@ -503,9 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, metavar="DIR")
     q.add_argument("--part", nargs="+", default=None, help="default: every exported part")
     q.add_argument("--fp32", action="store_true", help="no fp16 layers")
-    q.add_argument("--max-batch", type=int, default=8)
-    q.add_argument("--opt-batch", type=int, default=1)
-    q.add_argument("--max-seq", type=int, default=512, help="LLM: new tokens and past length up to this")
+    q.add_argument("--max-batch", type=_positive_int, default=8)
+    q.add_argument("--opt-batch", type=_positive_int, default=1)
+    q.add_argument("--max-seq", type=_positive_int, default=512, help="LLM: new tokens and past length up to this")
     q.add_argument("--workspace-gb", type=float, default=4.0)
 
     sub.add_parser(
@@ -519,11 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="retrieval / caption / generation metrics of a model on held-out scenes")
     p.add_argument("--checkpoint", default=None, help="a model folder (default: the embedded model)")
-    p.add_argument("--n", type=int, default=256, help="held-out scenes (default 256)")
+    p.add_argument("--n", type=_positive_int, default=256, help="held-out scenes (default 256)")
     p.add_argument(
-        "--n-generation", type=int, default=None, help="of them, drawn for generation / reconstruction (default all)"
+        "--n-generation",
+        type=_positive_int,
+        default=None,
+        help="of them, drawn for generation / reconstruction (default all)",
     )
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=_positive_int, default=20)
     p.add_argument(
         "--cfg-scale",
         type=_cfg_scale,
@@ -574,7 +615,22 @@ def main(argv=None) -> int:
         mod = runpy.run_path(str(script), run_name="seed_fast_bench")
         return mod["main"](argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, _unreadable_image()) as e:
+        # a user's mistake (every seed_fast input and checkpoint error is a ValueError or FileNotFoundError):
+        # one line, not a traceback; SEED_FAST_TRACEBACK=1 shows where it came from
+        if os.environ.get("SEED_FAST_TRACEBACK") == "1":
+            raise
+        command = " ".join(argv[:2]) if argv[:1] in (["train"], ["export"]) else argv[0]
+        message = str(e) or type(e).__name__
+        raise SystemExit(f"seed-fast {command}: error: {message}") from None
+
+
+def _unreadable_image() -> type[Exception]:
+    from PIL import UnidentifiedImageError
+
+    return UnidentifiedImageError
 
 
 if __name__ == "__main__":

@@ -225,6 +225,8 @@ def run_demo(
     from PIL import Image
 
     _check_cfg_scale(cfg_scale)
+    if n_images < 0 or (n_images == 0 and not image_paths):
+        raise ValueError(f"nothing to show: n_images={n_images} and no image paths given")
     t0 = time.perf_counter()
     out = report_folder(out_dir, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)

@@ -104,4 +104,4 @@ def test_a_bad_guidance_scale_is_refused_before_loading(command, value, flag, ca
     with pytest.raises(SystemExit):
         main([command, flag, value, "--checkpoint", "/nonexistent"])
     err = capsys.readouterr().err
-    assert flag in err and ("must be >= 1" in err or "not a number" in err)
+    assert flag in err and ("must be a finite number >= 1" in err or "not a number" in err)
