@@ -88,11 +88,17 @@ def _want_cuda() -> bool:
     return not reasons
 
 
+# commands that compile the extensions; metadata and sdist commands (egg_info, sdist) build nothing
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install", "bdist_egg"}
+
+
 def _record_build(info: dict) -> None:
-    """Why an optional extension was skipped, for `python -m seed_fast.info` (not tracked by git)."""
+    """Why an optional extension was skipped, for `python -m seed_fast.info` (not tracked by git);
+    written only by a command that builds, so that making an sdist leaves the checkout's record alone."""
     import json
 
-    (ROOT / "seed_fast" / "_build_info.json").write_text(json.dumps(info))
+    if _BUILD_COMMANDS & set(sys.argv[1:]):
+        (ROOT / "seed_fast" / "_build_info.json").write_text(json.dumps(info))
 
 
 cxx_flags = ["-O3"]  # the C++ standard is chosen by torch's BuildExtension (C++20 from torch 2.14)
