@@ -14,7 +14,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "setuptools>=64" wheel ninja
+	$(PY) -m pip install -q --upgrade "setuptools>=77" wheel ninja
 
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install -q "$(TORCH)"

@@ -119,6 +119,8 @@ def _declared_floors():
 
 def test_floors_file_pins_every_declared_floor():
     """`make test-floors` installs tests/floors.txt: it must pin exactly the floors pyproject.toml declares."""
+    from packaging.version import Version
+
     pins = {}
     for line in (ROOT / "tests" / "floors.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -130,7 +132,7 @@ def test_floors_file_pins_every_declared_floor():
         if name in ("pytest", "setuptools", "tensorrt", "onnxruntime-gpu"):
             continue  # the test runner, the build tool, and GPU-only packages this machine cannot run
         assert len(versions) == 1, f"{name} has several floors in pyproject.toml: {sorted(versions)}"
-        assert pins.get(name) == next(iter(versions)), (
+        assert name in pins and Version(pins[name]) == Version(next(iter(versions))), (
             f"pyproject.toml declares {name}>={next(iter(versions))}, tests/floors.txt pins {pins.get(name)}"
         )
 
