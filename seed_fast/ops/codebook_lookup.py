@@ -191,6 +191,7 @@ def vector_quantize_ref(
     Returns (z_st, indices, loss): z_st = z + sg[z_q - z] (straight-through), and the released
     "legacy" loss mean((sg[z_q] - z)^2) + beta * mean((z_q - sg[z])^2).
     """
+    _check_vq_inputs(z, beta)
     indices, z_q = codebook_lookup_ref(z, codebook)
     loss = F.mse_loss(z, z_q.detach()) + beta * F.mse_loss(z_q, z.detach())
     z_st = z + (z_q - z).detach()
@@ -234,7 +235,18 @@ def vector_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SEED's quantization step: fused lookup, straight-through output and legacy VQ loss in one
     autograd node (forward and backward equal `vector_quantize_ref`)."""
+    _check_vq_inputs(z, beta)
     return _VectorQuantize.apply(z, codebook, float(beta), impl)
+
+
+def _check_vq_inputs(z: torch.Tensor, beta: float) -> None:
+    # the loss is a mean over z's elements: an empty batch has none, and would give NaN
+    if isinstance(z, torch.Tensor) and z.numel() == 0:
+        raise ValueError(
+            f"vector_quantize: z holds no vectors (shape {tuple(z.shape)}); the loss of an empty batch is undefined"
+        )
+    if not 0.0 <= float(beta) < float("inf"):
+        raise ValueError(f"vector_quantize: beta must be a finite number >= 0, got {beta}")
 
 
 def _check_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:

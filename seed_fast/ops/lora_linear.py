@@ -85,7 +85,7 @@ def lora_linear_ref(
     dropout_p > 0 needs `seed`: the kept elements are `lora_dropout_mask(seed, N, in, p)` over the
     flattened rows, scaled by 1 / (1 - p). Returns (..., out) in x's dtype.
     """
-    _check(x, weight, bias, lora_A, lora_B, dropout_p, seed)
+    _check(x, weight, bias, lora_A, lora_B, dropout_p, seed, scaling)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     flat = x.reshape(-1, x.shape[-1]).to(acc)
     y = flat @ weight.to(acc).t()
@@ -320,7 +320,7 @@ def lora_linear(
         x, weight, bias, lora_A, lora_B = _cast(amp, x, weight, bias, lora_A, lora_B)
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed, impl=impl)
-    _check(x, weight, bias, lora_A, lora_B, dropout_p, seed)
+    _check(x, weight, bias, lora_A, lora_B, dropout_p, seed, scaling)
     chosen = choose_impl(x, weight, lora_A, impl)
     if _dispatch._logs:
         _dispatch.note("lora_linear", chosen)
@@ -344,7 +344,9 @@ def _cast(dtype: torch.dtype, *tensors):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
-def _check(x, weight, bias, lora_A, lora_B, dropout_p, seed) -> None:
+def _check(x, weight, bias, lora_A, lora_B, dropout_p, seed, scaling) -> None:
+    if isinstance(scaling, torch.Tensor) or not -float("inf") < float(scaling) < float("inf"):
+        raise ValueError(f"lora_linear: scaling must be a finite Python number, got {scaling}")
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"lora_linear: {name} must be a tensor")
@@ -395,7 +397,7 @@ def _check_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings) -> to
             f"lora_linear_multi: B_stack must be (n_adapters, out, r) = ({n}, {weight.shape[0]}, {r}), "
             f"got {tuple(B_stack.shape)}"
         )
-    _check(x, weight, bias, A_stack[0], B_stack[0], 0.0, None)
+    _check(x, weight, bias, A_stack[0], B_stack[0], 0.0, None, 1.0)
     if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError("lora_linear_multi: adapter_ids must be an int32 / int64 tensor")
     if adapter_ids.dim() != 1 or x.dim() < 2 or adapter_ids.shape[0] != x.shape[0]:

@@ -270,6 +270,17 @@ def test_bad_input_general():
         codebook_lookup(torch.randn(4, 8), torch.empty(16, 8, device="meta"))
 
 
+@pytest.mark.parametrize("vq", [vector_quantize, vector_quantize_ref])
+def test_vector_quantize_refuses_an_empty_batch_and_a_bad_beta(vq):
+    book = torch.randn(16, 8)
+    with pytest.raises(ValueError, match=r"z holds no vectors \(shape \(0, 8\)\)"):
+        vq(torch.randn(0, 8), book)
+    for beta in (float("nan"), float("inf"), -0.1):
+        with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
+            vq(torch.randn(3, 8), book, beta)
+    assert torch.isfinite(vq(torch.randn(3, 8), book)[2])
+
+
 def test_reference_chunking_does_not_change_the_result(monkeypatch):
     z, book = torch.randn(101, 8), torch.randn(77, 8)
     full, _ = codebook_lookup_ref(z, book)

@@ -148,6 +148,10 @@ def test_autocast_computes_in_the_autocast_dtype_and_grads_reach_fp32_weights(im
 
 def test_errors():
     x, w, b, a, bb = _make(3, 8, 6, 2, torch.float32, seed=8)
+    for bad in (float("nan"), float("inf")):
+        for fn in (lora_linear, lora_linear_ref):
+            with pytest.raises(ValueError, match="scaling must be a finite Python number"):
+                fn(x, w, b, a, bb, bad)
     with pytest.raises(ValueError, match="lora_B must be"):
         lora_linear(x, w, b, a, bb[:, :1], 1.0)
     with pytest.raises(ValueError, match="lora_A must be"):
