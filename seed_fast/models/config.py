@@ -109,6 +109,14 @@ class TokenizerConfig:
     def validate(self) -> None:
         v, q, z, d = self.vision, self.qformer, self.quantizer, self.detokenizer
         problems = []
+        for name, cls in _SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, cls):
+                problems.append(f"{name} must be an object of fields, got {type(section).__name__}")
+            else:
+                problems += _field_problems(section, name)
+        if problems:  # the checks below assume the right types
+            raise ValueError("invalid TokenizerConfig: " + "; ".join(problems))
         if v.image_size % v.patch_size:
             problems.append(f"vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
         if v.width % v.heads:
@@ -149,7 +157,48 @@ _SECTIONS = {
 }
 
 
+# integer fields that may be 0 (everything else counted must be >= 1)
+_MAY_BE_ZERO = {("detokenizer", "depth")}
+# float fields that may be 0 (the others must be > 0)
+_FLOAT_MAY_BE_ZERO = {("quantizer", "beta")}
+
+
+def _field_problems(section, where: str) -> list[str]:
+    """Each field of a config section against its annotation: the type, and the range a size has."""
+    import math
+    import typing
+
+    hints = typing.get_type_hints(type(section))
+    problems = []
+    for f in dataclasses.fields(section):
+        value, kind, name = getattr(section, f.name), hints[f.name], f"{where}.{f.name}"
+        if kind is int:
+            low = 0 if (where, f.name) in _MAY_BE_ZERO else 1
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append(f"{name} must be an integer, got {value!r}")
+            elif value < low:
+                problems.append(f"{name} must be >= {low}, got {value}")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value!r}")
+            elif value < 0 or (value == 0 and (where, f.name) not in _FLOAT_MAY_BE_ZERO):
+                problems.append(f"{name} must be > 0, got {value}")
+        elif kind is bool and not isinstance(value, bool):
+            problems.append(f"{name} must be true or false, got {value!r}")
+        elif kind == (bool | None) and value is not None and not isinstance(value, bool):
+            problems.append(f"{name} must be true, false or null, got {value!r}")
+        elif kind is str and not isinstance(value, str):
+            problems.append(f"{name} must be a string, got {value!r}")
+        elif kind == tuple[int, ...] and not (
+            isinstance(value, tuple) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value)
+        ):
+            problems.append(f"{name} must be a list of integers >= 1, got {value!r}")
+    return problems
+
+
 def _from_dict(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be an object of fields, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -243,11 +243,17 @@ class SeedTokenizer(nn.Module):
             raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
         if not isinstance(meta, dict) or "config" not in meta:
             raise CheckpointError(f"{cfg_path} has no 'config' entry; is this a seed_fast tokenizer folder?")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
+        version = meta.get("format_version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise CheckpointError(f"{cfg_path}: format_version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"{cfg_path} has format_version {meta['format_version']}; this seed_fast reads <= {FORMAT_VERSION}"
             )
-        cfg = TokenizerConfig.from_dict(meta["config"])
+        try:
+            cfg = TokenizerConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{cfg_path}: {e}") from None
         sd = load_state_dict_file(w_path)
         return cls._finish_load(cls._empty(cfg), sd, strict=strict, report=LoadReport())
 

@@ -227,3 +227,28 @@ def test_a_malicious_pickle_is_refused_as_such(tmp_path, legacy):
         load_state_dict_file(path)
     assert "weights_only" not in str(e.value) and "corrupt" not in str(e.value)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m.update(format_version="2"), r"format_version must be an integer, got '2'"),
+        (lambda m: m["config"]["qformer"].update(heads=0), r"qformer.heads must be >= 1, got 0"),
+        (lambda m: m["config"]["qformer"].update(num_queries=-4), r"qformer.num_queries must be >= 1, got -4"),
+        (lambda m: m["config"]["vision"].update(width="96"), r"vision.width must be an integer, got '96'"),
+        (lambda m: m["config"]["quantizer"].update(beta=None), r"quantizer.beta must be a finite number"),
+        (lambda m: m["config"]["detokenizer"].update(down_dims=[32, 0]), r"detokenizer.down_dims must be a list"),
+        (lambda m: m["config"].update(qformer=[1, 2]), r"qformer must be an object of fields"),
+        (lambda m: m["config"]["qformer"].update(causal="yes"), r"qformer.causal must be true, false or null"),
+    ],
+)
+def test_a_config_with_wrong_types_or_ranges_is_refused(tiny_tok, tmp_path, edit, match):
+    import json
+
+    tiny_tok.save_pretrained(tmp_path / "t")
+    cfg = tmp_path / "t" / "config.json"
+    meta = json.loads(cfg.read_text())
+    edit(meta)
+    cfg.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=match):
+        SeedTokenizer.from_pretrained(tmp_path / "t")
