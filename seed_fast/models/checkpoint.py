@@ -312,14 +312,22 @@ def load_into(
     allow_missing: prefixes of model keys that may stay at their initial values (heads a file lacks).
     """
     own = model.state_dict()
-    to_load = {}
+    to_load, non_finite = {}, []
     for key, value in mapped.items():
         if key not in own:
             report.unexpected.append(key)
         elif tuple(own[key].shape) != tuple(value.shape):
             report.mismatched.append(f"{key}: file {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        elif own[key].is_floating_point() != value.is_floating_point():
+            # an integer tensor where the model holds floats (or the reverse) is not these weights
+            report.mismatched.append(f"{key}: file {value.dtype} vs model {own[key].dtype}")
         else:
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                non_finite.append(key)
             to_load[key] = value
+    if non_finite:  # never useful, and otherwise blamed on the input at the first forward
+        shown = ", ".join(non_finite[:5]) + (f" and {len(non_finite) - 5} more" if len(non_finite) > 5 else "")
+        raise CheckpointError(f"checkpoint weights hold NaN or inf values: {shown}")
     report.missing.extend(k for k in own if k not in mapped and not k.startswith(tuple(allow_missing)))
     if strict and not report.ok():
         raise CheckpointError("checkpoint does not match the model: " + report.summary())

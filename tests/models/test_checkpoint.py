@@ -252,3 +252,24 @@ def test_a_config_with_wrong_types_or_ranges_is_refused(tiny_tok, tmp_path, edit
     cfg.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=match):
         SeedTokenizer.from_pretrained(tmp_path / "t")
+
+
+def test_weights_of_the_wrong_kind_or_not_finite_are_refused(tiny_tok, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_tok.save_pretrained(tmp_path / "t")
+    weights = tmp_path / "t" / "model.safetensors"
+    good = load_file(str(weights))
+    key = next(k for k, v in good.items() if v.is_floating_point() and v.dim() == 2)
+    save_file({**good, key: good[key].round().to(torch.int64)}, str(weights))
+    with pytest.raises(CheckpointError, match=rf"{key}: file torch.int64 vs model torch.float32"):
+        SeedTokenizer.from_pretrained(tmp_path / "t")
+    bad = good[key].clone()
+    bad[0, 0] = float("nan")
+    save_file({**good, key: bad}, str(weights))
+    with pytest.raises(CheckpointError, match=rf"NaN or inf values: {key}"):
+        SeedTokenizer.from_pretrained(tmp_path / "t")
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        SeedTokenizer.from_pretrained(tmp_path / "t", strict=False)
+    save_file(good, str(weights))
+    assert SeedTokenizer.from_pretrained(tmp_path / "t").load_report.ok()
