@@ -33,7 +33,7 @@ def run_from_args(args) -> int:
         data = cfg.to_dict()
         if args.out:
             data["out"] = args.out
-        if args.steps:
+        if args.steps is not None:  # 0 too: the config's check refuses it, never ignores it
             data["steps"] = args.steps
         if data["stage"] != args.stage:
             raise ConfigError(f"the command says {args.stage} but {args.config} has stage {data['stage']!r}")

@@ -89,6 +89,8 @@ def test_cli_reports_bad_config_and_stage_mismatch(tmp_path, capsys):
     assert "steps must be >= 1" in capsys.readouterr().err
     assert main(["stage1", "--config", str(_write(tmp_path, _cfg(tmp_path / "r")))]) == 2
     assert "the command says stage1" in capsys.readouterr().err
+    assert main(["stage2", "--config", str(_write(tmp_path, _cfg(tmp_path / "r"))), "--steps", "0"]) == 2
+    assert "steps must be >= 1, got 0" in capsys.readouterr().err and not (tmp_path / "r").exists()
     assert main(["stage2", "--config", str(tmp_path / "missing.json")]) == 2
     (tmp_path / "broken.json").write_text("{not json")
     assert main(["stage2", "--config", str(tmp_path / "broken.json")]) == 2
