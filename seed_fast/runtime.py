@@ -223,6 +223,8 @@ class SeedRuntime:
             im = Image.open(im)
         if not isinstance(im, Image.Image):
             raise RuntimeInputError(f"images[{i}] is a {type(im).__name__}; a list must hold PIL images or file paths")
+        if im.width == 0 or im.height == 0:
+            raise RuntimeInputError(f"images[{i}] is empty ({im.width}x{im.height})")
         try:
             im = to_rgb(im, f"images[{i}]")
         except ImageModeError as e:
@@ -302,11 +304,17 @@ class SeedRuntime:
         present = {n.replace("present_", "past_", 1): v for n, v in zip(names, out[1:])}
         return out[0], present
 
-    def _prefill(self, rows: list[list[int]]):
+    def _prefill(self, rows: list[list[int]], new_tokens: int):
+        """Left-padded ids, mask and positions; refuses prompts that leave no room for new_tokens within
+        the model's positions (as SeedLLM does)."""
         ids, mask = left_pad(rows, self._llm["pad_id"] if self._llm["pad_id"] is not None else 0)
         pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
         limit = self._llm.get("max_positions")
-        return ids, mask, pos, limit
+        if limit is not None and ids.shape[1] + new_tokens > limit:
+            raise RuntimeInputError(
+                f"prompt + new tokens = {ids.shape[1] + new_tokens} exceeds the model's {limit} positions"
+            )
+        return ids, mask, pos
 
     def generate_ids(
         self, rows: list[list[int]], *, max_new_tokens: int = 32, suppress_image_tokens: bool = True
@@ -318,11 +326,7 @@ class SeedRuntime:
             raise RuntimeInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         info = self._llm
         voc = info["image_vocab"]
-        ids, mask, pos, limit = self._prefill(rows)
-        if limit is not None and ids.shape[1] + max_new_tokens > limit:
-            raise RuntimeInputError(
-                f"prompt + new tokens = {ids.shape[1] + max_new_tokens} exceeds the model's {limit} positions"
-            )
+        ids, mask, pos = self._prefill(rows, max_new_tokens)
         logits, past = self._lm_step(ids, mask, pos, self._past(len(rows)))
         eos = info["eos_id"]
         out = np.zeros((len(rows), max_new_tokens), dtype=np.int64)
@@ -397,7 +401,7 @@ class SeedRuntime:
         if guided:
             bos = [info["bos_id"]] if tpl["add_bos"] and info["bos_id"] is not None else []
             rows += [bos + [boi]] * len(texts)
-        ids, mask, pos, _ = self._prefill(rows)
+        ids, mask, pos = self._prefill(rows, voc["tokens_per_image"])
         logits, past = self._lm_step(ids, mask, pos, self._past(len(rows)))
         b, n_tok = len(texts), voc["tokens_per_image"]
         codes = np.zeros((b, n_tok), dtype=np.int64)

@@ -89,6 +89,8 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path):
         (lambda: rt.generate_codes([""]), "non-empty"),
         (lambda: rt.generate_codes(["x"], cfg_scale=0.5), "cfg_scale"),
         (lambda: rt.generate_codes(["two <img_00003> circles"]), "an image token's text"),
+        (lambda: rt.generate_codes(["red " * 5000]), "exceeds the model's .* positions"),
+        (lambda: rt.caption(codes=np.zeros((1, 32), np.int64), prompt="red " * 5000), "exceeds the model's"),
         (lambda: rt.generate_codes(["x"], cfg_scale=float("nan")), "cfg_scale must be a finite number"),
         (lambda: rt.generate_codes(["x"], cfg_scale=float("inf")), "cfg_scale must be a finite number"),
         (lambda: rt.render(np.zeros((1, 5), np.float32)), "embeddings must be"),

@@ -96,5 +96,7 @@ def test_the_runtime_reads_deep_images_the_same_way():
     g = _gray8(rng, (10, 10))
     deep = SeedRuntime._load_image(Image.fromarray(g.astype(np.uint16) * 257), 10, 0)
     np.testing.assert_array_equal(deep, np.repeat(g[None], 3, axis=0))
+    with pytest.raises(RuntimeInputError, match=r"images\[1\] is empty \(0x0\)"):
+        SeedRuntime._load_image(Image.new("RGB", (0, 0)), 4, 1)
     with pytest.raises(RuntimeInputError, match=r"images\[2\]"):
         SeedRuntime._load_image(Image.fromarray(np.full((4, 4), 2.0, np.float32)), 4, 2)
