@@ -614,13 +614,15 @@ def main(argv=None) -> int:
 
         mod = runpy.run_path(str(script), run_name="seed_fast_bench")
         return mod["main"](argv[1:])
+    debug = "--debug" in argv  # anywhere on the line: show the traceback of an error
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, _unreadable_image()) as e:
         # a user's mistake (every seed_fast input and checkpoint error is a ValueError or FileNotFoundError):
-        # one line, not a traceback; SEED_FAST_TRACEBACK=1 shows where it came from
-        if os.environ.get("SEED_FAST_TRACEBACK") == "1":
+        # one line, not a traceback; --debug (or SEED_FAST_TRACEBACK=1) shows where it came from
+        if debug or os.environ.get("SEED_FAST_TRACEBACK") == "1":
             raise
         command = " ".join(argv[:2]) if argv[:1] in (["train"], ["export"]) else argv[0]
         message = str(e) or type(e).__name__

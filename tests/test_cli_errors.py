@@ -54,6 +54,8 @@ def test_user_errors_are_one_line(files, capsys, argv, message):
 
 
 def test_tracebacks_on_request(files, monkeypatch):
+    with pytest.raises(ValueError, match="unknown tokenizer preset"):
+        main(["tokenize", f"{files}/ok.png", "--config", "nosuch", "--debug"])
     monkeypatch.setenv("SEED_FAST_TRACEBACK", "1")
     with pytest.raises(ValueError, match="unknown tokenizer preset"):
         main(["tokenize", f"{files}/ok.png", "--config", "nosuch"])

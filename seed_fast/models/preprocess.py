@@ -40,7 +40,9 @@ def images_to_tensor(images, size: int) -> torch.Tensor:
     if isinstance(images, (list, tuple)):
         return _pil_list_to_tensor(images, size)
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
+        if images.dtype == object or not (np.issubdtype(images.dtype, np.number) or images.dtype == np.bool_):
+            raise InputError(f"images as a numpy array must hold numbers (uint8 or float), got dtype {images.dtype}")
+        images = torch.from_numpy(np.ascontiguousarray(images))  # negative strides (a flipped view) too
     if not isinstance(images, torch.Tensor):
         raise InputError(f"images must be a tensor (B, 3, H, W) or a list of PIL images, got {type(images).__name__}")
     if images.dim() != 4:

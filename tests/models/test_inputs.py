@@ -26,6 +26,8 @@ from seed_fast import InputError
         (lambda: Image.new("RGB", (8, 8)), "single PIL image"),
         (lambda: [Image.new("RGB", (8, 8)), "cat.png"], r"images\[1\] is a str"),
         (lambda: "cat.png", "must be a tensor"),
+        (lambda: np.empty((1, 3, 8, 8), dtype=object), "numpy array must hold numbers.*object"),
+        (lambda: np.full((1, 3, 8, 8), "a"), "numpy array must hold numbers"),
     ],
 )
 def test_bad_images(tiny_tok, make, match):
@@ -77,3 +79,10 @@ def test_codes_accept_int32_lists_and_numpy(tiny_tok):
 def test_bad_batch_size(tiny_tok):
     with pytest.raises(InputError, match="batch_size must be >= 1"):
         tiny_tok.encode(torch.rand(2, 3, 32, 32), batch_size=0)
+
+
+def test_numpy_views_with_negative_strides(tiny_tok):
+    rng = np.random.default_rng()
+    x = rng.integers(0, 256, (2, 3, 40, 40), dtype=np.uint8)
+    flipped = x[:, :, :, ::-1]  # a view: negative strides
+    assert torch.equal(tiny_tok.encode(flipped), tiny_tok.encode(np.ascontiguousarray(flipped)))
