@@ -4,23 +4,30 @@ AdamW + warm-up / cosine, metrics to JSONL (+ PNG), atomic checkpoints and exact
 A run folder holds:
   config.json           the config the run started with
   metrics.jsonl         one line per logged step / evaluation (rank 0)
-  checkpoints/step_N/   state.pt (model, optimizer, scheduler, step), rng_rank{r}.pt per rank
+  checkpoints/step_N/   state.pt (model, optimizer, scheduler, step), rng_rank{r}.pt per rank,
+                        manifest.json (every file's size and sha256, written last)
   checkpoints/latest    the name of the newest complete checkpoint (written last, by rename)
 A checkpoint folder is written under a temporary name and renamed into place, so a kill at any
-moment leaves either the previous checkpoint or the new one, never half of one.
+moment leaves either the previous checkpoint or the new one, never half of one. `--resume` takes the
+newest checkpoint whose files match its manifest, whatever `latest` says (missing, stale, or naming a
+damaged folder), so it never starts over while an intact checkpoint exists; pruning goes by step
+number and never removes the checkpoint just written.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
 import warnings
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -111,12 +118,73 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    pointer = run / "checkpoints" / "latest"
-    if not pointer.exists():
+MANIFEST = "manifest.json"  # each file of a checkpoint with its size and sha256, written last
+
+
+def _step_of(folder: Path) -> int:
+    m = re.fullmatch(r"step_(\d+)", folder.name)
+    return int(m.group(1)) if m else -1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None when it is intact: its manifest lists
+    every file with its size and checksum (folders from before manifests: every zip entry's CRC)."""
+    if not (folder / "state.pt").is_file():
+        return "no state.pt"
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is unreadable"
+        for name, (size, digest) in sorted(files.items()):
+            f = folder / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size or _sha256(f) != digest:
+                return f"{name} does not match its size and checksum (truncated or changed)"
         return None
-    path = run / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "state.pt").exists() else None
+    for f in sorted(folder.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                if z.testzip() is not None:
+                    return f"{f.name} is damaged"
+        except (zipfile.BadZipFile, OSError):
+            return f"{f.name} is damaged or truncated"
+    return None
+
+
+def checkpoints_newest_first(run: Path) -> list[Path]:
+    """The run's checkpoint folders by step number, the newest first."""
+    ck = run / "checkpoints"
+    found = [p for p in ck.glob("step_*") if p.is_dir() and _step_of(p) >= 0] if ck.is_dir() else []
+    return sorted(found, key=_step_of, reverse=True)
+
+
+def latest_checkpoint(run: Path, *, say=None) -> Path | None:
+    """The newest intact checkpoint: the one `latest` names, else (a missing or stale pointer, a damaged
+    folder) the newest intact `step_*` folder. `say` receives a line for each one passed over."""
+    pointer = run / "checkpoints" / "latest"
+    named = None
+    if pointer.is_file():
+        named = run / "checkpoints" / pointer.read_text().strip()
+        if named.is_dir() and checkpoint_problem(named) is None:
+            return named
+    for folder in checkpoints_newest_first(run):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        if say is not None:
+            say(f"seed-fast train: skipping {folder.name}: {problem}")
+    return None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -141,14 +209,18 @@ def save_checkpoint(run: Path, step: int, state: dict, d: Dist, keep: int) -> Pa
         torch.save(state, tmp / "state.pt")
     d.barrier()
     if d.main:
-        for f in tmp.iterdir():
+        files = {}
+        for f in sorted(tmp.iterdir()):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+            files[f.name] = [f.stat().st_size, _sha256(f)]
+        _atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write_text(ck / "latest", final.name)
-        done = sorted(p for p in ck.glob("step_*") if p.is_dir())
-        for old in done[:-keep]:
+        # prune by step number, never the checkpoint just written
+        older = [p for p in checkpoints_newest_first(run) if p != final]
+        for old in older[max(0, keep - 1) :]:
             shutil.rmtree(old, ignore_errors=True)
     d.barrier()
     return final
@@ -310,7 +382,7 @@ def train(
     try:
         if d.main:
             run.mkdir(parents=True, exist_ok=True)
-            if not resume and latest_checkpoint(run) is not None:
+            if not resume and checkpoints_newest_first(run):
                 raise FileExistsError(
                     f"{run} already holds a run: pass --resume to continue it, or choose another --out"
                 )
@@ -339,10 +411,14 @@ def train(
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
         step = 0
-        ck = latest_checkpoint(run) if resume else None
-        if resume and ck is None and d.main:
-            print(f"seed-fast train: no checkpoint in {run}; starting from step 0")
+        ck = latest_checkpoint(run, say=print if d.main else None) if resume else None
+        if resume and ck is None:
+            if d.main:
+                print(f"seed-fast train: no intact checkpoint in {run}; starting from step 0")
+            _truncate_metrics(run / "metrics.jsonl", 0, d)  # the steps will be logged again
         if ck is not None:
+            if d.main:
+                print(f"seed-fast train: resuming from {ck.name}")
             state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
             was = state.get("strategy", "ddp")
             if was != ("fsdp" if fsdp else "ddp"):

@@ -455,3 +455,46 @@ def test_bf16_on_a_cpu_without_bf16_kernels_warns(tmp_path, monkeypatch):
             train(cfg, progress=False)
         slow = [w for w in seen if "without oneDNN's bf16 kernels" in str(w.message)]
         assert len(slow) == (0 if fast else 1)
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
+    """A missing or stale `latest`, or a damaged newest checkpoint: --resume takes the newest intact one,
+    reproduces the uninterrupted run, logs each step once, and pruning keeps the newest."""
+    import shutil
+
+    def cfg(out):
+        return TrainConfig.from_dict(_cfg(out, steps=8))
+
+    train(cfg(tmp_path / "full"), progress=False)
+    want = _losses(tmp_path / "full")
+    train(cfg(tmp_path / "cut"), progress=False, stop_after=6)  # checkpoints step 4 and 6
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").glob("step_*")] != []
+
+    def damage(run, how):
+        ck = run / "checkpoints"
+        if how == "no latest":
+            (ck / "latest").unlink()
+        elif how == "stale latest":
+            (ck / "latest").write_text("step_00000099")
+        elif how == "truncated state":
+            f = ck / "step_00000006" / "state.pt"
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        elif how == "truncated rng":
+            f = ck / "step_00000006" / "rng_rank0.pt"
+            f.write_bytes(f.read_bytes()[:100])
+        return {"no latest": 6, "stale latest": 6, "truncated state": 4, "truncated rng": 4}[how]
+
+    for how in ("no latest", "stale latest", "truncated state", "truncated rng"):
+        run = tmp_path / how.replace(" ", "_")
+        shutil.copytree(tmp_path / "cut", run)
+        start = damage(run, how)
+        capsys.readouterr()
+        train(cfg(run), resume=True, progress=False)
+        out = capsys.readouterr().out
+        assert f"resuming from step_{start:08d}" in out, (how, out)
+        assert _losses(run) == want, how  # each step once, the same values as without the interruption
+        steps = [r["step"] for r in read_metrics(run) if not r.get("eval")]
+        assert len(steps) == len(set(steps)), how
+        assert latest_checkpoint(run).name == "step_00000008"
+        kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+        assert kept[-1] == "step_00000008" and len(kept) == 2, (how, kept)
