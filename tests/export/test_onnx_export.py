@@ -105,7 +105,7 @@ def test_embeddings_and_logits_within_1e4(exported):
     assert _rel(rt.embed(codes.numpy()), llm.tokenizer.decode(codes).numpy()) <= 1e-4
     # prefill logits of a left-padded batch, against the transformers model run directly
     rows = [[llm.text_tokenizer.bos_token_id] + torch.randint(4, 50, (n,), generator=g).tolist() for n in (3, 9)]
-    ids, mask, pos, _ = rt._prefill(rows)
+    ids, mask, pos = rt._prefill(rows, 1)
     logits, _ = rt._lm_step(ids, mask, pos, rt._past(len(rows)))
     with torch.no_grad():
         ref = llm.model(
