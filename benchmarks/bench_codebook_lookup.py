@@ -104,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--max-gflop", type=float, default=None, help="skip shapes above this work (default: 150 on CPU)")
     p.add_argument("--max-nk-gb", type=float, default=2.0, help="skip N x K materializing providers above this")
+    p.add_argument("--ns", default=None, help="comma list of N (rows to look up)")
+    p.add_argument("--dims", default=None, help="comma list of code dims D (default 32,768)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
     args = p.parse_args(argv)
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -119,6 +121,10 @@ def main(argv=None) -> int:
     ns = (32, 1024, 8192) if args.quick else (32, 1024, 8192, 65536)
     ks = (8192,) if args.quick else (8192, 16384)
     ds = (32, 768)
+    if args.ns:
+        ns = tuple(int(v) for v in args.ns.split(","))
+    if args.dims:
+        ds = tuple(int(v) for v in args.dims.split(","))
 
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -173,6 +179,8 @@ def main(argv=None) -> int:
                         gflops=f"{gflop / sec:.1f}",
                         gbs=f"{bytes_moved / sec / 1e9:.2f}",
                         peak_mb=f"{peak / 2**20:.1f}" if peak is not None else "n/a",
+                        host_us=f"{t['host_us']:.1f}",
+                        method=t["method"],
                     )
                     rows.append(row)
                     print(
@@ -192,6 +200,8 @@ def main(argv=None) -> int:
         ("gbs", "GB/s"),
         ("peak_mb", "peak extra MB"),
         ("agree", "agree"),
+        ("host_us", "host us/call"),
+        ("method", "timing"),
         ("note", "note"),
     ]
     md = f"dtype {args.dtype}; {repeats} timed repeats; GFLOP/s = 2NKD/t; GB/s = ((N+K)D*itemsize + 8N)/t\n\n"

@@ -48,14 +48,14 @@ class _One(torch.nn.Module):
         return self.proj(x, **kw)
 
 
-def _peft_layer(in_f, out_f, r, adapters, device, dtype, seed=0):
+def _peft_layer(in_f, out_f, r, adapters, device, dtype, seed=0, dropout=0.0):
     """A peft LoRA Linear with `adapters` adapters (random A and B), frozen base."""
     import peft
 
     torch.manual_seed(seed)
     model = _One(in_f, out_f)
     names = [f"ad{i}" for i in range(adapters)]
-    cfg = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"], init_lora_weights=False)
+    cfg = dict(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"], init_lora_weights=False)
     pm = peft.get_peft_model(model, peft.LoraConfig(**cfg), adapter_name=names[0])
     for n in names[1:]:
         pm.add_adapter(n, peft.LoraConfig(**cfg))
@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", default=None)
     p.add_argument("--shapes", default=None, help="comma list of names in SHAPES (default all)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--dropout", type=float, default=0.0, help="LoRA dropout in the fwd+bwd rows (SEED trains with 0.05)"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = args.device
@@ -82,14 +85,15 @@ def main(argv=None) -> int:
     if args.quick:
         tokens, ranks, shapes = tokens[:2] + tokens[-1:], ranks[:1], shapes[:2]
     repeats = 10 if not cuda else 30
-    ours = ["triton"] if cuda else ["torch"]
+    ours = ["torch", "triton"] if cuda else ["torch"]
+    drop = args.dropout
     rows = []
     g = torch.Generator().manual_seed(0)
 
     for shape in shapes:
         in_f, out_f = SHAPES[shape]
         for r in ranks:
-            pm, layer, names = _peft_layer(in_f, out_f, r, 1, device, dtype)
+            pm, layer, names = _peft_layer(in_f, out_f, r, 1, device, dtype, dropout=drop)
             base = layer.get_base_layer()
             w, b = base.weight, base.bias
             a, bb, s = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight, layer.scaling[names[0]]
@@ -101,14 +105,17 @@ def main(argv=None) -> int:
                     want = layer(x0)
                 fwd_flop = 2 * t * in_f * out_f + 2 * t * r * (in_f + out_f)
                 bwd_flop = fwd_flop + 2 * t * in_f * out_f + 4 * t * r * (in_f + out_f)
+                # fn(x, train): train=True applies the LoRA dropout (peft's nn.Dropout in train mode)
                 provs = {
-                    "base matmul alone": lambda x: F.linear(x, w, b),
-                    "peft LoRA Linear": lambda x: layer(x),
-                    "merged weights": lambda x: F.linear(x, merged, b),
+                    "base matmul alone": lambda x, train=False: F.linear(x, w, b),
+                    "peft LoRA Linear": lambda x, train=False: layer.train(train)(x),
+                    "merged weights": lambda x, train=False: F.linear(x, merged, b),
                 }
                 for impl in ours:
                     if not not_supported_reasons(impl, x0, w, a):
-                        provs[f"seed_fast {impl}"] = lambda x, _i=impl: lora_linear(x, w, b, a, bb, s, impl=_i)
+                        provs[f"seed_fast {impl}"] = lambda x, train=False, _i=impl: lora_linear(
+                            x, w, b, a, bb, s, impl=_i, dropout_p=drop if train else 0.0, seed=1234
+                        )
                 base_ms = {}
                 for mode in ("fwd", "fwd+bwd"):
                     for name, fn in provs.items():
@@ -128,7 +135,7 @@ def main(argv=None) -> int:
 
                             def step(fn=fn, x=x):
                                 x.grad = a.grad = bb.grad = None
-                                fn(x).backward(gy)
+                                fn(x, True).backward(gy)
 
                             tm = time_fn(step, device, repeats=repeats, max_seconds=10)
                             flop = bwd_flop if name != "base matmul alone" else 2 * (2 * t * in_f * out_f)
@@ -141,6 +148,9 @@ def main(argv=None) -> int:
                             tflops=f"{flop / (ms / 1e3) / 1e12:.3f}",
                             overhead=f"{(ms / base_ms[mode] - 1) * 100:+.0f}%" if mode in base_ms else "",
                             err=f"{err:.1e}",
+                            host_us=f"{tm['host_us']:.1f}",
+                            method=tm["method"],
+                            dropout=drop if mode == "fwd+bwd" and name != "base matmul alone" else 0.0,
                         )
                         rows.append(row)
                         print(
@@ -180,6 +190,8 @@ def main(argv=None) -> int:
                     "ms": f"{tm['median_ms']:.3f}",
                     "iqr": f"{tm['q1_ms']:.3f}-{tm['q3_ms']:.3f}",
                     "err": f"{err:.1e}",
+                    "host_us": f"{tm['host_us']:.1f}",
+                    "method": tm["method"],
                 }
                 rows.append(row)
                 print(f"{row['shape']:28s} {name:28s} {row['ms']:>10s} ms  err {row['err']}", flush=True)
@@ -195,6 +207,9 @@ def main(argv=None) -> int:
         ("tflops", "TFLOP/s"),
         ("overhead", "vs base matmul"),
         ("err", "rel err vs peft"),
+        ("dropout", "dropout"),
+        ("host_us", "host us/call"),
+        ("method", "timing"),
     ]
     md = (
         f"dtype {str(dtype).replace('torch.', '')}; FLOP fwd = 2 T in out + 2 T r (in + out); fwd+bwd adds "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 
 import torch
@@ -83,7 +84,7 @@ def make_providers(device: str) -> dict:
             prov["flash-attn 2"] = lambda q, k, v, c: flash_attn_func(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=c
             ).transpose(1, 2)
-    ours = ("triton",) if device == "cuda" else ("sdpa",)
+    ours = ("sdpa", "triton") if device == "cuda" else ("sdpa",)
     for impl in ours:
         prov[f"seed_fast {impl}"] = lambda q, k, v, c, _i=impl: qformer_attention(q, k, v, causal=c, impl=_i)
     return prov
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     p.add_argument("--dtypes", default=None, help="comma list (default: all three on CUDA, float32,bfloat16 on CPU)")
     p.add_argument("--batches", default=None, help="comma list (default 1,32,256)")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd")
+    p.add_argument("--skip", default=None, help="regular expression: providers to leave out")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = args.device
@@ -114,6 +117,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in (args.batches or ("1,32" if args.quick else "1,32,256")).split(",")]
     repeats = 5 if args.quick else (10 if device == "cpu" else 50)
     providers = make_providers(device)
+    if args.skip:
+        providers = {n: f for n, f in providers.items() if not re.search(args.skip, n)}
 
     rows = []
     for dtype in dtypes:
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
                 fwd_flop = 4 * b * HEADS * DH * pairs
                 q, k, v = _inputs(b, lk, dtype, device, grad=False)
                 ref64 = qformer_attention_ref(q.double(), k.double(), v.double(), causal=causal)
-                for mode in ("fwd", "fwd+bwd"):
+                for mode in args.modes.split(","):
                     for name, fn in providers.items():
                         row = {
                             "dtype": str(dtype).replace("torch.", ""),
@@ -165,6 +170,8 @@ def main(argv=None) -> int:
                             tflops=f"{flop / sec / 1e12:.3f}",
                             gbs=f"{nbytes / sec / 1e9:.1f}" if mode == "fwd" else "",
                             err=f"{err:.1e}",
+                            host_us=f"{t['host_us']:.1f}",
+                            method=t["method"],
                         )
                         rows.append(row)
                         print(
@@ -183,6 +190,8 @@ def main(argv=None) -> int:
         ("tflops", "TFLOP/s"),
         ("gbs", "GB/s (fwd)"),
         ("err", "max err vs fp64"),
+        ("host_us", "host us/call"),
+        ("method", "timing"),
         ("note", "note"),
     ]
     md = (
