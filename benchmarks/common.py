@@ -285,6 +285,11 @@ def write_results(
         "versions": versions(),
         "threads": torch.get_num_threads(),
     }
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        meta["device_class"] = f"sm_{major}{minor}"
+    else:
+        meta["device_class"] = "cpu"
     meta.update(extra or {})
     if device == "cuda" and roofline_math is not None:
         peaks = gpu_peaks(meta["device"])

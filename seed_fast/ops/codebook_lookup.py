@@ -6,7 +6,10 @@ chunks so that the N x K distance matrix is never held at once, ties to the lowe
 
 The fused backends ("cpu": C++ in csrc/codebook_lookup, "triton": kernels/codebook_lookup.py,
 "cuda": csrc/codebook_lookup/*.cu) score codes by 0.5 ||e||^2 - z.e in fp32, never materialize
-N x K, and keep the running (min, argmin). They are registered as the custom op
+N x K, and keep the running (min, argmin). "torch" scores the same way with the vendor's fp32
+matrix product (cuBLAS / the CPU BLAS) over row chunks, then argmin: the stock path, with TF32 off.
+"auto" takes the backend measured fastest for the dtype and row count on this class of device
+(seed_fast/ops/dispatch.py); unmeasured, "cpu" on the CPU and "torch" on a GPU. They are registered as the custom op
 `seed_fast::codebook_argmin` (fake impl included) so torch.compile(fullgraph=True) and torch.export
 see one opaque node.
 """
@@ -17,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from . import dispatch as _table
 from . import dispatch_log as _dispatch
 from ._triton_support import triton_reasons
 
-IMPLS = ("auto", "ref", "cpu", "triton", "cuda")
+IMPLS = ("auto", "ref", "torch", "cpu", "triton", "cuda")
 METRICS = ("l2", "cosine")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
@@ -58,6 +62,22 @@ def _argmin_ref(flat: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
     return indices
 
 
+def _argmin_torch(flat: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """argmin_k 0.5 ||e_k||^2 - z.e_k through the vendor's matrix product, in row chunks."""
+    acc = torch.float64 if torch.float64 in (flat.dtype, book.dtype) else torch.float32
+    flat, book = flat.to(acc), book.to(acc)
+    half = 0.5 * book.square().sum(1)  # (K,)
+    n, k = flat.shape[0], book.shape[0]
+    rows = max(1, _REF_CHUNK_ELEMS // max(1, k))  # (rows, K) scores per chunk: ~64 MB in fp32
+    if rows >= n:
+        return torch.addmm(half, flat, book.t(), alpha=-1).argmin(1)
+    indices = torch.empty(n, dtype=torch.long, device=flat.device)
+    for start in range(0, n, rows):
+        scores = torch.addmm(half, flat[start : start + rows], book.t(), alpha=-1)
+        indices[start : start + rows] = scores.argmin(1)  # first minimum = lowest index
+    return indices
+
+
 def _prepare(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     flat = z.reshape(-1, z.shape[-1])
     if metric == "cosine":
@@ -71,8 +91,10 @@ def _prepare(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> tuple[torc
 def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_finite: bool = True) -> torch.Tensor:
     """(N, D) x (K, D) -> (N,) int64 nearest-code indices with the named backend (not "auto").
 
-    check_finite: raise on NaN / inf. Free on the CPU kernel (it checks in-kernel); elsewhere one
-    reduction and one host sync, which False skips (for CUDA graphs and latency-bound callers)."""
+    check_finite: raise on NaN / inf. Free on the CPU kernel (it checks in-kernel); on other CPU
+    backends one reduction; on CUDA an asynchronous device assertion (no host sync: a NaN / inf
+    ends the process's CUDA context with that message, as an out-of-range index does). False
+    skips it (then a NaN row gets an arbitrary index)."""
     if z.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=z.device)
     if impl == "cpu":  # the C++ kernel detects NaN / inf itself, on values it touches anyway
@@ -86,9 +108,15 @@ def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_fi
                 "codebook_lookup: the codebook's squared norms overflow float32 (values above ~1e19)"
             ) from None
     if check_finite:
-        _check_finite(z, codebook)
+        if z.is_cuda:  # no host sync: a NaN / inf stops the device (as an out-of-range index does)
+            ok = torch.isfinite(z).all() & torch.isfinite(codebook).all()
+            torch._assert_async(ok, "codebook_lookup: z or the codebook contains NaN/inf values")
+        else:
+            _check_finite(z, codebook)
     if impl == "ref":
         return _argmin_ref(z, codebook)
+    if impl == "torch":
+        return _argmin_torch(z, codebook)
     if impl == "cuda":
         return _ext.require_cuda_ext().codebook_argmin(z, codebook)
     if impl == "triton":
@@ -121,6 +149,10 @@ def not_supported_reasons(impl: str, z: torch.Tensor, codebook: torch.Tensor) ->
     dtypes = {z.dtype, codebook.dtype}
     if impl == "ref":
         return reasons
+    if impl == "torch":
+        if z.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+            reasons.append("TF32 matrix products are on (torch.backends.cuda.matmul.allow_tf32): not fp32 scores")
+        return reasons
     if not dtypes <= set(_KERNEL_DTYPES):
         reasons.append(f"dtype {sorted(map(str, dtypes))} not in float32/float16/bfloat16")
     if impl == "cpu":
@@ -149,11 +181,18 @@ def choose_impl(z: torch.Tensor, codebook: torch.Tensor, impl: str = "auto") -> 
         if reasons:
             raise RuntimeError(f"codebook_lookup: impl={impl!r} cannot run these inputs: " + "; ".join(reasons))
         return impl
-    order = ("triton", "cuda") if z.device.type == "cuda" else ("cpu",)
-    for cand in order:
+    if torch.float64 in (z.dtype, codebook.dtype):
+        return "ref"  # no kernel takes fp64
+    default = "cpu" if z.device.type == "cpu" else "torch"
+    case = (("dtype", _DTYPE_NAMES.get(z.dtype, "")),)
+    chosen = _table.choose("codebook_lookup", z.device, case, z.shape[0], default)
+    for cand in (chosen, default):
         if not not_supported_reasons(cand, z, codebook):
             return cand
     return "ref"
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def codebook_lookup(
@@ -166,18 +205,17 @@ def codebook_lookup(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused nearest-code search; same contract as `codebook_lookup_ref`.
 
-    impl: "auto" (fastest backend that can run the inputs), "ref", "cpu", "triton", "cuda".
-    NaN / inf in z or the codebook raise ValueError. On GPU that check costs a host sync;
-    check_finite=False skips it (then a NaN row gets an arbitrary index). The CPU kernel always
-    checks, in-kernel, at no cost.
+    impl: "auto" (the backend measured fastest here, see the module docstring), "ref", "torch",
+    "cpu", "triton", "cuda".
+    NaN / inf in z or the codebook raise ValueError on the CPU (the CPU kernel checks in-kernel, at
+    no cost). On a GPU the check is an asynchronous device assertion, without a host sync;
+    check_finite=False skips it (then a NaN row gets an arbitrary index).
     """
     _check_inputs(z, codebook, metric)
     flat, book = _prepare(z, codebook, metric)
     chosen = choose_impl(flat, book, impl)
     if _dispatch._logs:
         _dispatch.note("codebook_lookup", chosen)
-    if check_finite and flat.is_cuda and torch.cuda.is_current_stream_capturing():
-        check_finite = False  # a CUDA graph capture cannot sync to read the result
     indices = torch.ops.seed_fast.codebook_argmin(flat, book, chosen, check_finite).reshape(z.shape[:-1])
     return indices, F.embedding(indices, codebook)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from . import dispatch as _table
 from . import dispatch_log as _dispatch
 from ._triton_support import triton_reasons
 
@@ -288,9 +289,15 @@ def choose_impl(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, imp
         if reasons:
             raise RuntimeError(f"lora_linear: impl={impl!r} cannot run these inputs: " + "; ".join(reasons))
         return impl
-    if x.device.type == "cuda" and not not_supported_reasons("triton", x, weight, lora_A):
-        return "triton"
-    return "ref" if x.dtype == torch.float64 else "torch"
+    if x.dtype == torch.float64:
+        return "ref"
+    grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or weight.requires_grad)
+    case = (("dtype", str(x.dtype).removeprefix("torch.")), ("mode", "fwd+bwd" if grad else "fwd"))
+    tokens = x.numel() // max(1, x.shape[-1])
+    chosen = _table.choose("lora_linear", x.device, case, tokens, "torch")
+    if chosen != "torch" and not_supported_reasons(chosen, x, weight, lora_A):
+        return "torch"
+    return chosen
 
 
 def lora_linear(
@@ -307,9 +314,11 @@ def lora_linear(
 ) -> torch.Tensor:
     """Fused LoRA linear; same contract as `lora_linear_ref`.
 
-    impl: "auto" (Triton on CUDA, the addmm chain on CPU, the reference for fp64), "ref", "torch",
-    "triton". dropout_p > 0 without a seed draws one from torch's generator (so torch.manual_seed
-    makes runs repeatable).
+    impl: "auto" (the backend measured fastest for the dtype, mode and token count on this class
+    of device, seed_fast/ops/dispatch.py; unmeasured: the addmm chain "torch", cuBLAS on a GPU;
+    the reference for fp64), "ref", "torch", "triton".
+    dropout_p > 0 without a seed draws one from torch's generator (so torch.manual_seed makes runs
+    repeatable).
     """
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())

@@ -8,9 +8,16 @@ Backends behind `qformer_attention(impl=...)`:
             as the custom ops `seed_fast::qformer_attention_fwd` / `_bwd` (fake impls, autograd) so
             torch.compile(fullgraph=True) and torch.export see single nodes. CUDA tensors, or CPU
             tensors under TRITON_INTERPRET=1 (testing only).
-  "sdpa"    torch's scaled_dot_product_attention with a boolean mask, fully masked rows zeroed; the
-            fast path on CPU (torch's fused CPU kernel) and a fallback on GPU.
+  "sdpa"    torch's scaled_dot_product_attention with a boolean mask, fully masked rows zeroed,
+            with torch's own choice of backend.
+  "sdpa_efficient", "sdpa_cudnn", "sdpa_flash"
+            the same call with one SDPA backend preferred (CUDA; math stays on as torch's fallback
+            where that backend cannot run the inputs). torch's default on Hopper is cuDNN, which
+            is half as fast as the memory-efficient kernel on the 32-query causal self-attention.
   "ref"     the specification above.
+"auto" takes the backend measured fastest for the case (dtype, causal self- or cross-attention,
+forward only or with backward, batch) on this class of device (seed_fast/ops/dispatch.py); where
+the table has no measurement, "sdpa" (the reference for fp64).
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import dispatch as _table
 from . import dispatch_log as _dispatch
 from ._triton_support import triton_reasons
 
-IMPLS = ("auto", "ref", "sdpa", "triton")
+IMPLS = ("auto", "ref", "sdpa", "sdpa_efficient", "sdpa_cudnn", "sdpa_flash", "triton")
+_SDPA_BACKENDS = ("sdpa_efficient", "sdpa_cudnn", "sdpa_flash")
+_TABLE_MAX_LQ = 64  # the table measures SEED's 32 queries; longer query sets use the vendor default
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -71,10 +81,18 @@ def _empty_rows(key_padding_mask: torch.Tensor, lq: int, causal: bool) -> torch.
     return ~keep.any(-1, keepdim=True).expand(-1, lq)
 
 
-def qformer_attention_sdpa(q, k, v, *, causal=False, key_padding_mask=None, scale=None) -> torch.Tensor:
+def qformer_attention_sdpa(
+    q, k, v, *, causal=False, key_padding_mask=None, scale=None, backend: str | None = None
+) -> torch.Tensor:
     """torch's scaled_dot_product_attention under the reference's contract (fully masked rows give
-    zeros and zero gradients instead of NaN)."""
+    zeros and zero gradients instead of NaN). backend: None (torch's choice) or one of
+    "sdpa_efficient", "sdpa_cudnn", "sdpa_flash" to prefer that kernel on CUDA."""
     _check_qkv(q, k, v, causal, key_padding_mask)
+    with _prefer_sdpa_backend(backend if q.is_cuda else None):
+        return _sdpa(q, k, v, causal, key_padding_mask, scale)
+
+
+def _sdpa(q, k, v, causal, key_padding_mask, scale):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
@@ -86,6 +104,38 @@ def qformer_attention_sdpa(q, k, v, *, causal=False, key_padding_mask=None, scal
     keep = keep | empty  # let empty rows attend to everything (finite), then zero them below
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
     return out.masked_fill(empty, 0.0)
+
+
+class _prefer_sdpa_backend:
+    """Enable one SDPA backend (plus math as the fallback) for the calls inside, then restore the
+    flags. Uses torch's global switches directly (well under a microsecond, against ~10 for
+    `torch.nn.attention.sdpa_kernel`); another thread calling SDPA meanwhile may see the same
+    preference, which changes its speed, never its result. A no-op under torch.compile."""
+
+    _SETTERS = (
+        ("sdpa_flash", torch._C._get_flash_sdp_enabled, torch._C._set_sdp_use_flash),
+        ("sdpa_efficient", torch._C._get_mem_efficient_sdp_enabled, torch._C._set_sdp_use_mem_efficient),
+        ("sdpa_cudnn", torch._C._get_cudnn_sdp_enabled, torch._C._set_sdp_use_cudnn),
+    )
+
+    def __init__(self, backend: str | None):
+        self.backend = None if backend is None or torch.compiler.is_compiling() else backend
+        self.saved = None
+
+    def __enter__(self):
+        if self.backend is not None:
+            self.saved = [get() for _, get, _ in self._SETTERS] + [torch._C._get_math_sdp_enabled()]
+            for name, _, set_ in self._SETTERS:
+                set_(name == self.backend)
+            torch._C._set_sdp_use_math(True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            for (_, _, set_), was in zip(self._SETTERS, self.saved):
+                set_(was)
+            torch._C._set_sdp_use_math(self.saved[-1])
+        return False
 
 
 # --------------------------------------------------------------------------------------- custom ops
@@ -165,6 +215,10 @@ def not_supported_reasons(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.
     reasons: list[str] = []
     if impl in ("ref", "sdpa"):
         return reasons
+    if impl in _SDPA_BACKENDS:
+        if q.device.type != "cuda":
+            reasons.append(f"{impl} chooses among CUDA kernels; tensors are on {q.device}")
+        return reasons
     if impl != "triton":
         return [f"unknown impl {impl!r}; choose from {IMPLS}"]
     dtypes = {q.dtype, k.dtype, v.dtype}
@@ -175,7 +229,15 @@ def not_supported_reasons(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.
     return reasons + triton_reasons(q.device, dtypes)
 
 
-def choose_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto") -> str:
+def choose_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    impl: str = "auto",
+    *,
+    causal: bool = False,
+    masked: bool = False,
+) -> str:
     """The backend `qformer_attention(impl=...)` would use; raises with the reasons when it cannot."""
     if impl not in IMPLS:
         raise ValueError(f"qformer_attention: unknown impl {impl!r}; choose from {IMPLS}")
@@ -184,11 +246,25 @@ def choose_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "
         if reasons:
             raise RuntimeError(f"qformer_attention: impl={impl!r} cannot run these inputs: " + "; ".join(reasons))
         return impl
-    if q.device.type == "cuda" and not not_supported_reasons("triton", q, k, v):
-        return "triton"
     if q.dtype == torch.float64:
         return "ref"
-    return "sdpa"  # CPU: torch's fused kernel beats the reference (benchmarks/bench_qformer_attention.py)
+    if q.shape[-2] > _TABLE_MAX_LQ:
+        return "sdpa"
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    case = (
+        ("dtype", _DTYPE_NAMES.get(q.dtype, "")),
+        ("attention", "self" if causal else "cross"),
+        ("mode", "fwd+bwd" if grad else "fwd"),
+    )
+    if masked:
+        case += (("mask", True),)  # not measured: the vendor default
+    chosen = _table.choose("qformer_attention", q.device, case, q.shape[0], "sdpa")
+    if chosen != "sdpa" and not_supported_reasons(chosen, q, k, v):
+        return "sdpa"
+    return chosen
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def qformer_attention(
@@ -203,18 +279,22 @@ def qformer_attention(
 ) -> torch.Tensor:
     """Dispatching entry point; same contract as `qformer_attention_ref`.
 
-    impl: "auto" (Triton on CUDA, SDPA on CPU, the reference for fp64), "ref", "sdpa", "triton".
+    impl: "auto" (the backend measured fastest for this case on this class of device, see the
+    module docstring), "ref", "sdpa", "sdpa_efficient", "sdpa_cudnn", "sdpa_flash", "triton".
     The Triton output is a (B, H, Lq, Dh) view of a (B, Lq, H, Dh) buffer, so
     `out.transpose(1, 2).flatten(2)` merges the heads without a copy.
     """
     _check_qkv(q, k, v, causal, key_padding_mask)
-    chosen = choose_impl(q, k, v, impl)
+    chosen = choose_impl(q, k, v, impl, causal=causal, masked=key_padding_mask is not None)
     if _dispatch._logs:
         _dispatch.note("qformer_attention", chosen)
     if chosen == "ref":
         return qformer_attention_ref(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if chosen == "sdpa":
-        return qformer_attention_sdpa(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        return _sdpa(q, k, v, causal, key_padding_mask, scale)
+    if chosen in _SDPA_BACKENDS:
+        with _prefer_sdpa_backend(chosen):
+            return _sdpa(q, k, v, causal, key_padding_mask, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(torch.bool)

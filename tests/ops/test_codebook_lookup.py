@@ -156,7 +156,7 @@ def test_far_from_origin_low_precision(impl, dtype):
 
 def test_auto_picks_a_kernel_and_falls_back():
     z = torch.randn(4, 8, device=DEVICE)
-    assert choose_impl(z, z) == ("cpu" if DEVICE == "cpu" else "triton")
+    assert choose_impl(z, z) in (("cpu",) if DEVICE == "cpu" else ("cuda", "triton", "torch"))
     assert choose_impl(z.double(), z.double()) == "ref"  # no kernel takes fp64
     with pytest.raises(RuntimeError, match=r"impl='cpu' cannot run.*float64"):
         codebook_lookup(z.double().cpu(), z.double().cpu(), impl="cpu")
