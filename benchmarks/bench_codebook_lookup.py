@@ -67,10 +67,10 @@ def make_providers(device: str, dtype: torch.dtype, k: int, d: int, cb: torch.Te
         prov["vector-quantize-pytorch"] = (lambda z: vq(z.float()[None])[1][0], True)  # builds N x K distances
     except Exception:  # not installed, or an API change: then it is simply not in the table
         pass
-    for impl in ("ref", "cpu", "triton", "cuda"):
+    for impl in ("ref", "torch", "cpu", "triton", "cuda", "auto"):
         if impl == "triton" and device == "cpu":
             continue  # the interpreter checks correctness; its speed means nothing
-        if not not_supported_reasons(impl, cb[:1], cb):
+        if impl == "auto" or not not_supported_reasons(impl, cb[:1], cb):
             prov[f"seed_fast {impl}"] = (lambda z, impl=impl: codebook_lookup(z, cb, impl=impl)[0], False)
     return prov
 

@@ -111,8 +111,8 @@ def main(argv=None) -> int:
                     "peft LoRA Linear": lambda x, train=False: layer.train(train)(x),
                     "merged weights": lambda x, train=False: F.linear(x, merged, b),
                 }
-                for impl in ours:
-                    if not not_supported_reasons(impl, x0, w, a):
+                for impl in ours + ["auto"]:
+                    if impl == "auto" or not not_supported_reasons(impl, x0, w, a):
                         provs[f"seed_fast {impl}"] = lambda x, train=False, _i=impl: lora_linear(
                             x, w, b, a, bb, s, impl=_i, dropout_p=drop if train else 0.0, seed=1234
                         )

@@ -12,8 +12,8 @@
 #   bench    build, full benchmarks, no tests
 #   tests    build, GPU tests only
 #   dispatch build, a few GPU tests, then every backend of the three ops (ours and the vendor paths)
-#            on SEED's shapes, for the dispatch table (benchmarks/dispatch_table.py reads the JSON);
-#            about 6 minutes on an H200
+#            on SEED's shapes, for the dispatch table (benchmarks/dispatch_table.py reads the JSON),
+#            impl="auto" beside them, and the tokenizer at batch 1 and 256; about 7 minutes on an H200
 #   rest     build, the benchmarks `targets` leaves out (fp16 codebook, LLM decode), no tests
 #   suite    build, then benchmarks/run_all.py (every benchmark, summary tables + JSON + PNG) within
 #            SUITE_BUDGET seconds (default 400); SUITE_TESTS=1 first runs the regression guard and
@@ -86,8 +86,8 @@ if [ "$MODE" = "suite" ]; then
 fi
 
 if [ "$MODE" = "dispatch" ]; then
-  TEST_PATHS=${TEST_PATHS:-"tests/test_fast_path_guard.py tests/ops/test_codebook_lookup.py"}
-  STEP_LIMIT_TESTS=${STEP_LIMIT_TESTS:-60}
+  TEST_PATHS=${TEST_PATHS:-"tests/ops/test_dispatch.py tests/test_fast_path_guard.py tests/ops/test_codebook_lookup.py"}
+  STEP_LIMIT_TESTS=${STEP_LIMIT_TESTS:-45}
 fi
 if [ "$MODE" != "bench" ] && [ "$MODE" != "rest" ]; then
   log "tests on the GPU"
@@ -102,15 +102,15 @@ fi
 B="$W/results"
 L=${STEP_LIMIT_BENCH:-120}
 if [ "$MODE" = "dispatch" ]; then
-  log "every backend on SEED's shapes (dispatch table)"
-  step bench_attention 130 bench_attention.log $PY benchmarks/bench_qformer_attention.py --batches 1,32,256 \
+  log "every backend on SEED's shapes (dispatch table), impl='auto' beside them"
+  step bench_attention 110 bench_attention.log $PY benchmarks/bench_qformer_attention.py --batches 1,32,256 \
     --skip "compile|eager|math|flash" --out "$B"
-  step bench_lora 110 bench_lora.log $PY benchmarks/bench_lora_linear.py --dtype bfloat16 --tokens 1,16,4096 --ranks 16 \
-    --shapes "LLaMA-7B attn,LLaMA-7B mlp up" --dropout 0.05 --out "$B"
-  step bench_codebook_f32 45 bench_codebook_float32.log $PY benchmarks/bench_codebook_lookup.py --dtype float32 \
+  step bench_codebook_f32 40 bench_codebook_float32.log $PY benchmarks/bench_codebook_lookup.py --dtype float32 \
     --ns 1,32,1024,8192 --dims 32 --quick --out "$B"
-  step bench_codebook_f16 30 bench_codebook_float16.log $PY benchmarks/bench_codebook_lookup.py --dtype float16 \
-    --ns 32,8192 --dims 32 --quick --out "$B"
+  step bench_lora 80 bench_lora.log $PY benchmarks/bench_lora_linear.py --dtype bfloat16 --tokens 16,4096 --ranks 16 \
+    --shapes "LLaMA-7B attn" --dropout 0.05 --out "$B"
+  step bench_tokenizer 90 bench_tokenizer.log $PY benchmarks/bench_tokenizer.py --qformer-batches 1 \
+    --tokenizer-batches 1,256 --out "$B"
 elif [ "$MODE" = "targets" ]; then
   log "benchmarks on the target shapes"
   step bench_codebook_f32 "$L" bench_codebook_float32.log $PY benchmarks/bench_codebook_lookup.py --quick --dtype float32 --out "$B"

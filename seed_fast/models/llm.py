@@ -292,7 +292,7 @@ class SeedLLM(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         add_image_tokens: bool = True,
-        fused_lora: bool = True,
+        fused_lora: bool = False,
     ) -> "SeedLLM":
         """Load a SeedLLM folder (written by `save_pretrained`) or a transformers causal-LM folder
         (e.g. a downloaded AILab-CVC/seed-llama-8b-sft).
@@ -395,10 +395,12 @@ class SeedLLM(nn.Module):
         """The transformers model (inside peft's wrapper when there is one)."""
         return self.model.get_base_model() if self.has_lora else self.model
 
-    def add_lora(self, lora=True, *, fused: bool = True, impl: str = "auto") -> "SeedLLM":
+    def add_lora(self, lora=True, *, fused: bool = False, impl: str = "auto") -> "SeedLLM":
         """Wrap the LM with peft LoRA: True / "seed" for SEED's settings, a LoraConfig, or a saved
         adapter folder. Embeddings, lm_head and norms are made trainable too (as SEED-LLaMA trained
-        them). fused=True routes the LoRA layers through seed_fast's fused `lora_linear`."""
+        them). fused=True routes the LoRA layers through seed_fast's `lora_linear` (backend `impl`);
+        the default keeps peft's own layers, the stock path, which no benchmark run has yet shown
+        `lora_linear` beating with SEED's dropout of 0.05 (benchmarks/bench_lora_linear.py)."""
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if self.has_lora:

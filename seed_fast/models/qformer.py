@@ -168,11 +168,13 @@ class QFormer(nn.Module):
         self.fast = False
         self.fast_impl = "auto"
         self.fused = FusedLinearCache()
+        self._refresh_sources = None  # (groups, source tensors) of refresh_fused, built on first use
+        self._refresh_key = None
 
     def set_fast(self, on: bool = True, *, impl: str = "auto") -> None:
         """Fast path on / off: fused projections (one matmul for every cross-attention layer's K / V of
         the image tokens, one for each layer's self-attention Q / K / V) and attention backend `impl`
-        ("auto": Triton on GPU, SDPA on CPU). Off restores the reference path exactly."""
+        ("auto": as measured fastest, seed_fast/ops/dispatch.py). Off restores the reference path exactly."""
         self.fast = bool(on)
         for layer in self.layers:
             layer.attention.self.attn_impl = impl if on else "ref"
@@ -180,6 +182,7 @@ class QFormer(nn.Module):
                 layer.crossattention.self.attn_impl = impl if on else "ref"
         self.fast_impl = impl
         self.fused.clear()
+        self._refresh_sources = self._refresh_key = None
 
     def fused_linears(self) -> dict[str, list[nn.Linear]]:
         """The fast path's fused projections: name -> the nn.Linear concatenated (output dim).
@@ -199,11 +202,24 @@ class QFormer(nn.Module):
     @torch.no_grad()
     def refresh_fused(self) -> None:
         """Bring the fused weights the fast path uses on this module's device up to date now
-        (in place where possible): run before a CUDA graph replay that reads them."""
+        (in place where possible): run before a CUDA graph replay that reads them. When no source
+        weight changed since the last refresh (one tuple of versions compared) it does nothing."""
         all_layers = self.query_tokens.is_cuda
-        for name, linears in self.fused_linears().items():
-            if name.startswith("qkv") or (name == "cross_kv") == all_layers:
-                self.fused.get(name, linears)
+        if self._refresh_sources is None or self._refresh_sources[0] != all_layers:
+            groups = {
+                name: linears
+                for name, linears in self.fused_linears().items()
+                if name.startswith("qkv") or (name == "cross_kv") == all_layers
+            }
+            tensors = [t for linears in groups.values() for lin in linears for t in (lin.weight, lin.bias)]
+            self._refresh_sources = (all_layers, groups, tensors)
+        _, groups, tensors = self._refresh_sources
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if key == self._refresh_key:
+            return
+        for name, linears in groups.items():
+            self.fused.get(name, linears)
+        self._refresh_key = key
 
     def forward(self, encoder_states: torch.Tensor, query_embeds: torch.Tensor | None = None) -> torch.Tensor:
         if query_embeds is None:

@@ -63,6 +63,7 @@ class SeedTokenizer(nn.Module):
         self._graphs: dict | None = None  # CUDA graphs of the fast path (to_fast(cuda_graph=True))
         self.detokenizer = build_detokenizer(cfg.detokenizer, q)
         self.reconstructor = Reconstructor(cfg.detokenizer, q) if cfg.detokenizer.reconstruction_blocks else None
+        self.to_fast()  # the fast path by default; to_reference() switches to the specification
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -293,12 +294,14 @@ class SeedTokenizer(nn.Module):
 
     # ------------------------------------------------------------------ fast path
     def to_fast(self, *, cuda_graph: bool = False, attn_impl: str = "auto") -> SeedTokenizer:
-        """Switch to the fast path (returns self; `to_reference()` undoes it).
+        """Switch to the fast path, the state after construction (returns self; `to_reference()`
+        undoes it). Call it again to capture CUDA graphs or to pin the attention backend.
 
         - Q-Former: one matmul for all cross-attention layers' K / V of the image tokens, fused
-          Q / K / V per self-attention, attention by `attn_impl` ("auto": the Triton kernel on GPU,
-          torch's SDPA on CPU). Fused weights are cached while the weights do not change
-          (see qformer.FusedLinearCache); ~34M extra values for the full-size model.
+          Q / K / V per self-attention, attention by `attn_impl` ("auto": the backend measured
+          fastest on this class of device, see seed_fast/ops/dispatch.py). Fused weights are
+          cached while the weights do not change (see qformer.FusedLinearCache); ~34M extra values
+          for the full-size model.
         - ViT attention through SDPA.
         - cuda_graph=True: `encode` / `encode_embeddings` on CUDA replay a CUDA graph captured per
           batch shape (removes the launch overhead that dominates at small batch). Graphs are
@@ -318,7 +321,8 @@ class SeedTokenizer(nn.Module):
         return self
 
     def to_reference(self) -> SeedTokenizer:
-        """Back to the reference path (the state after construction); returns self."""
+        """Back to the reference path (plain torch, the specification); returns self.
+        `to_fast()` (the state after construction) switches back."""
         self.qformer.set_fast(False)
         for blk in self.vision.blocks:
             blk.attn.attn_impl = "ref"

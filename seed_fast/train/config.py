@@ -87,7 +87,7 @@ class LLMConfig:
     lora_r: int = 16  # 0: no LoRA, every weight is trained
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    fused_lora: bool = True  # seed_fast's fused LoRA matmul in the adapters
+    fused_lora: bool = False  # True: the adapters through seed_fast's lora_linear; False: peft's own layers
     gradient_checkpointing: bool = False
     max_len: int = 256  # longer sequences are cut (and counted)
     code_cache: str | None = None  # folder for the cached image codes (default: <out>/codes)

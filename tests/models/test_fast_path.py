@@ -38,8 +38,12 @@ def test_fast_path_matches_reference(impl):
     assert torch.equal(codes, ref_codes)
 
 
+def test_fast_is_the_default():
+    assert SeedTokenizer.from_config("tiny", seed=0).is_fast
+
+
 def test_to_reference_restores_the_exact_reference():
-    tok = _tok()
+    tok = _tok().to_reference()
     imgs = _images(2, seed=2)
     before = tok.encode_embeddings(imgs)
     sd = {k: v.clone() for k, v in tok.state_dict().items()}
@@ -134,3 +138,19 @@ def test_cuda_graph_replay_matches_eager(dtype):
     replayed = tok.encode_embeddings(imgs)
     tok.to_reference()
     assert (replayed.float() - tok.encode_embeddings(imgs).float()).abs().max() <= tol * ref_emb.float().abs().max()
+
+
+def test_refresh_fused_skips_work_only_while_no_weight_changed():
+    qf = _tok().qformer
+    qf.refresh_fused()
+    w0, _ = qf.fused._entries["qkv0"][1:]
+    kept = w0.clone()
+    qf.refresh_fused()  # nothing changed: the cached tensors stay as they are
+    assert torch.equal(qf.fused._entries["qkv0"][1], kept)
+    with torch.no_grad():
+        qf.layers[0].attention.self.query.weight.add_(1.0)
+    qf.refresh_fused()
+    w1 = qf.fused._entries["qkv0"][1]
+    q_rows = qf.layers[0].attention.self.query.weight.shape[0]
+    assert torch.equal(w1[:q_rows], qf.layers[0].attention.self.query.weight)
+    assert not torch.equal(w1[:q_rows], kept[:q_rows])
