@@ -91,10 +91,10 @@ def _prepare(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> tuple[torc
 def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_finite: bool = True) -> torch.Tensor:
     """(N, D) x (K, D) -> (N,) int64 nearest-code indices with the named backend (not "auto").
 
-    check_finite: raise on NaN / inf. Free on the CPU kernel (it checks in-kernel); on other CPU
-    backends one reduction; on CUDA an asynchronous device assertion (no host sync: a NaN / inf
-    ends the process's CUDA context with that message, as an out-of-range index does). False
-    skips it (then a NaN row gets an arbitrary index)."""
+    check_finite: raise on NaN / inf. Free on the CPU kernel (it checks in-kernel); elsewhere one
+    reduction and, on a GPU, one host sync, which False skips (then a NaN row gets an arbitrary
+    index). An asynchronous device assertion would avoid the sync but leave the process's CUDA
+    context unusable after one bad input, so it is not used."""
     if z.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=z.device)
     if impl == "cpu":  # the C++ kernel detects NaN / inf itself, on values it touches anyway
@@ -108,11 +108,7 @@ def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_fi
                 "codebook_lookup: the codebook's squared norms overflow float32 (values above ~1e19)"
             ) from None
     if check_finite:
-        if z.is_cuda:  # no host sync: a NaN / inf stops the device (as an out-of-range index does)
-            ok = torch.isfinite(z).all() & torch.isfinite(codebook).all()
-            torch._assert_async(ok, "codebook_lookup: z or the codebook contains NaN/inf values")
-        else:
-            _check_finite(z, codebook)
+        _check_finite(z, codebook)
     if impl == "ref":
         return _argmin_ref(z, codebook)
     if impl == "torch":
@@ -207,15 +203,17 @@ def codebook_lookup(
 
     impl: "auto" (the backend measured fastest here, see the module docstring), "ref", "torch",
     "cpu", "triton", "cuda".
-    NaN / inf in z or the codebook raise ValueError on the CPU (the CPU kernel checks in-kernel, at
-    no cost). On a GPU the check is an asynchronous device assertion, without a host sync;
-    check_finite=False skips it (then a NaN row gets an arbitrary index).
+    NaN / inf in z or the codebook raise ValueError. On a GPU that check costs a host sync;
+    check_finite=False skips it (then a NaN row gets an arbitrary index). The CPU kernel always
+    checks, in-kernel, at no cost.
     """
     _check_inputs(z, codebook, metric)
     flat, book = _prepare(z, codebook, metric)
     chosen = choose_impl(flat, book, impl)
     if _dispatch._logs:
         _dispatch.note("codebook_lookup", chosen)
+    if check_finite and flat.is_cuda and torch.cuda.is_current_stream_capturing():
+        check_finite = False  # a CUDA graph capture cannot sync to read the result
     indices = torch.ops.seed_fast.codebook_argmin(flat, book, chosen, check_finite).reshape(z.shape[:-1])
     return indices, F.embedding(indices, codebook)
 
