@@ -59,13 +59,37 @@ def dropout_threshold(p: float) -> int:
     return min(int(round(p * 2**32)), _M32)
 
 
+def _signed32(c: int) -> int:
+    """The int32 with the same 32 bits as the unsigned value c."""
+    c &= _M32
+    return c - 2**32 if c >= 2**31 else c
+
+
+def _hash32_i32(idx: torch.Tensor, seed: int) -> torch.Tensor:
+    """`_hash32` on int32 tensors: the same 32 bits, a quarter of the memory traffic and half the
+    kernels. Multiplication wraps modulo 2^32 in two's complement; right shifts are made logical
+    by masking off the sign-extended bits."""
+    h = idx.mul(_signed32(0x9E3779B1)).add_(_signed32(seed))
+    h.bitwise_xor_((h >> 16) & 0xFFFF)
+    h.mul_(_signed32(0x85EBCA6B))
+    h.bitwise_xor_((h >> 13) & 0x7FFFF)
+    h.mul_(_signed32(0xC2B2AE35))
+    return h.bitwise_xor_((h >> 16) & 0xFFFF)
+
+
 def lora_dropout_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """(rows, cols) bool keep-mask of the LoRA dropout for `seed`: element (i, j) is kept when
     hash32(i * cols + j, seed) >= p * 2^32. Needs rows * cols < 2^32."""
     if rows * cols >= 2**32:
         raise ValueError(f"lora dropout: {rows} x {cols} elements exceed the 2^32 counter range")
     idx = torch.arange(rows * cols, dtype=torch.int64, device=device)
-    return (_hash32(idx, seed) >= dropout_threshold(p)).reshape(rows, cols)
+    if rows * cols < 2**31:
+        idx = idx.to(torch.int32)
+    else:  # counters from 2^31 up: the int32 with the same low 32 bits
+        idx = torch.where(idx >= 2**31, idx - 2**32, idx).to(torch.int32)
+    h = _hash32_i32(idx, seed)
+    # unsigned h >= t  <=>  signed (h ^ 2^31) >= signed (t ^ 2^31)
+    return (h.bitwise_xor_(-(2**31)) >= dropout_threshold(p) - 2**31).reshape(rows, cols)
 
 
 # --------------------------------------------------------------------------------------- reference

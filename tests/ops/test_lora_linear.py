@@ -231,3 +231,20 @@ def test_multi_errors():
         lora_linear_multi(x, w, None, a_s, b_s, torch.tensor([0, 1]), [1.0])
     with pytest.raises(ValueError, match="B_stack must be"):
         lora_linear_multi(x, w, None, a_s, b_s[:, :4], torch.tensor([0, 1]), [1.0] * 3)
+
+
+def test_dropout_mask_int32_hash_equals_the_int64_specification():
+    from seed_fast.ops.lora_linear import _hash32, _hash32_i32, dropout_threshold
+
+    g = torch.Generator().manual_seed(7)
+    # counters over the whole 32-bit range, the top end included, and several seeds
+    idx = torch.cat([torch.arange(5000), torch.randint(0, 2**32, (20000,), generator=g), torch.tensor([2**32 - 1])])
+    signed = torch.where(idx >= 2**31, idx - 2**32, idx).to(torch.int32)
+    for seed in (0, 1, 12345, 2**31 + 7, 2**32 - 1):
+        want = _hash32(idx, seed)
+        got = _hash32_i32(signed, seed).to(torch.int64) & 0xFFFFFFFF
+        assert torch.equal(got, want), seed
+    for p in (0.05, 0.5, 0.999):
+        m = lora_dropout_mask(9, 123, 77, p)
+        ref = (_hash32(torch.arange(123 * 77), 9) >= dropout_threshold(p)).reshape(123, 77)
+        assert torch.equal(m, ref), p
