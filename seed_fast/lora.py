@@ -12,6 +12,7 @@ the batch has the same rank, else through peft.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -90,12 +91,40 @@ def _mixed_forward(self, x, adapter_names, base):
         return None
     if not names:
         return base(x)
-    a_stack = torch.stack([self.lora_A[n].weight for n in names])
-    b_stack = torch.stack([self.lora_B[n].weight for n in names])
+    a_stack, b_stack, scalings = _stacks(self, tuple(names), x.device)
+    ids = _adapter_ids(tuple(adapter_names), tuple(names), x.device)
+    # ids come from names this layer holds, so they are in range: no check (and no host sync)
+    return lora_linear_multi(x, base.weight, base.bias, a_stack, b_stack, ids, scalings, check_ids=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _adapter_ids(adapter_names: tuple, names: tuple, device: torch.device) -> torch.Tensor:
+    """Each row's adapter index (-1 = base only), built once per batch and shared by every layer."""
     pos = {n: i for i, n in enumerate(names)}
-    ids = torch.tensor([pos.get(n, -1) for n in adapter_names], device=x.device)
-    scalings = [self.scaling[n] for n in names]
-    return lora_linear_multi(x, base.weight, base.bias, a_stack, b_stack, ids, scalings)
+    return torch.tensor([pos.get(n, -1) for n in adapter_names], device=device)
+
+
+def _stacks(layer, names: tuple, device: torch.device):
+    """(A stack, B stack, scalings) of `names`, rebuilt only when an adapter weight changed
+    (in-place updates bump a tensor's version; re-assignment changes its storage)."""
+    weights = [t for n in names for t in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
+    scal = [float(layer.scaling[n]) for n in names]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in weights):  # gradients must reach the adapters
+        a = torch.stack([layer.lora_A[n].weight for n in names])
+        b = torch.stack([layer.lora_B[n].weight for n in names])
+        return a, b, torch.tensor(scal, dtype=torch.float32, device=device)
+    key = (names, tuple((t.data_ptr(), t._version) for t in weights), tuple(scal))
+    hit = getattr(layer, "_seed_fast_stacks", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        value = (
+            torch.stack([layer.lora_A[n].weight for n in names]),
+            torch.stack([layer.lora_B[n].weight for n in names]),
+            torch.tensor(scal, dtype=torch.float32, device=device),
+        )
+    layer._seed_fast_stacks = (key, value)
+    return value
 
 
 def apply_fused_lora(model: nn.Module, *, impl: str = "auto") -> int:

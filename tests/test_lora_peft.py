@@ -168,3 +168,24 @@ def test_no_peft_layers_and_bad_impl():
     assert apply_fused_lora(torch.nn.Linear(3, 3)) == 0
     with pytest.raises(ValueError, match="unknown impl"):
         apply_fused_lora(torch.nn.Linear(3, 3), impl="fast")
+
+
+def test_mixed_batch_reuses_adapter_stacks_until_a_weight_changes():
+    model = _model("llama", adapters=("a", "b")).eval()
+    ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    names = ["b", "a", "__base__"]
+    apply_fused_lora(model)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and "a" in m.lora_A]
+    with torch.no_grad():
+        first = model(input_ids=ids, adapter_names=names).logits
+        stacks = [m._seed_fast_stacks[1][0] for m in layers]
+        again = model(input_ids=ids, adapter_names=names).logits
+        assert all(m._seed_fast_stacks[1][0] is s for m, s in zip(layers, stacks)), "rebuilt without a change"
+        assert torch.equal(first, again)
+        layers[0].lora_B["a"].weight.add_(0.5)  # in place, as an optimizer step does
+        ours = model(input_ids=ids, adapter_names=names).logits
+        assert layers[0]._seed_fast_stacks[1][0] is not stacks[0]
+        remove_fused_lora(model)
+        want = model(input_ids=ids, adapter_names=names).logits
+    assert not torch.allclose(ours, first)
+    assert torch.allclose(ours, want, atol=1e-5, rtol=1e-5)

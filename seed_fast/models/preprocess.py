@@ -8,7 +8,6 @@ transform on PIL does); tensors by antialiased bicubic interpolation, clamped ba
 from __future__ import annotations
 
 import math
-
 from typing import Sequence
 
 import numpy as np

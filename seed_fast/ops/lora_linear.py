@@ -418,7 +418,7 @@ def _check(x, weight, bias, lora_A, lora_B, dropout_p, seed, scaling) -> None:
 
 
 # --------------------------------------------------------------------------------------- multi-adapter
-def _check_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings) -> torch.Tensor:
+def _check_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings, check_ids=True) -> torch.Tensor:
     if A_stack.dim() != 3 or B_stack.dim() != 3:
         raise ValueError(
             f"lora_linear_multi: A_stack (n, r, in) and B_stack (n, out, r) must be 3-D, got "
@@ -438,11 +438,12 @@ def _check_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings) -> to
             f"lora_linear_multi: adapter_ids must be (B,) for x (B, ..., in), got {tuple(adapter_ids.shape)} "
             f"and {tuple(x.shape)}"
         )
-    if adapter_ids.numel() and (int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= n):
-        raise ValueError(
-            f"lora_linear_multi: adapter ids must lie in [-1, {n}) (-1 = base model only), got "
-            f"min {int(adapter_ids.min())}, max {int(adapter_ids.max())}"
-        )
+    if check_ids and adapter_ids.numel():
+        lo, hi = torch.stack(torch.aminmax(adapter_ids)).tolist()  # one host sync for both bounds
+        if lo < -1 or hi >= n:
+            raise ValueError(
+                f"lora_linear_multi: adapter ids must lie in [-1, {n}) (-1 = base model only), got min {lo}, max {hi}"
+            )
     s = torch.as_tensor(scalings, dtype=torch.float32, device=x.device).reshape(-1)
     if s.numel() != n:
         raise ValueError(f"lora_linear_multi: need one scaling per adapter ({n}), got {s.numel()}")
@@ -466,11 +467,16 @@ def lora_linear_multi_ref(x, weight, bias, A_stack, B_stack, adapter_ids, scalin
     return torch.stack(outs) if outs else x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def lora_linear_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings, *, impl: str = "auto") -> torch.Tensor:
+def lora_linear_multi(
+    x, weight, bias, A_stack, B_stack, adapter_ids, scalings, *, impl: str = "auto", check_ids: bool = True
+) -> torch.Tensor:
     """Mixed-adapter batch (serving): base product once, then every row's rank-r update through
     batched matmuls on gathered adapters: (B, r, in) and (B, out, r), no loop over adapters.
 
     impl: "auto" / "torch" (this path) or "ref". Same contract as `lora_linear_multi_ref`.
+    scalings: a sequence of floats or a float32 tensor on x's device (no copy per call).
+    check_ids: raise on ids outside [-1, n); one host sync on a GPU. False skips it for callers
+    whose ids are in range by construction (an out-of-range id then fails inside the gather).
     """
     if impl not in ("auto", "torch", "ref"):
         raise ValueError(f"lora_linear_multi: unknown impl {impl!r}; choose from ('auto', 'torch', 'ref')")
@@ -478,10 +484,12 @@ def lora_linear_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings, 
     if amp is not None:
         x, weight, bias, A_stack, B_stack = _cast(amp, x, weight, bias, A_stack, B_stack)
         with torch.autocast(x.device.type, enabled=False):
-            return lora_linear_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings, impl=impl)
+            return lora_linear_multi(
+                x, weight, bias, A_stack, B_stack, adapter_ids, scalings, impl=impl, check_ids=check_ids
+            )
     if impl == "ref":
         return lora_linear_multi_ref(x, weight, bias, A_stack, B_stack, adapter_ids, scalings)
-    s = _check_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings)
+    s = _check_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings, check_ids)
     ids = adapter_ids.to(torch.int64)
     active = ids >= 0
     idx = ids.clamp_min(0)
