@@ -201,6 +201,14 @@ def _qformer_attention_bwd_dkdv_kernel(
     DH,
     qk_scale,
     sm_scale,
+    sdkb,
+    sdkh,
+    sdkn,
+    sdkd,
+    sdvb,
+    sdvh,
+    sdvn,
+    sdvd,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     IEEE: tl.constexpr,
@@ -256,10 +264,11 @@ def _qformer_attention_bwd_dkdv_kernel(
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     dk = dk * sm_scale
     out_mask = nmask[:, None] & dmask[None, :]
-    # dK / dV are written contiguous (B, H, LK, DH)
-    base = pid_bh * LK * DH
-    tl.store(dk_ptr + base + offs_n[:, None] * DH + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(dv_ptr + base + offs_n[:, None] * DH + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
+    # dK / dV are written in the layout of their buffers (the inputs' layout where it is dense)
+    dk_off = b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd
+    dv_off = b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd
+    tl.store(dk_ptr + dk_off, dk.to(dk_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptr + dv_off, dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -300,6 +309,10 @@ def _qformer_attention_bwd_dq_kernel(
     DH,
     qk_scale,
     sm_scale,
+    sdqb,
+    sdqh,
+    sdqm,
+    sdqd,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     IEEE: tl.constexpr,
@@ -344,9 +357,8 @@ def _qformer_attention_bwd_dq_kernel(
         else:
             dq += tl.dot(ds.to(kt.dtype), kt)
     dq = dq * sm_scale
-    tl.store(
-        dq_ptr + pid_bh * LQ * DH + offs_m[:, None] * DH + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=md
-    )
+    dq_off = b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd
+    tl.store(dq_ptr + dq_off, dq.to(dq_ptr.dtype.element_ty), mask=md)
 
 
 # --------------------------------------------------------------------------------------- launchers
@@ -435,14 +447,16 @@ def qformer_attention_bwd_triton(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv), contiguous (B, H, L, Dh), in q's dtype."""
+    """Gradients (dq, dk, dv) in q's dtype, each in its input's layout where that layout is dense
+    (a (B, L, H, Dh) buffer viewed as (B, H, L, Dh) gets a gradient of the same strides, so autograd
+    copies nothing), contiguous otherwise."""
     _check(q, k, v)
     bsz, heads, lq, dh = q.shape
     lk = k.shape[2]
     grad_out = grad_out.to(q.dtype)
-    dq = torch.empty(bsz, heads, lq, dh, dtype=q.dtype, device=q.device)
-    dk = torch.empty(bsz, heads, lk, dh, dtype=q.dtype, device=q.device)
-    dv = torch.empty_like(dk)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_m, block_n, block_d = _blocks(lq, dh)
@@ -471,10 +485,10 @@ def qformer_attention_bwd_triton(
         BLOCK_D=block_d,
     )
     _qformer_attention_bwd_dkdv_kernel[(triton.cdiv(lk, block_n), bsz * heads)](
-        q, k, v, mask, out, grad_out, lse, dk, dv, *common, **meta
+        q, k, v, mask, out, grad_out, lse, dk, dv, *common, *dk.stride(), *dv.stride(), **meta
     )
     _qformer_attention_bwd_dq_kernel[(triton.cdiv(lq, block_m), bsz * heads)](
-        q, k, v, mask, out, grad_out, lse, dq, *common, **meta
+        q, k, v, mask, out, grad_out, lse, dq, *common, *dq.stride(), **meta
     )
     return dq, dk, dv
 

@@ -5,8 +5,8 @@ inputs), output in the input dtype.
 
 Backends behind `qformer_attention(impl=...)`:
   "triton"  kernels/qformer_attention.py: forward + backward for small Lq (the 32 queries), registered
-            as the custom ops `seed_fast::qformer_attention_fwd` / `_bwd` (fake impls, autograd) so
-            torch.compile(fullgraph=True) and torch.export see single nodes. CUDA tensors, or CPU
+            as the ops `seed_fast::qformer_attention_fwd` / `_bwd` (fake impls; autograd through an
+            autograd.Function) so torch.compile(fullgraph=True) and torch.export see single nodes. CUDA tensors, or CPU
             tensors under TRITON_INTERPRET=1 (testing only).
   "sdpa"    torch's scaled_dot_product_attention with a boolean mask, fully masked rows zeroed,
             with torch's own choice of backend.
@@ -138,73 +138,70 @@ class _prefer_sdpa_backend:
         return False
 
 
-# --------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("seed_fast::qformer_attention_fwd", mutates_args=())
-def qformer_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+# --------------------------------------------------------------------------------------- ops
+# The Triton kernels are registered directly (`Library.define` + `impl`, a few microseconds per call
+# against 10-20 for `torch.library.custom_op`), with fake impls so torch.compile(fullgraph=True) and
+# torch.export see single nodes; autograd is an `autograd.Function` around them.
+_lib = torch.library.Library("seed_fast", "FRAGMENT")
+_lib.define(
+    "qformer_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale)"
+    " -> (Tensor, Tensor)"
+)
+_lib.define(
+    "qformer_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _fwd_triton(q, k, v, key_padding_mask, causal, scale):
     """Triton forward: (out (B, H, Lq, Dh), lse (B, H, Lq) fp32 base-2 log-sum-exp)."""
     from ..kernels.qformer_attention import qformer_attention_fwd_triton
 
     return qformer_attention_fwd_triton(q, k, v, key_padding_mask, causal, scale)
 
 
-@qformer_attention_fwd.register_fake
+def _bwd_triton(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale):
+    """Triton backward: (dq, dk, dv), each in its input's layout where that is dense."""
+    from ..kernels.qformer_attention import qformer_attention_bwd_triton
+
+    return qformer_attention_bwd_triton(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale)
+
+
+for _key in ("CUDA", "CPU"):  # CPU: the Triton interpreter (TRITON_INTERPRET=1), for testing
+    _lib.impl("qformer_attention_fwd", _fwd_triton, _key)
+    _lib.impl("qformer_attention_bwd", _bwd_triton, _key)
+
+
+@torch.library.register_fake("seed_fast::qformer_attention_fwd", lib=_lib)
 def _(q, k, v, key_padding_mask, causal, scale):
     b, h, lq, dh = q.shape
     out = q.new_empty(b, lq, h, dh).transpose(1, 2)  # the kernel's layout: heads merge for free
     return out, q.new_empty(b, h, lq, dtype=torch.float32)
 
 
-@torch.library.custom_op("seed_fast::qformer_attention_bwd", mutates_args=())
-def qformer_attention_bwd(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton backward: (dq, dk, dv), contiguous."""
-    from ..kernels.qformer_attention import qformer_attention_bwd_triton
-
-    return qformer_attention_bwd_triton(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale)
-
-
-@qformer_attention_bwd.register_fake
+@torch.library.register_fake("seed_fast::qformer_attention_bwd", lib=_lib)
 def _(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale):
-    return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(k, memory_format=torch.contiguous_format),
-        torch.empty_like(v, memory_format=torch.contiguous_format),
-    )
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-    ctx.causal, ctx.scale = causal, scale
-    ctx.mark_non_differentiable(lse)
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale):
+        out, lse = torch.ops.seed_fast.qformer_attention_fwd(q, k, v, key_padding_mask, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.set_materialize_grads(False)
+        return out
 
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.seed_fast.qformer_attention_bwd(
-        grad_out, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale
-    )
-    return dq, dk, dv, None, None, None
-
-
-qformer_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None, None, None, None, None
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.seed_fast.qformer_attention_bwd(
+            grad_out, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale
+        )
+        return dq, dk, dv, None, None, None
 
 
 # --------------------------------------------------------------------------------------- dispatch
@@ -298,8 +295,9 @@ def qformer_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(torch.bool)
-    out, _ = torch.ops.seed_fast.qformer_attention_fwd(q, k, v, key_padding_mask, causal, scale)
-    return out
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _TritonAttention.apply(q, k, v, key_padding_mask, causal, scale)
+    return torch.ops.seed_fast.qformer_attention_fwd(q, k, v, key_padding_mask, causal, scale)[0]
 
 
 def _check_qkv(q, k, v, causal, key_padding_mask) -> None:
