@@ -6,6 +6,7 @@ import importlib
 import pytest
 import torch
 
+from seed_fast import _ext
 from seed_fast.ops import codebook_lookup, codebook_lookup_ref, vector_quantize, vector_quantize_ref
 from seed_fast.ops.codebook_lookup import choose_impl, not_supported_reasons
 from seed_fast.testing import assert_close
@@ -317,25 +318,32 @@ def test_overflowing_norms_are_refused():
         codebook_lookup(z, book, impl="cpu")
 
 
+def _cpu_ext():
+    """The C++ extension's operators are loaded (or the test is skipped)."""
+    ext = _ext.cpu_ext()
+    if ext is None:
+        pytest.skip(f"the C++ extension is not built: {_ext.cpu_ext_error()}")
+    return ext
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx512"])
 @pytest.mark.parametrize("n,k,d", [(65, 33, 1), (131, 1100, 16), (70, 130, 70), (300, 700, 32)])
 def test_cpu_micro_kernels_each_match_float64(isa, n, k, d):
     """Both CPU micro-kernels (the auto choice hides the other on any one machine) on the blocked path."""
-    ext = pytest.importorskip("seed_fast._C")
-    if isa == "avx512" and ext.codebook_argmin_isa() != "avx512":
+    if isa == "avx512" and _cpu_ext().codebook_argmin_isa() != "avx512":
         pytest.skip("this CPU has no AVX-512")
     g = torch.Generator().manual_seed(n + k + d)
     z = torch.randn(n, d, generator=g)
     book = torch.randn(k, d, generator=g)
-    idx = ext.codebook_argmin(z, book, isa=isa)
+    idx = torch.ops.seed_fast._codebook_lookup_indices(z, book, isa=isa)
     _check_achieves_min(z, book, idx, "l2")
 
 
 def test_cpu_isa_argument_is_checked():
-    ext = pytest.importorskip("seed_fast._C")
+    ext = _cpu_ext()
     z = torch.randn(70, 8)
     with pytest.raises(RuntimeError, match="isa must be"):
-        ext.codebook_argmin(z, z, isa="sse9")
+        torch.ops.seed_fast._codebook_lookup_indices(z, z, isa="sse9")
     if ext.codebook_argmin_isa() != "avx512":
         with pytest.raises(RuntimeError, match="no AVX-512"):
-            ext.codebook_argmin(z, z, isa="avx512")
+            torch.ops.seed_fast._codebook_lookup_indices(z, z, isa="avx512")
