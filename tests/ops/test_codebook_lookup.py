@@ -347,3 +347,53 @@ def test_cpu_isa_argument_is_checked():
     if ext.codebook_argmin_isa() != "avx512":
         with pytest.raises(RuntimeError, match="no AVX-512"):
             torch.ops.seed_fast._codebook_lookup_indices(z, z, isa="avx512")
+
+
+# --------------------------------------------------------------- the compiled operator, called directly
+def _kernel_devices():
+    _cpu_ext()
+    return ["cpu", "cuda"] if "cuda" in IMPLS else ["cpu"]
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("n", [3, 100])  # the CPU kernel's small-N and packed paths
+def test_compiled_op_opcheck(n, dtypes):
+    for device in _kernel_devices():
+        z = torch.randn(n, 12).to(device, dtypes[0])
+        book = torch.randn(70, 12).to(device, dtypes[1])
+        torch.library.opcheck(torch.ops.seed_fast._codebook_lookup_indices.default, (z, book))
+
+
+def test_compiled_op_under_torch_compile_with_dynamic_shapes():
+    for device in _kernel_devices():
+        op = torch.ops.seed_fast._codebook_lookup_indices
+        f = torch.compile(lambda z, book: op(z, book) + 1, fullgraph=True, dynamic=True, backend="aot_eager")
+        for n, k in ((70, 40), (9, 33)):
+            z, book = torch.randn(n, 8, device=device), torch.randn(k, 8, device=device)
+            assert torch.equal(f(z, book), op(z, book) + 1)
+
+
+def test_compiled_op_errors_name_the_problem():
+    _cpu_ext()
+    op = torch.ops.seed_fast._codebook_lookup_indices
+    z, book = torch.randn(70, 8), torch.randn(16, 8)
+    with pytest.raises(ValueError, match="z has D=8 but codebook has D=4"):
+        op(z, book[:, :4])
+    with pytest.raises(ValueError, match=r"z must be \(N, D\)"):
+        op(z[0], book)
+    with pytest.raises(ValueError, match="the codebook is empty"):
+        op(z, book[:0])
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        op(z.double(), book)
+    for n in (3, 70):  # small-N and packed paths find NaN / inf separately
+        zn, bn = z[:n].clone(), book.clone()
+        zn[1, 2], zn[2, 2], bn[3, 1] = float("nan"), float("inf"), float("nan")
+        with pytest.raises(ValueError, match="z contains 2 NaN/inf"):
+            op(zn, bn)
+        with pytest.raises(ValueError, match="codebook contains 1 NaN/inf"):
+            op(z[:n], bn)
+        bn[3, 1] = 3e19
+        with pytest.raises(ValueError, match="squared norms overflow float32"):
+            op(z[:n], bn)
+    with pytest.raises(ValueError, match="z has D=8 but codebook has D=7"):
+        op(torch.empty(4, 8, device="meta"), torch.empty(2, 7, device="meta"))
