@@ -6,7 +6,7 @@
 // the squared distance does (||z||^2 is constant per row). Ties go to the lowest index: a lane only
 // replaces its best on a strictly smaller score, and the final cross-lane reduction prefers the
 // lower index among equal scores. Padded codes score +inf.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "codebook_lookup.h"
@@ -29,8 +31,6 @@ namespace {
 
 constexpr int64_t MR = 4;   // rows of z per micro-tile
 constexpr int64_t NR = 32;  // codes per panel
-// Prefix of the error raised for NaN / inf inputs (the Python wrapper then names and counts them).
-constexpr const char* kNonFinite = "seed_fast non-finite input: ";
 // Up to this many rows, skip packing the codebook (its cost would dominate) and use argmin_small_n.
 constexpr int64_t kSmallN = 64;
 
@@ -282,7 +282,8 @@ bool argmin_codes(const float* zt, int64_t D, const float* cb, int64_t k0, int64
   return finite;
 }
 
-void argmin_small_n(const float* z, int64_t N, int64_t D, const float* cb, int64_t K, int64_t* out) {
+// Returns false, writing nothing, when z or a code's squared norm is not finite.
+bool argmin_small_n(const float* z, int64_t N, int64_t D, const float* cb, int64_t K, int64_t* out) {
   const int64_t panels = (N + SR - 1) / SR;
   std::vector<float> zt(static_cast<size_t>(panels * D * SR), 0.f);
   float zsum = 0.f;
@@ -292,7 +293,7 @@ void argmin_small_n(const float* z, int64_t N, int64_t D, const float* cb, int64
       zt[(i / SR) * D * SR + d * SR + i % SR] = v;
       zsum += v * 0.f;  // stays 0 unless some value is NaN / inf
     }
-  TORCH_CHECK(zsum == 0.f, kNonFinite, "z");
+  if (zsum != 0.f) return false;
   // Contiguous code ranges per task; merged in range order so ties stay on the lowest index.
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 2, K / 512));
   const int64_t per = (K + tasks - 1) / tasks;
@@ -307,7 +308,7 @@ void argmin_small_n(const float* z, int64_t N, int64_t D, const float* cb, int64
         bad_codebook.store(true, std::memory_order_relaxed);
     }
   });
-  TORCH_CHECK(!bad_codebook.load(), kNonFinite, "codebook");
+  if (bad_codebook.load()) return false;
   for (int64_t i = 0; i < N; ++i) {
     const int64_t panel = i / SR, lane = i % SR;
     float v = std::numeric_limits<float>::infinity();
@@ -321,6 +322,17 @@ void argmin_small_n(const float* z, int64_t N, int64_t D, const float* cb, int64
     }
     out[i] = best;
   }
+  return true;
+}
+
+// The error for inputs the kernel found not finite, run only then: names the first input holding
+// NaN / inf and counts them, or says that a finite codebook's squared norms overflow float32.
+[[noreturn]] void raise_non_finite(const at::Tensor& z, const at::Tensor& codebook) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"z", &z}, {"codebook", &codebook}}) {
+    const int64_t bad = t->numel() - at::isfinite(*t).sum().item<int64_t>();
+    TORCH_CHECK_VALUE(bad == 0, "codebook_lookup: ", name, " contains ", bad, " NaN/inf value(s)");
+  }
+  TORCH_CHECK_VALUE(false, "codebook_lookup: the codebook's squared norms overflow float32 (values above ~1e19)");
 }
 
 }  // namespace
@@ -332,42 +344,45 @@ std::string codebook_argmin_cpu_isa() {
   return "generic";
 }
 
-torch::Tensor codebook_argmin_cpu(const torch::Tensor& z, const torch::Tensor& codebook, const std::string& isa) {
+at::Tensor codebook_argmin_cpu(const at::Tensor& z, const at::Tensor& codebook, c10::string_view isa) {
   TORCH_CHECK(isa == "auto" || isa == "avx512" || isa == "generic",
               "codebook_argmin_cpu: isa must be 'auto', 'avx512' or 'generic', got '", isa, "'");
   TORCH_CHECK(isa != "avx512" || codebook_argmin_cpu_isa() == "avx512",
               "codebook_argmin_cpu: isa='avx512' asked, but this build or CPU has no AVX-512 kernel");
-  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(), "codebook_argmin_cpu: tensors must be on the CPU");
-  TORCH_CHECK(z.dim() == 2, "codebook_argmin_cpu: z must be (N, D), got ", z.sizes());
-  TORCH_CHECK(codebook.dim() == 2, "codebook_argmin_cpu: codebook must be (K, D), got ", codebook.sizes());
-  TORCH_CHECK(z.size(1) == codebook.size(1), "codebook_argmin_cpu: z has D=", z.size(1), " but codebook has D=",
-              codebook.size(1));
-  TORCH_CHECK(codebook.size(0) >= 1, "codebook_argmin_cpu: the codebook is empty");
-  TORCH_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max() - NR,
-              "codebook_argmin_cpu: K=", codebook.size(0), " is above the int32 index range");
+  TORCH_CHECK_VALUE(z.device().is_cpu() && codebook.device().is_cpu(),
+                    "codebook_argmin_cpu: tensors must be on the CPU, got ", z.device(), " and ", codebook.device());
+  TORCH_CHECK_VALUE(z.dim() == 2, "codebook_argmin_cpu: z must be (N, D), got ", z.sizes());
+  TORCH_CHECK_VALUE(codebook.dim() == 2, "codebook_argmin_cpu: codebook must be (K, D), got ", codebook.sizes());
+  TORCH_CHECK_VALUE(z.size(1) == codebook.size(1), "codebook_argmin_cpu: z has D=", z.size(1),
+                    " but codebook has D=", codebook.size(1));
+  TORCH_CHECK_VALUE(codebook.size(0) >= 1, "codebook_argmin_cpu: the codebook is empty");
+  TORCH_CHECK_VALUE(codebook.size(0) <= std::numeric_limits<int32_t>::max() - NR,
+                    "codebook_argmin_cpu: K=", codebook.size(0), " is above the int32 index range");
   for (const auto* t : {&z, &codebook}) {
     const auto st = t->scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-                "codebook_argmin_cpu: inputs must be float32, float16 or bfloat16, got ", st);
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+                     "codebook_argmin_cpu: inputs must be float32, float16 or bfloat16, got ", st);
   }
   const int64_t N = z.size(0), D = z.size(1), K = codebook.size(0);
-  auto out = torch::empty({N}, z.options().dtype(torch::kLong));
+  auto out = at::empty({N}, z.options().dtype(at::kLong));
   if (N == 0) return out;
-  const auto zf = z.to(torch::kFloat).contiguous();
-  const auto cf = codebook.to(torch::kFloat).contiguous();
+  const auto zf = z.to(at::kFloat).contiguous();
+  const auto cf = codebook.to(at::kFloat).contiguous();
   if (N <= kSmallN) {
-    argmin_small_n(zf.data_ptr<float>(), N, D, cf.data_ptr<float>(), K, out.data_ptr<int64_t>());
+    if (!argmin_small_n(zf.data_ptr<float>(), N, D, cf.data_ptr<float>(), K, out.data_ptr<int64_t>()))
+      raise_non_finite(z, codebook);
     return out;
   }
   const int64_t P = (K + NR - 1) / NR;
   float* panels = scratch_floats(static_cast<size_t>(P * D * NR + P * NR));
   float* half_norm = panels + P * D * NR;
   pack_codebook(cf.data_ptr<float>(), K, D, panels, half_norm);
-  for (int64_t k = 0; k < K; ++k) TORCH_CHECK(std::isfinite(half_norm[k]), kNonFinite, "codebook");
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) finite &= std::isfinite(half_norm[k]);
   const float* zp = zf.data_ptr<float>();
   float zsum = 0.f;
-  for (int64_t i = 0; i < N * D; ++i) zsum += zp[i] * 0.f;
-  TORCH_CHECK(zsum == 0.f, kNonFinite, "z");
+  for (int64_t i = 0; i < N * D; ++i) zsum += zp[i] * 0.f;  // stays 0 unless some value is NaN / inf
+  if (!finite || zsum != 0.f) raise_non_finite(z, codebook);
   int64_t* op = out.data_ptr<int64_t>();
   const int64_t blocks = (N + MR - 1) / MR;
   // Codes are swept in chunks of about kChunkBytes of packed codebook (L2-resident) across all of a

@@ -8,7 +8,7 @@
 // and one 64-bit atomicMin per row and block merges splits: the high word is an order-preserving
 // key of the fp32 score, the low word the code index, so equal scores resolve to the lowest index.
 // Extra memory: O(N) for the packed results; nothing of size N x K.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -131,7 +131,7 @@ codebook_argmin_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_
 }
 
 template <typename T>
-void launch(const torch::Tensor& z, const torch::Tensor& cb, torch::Tensor& packed) {
+void launch(const at::Tensor& z, const at::Tensor& cb, at::Tensor& packed) {
   const int64_t N = z.size(0), K = cb.size(0), D = z.size(1);
   const int64_t row_tiles = (N + BM - 1) / BM;
   const int64_t k_tiles = (K + BN - 1) / BN;
@@ -149,24 +149,28 @@ void launch(const torch::Tensor& z, const torch::Tensor& cb, torch::Tensor& pack
 
 }  // namespace
 
-torch::Tensor codebook_argmin_cuda(const torch::Tensor& z, const torch::Tensor& codebook) {
-  TORCH_CHECK(z.is_cuda() && codebook.is_cuda(), "codebook_argmin_cuda: tensors must be on a CUDA device");
-  TORCH_CHECK(z.device() == codebook.device(), "codebook_argmin_cuda: z and codebook are on different devices");
-  TORCH_CHECK(z.dim() == 2 && codebook.dim() == 2, "codebook_argmin_cuda: need z (N, D) and codebook (K, D), got ",
-              z.sizes(), " and ", codebook.sizes());
-  TORCH_CHECK(z.size(1) == codebook.size(1), "codebook_argmin_cuda: z has D=", z.size(1), " but codebook has D=",
-              codebook.size(1));
-  TORCH_CHECK(codebook.size(0) >= 1, "codebook_argmin_cuda: the codebook is empty");
-  TORCH_CHECK(codebook.size(0) < std::numeric_limits<int32_t>::max() - BN,
-              "codebook_argmin_cuda: K=", codebook.size(0), " is above the int32 index range");
+at::Tensor codebook_argmin_cuda(const at::Tensor& z, const at::Tensor& codebook, c10::string_view isa) {
+  TORCH_CHECK(isa == "auto", "codebook_argmin_cuda: isa must be 'auto' on CUDA, got '", isa, "'");
+  TORCH_CHECK_VALUE(z.is_cuda() && codebook.is_cuda(), "codebook_argmin_cuda: tensors must be on a CUDA device, got ",
+                    z.device(), " and ", codebook.device());
+  TORCH_CHECK_VALUE(z.device() == codebook.device(), "codebook_argmin_cuda: z is on ", z.device(), " but codebook on ",
+                    codebook.device());
+  TORCH_CHECK_VALUE(z.dim() == 2 && codebook.dim() == 2,
+                    "codebook_argmin_cuda: need z (N, D) and codebook (K, D), got ", z.sizes(), " and ",
+                    codebook.sizes());
+  TORCH_CHECK_VALUE(z.size(1) == codebook.size(1), "codebook_argmin_cuda: z has D=", z.size(1),
+                    " but codebook has D=", codebook.size(1));
+  TORCH_CHECK_VALUE(codebook.size(0) >= 1, "codebook_argmin_cuda: the codebook is empty");
+  TORCH_CHECK_VALUE(codebook.size(0) < std::numeric_limits<int32_t>::max() - BN,
+                    "codebook_argmin_cuda: K=", codebook.size(0), " is above the int32 index range");
   const auto st = at::promote_types(z.scalar_type(), codebook.scalar_type());
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-              "codebook_argmin_cuda: inputs must be float32, float16 or bfloat16, got ", z.scalar_type(), " and ",
-              codebook.scalar_type());
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+                   "codebook_argmin_cuda: inputs must be float32, float16 or bfloat16, got ", z.scalar_type(),
+                   " and ", codebook.scalar_type());
   const c10::cuda::CUDAGuard guard(z.device());
   const auto zc = z.to(st).contiguous();
   const auto cc = codebook.to(st).contiguous();
-  auto packed = torch::full({z.size(0)}, -1, z.options().dtype(torch::kLong));  // all bits set = "none yet"
+  auto packed = at::full({z.size(0)}, -1, z.options().dtype(at::kLong));  // all bits set = "none yet"
   if (z.size(0) == 0) return packed;
   if (st == at::kFloat) {
     launch<float>(zc, cc, packed);

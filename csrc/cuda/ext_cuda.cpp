@@ -1,6 +1,12 @@
-// seed_fast._C_cuda: the CUDA kernels. One registration file; kernels live in csrc/<op>/*.cu.
-#include <torch/extension.h>
+// seed_fast._C_cuda: the CUDA kernels of the operators seed_fast._C defines (torch.ops.seed_fast).
+// One registration file; kernels live in csrc/<op>/*.cu. Either library may be loaded first.
+#include <ATen/ATen.h>
+#include <Python.h>
 #include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
 
 #include "codebook_lookup/codebook_lookup.h"
 
@@ -10,18 +16,23 @@
 
 namespace seed_fast {
 
-pybind11::dict cuda_build_info() {
-  pybind11::dict d;
-  d["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
-  d["archs"] = std::string(SEED_FAST_CUDA_ARCHS);
-  return d;
+std::tuple<std::string, std::string> cuda_build_info() {
+  return {std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10),
+          SEED_FAST_CUDA_ARCHS};
 }
 
 }  // namespace seed_fast
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "seed_fast CUDA kernels";
-  m.def("build_info", &seed_fast::cuda_build_info, "CUDA version and architectures of this build");
-  m.def("codebook_argmin", &seed_fast::codebook_argmin_cuda, "nearest-code indices (N, D) x (K, D) -> (N,)",
-        pybind11::arg("z"), pybind11::arg("codebook"));
+TORCH_LIBRARY_FRAGMENT(seed_fast, m) {
+  // The CUDA version and the GPU architectures this library was compiled for.
+  m.def("_cuda_build_info() -> (str cuda_version, str archs)", &seed_fast::cuda_build_info);
+}
+
+TORCH_LIBRARY_IMPL(seed_fast, CUDA, m) { m.impl("_codebook_lookup_indices", &seed_fast::codebook_argmin_cuda); }
+
+// Importing seed_fast._C_cuda runs the registrations above; the module itself holds nothing.
+PyMODINIT_FUNC PyInit__C_cuda() {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda",
+                               "seed_fast's CUDA kernels, under torch.ops.seed_fast", -1, nullptr};
+  return PyModule_Create(&module);
 }

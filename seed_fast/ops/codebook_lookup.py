@@ -11,7 +11,8 @@ matrix product (cuBLAS / the CPU BLAS) over row chunks, then argmin: the stock p
 "auto" takes the backend measured fastest for the dtype and row count on this class of device
 (seed_fast/ops/dispatch.py); unmeasured, "cpu" on the CPU and "torch" on a GPU. They are registered as the custom op
 `seed_fast::codebook_argmin` (fake impl included) so torch.compile(fullgraph=True) and torch.export
-see one opaque node.
+see one opaque node. The C++ and CUDA kernels are also the operator
+`torch.ops.seed_fast._codebook_lookup_indices(z, codebook)`, which picks its kernel by device.
 """
 
 from __future__ import annotations
@@ -97,16 +98,9 @@ def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_fi
     context unusable after one bad input, so it is not used."""
     if z.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=z.device)
-    if impl == "cpu":  # the C++ kernel detects NaN / inf itself, on values it touches anyway
-        try:
-            return _ext.require_cpu_ext().codebook_argmin(z, codebook)
-        except RuntimeError as e:
-            if "seed_fast non-finite input" not in str(e):
-                raise
-            _check_finite(z, codebook)
-            raise ValueError(
-                "codebook_lookup: the codebook's squared norms overflow float32 (values above ~1e19)"
-            ) from None
+    if impl == "cpu":  # the C++ kernel raises ValueError on NaN / inf, found on values it touches anyway
+        _ext.require_cpu_ext()
+        return torch.ops.seed_fast._codebook_lookup_indices(z, codebook)
     if check_finite:
         _check_finite(z, codebook)
     if impl == "ref":
@@ -114,7 +108,8 @@ def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_fi
     if impl == "torch":
         return _argmin_torch(z, codebook)
     if impl == "cuda":
-        return _ext.require_cuda_ext().codebook_argmin(z, codebook)
+        _ext.require_cuda_ext()
+        return torch.ops.seed_fast._codebook_lookup_indices(z, codebook)
     if impl == "triton":
         from ..kernels.codebook_lookup import codebook_argmin_triton
 

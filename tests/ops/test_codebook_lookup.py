@@ -6,6 +6,7 @@ import importlib
 import pytest
 import torch
 
+from seed_fast import _ext
 from seed_fast.ops import codebook_lookup, codebook_lookup_ref, vector_quantize, vector_quantize_ref
 from seed_fast.ops.codebook_lookup import choose_impl, not_supported_reasons
 from seed_fast.testing import assert_close
@@ -317,25 +318,82 @@ def test_overflowing_norms_are_refused():
         codebook_lookup(z, book, impl="cpu")
 
 
+def _cpu_ext():
+    """The C++ extension's operators are loaded (or the test is skipped)."""
+    ext = _ext.cpu_ext()
+    if ext is None:
+        pytest.skip(f"the C++ extension is not built: {_ext.cpu_ext_error()}")
+    return ext
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx512"])
 @pytest.mark.parametrize("n,k,d", [(65, 33, 1), (131, 1100, 16), (70, 130, 70), (300, 700, 32)])
 def test_cpu_micro_kernels_each_match_float64(isa, n, k, d):
     """Both CPU micro-kernels (the auto choice hides the other on any one machine) on the blocked path."""
-    ext = pytest.importorskip("seed_fast._C")
-    if isa == "avx512" and ext.codebook_argmin_isa() != "avx512":
+    if isa == "avx512" and _cpu_ext().codebook_argmin_isa() != "avx512":
         pytest.skip("this CPU has no AVX-512")
     g = torch.Generator().manual_seed(n + k + d)
     z = torch.randn(n, d, generator=g)
     book = torch.randn(k, d, generator=g)
-    idx = ext.codebook_argmin(z, book, isa=isa)
+    idx = torch.ops.seed_fast._codebook_lookup_indices(z, book, isa=isa)
     _check_achieves_min(z, book, idx, "l2")
 
 
 def test_cpu_isa_argument_is_checked():
-    ext = pytest.importorskip("seed_fast._C")
+    ext = _cpu_ext()
     z = torch.randn(70, 8)
     with pytest.raises(RuntimeError, match="isa must be"):
-        ext.codebook_argmin(z, z, isa="sse9")
+        torch.ops.seed_fast._codebook_lookup_indices(z, z, isa="sse9")
     if ext.codebook_argmin_isa() != "avx512":
         with pytest.raises(RuntimeError, match="no AVX-512"):
-            ext.codebook_argmin(z, z, isa="avx512")
+            torch.ops.seed_fast._codebook_lookup_indices(z, z, isa="avx512")
+
+
+# --------------------------------------------------------------- the compiled operator, called directly
+def _kernel_devices():
+    _cpu_ext()
+    return ["cpu", "cuda"] if "cuda" in IMPLS else ["cpu"]
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("n", [3, 100])  # the CPU kernel's small-N and packed paths
+def test_compiled_op_opcheck(n, dtypes):
+    for device in _kernel_devices():
+        z = torch.randn(n, 12).to(device, dtypes[0])
+        book = torch.randn(70, 12).to(device, dtypes[1])
+        torch.library.opcheck(torch.ops.seed_fast._codebook_lookup_indices.default, (z, book))
+
+
+def test_compiled_op_under_torch_compile_with_dynamic_shapes():
+    for device in _kernel_devices():
+        op = torch.ops.seed_fast._codebook_lookup_indices
+        f = torch.compile(lambda z, book: op(z, book) + 1, fullgraph=True, dynamic=True, backend="aot_eager")
+        for n, k in ((70, 40), (9, 33)):
+            z, book = torch.randn(n, 8, device=device), torch.randn(k, 8, device=device)
+            assert torch.equal(f(z, book), op(z, book) + 1)
+
+
+def test_compiled_op_errors_name_the_problem():
+    _cpu_ext()
+    op = torch.ops.seed_fast._codebook_lookup_indices
+    z, book = torch.randn(70, 8), torch.randn(16, 8)
+    with pytest.raises(ValueError, match="z has D=8 but codebook has D=4"):
+        op(z, book[:, :4])
+    with pytest.raises(ValueError, match=r"z must be \(N, D\)"):
+        op(z[0], book)
+    with pytest.raises(ValueError, match="the codebook is empty"):
+        op(z, book[:0])
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        op(z.double(), book)
+    for n in (3, 70):  # small-N and packed paths find NaN / inf separately
+        zn, bn = z[:n].clone(), book.clone()
+        zn[1, 2], zn[2, 2], bn[3, 1] = float("nan"), float("inf"), float("nan")
+        with pytest.raises(ValueError, match="z contains 2 NaN/inf"):
+            op(zn, bn)
+        with pytest.raises(ValueError, match="codebook contains 1 NaN/inf"):
+            op(z[:n], bn)
+        bn[3, 1] = 3e19
+        with pytest.raises(ValueError, match="squared norms overflow float32"):
+            op(z[:n], bn)
+    with pytest.raises(ValueError, match="z has D=8 but codebook has D=7"):
+        op(torch.empty(4, 8, device="meta"), torch.empty(2, 7, device="meta"))
