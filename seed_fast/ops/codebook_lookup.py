@@ -9,10 +9,11 @@ The fused backends ("cpu": C++ in csrc/codebook_lookup, "triton": kernels/codebo
 N x K, and keep the running (min, argmin). "torch" scores the same way with the vendor's fp32
 matrix product (cuBLAS / the CPU BLAS) over row chunks, then argmin: the stock path, with TF32 off.
 "auto" takes the backend measured fastest for the dtype and row count on this class of device
-(seed_fast/ops/dispatch.py); unmeasured, "cpu" on the CPU and "torch" on a GPU. They are registered as the custom op
-`seed_fast::codebook_argmin` (fake impl included) so torch.compile(fullgraph=True) and torch.export
-see one opaque node. The C++ and CUDA kernels are also the operator
-`torch.ops.seed_fast._codebook_lookup_indices(z, codebook)`, which picks its kernel by device.
+(seed_fast/ops/dispatch.py); unmeasured, "cpu" on the CPU and "torch" on a GPU.
+The C++ and CUDA kernels are the operator `torch.ops.seed_fast._codebook_lookup_indices(z, codebook)`
+(kernel picked by device); every backend is reachable as
+`torch.ops.seed_fast.codebook_lookup_indices(z, codebook, impl)`. Both have fake impls, so
+torch.compile(fullgraph=True) and torch.export see one opaque node.
 """
 
 from __future__ import annotations
@@ -80,16 +81,25 @@ def _argmin_torch(flat: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = z.reshape(-1, z.shape[-1])
+    flat = z if z.dim() == 2 else z.reshape(-1, z.shape[-1])
     if metric == "cosine":
         acc = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
         return F.normalize(flat.to(acc), dim=-1), F.normalize(codebook.to(acc), dim=-1)
     return flat, codebook
 
 
-# --------------------------------------------------------------------------------------- custom op
-@torch.library.custom_op("seed_fast::codebook_argmin", mutates_args=())
-def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_finite: bool = True) -> torch.Tensor:
+# --------------------------------------------------------------------------------------- ops
+# The C++ / CUDA kernels are the operator `seed_fast::_codebook_lookup_indices` (csrc/, registered
+# with TORCH_LIBRARY, a Meta kernel for fake tensors). The other backends share the operator below,
+# registered directly (`Library.define` + `impl`: a few microseconds per call, against 10-20 for
+# `torch.library.custom_op`), so torch.compile(fullgraph=True) and torch.export see one node.
+_lib = torch.library.Library("seed_fast", "FRAGMENT")
+_lib.define("codebook_lookup_indices(Tensor z, Tensor codebook, str impl, bool check_finite=True) -> Tensor")
+
+
+def codebook_lookup_indices(
+    z: torch.Tensor, codebook: torch.Tensor, impl: str, check_finite: bool = True
+) -> torch.Tensor:
     """(N, D) x (K, D) -> (N,) int64 nearest-code indices with the named backend (not "auto").
 
     check_finite: raise on NaN / inf. Free on the CPU kernel (it checks in-kernel); elsewhere one
@@ -114,7 +124,16 @@ def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_fi
         from ..kernels.codebook_lookup import codebook_argmin_triton
 
         return codebook_argmin_triton(z, codebook)
-    raise ValueError(f"codebook_argmin: unknown impl {impl!r}")
+    raise ValueError(f"codebook_lookup_indices: unknown impl {impl!r}")
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("codebook_lookup_indices", codebook_lookup_indices, _key)
+
+
+@torch.library.register_fake("seed_fast::codebook_lookup_indices", lib=_lib)
+def _(z, codebook, impl, check_finite=True):
+    return z.new_empty((z.shape[0],), dtype=torch.long)
 
 
 def _check_finite(z: torch.Tensor, codebook: torch.Tensor) -> None:
@@ -124,11 +143,6 @@ def _check_finite(z: torch.Tensor, codebook: torch.Tensor) -> None:
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"codebook_lookup: {name} contains {bad} NaN/inf value(s)")
-
-
-@codebook_argmin.register_fake
-def _(z: torch.Tensor, codebook: torch.Tensor, impl: str, check_finite: bool = True) -> torch.Tensor:
-    return z.new_empty((z.shape[0],), dtype=torch.long)
 
 
 # --------------------------------------------------------------------------------------- dispatch
@@ -163,8 +177,24 @@ def not_supported_reasons(impl: str, z: torch.Tensor, codebook: torch.Tensor) ->
     return reasons
 
 
+_auto_cache: dict = {}
+
+
 def choose_impl(z: torch.Tensor, codebook: torch.Tensor, impl: str = "auto") -> str:
     """The backend `codebook_lookup(impl=...)` would use; raises with the reasons when it cannot run."""
+    if impl == "auto":
+        capturing = z.is_cuda and torch.cuda.is_current_stream_capturing()
+        key = (z.device, z.dtype, codebook.dtype, z.shape[0], capturing, _table.generation())
+        hit = _auto_cache.get(key)
+        if hit is None:
+            if len(_auto_cache) > 4096:
+                _auto_cache.clear()
+            hit = _auto_cache[key] = _choose_impl(z, codebook, impl)
+        return hit
+    return _choose_impl(z, codebook, impl)
+
+
+def _choose_impl(z: torch.Tensor, codebook: torch.Tensor, impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"codebook_lookup: unknown impl {impl!r}; choose from {IMPLS}")
     if impl != "auto":
@@ -207,10 +237,14 @@ def codebook_lookup(
     chosen = choose_impl(flat, book, impl)
     if _dispatch._logs:
         _dispatch.note("codebook_lookup", chosen)
-    if check_finite and flat.is_cuda and torch.cuda.is_current_stream_capturing():
-        check_finite = False  # a CUDA graph capture cannot sync to read the result
-    indices = torch.ops.seed_fast.codebook_argmin(flat, book, chosen, check_finite).reshape(z.shape[:-1])
-    return indices, F.embedding(indices, codebook)
+    if chosen == "cpu" and flat.shape[0]:  # the C++ operator itself: one dispatcher call, checks in-kernel
+        indices = torch.ops.seed_fast._codebook_lookup_indices.default(flat, book)
+    else:
+        if check_finite and flat.is_cuda and torch.cuda.is_current_stream_capturing():
+            check_finite = False  # a CUDA graph capture cannot sync to read the result
+        indices = torch.ops.seed_fast.codebook_lookup_indices.default(flat, book, chosen, check_finite)
+    indices = indices.view(z.shape[:-1]) if z.dim() != 2 else indices
+    return indices, torch.embedding(codebook, indices)  # F.embedding's kernel, without its Python
 
 
 # --------------------------------------------------------------------------------------- VQ step

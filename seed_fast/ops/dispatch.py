@@ -28,6 +28,7 @@ import torch
 TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
 
 _table: dict | None = None
+_generation = 0  # bumped by set_table: callers that cache decisions key them by it
 
 
 def table() -> dict:
@@ -43,9 +44,15 @@ def table() -> dict:
 
 def set_table(new: dict | None) -> None:
     """Replace the table in this process (None reloads the file); clears cached decisions."""
-    global _table
+    global _table, _generation
     _table = new
+    _generation += 1
     _decide.cache_clear()
+
+
+def generation() -> int:
+    """Changes whenever the table is replaced (for callers caching decisions)."""
+    return _generation
 
 
 @lru_cache(maxsize=64)
