@@ -90,3 +90,18 @@ def test_fused_lora_llm_uses_lora_linear():
     _assert_fast(log, ["lora_linear"])
     n_lora_layers = sum(1 for n, _ in llm.model.named_modules() if n.endswith(("q_proj", "v_proj")))
     assert len([1 for name, _ in log if name == "lora_linear"]) >= n_lora_layers
+
+
+def test_default_tokenizer_path_reads_no_scalar_back():
+    """No `.item()` / `int(tensor)` / `bool(tensor)` on the default encode and decode paths: on a GPU
+    each is a host sync that stalls the launch queue. (decode reads the codes' range once, as one
+    batched copy, to refuse out-of-range codes before they reach a gather.)"""
+    if not CUDA:
+        _require_cpu_extension()
+    tok = SeedTokenizer.from_config("tiny", seed=0).to(DEVICE)
+    images = (torch.rand(2, 3, 224, 224) * 255).to(torch.uint8).to(DEVICE)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        codes = tok.encode(images)
+        tok.decode(codes)
+    reads = [e.name for e in prof.events() if e.name in ("aten::_local_scalar_dense", "aten::item")]
+    assert reads == [], reads
