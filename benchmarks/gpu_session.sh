@@ -13,7 +13,8 @@
 #   tests    build, GPU tests only
 #   dispatch build, a few GPU tests, then every backend of the three ops (ours and the vendor paths)
 #            on SEED's shapes, for the dispatch table (benchmarks/dispatch_table.py reads the JSON),
-#            impl="auto" beside them, and the tokenizer at batch 1 and 256; about 7 minutes on an H200
+#            impl="auto" beside them, the tokenizer at batch 1 and 256, host cost per tiny call; about
+#            7 minutes on an H200 (give the device tool's call a 480 s limit)
 #   rest     build, the benchmarks `targets` leaves out (fp16 codebook, LLM decode), no tests
 #   suite    build, then benchmarks/run_all.py (every benchmark, summary tables + JSON + PNG) within
 #            SUITE_BUDGET seconds (default 400); SUITE_TESTS=1 first runs the regression guard and
@@ -107,10 +108,11 @@ if [ "$MODE" = "dispatch" ]; then
     --skip "compile|eager|math|flash" --out "$B"
   step bench_codebook_f32 40 bench_codebook_float32.log $PY benchmarks/bench_codebook_lookup.py --dtype float32 \
     --ns 1,32,1024,8192 --dims 32 --quick --out "$B"
-  step bench_lora 80 bench_lora.log $PY benchmarks/bench_lora_linear.py --dtype bfloat16 --tokens 16,4096 --ranks 16 \
-    --shapes "LLaMA-7B attn" --dropout 0.05 --out "$B"
   step bench_tokenizer 90 bench_tokenizer.log $PY benchmarks/bench_tokenizer.py --qformer-batches 1 \
     --tokenizer-batches 1,256 --out "$B"
+  step bench_lora 80 bench_lora.log $PY benchmarks/bench_lora_linear.py --dtype bfloat16 --tokens 16,4096 --ranks 16 \
+    --shapes "LLaMA-7B attn" --dropout 0.05 --out "$B"
+  step bench_host 30 bench_host.log $PY benchmarks/bench_host_overhead.py --device cuda --out "$B"
 elif [ "$MODE" = "targets" ]; then
   log "benchmarks on the target shapes"
   step bench_codebook_f32 "$L" bench_codebook_float32.log $PY benchmarks/bench_codebook_lookup.py --quick --dtype float32 --out "$B"
