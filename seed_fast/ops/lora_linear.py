@@ -22,6 +22,8 @@ Backends behind `lora_linear(impl=...)`:
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import dispatch as _table
@@ -65,11 +67,19 @@ def _signed32(c: int) -> int:
     return c - 2**32 if c >= 2**31 else c
 
 
-def _hash32_i32(idx: torch.Tensor, seed: int) -> torch.Tensor:
+def _seed_i32(seed: torch.Tensor) -> torch.Tensor:
+    """A one-element integer seed tensor as the int32 with the same low 32 bits (on its device)."""
+    s = seed.reshape(1).to(torch.int64) & _M32
+    return torch.where(s >= 2**31, s - 2**32, s).to(torch.int32)
+
+
+def _hash32_i32(idx: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
     """`_hash32` on int32 tensors: the same 32 bits, a quarter of the memory traffic and half the
     kernels. Multiplication wraps modulo 2^32 in two's complement; right shifts are made logical
-    by masking off the sign-extended bits."""
-    h = idx.mul(_signed32(0x9E3779B1)).add_(_signed32(seed))
+    by masking off the sign-extended bits. seed: an int, or a one-element integer tensor on idx's
+    device (read on the device: a CUDA graph replay then uses the value the tensor holds)."""
+    add = _seed_i32(seed) if isinstance(seed, torch.Tensor) else _signed32(seed)
+    h = idx.mul(_signed32(0x9E3779B1)).add_(add)
     h.bitwise_xor_((h >> 16) & 0xFFFF)
     h.mul_(_signed32(0x85EBCA6B))
     h.bitwise_xor_((h >> 13) & 0x7FFFF)
@@ -77,9 +87,10 @@ def _hash32_i32(idx: torch.Tensor, seed: int) -> torch.Tensor:
     return h.bitwise_xor_((h >> 16) & 0xFFFF)
 
 
-def lora_dropout_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+def lora_dropout_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """(rows, cols) bool keep-mask of the LoRA dropout for `seed`: element (i, j) is kept when
-    hash32(i * cols + j, seed) >= p * 2^32. Needs rows * cols < 2^32."""
+    hash32(i * cols + j, seed) >= p * 2^32. Needs rows * cols < 2^32. seed: an int, or a
+    one-element integer tensor (its low 32 bits count, as an int's do)."""
     if rows * cols >= 2**32:
         raise ValueError(f"lora dropout: {rows} x {cols} elements exceed the 2^32 counter range")
     idx = torch.arange(rows * cols, dtype=torch.int64, device=device)
@@ -364,10 +375,16 @@ def lora_linear(
     of device, seed_fast/ops/dispatch.py; unmeasured: the addmm chain "torch", cuBLAS on a GPU;
     the reference for fp64), "ref", "torch", "triton".
     dropout_p > 0 without a seed draws one from torch's generator (so torch.manual_seed makes runs
-    repeatable).
+    repeatable); under CUDA graph capture it is drawn on the device, so each replay drops different
+    elements. seed may be an int or a one-element integer tensor on x's device.
     """
     if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # drawn on the device, inside the graph: every replay draws a new seed (a host int would
+            # be frozen into the graph, and every replay would drop the same elements)
+            seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
+        else:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     amp = _autocast_dtype(x)
     if (
         amp is not None
@@ -377,6 +394,13 @@ def lora_linear(
             return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed, impl=impl)
     _check(x, weight, bias, lora_A, lora_B, dropout_p, seed, scaling)
     chosen = choose_impl(x, weight, lora_A, impl)
+    if isinstance(seed, torch.Tensor) and dropout_p > 0 and chosen == "triton":
+        if impl == "triton":
+            raise TypeError(
+                "lora_linear: impl='triton' takes the dropout seed as a Python int; a tensor seed (as drawn "
+                "under CUDA graph capture) runs with impl='auto' or 'torch'"
+            )
+        chosen = "torch"  # the same mask, computed from the seed tensor on the device
     if _dispatch._logs:
         _dispatch.note("lora_linear", chosen)
     scaling = float(scaling)
@@ -437,6 +461,15 @@ def _check(x, weight, bias, lora_A, lora_B, dropout_p, seed, scaling) -> None:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and seed is None:
         raise ValueError("lora_linear_ref: dropout_p > 0 needs a seed (the mask is a function of it)")
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+            raise TypeError(
+                f"lora_linear: a tensor seed must hold one integer, got {seed.dtype} of shape {tuple(seed.shape)}"
+            )
+        if seed.device != x.device:
+            raise ValueError(f"lora_linear: the seed tensor is on {seed.device}, x on {x.device}")
+    elif seed is not None and not isinstance(seed, numbers.Integral):
+        raise TypeError(f"lora_linear: seed must be an int or a one-element integer tensor, got {type(seed).__name__}")
 
 
 # --------------------------------------------------------------------------------------- multi-adapter

@@ -252,3 +252,53 @@ def test_dropout_mask_int32_hash_equals_the_int64_specification():
         m = lora_dropout_mask(9, 123, 77, p)
         ref = (_hash32(torch.arange(123 * 77), 9) >= dropout_threshold(p)).reshape(123, 77)
         assert torch.equal(m, ref), p
+
+
+@pytest.mark.parametrize("seed", [5, 2**31 + 3, 2**32 - 1])
+def test_a_tensor_seed_drops_what_the_int_seed_drops(seed):
+    """Under CUDA graph capture the seed is drawn on the device as a tensor; it must name the same
+    mask as the int it holds (the low 32 bits), on every path that takes it."""
+    from seed_fast.ops.lora_linear import _hash32_i32
+
+    x, w, b, a, bb = _make(9, 20, 6, 3, torch.float32, seed=3)
+    t_seed = torch.tensor([seed], device=DEVICE)
+    assert torch.equal(
+        lora_dropout_mask(t_seed, 9, 20, 0.3, device=DEVICE), lora_dropout_mask(seed, 9, 20, 0.3, device=DEVICE)
+    )
+    idx = torch.arange(50, dtype=torch.int32, device=DEVICE)
+    assert torch.equal(_hash32_i32(idx, t_seed), _hash32_i32(idx, seed))
+    for impl in ("ref", "torch", "auto"):
+        want = lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=seed, impl=impl)
+        got = lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=t_seed, impl=impl)
+        assert torch.equal(got, want), impl
+    if "triton" in IMPLS:
+        with pytest.raises(TypeError, match="impl='triton' takes the dropout seed as a Python int"):
+            lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.3, seed=t_seed, impl="triton")
+
+
+def test_bad_seeds_are_named():
+    x, w, b, a, bb = _make(2, 8, 4, 2, torch.float32, seed=1)
+    with pytest.raises(TypeError, match="one integer"):
+        lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.1, seed=torch.tensor([1.5]))
+    with pytest.raises(TypeError, match="one integer"):
+        lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.1, seed=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="seed must be an int"):
+        lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.1, seed=1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dropout_under_cuda_graph_capture_draws_a_new_mask_each_replay():
+    x, w, b, a, bb = _make(64, 32, 16, 4, torch.float32, seed=2)
+    out = torch.empty(64, 16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out.copy_(lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.5))
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out.copy_(lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.5))
+    g.replay()
+    first = out.clone()
+    g.replay()
+    assert not torch.equal(out, first), "every replay dropped the same elements: the seed was frozen"
