@@ -14,7 +14,7 @@
 #   dispatch build, a few GPU tests, then every backend of the three ops (ours and the vendor paths)
 #            on SEED's shapes, for the dispatch table (benchmarks/dispatch_table.py reads the JSON),
 #            impl="auto" beside them, the tokenizer at batch 1 and 256, host cost per tiny call; about
-#            7 minutes on an H200 (give the device tool's call a 480 s limit)
+#            7 minutes on an H200 (allow the whole call 480 s)
 #   rest     build, the benchmarks `targets` leaves out (fp16 codebook, LLM decode), no tests
 #   suite    build, then benchmarks/run_all.py (every benchmark, summary tables + JSON + PNG) within
 #            SUITE_BUDGET seconds (default 400); SUITE_TESTS=1 first runs the regression guard and
