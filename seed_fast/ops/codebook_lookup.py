@@ -205,15 +205,12 @@ def _choose_impl(z: torch.Tensor, codebook: torch.Tensor, impl: str) -> str:
     if torch.float64 in (z.dtype, codebook.dtype):
         return "ref"  # no kernel takes fp64
     default = "cpu" if z.device.type == "cpu" else "torch"
-    case = (("dtype", _DTYPE_NAMES.get(z.dtype, "")),)
+    case = (("dtype", _table.dtype_name(z.dtype)),)
     chosen = _table.choose("codebook_lookup", z.device, case, z.shape[0], default)
     for cand in (chosen, default):
         if not not_supported_reasons(cand, z, codebook):
             return cand
     return "ref"
-
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def codebook_lookup(

@@ -68,6 +68,11 @@ def device_class(device: torch.device) -> str:
     return device.type
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The table's name of a dtype: "float32", "float16", "bfloat16", ..."""
+    return str(dtype).removeprefix("torch.")
+
+
 def choose(op: str, device: torch.device, case: tuple, size: int, default: str) -> str:
     """The table's backend for `op` on `device` in `case` ((key, value) pairs) at `size`, or
     `default` where the table has no measurement for it."""

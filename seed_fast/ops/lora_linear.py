@@ -349,7 +349,7 @@ def choose_impl(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, imp
     if x.dtype == torch.float64:
         return "ref"
     grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or weight.requires_grad)
-    case = (("dtype", str(x.dtype).removeprefix("torch.")), ("mode", "fwd+bwd" if grad else "fwd"))
+    case = (("dtype", _table.dtype_name(x.dtype)), ("mode", "fwd+bwd" if grad else "fwd"))
     tokens = x.numel() // max(1, x.shape[-1])
     chosen = _table.choose("lora_linear", x.device, case, tokens, "torch")
     if chosen != "torch" and not_supported_reasons(chosen, x, weight, lora_A):

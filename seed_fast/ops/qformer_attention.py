@@ -249,7 +249,7 @@ def choose_impl(
         return "sdpa"
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     case = (
-        ("dtype", _DTYPE_NAMES.get(q.dtype, "")),
+        ("dtype", _table.dtype_name(q.dtype)),
         ("attention", "self" if causal else "cross"),
         ("mode", "fwd+bwd" if grad else "fwd"),
     )
@@ -259,9 +259,6 @@ def choose_impl(
     if chosen != "sdpa" and not_supported_reasons(chosen, q, k, v):
         return "sdpa"
     return chosen
-
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def qformer_attention(
