@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build the CUDA extension there, run the GPU tests, run the
-# benchmarks, leave logs and tables under $OUT (the device tool brings them back).
+# benchmarks, leave logs and tables under $OUT (copied back to the caller).
 #
 #   bash benchmarks/gpu_session.sh [quick|bench|tests]   # from the repository root on the GPU machine
 #
@@ -21,11 +21,11 @@
 #            export tests
 #
 # Wheels the machine lacks (diffusers, for the embedded model's decoder) can be carried in .wheels/
-# (git-ignored; the device tool's `carry`): they are installed offline with --no-deps first.
+# (git-ignored; sent along with the checkout): they are installed offline with --no-deps first.
 #
 # The machine's own python3 (with torch, triton, transformers) is used; nothing is downloaded.
 # Every step is time-boxed (STEP_LIMIT_* seconds) so one slow step cannot eat the whole call, and
-# everything is packed into $OUT/gpu_session.tar.gz after each step (the device tool brings back at
+# everything is packed into $OUT/gpu_session.tar.gz after each step (a remote runner may bring back at
 # most 8 files), next to session.log and summary.md.
 set -u
 OUT=${OUT:-/tmp/seed_fast_gpu_out}
@@ -137,7 +137,7 @@ elif [ "$MODE" != "tests" ]; then
 fi
 log "done"
 find "$W/results" -type f | sed "s|$W/||" | tee -a "$W/session.log"
-# a short summary last: the device tool returns only the tail of the output
+# a short summary last: a remote runner may return only the tail of the output
 for f in "$W"/results/*/*.md; do
   [ -f "$f" ] || continue
   echo "### $(basename "$f")" >> "$W/summary.md"
