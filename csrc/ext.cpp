@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -53,23 +54,39 @@ at::Tensor codebook_lookup_indices_meta(const at::Tensor& z, const at::Tensor& c
   return at::empty_symint({z.sym_size(0)}, z.options().dtype(at::kLong));
 }
 
+std::tuple<at::Tensor, at::Tensor> codebook_lookup_meta(const at::Tensor& z, const at::Tensor& codebook,
+                                                        const std::optional<at::Tensor>& /*error_flag*/,
+                                                        c10::string_view isa) {
+  auto indices = codebook_lookup_indices_meta(z, codebook, isa);
+  return {indices, at::empty_symint({z.sym_size(0), codebook.sym_size(1)}, codebook.options())};
+}
+
 }  // namespace seed_fast
 
 TORCH_LIBRARY(seed_fast, m) {
   // Nearest-code indices (N, D) x (K, D) -> (N,) int64, ties to the lowest index. The CPU kernel
-  // raises ValueError on NaN / inf (found in-kernel); the CUDA kernel does not look for them
-  // (codebook_lookup does, unless check_finite=False). isa: the CPU micro-kernel, "auto", "avx512"
-  // or "generic"; CUDA takes "auto" only.
+  // raises ValueError on NaN / inf (found in-kernel); the CUDA kernel does not look for them.
+  // isa: the CPU micro-kernel, "auto", "avx512" or "generic"; CUDA takes "auto" only.
   m.def("_codebook_lookup_indices(Tensor z, Tensor codebook, str isa=\"auto\") -> Tensor");
+  // The indices and z_q = codebook[indices] (the codebook's dtype) in one call: one kernel launch on
+  // CUDA, where NaN / inf scores set error_flag[0] = 1 (an int32 tensor on the device) when given
+  // instead of raising, so that the call never waits for the GPU; the CPU kernel raises ValueError.
+  m.def(
+      "_codebook_lookup(Tensor z, Tensor codebook, Tensor(a!)? error_flag=None, str isa=\"auto\") -> "
+      "(Tensor indices, Tensor z_q)");
   // Which CPU micro-kernel isa="auto" runs on this machine: "avx512" or "generic".
   m.def("_codebook_lookup_cpu_isa() -> str", &seed_fast::codebook_argmin_cpu_isa);
   m.def("_cpu_build_info() -> (str compiler, bool openmp, int threads, int torch_abi)", &seed_fast::cpu_build_info);
 }
 
-TORCH_LIBRARY_IMPL(seed_fast, CPU, m) { m.impl("_codebook_lookup_indices", &seed_fast::codebook_argmin_cpu); }
+TORCH_LIBRARY_IMPL(seed_fast, CPU, m) {
+  m.impl("_codebook_lookup_indices", &seed_fast::codebook_argmin_cpu);
+  m.impl("_codebook_lookup", &seed_fast::codebook_lookup_cpu);
+}
 
 TORCH_LIBRARY_IMPL(seed_fast, Meta, m) {
   m.impl("_codebook_lookup_indices", &seed_fast::codebook_lookup_indices_meta);
+  m.impl("_codebook_lookup", &seed_fast::codebook_lookup_meta);
 }
 
 // Importing seed_fast._C runs the registrations above; the module itself holds nothing.

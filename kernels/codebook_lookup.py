@@ -22,6 +22,7 @@ def _codebook_argmin_kernel(
     hn_ptr,
     best_v_ptr,
     best_i_ptr,
+    flag_ptr,
     N,
     K,
     D,
@@ -32,6 +33,7 @@ def _codebook_argmin_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr,
+    CHECK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -41,6 +43,7 @@ def _codebook_argmin_kernel(
     k_end = tl.minimum(k_start + codes_per_split, K)
     best_v = tl.full((BLOCK_N,), float("inf"), tl.float32)
     best_i = tl.zeros((BLOCK_N,), tl.int32)
+    bad = tl.zeros((BLOCK_N,), tl.int32)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < k_end
@@ -60,12 +63,19 @@ def _codebook_argmin_kernel(
                 acc = tl.dot(zt, tl.trans(ct), acc)
         hn = tl.load(hn_ptr + cols, mask=cmask, other=float("inf"))
         score = hn[None, :] - acc
-        # padded codes and NaN scores (only with check_finite=False) never win
+        if CHECK:  # NaN / inf in the inputs, or distances beyond fp32, on real rows and codes
+            finite = (score == score) & (tl.abs(score) < float("inf"))
+            real = rmask[:, None] & cmask[None, :]
+            bad = tl.maximum(bad, tl.max((real & ~finite).to(tl.int32), axis=1))
+        # padded codes and NaN scores never win
         score = tl.where(cmask[None, :] & (score == score), score, float("inf"))
         tile_v, tile_i = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_v < best_v
         best_v = tl.where(better, tile_v, best_v)
         best_i = tl.where(better, tile_i.to(tl.int32) + k0, best_i)
+    if CHECK:
+        if tl.max(bad, axis=0) > 0:
+            tl.store(flag_ptr, 1)
     tl.store(best_v_ptr + pid_s * N + rows, best_v, mask=rmask)
     tl.store(best_i_ptr + pid_s * N + rows, best_i, mask=rmask)
 
@@ -74,11 +84,19 @@ def _pow2_at_least(x: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-def codebook_argmin_triton(z: torch.Tensor, codebook: torch.Tensor, *, splits: int | None = None) -> torch.Tensor:
+def codebook_argmin_triton(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    splits: int | None = None,
+    error_flag: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(N, D) x (K, D) -> (N,) int64 nearest-code indices. fp32 / fp16 / bf16 (same dtype for both
     after promotion); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 
     splits: how many programs share the codebook per row tile (default: enough to fill the GPU).
+    error_flag: an int32 tensor on z's device; error_flag[0] is set to 1 when a score is NaN / inf
+    (NaN / inf inputs, or distances beyond fp32). None: no check.
     """
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(
@@ -114,6 +132,7 @@ def codebook_argmin_triton(z: torch.Tensor, codebook: torch.Tensor, *, splits: i
         half_norm,
         best_v,
         best_i,
+        best_i if error_flag is None else error_flag,
         n,
         k,
         d,
@@ -124,6 +143,7 @@ def codebook_argmin_triton(z: torch.Tensor, codebook: torch.Tensor, *, splits: i
         BLOCK_K=block_k,
         BLOCK_D=block_d,
         IEEE=dtype == torch.float32,
+        CHECK=error_flag is not None,
     )
     if splits == 1:
         return best_i[0].long()

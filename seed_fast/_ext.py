@@ -2,8 +2,9 @@
 
 `seed_fast._C` holds the C++ CPU kernels (always built by setup.py); `seed_fast._C_cuda` the CUDA
 kernels (built when SEED_FAST_BUILD_CUDA allows). Importing them registers PyTorch operators under
-`torch.ops.seed_fast`: `_codebook_lookup_indices(z, codebook, isa="auto")`, with a CPU kernel, a
-CUDA kernel from `_C_cuda` and a shape-only kernel for fake tensors, and the build reports below.
+`torch.ops.seed_fast`: `_codebook_lookup(z, codebook, error_flag=None, isa="auto")` (indices and
+z_q) and `_codebook_lookup_indices(z, codebook, isa="auto")`, each with a CPU kernel, a CUDA kernel
+from `_C_cuda` and a shape-only kernel for fake tensors, and the build reports below.
 Nothing is compiled on import.
 """
 

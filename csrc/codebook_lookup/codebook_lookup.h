@@ -1,7 +1,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
 
 namespace seed_fast {
 // The kernels of the operator seed_fast::_codebook_lookup_indices(Tensor z, Tensor codebook, str isa="auto").
@@ -12,7 +14,17 @@ namespace seed_fast {
 at::Tensor codebook_argmin_cpu(const at::Tensor& z, const at::Tensor& codebook, c10::string_view isa);
 // Which micro-kernel isa="auto" runs on this CPU: "avx512" or "generic".
 std::string codebook_argmin_cpu_isa();
+// The kernels of seed_fast::_codebook_lookup(Tensor z, Tensor codebook, Tensor? error_flag=None,
+// str isa="auto") -> (indices, z_q): the indices above and z_q = codebook[indices] in the codebook's
+// dtype. On CUDA one kernel does both, and NaN / inf scores set error_flag[0] = 1 (when given)
+// instead of raising, so the call never waits for the GPU; the CPU raises ValueError as above.
+std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& z, const at::Tensor& codebook,
+                                                       const std::optional<at::Tensor>& error_flag,
+                                                       c10::string_view isa);
 #ifdef SEED_FAST_WITH_CUDA
 at::Tensor codebook_argmin_cuda(const at::Tensor& z, const at::Tensor& codebook, c10::string_view isa);
+std::tuple<at::Tensor, at::Tensor> codebook_lookup_cuda(const at::Tensor& z, const at::Tensor& codebook,
+                                                        const std::optional<at::Tensor>& error_flag,
+                                                        c10::string_view isa);
 #endif
 }  // namespace seed_fast

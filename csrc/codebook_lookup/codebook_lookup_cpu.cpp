@@ -409,4 +409,11 @@ at::Tensor codebook_argmin_cpu(const at::Tensor& z, const at::Tensor& codebook, 
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& z, const at::Tensor& codebook,
+                                                       const std::optional<at::Tensor>& /*error_flag*/,
+                                                       c10::string_view isa) {
+  auto indices = codebook_argmin_cpu(z, codebook, isa);  // raises on NaN / inf: the flag is not needed
+  return {indices, at::embedding(codebook, indices)};
+}
+
 }  // namespace seed_fast

@@ -1,13 +1,19 @@
-// Nearest-code search on CUDA: argmin_k ||z - e_k||^2 per row of z, fp32 accumulation.
+// Nearest-code search on CUDA: argmin_k ||z - e_k||^2 per row of z, fp32 accumulation, and the
+// gather z_q = codebook[argmin], in one kernel launch.
 //
 // A block owns BM rows of z and a contiguous range of codes (the codebook is split across
 // blockIdx.y when there are few row tiles, e.g. one image = 32 rows). z and code tiles pass
 // through shared memory in BD-wide slices of D; each of the 256 threads accumulates a TM x TN
 // tile of dot products (and the norms of its TN codes) in registers. Score = 0.5 ||e||^2 - z.e.
-// Each thread keeps a running best per row; 16-lane shuffles reduce across the codes of a row,
-// and one 64-bit atomicMin per row and block merges splits: the high word is an order-preserving
-// key of the fp32 score, the low word the code index, so equal scores resolve to the lowest index.
-// Extra memory: O(N) for the packed results; nothing of size N x K.
+// Each thread keeps a running best per row; 16-lane shuffles reduce across the codes of a row.
+// With one split the block writes its rows' indices and z_q directly. With several, each block
+// merges its winners with one 64-bit atomicMax per row into a zeroed workspace (the high word an
+// order-reversed key of the fp32 score, the low word the complemented code index, so equal scores
+// resolve to the lowest index), and the last block of a row tile to arrive (a per-tile arrival
+// counter in the same workspace) writes the indices and z_q. The workspace (O(N)) is cleared by
+// one cudaMemsetAsync; nothing of size N x K is ever held.
+// A NaN / inf score (NaN or inf in the inputs, or distances beyond fp32) sets an int32 error flag
+// the caller passes (or not): seed_fast.ops.codebook_lookup reads it without synchronizing.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,6 +23,8 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
+#include <tuple>
 
 #include "codebook_lookup.h"
 
@@ -29,28 +37,40 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// Monotone map of float bits to unsigned: a < b  <=>  key(a) < key(b) (no NaN: callers reject it).
+// Monotone map of float bits to unsigned: a < b  <=>  key(a) < key(b) (for non-NaN floats).
 __device__ __forceinline__ unsigned int ordered_key(float f) {
   const unsigned int u = __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// Smaller (score, index) packs to a larger value: atomicMax over a zeroed word keeps the minimum.
+__device__ __forceinline__ unsigned long long pack_best(float v, int idx) {
+  return (static_cast<unsigned long long>(~ordered_key(v)) << 32) | static_cast<unsigned int>(~idx);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
-codebook_argmin_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_t N, int64_t K, int64_t D,
-                       int64_t codes_per_split, unsigned long long* __restrict__ out) {
+codebook_lookup_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_t N, int64_t K, int64_t D,
+                       int64_t codes_per_split, int splits, unsigned long long* __restrict__ partial,
+                       unsigned int* __restrict__ arrivals, int64_t* __restrict__ indices, T* __restrict__ zq,
+                       int* error_flag) {
   __shared__ float zs[BD][BM + 1];
   __shared__ float cs[BD][BN + 1];
+  __shared__ int s_idx[BM];
+  __shared__ int s_bad;
+  __shared__ bool s_last;
   const int tx = threadIdx.x % 16;  // codes tx, tx+16, tx+32, tx+48 of the tile
   const int ty = threadIdx.x / 16;  // rows ty, ty+16, ty+32, ty+48 of the tile
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t k_start = static_cast<int64_t>(blockIdx.y) * codes_per_split;
   const int64_t k_end = min(k_start + codes_per_split, K);
+  if (threadIdx.x == 0) s_bad = 0;
 
-  // Start from this split's first code at +inf: a row whose scores are all NaN (possible only with
-  // check_finite=False) still gets a valid index, and any real score replaces it.
+  // Start from this split's first code at +inf: a row whose scores are all NaN still gets a valid
+  // index (the error flag reports it), and any real score replaces it.
   float best_v[TM];
   int best_i[TM];
+  bool bad = false;
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     best_v[i] = INFINITY;
@@ -97,10 +117,12 @@ codebook_argmin_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_
 #pragma unroll
     for (int j = 0; j < TN; ++j) {  // codes in increasing order: strict < keeps the lowest index
       const int64_t code = k0 + tx + 16 * j;
-      const float h = code < k_end ? 0.5f * nrm[j] : INFINITY;
+      const bool code_ok = code < k_end;
+      const float h = code_ok ? 0.5f * nrm[j] : INFINITY;
 #pragma unroll
       for (int i = 0; i < TM; ++i) {
         const float s = h - acc[i][j];
+        bad |= code_ok && row0 + ty + 16 * i < N && !isfinite(s);
         if (s < best_v[i]) {
           best_v[i] = s;
           best_i[i] = static_cast<int>(code);
@@ -121,17 +143,46 @@ codebook_argmin_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_
         idx = oi;
       }
     }
-    const int64_t row = row0 + ty + 16 * i;
-    if (tx == 0 && row < N) {
-      const unsigned long long packed =
-          (static_cast<unsigned long long>(ordered_key(v)) << 32) | static_cast<unsigned int>(idx);
-      atomicMin(out + row, packed);
+    const int r = ty + 16 * i;
+    if (tx == 0 && row0 + r < N) {
+      if (splits == 1) {
+        s_idx[r] = idx;
+      } else {
+        atomicMax(partial + row0 + r, pack_best(v, idx));
+      }
+    }
+  }
+  if (bad) s_bad = 1;  // every writer stores the same value
+  if (splits > 1) {
+    __threadfence();  // this block's atomicMax results before its arrival
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(arrivals + blockIdx.x, 1u) == static_cast<unsigned int>(splits - 1);
+    __syncthreads();
+    if (!s_last) {
+      if (threadIdx.x == 0 && s_bad && error_flag) *reinterpret_cast<volatile int*>(error_flag) = 1;
+      return;
+    }
+    __threadfence();
+    for (int r = threadIdx.x; r < BM; r += THREADS) {
+      if (row0 + r < N) s_idx[r] = static_cast<int>(~static_cast<unsigned int>(atomicOr(partial + row0 + r, 0ull)));
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && s_bad && error_flag) *reinterpret_cast<volatile int*>(error_flag) = 1;
+  for (int r = threadIdx.x; r < BM; r += THREADS) {
+    if (row0 + r < N) indices[row0 + r] = s_idx[r];
+  }
+  if (zq != nullptr) {
+    const int64_t rows = min(static_cast<int64_t>(BM), N - row0);
+    for (int64_t e = threadIdx.x; e < rows * D; e += THREADS) {
+      const int64_t r = e / D, d = e - r * D;
+      zq[(row0 + r) * D + d] = cb[static_cast<int64_t>(s_idx[r]) * D + d];
     }
   }
 }
 
 template <typename T>
-void launch(const at::Tensor& z, const at::Tensor& cb, at::Tensor& packed) {
+void launch(const at::Tensor& z, const at::Tensor& cb, at::Tensor& indices, T* zq, int* error_flag) {
   const int64_t N = z.size(0), K = cb.size(0), D = z.size(1);
   const int64_t row_tiles = (N + BM - 1) / BM;
   const int64_t k_tiles = (K + BN - 1) / BN;
@@ -139,47 +190,91 @@ void launch(const at::Tensor& z, const at::Tensor& cb, at::Tensor& packed) {
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>(k_tiles, (2 * sms + row_tiles - 1) / row_tiles));
   const int64_t codes_per_split = ((k_tiles + splits - 1) / splits) * BN;
   splits = (K + codes_per_split - 1) / codes_per_split;
-  TORCH_CHECK(row_tiles <= std::numeric_limits<int>::max() && splits <= 65535, "codebook_argmin_cuda: grid too large");
+  TORCH_CHECK(row_tiles <= std::numeric_limits<int>::max() && splits <= 65535, "codebook_lookup_cuda: grid too large");
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  unsigned long long* partial = nullptr;
+  unsigned int* arrivals = nullptr;
+  at::Tensor workspace;
+  if (splits > 1) {  // N packed winners, then one arrival counter per row tile; all zero
+    workspace = at::empty({N + (row_tiles + 1) / 2}, z.options().dtype(at::kLong));
+    C10_CUDA_CHECK(cudaMemsetAsync(workspace.data_ptr(), 0, workspace.nbytes(), stream));
+    partial = reinterpret_cast<unsigned long long*>(workspace.data_ptr<int64_t>());
+    arrivals = reinterpret_cast<unsigned int*>(partial + N);
+  }
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
-  codebook_argmin_kernel<T><<<grid, THREADS, 0, at::cuda::getCurrentCUDAStream()>>>(
+  codebook_lookup_kernel<T><<<grid, THREADS, 0, stream>>>(
       reinterpret_cast<const T*>(z.data_ptr()), reinterpret_cast<const T*>(cb.data_ptr()), N, K, D, codes_per_split,
-      reinterpret_cast<unsigned long long*>(packed.data_ptr<int64_t>()));
+      static_cast<int>(splits), partial, arrivals, indices.data_ptr<int64_t>(), zq, error_flag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Checks the inputs; returns the dtype both are computed in.
+at::ScalarType check_inputs(const char* op, const at::Tensor& z, const at::Tensor& codebook,
+                            const std::optional<at::Tensor>& error_flag) {
+  TORCH_CHECK_VALUE(z.is_cuda() && codebook.is_cuda(), op, ": tensors must be on a CUDA device, got ", z.device(),
+                    " and ", codebook.device());
+  TORCH_CHECK_VALUE(z.device() == codebook.device(), op, ": z is on ", z.device(), " but codebook on ",
+                    codebook.device());
+  TORCH_CHECK_VALUE(z.dim() == 2 && codebook.dim() == 2, op, ": need z (N, D) and codebook (K, D), got ", z.sizes(),
+                    " and ", codebook.sizes());
+  TORCH_CHECK_VALUE(z.size(1) == codebook.size(1), op, ": z has D=", z.size(1), " but codebook has D=",
+                    codebook.size(1));
+  TORCH_CHECK_VALUE(codebook.size(0) >= 1, op, ": the codebook is empty");
+  TORCH_CHECK_VALUE(codebook.size(0) < std::numeric_limits<int32_t>::max() - BN, op, ": K=", codebook.size(0),
+                    " is above the int32 index range");
+  if (error_flag.has_value()) {
+    TORCH_CHECK_VALUE(error_flag->is_cuda() && error_flag->device() == z.device() &&
+                          error_flag->scalar_type() == at::kInt && error_flag->numel() >= 1,
+                      op, ": error_flag must be an int32 tensor on ", z.device(), ", got ",
+                      error_flag->scalar_type(), " on ", error_flag->device());
+  }
+  const auto st = at::promote_types(z.scalar_type(), codebook.scalar_type());
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+                   ": inputs must be float32, float16 or bfloat16, got ", z.scalar_type(), " and ",
+                   codebook.scalar_type());
+  return st;
+}
+
+// One launch (plus a memset when the codebook is split); z_q is gathered in-kernel when want_zq
+// and the codebook is already in the compute dtype, else left undefined for the caller.
+std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& z, const at::Tensor& codebook, at::ScalarType st,
+                                       bool want_zq, const std::optional<at::Tensor>& error_flag) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  const auto zc = z.to(st).contiguous();
+  const auto cc = codebook.to(st).contiguous();
+  auto indices = at::empty({z.size(0)}, z.options().dtype(at::kLong));
+  at::Tensor zq;
+  const bool fused_zq = want_zq && codebook.scalar_type() == st;
+  if (fused_zq) zq = at::empty({z.size(0), z.size(1)}, cc.options());
+  if (z.size(0) == 0) return {indices, zq};
+  int* flag = error_flag.has_value() ? error_flag->data_ptr<int>() : nullptr;
+  if (st == at::kFloat) {
+    launch<float>(zc, cc, indices, fused_zq ? zq.data_ptr<float>() : nullptr, flag);
+  } else if (st == at::kHalf) {
+    launch<__half>(zc, cc, indices, fused_zq ? reinterpret_cast<__half*>(zq.data_ptr()) : nullptr, flag);
+  } else {
+    launch<__nv_bfloat16>(zc, cc, indices, fused_zq ? reinterpret_cast<__nv_bfloat16*>(zq.data_ptr()) : nullptr,
+                          flag);
+  }
+  return {indices, zq};
 }
 
 }  // namespace
 
 at::Tensor codebook_argmin_cuda(const at::Tensor& z, const at::Tensor& codebook, c10::string_view isa) {
   TORCH_CHECK(isa == "auto", "codebook_argmin_cuda: isa must be 'auto' on CUDA, got '", isa, "'");
-  TORCH_CHECK_VALUE(z.is_cuda() && codebook.is_cuda(), "codebook_argmin_cuda: tensors must be on a CUDA device, got ",
-                    z.device(), " and ", codebook.device());
-  TORCH_CHECK_VALUE(z.device() == codebook.device(), "codebook_argmin_cuda: z is on ", z.device(), " but codebook on ",
-                    codebook.device());
-  TORCH_CHECK_VALUE(z.dim() == 2 && codebook.dim() == 2,
-                    "codebook_argmin_cuda: need z (N, D) and codebook (K, D), got ", z.sizes(), " and ",
-                    codebook.sizes());
-  TORCH_CHECK_VALUE(z.size(1) == codebook.size(1), "codebook_argmin_cuda: z has D=", z.size(1),
-                    " but codebook has D=", codebook.size(1));
-  TORCH_CHECK_VALUE(codebook.size(0) >= 1, "codebook_argmin_cuda: the codebook is empty");
-  TORCH_CHECK_VALUE(codebook.size(0) < std::numeric_limits<int32_t>::max() - BN,
-                    "codebook_argmin_cuda: K=", codebook.size(0), " is above the int32 index range");
-  const auto st = at::promote_types(z.scalar_type(), codebook.scalar_type());
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-                   "codebook_argmin_cuda: inputs must be float32, float16 or bfloat16, got ", z.scalar_type(),
-                   " and ", codebook.scalar_type());
-  const c10::cuda::CUDAGuard guard(z.device());
-  const auto zc = z.to(st).contiguous();
-  const auto cc = codebook.to(st).contiguous();
-  auto packed = at::full({z.size(0)}, -1, z.options().dtype(at::kLong));  // all bits set = "none yet"
-  if (z.size(0) == 0) return packed;
-  if (st == at::kFloat) {
-    launch<float>(zc, cc, packed);
-  } else if (st == at::kHalf) {
-    launch<__half>(zc, cc, packed);
-  } else {
-    launch<__nv_bfloat16>(zc, cc, packed);
-  }
-  return packed.bitwise_and(0xffffffffLL);
+  const auto st = check_inputs("codebook_argmin_cuda", z, codebook, std::nullopt);
+  return std::get<0>(run(z, codebook, st, false, std::nullopt));
+}
+
+std::tuple<at::Tensor, at::Tensor> codebook_lookup_cuda(const at::Tensor& z, const at::Tensor& codebook,
+                                                        const std::optional<at::Tensor>& error_flag,
+                                                        c10::string_view isa) {
+  TORCH_CHECK(isa == "auto", "codebook_lookup_cuda: isa must be 'auto' on CUDA, got '", isa, "'");
+  const auto st = check_inputs("codebook_lookup_cuda", z, codebook, error_flag);
+  auto [indices, zq] = run(z, codebook, st, true, error_flag);
+  if (!zq.defined()) zq = at::embedding(codebook, indices);  // mixed dtypes: gather in the codebook's own
+  return {indices, zq};
 }
 
 }  // namespace seed_fast

@@ -28,7 +28,10 @@ TORCH_LIBRARY_FRAGMENT(seed_fast, m) {
   m.def("_cuda_build_info() -> (str cuda_version, str archs)", &seed_fast::cuda_build_info);
 }
 
-TORCH_LIBRARY_IMPL(seed_fast, CUDA, m) { m.impl("_codebook_lookup_indices", &seed_fast::codebook_argmin_cuda); }
+TORCH_LIBRARY_IMPL(seed_fast, CUDA, m) {
+  m.impl("_codebook_lookup_indices", &seed_fast::codebook_argmin_cuda);
+  m.impl("_codebook_lookup", &seed_fast::codebook_lookup_cuda);
+}
 
 // Importing seed_fast._C_cuda runs the registrations above; the module itself holds nothing.
 PyMODINIT_FUNC PyInit__C_cuda() {

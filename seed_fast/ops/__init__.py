@@ -2,6 +2,7 @@
 
 from .codebook_lookup import (
     codebook_lookup,
+    codebook_lookup_check,
     codebook_lookup_ref,
     vector_quantize,
     vector_quantize_ref,
@@ -12,6 +13,7 @@ from .qformer_attention import qformer_attention, qformer_attention_ref
 
 __all__ = [
     "codebook_lookup",
+    "codebook_lookup_check",
     "codebook_lookup_ref",
     "lora_dropout_mask",
     "lora_linear",

@@ -10,10 +10,11 @@ N x K, and keep the running (min, argmin). "torch" scores the same way with the 
 matrix product (cuBLAS / the CPU BLAS) over row chunks, then argmin: the stock path, with TF32 off.
 "auto" takes the backend measured fastest for the dtype and row count on this class of device
 (seed_fast/ops/dispatch.py); unmeasured, "cpu" on the CPU and "torch" on a GPU.
-The C++ and CUDA kernels are the operator `torch.ops.seed_fast._codebook_lookup_indices(z, codebook)`
-(kernel picked by device); every backend is reachable as
-`torch.ops.seed_fast.codebook_lookup_indices(z, codebook, impl)`. Both have fake impls, so
-torch.compile(fullgraph=True) and torch.export see one opaque node.
+The C++ and CUDA kernels are the operators `torch.ops.seed_fast._codebook_lookup(z, codebook)`
+(indices and z_q; one kernel launch on CUDA) and `_codebook_lookup_indices` (kernel picked by
+device); every backend is reachable as `torch.ops.seed_fast.codebook_lookup_indices(z, codebook,
+impl)`. All have fake impls, so torch.compile(fullgraph=True) and torch.export see one opaque node.
+On a GPU, NaN / inf are reported without a host sync (see `codebook_lookup_check`).
 """
 
 from __future__ import annotations
@@ -89,41 +90,56 @@ def _prepare(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> tuple[torc
 
 
 # --------------------------------------------------------------------------------------- ops
-# The C++ / CUDA kernels are the operator `seed_fast::_codebook_lookup_indices` (csrc/, registered
-# with TORCH_LIBRARY, a Meta kernel for fake tensors). The other backends share the operator below,
-# registered directly (`Library.define` + `impl`: a few microseconds per call, against 10-20 for
-# `torch.library.custom_op`), so torch.compile(fullgraph=True) and torch.export see one node.
+# The C++ / CUDA kernels are the operators `seed_fast::_codebook_lookup` (indices and z_q in one
+# call: one kernel launch on CUDA) and `seed_fast::_codebook_lookup_indices` (csrc/, registered with
+# TORCH_LIBRARY, Meta kernels for fake tensors). Every backend is reachable through the operator
+# below, registered directly (`Library.define` + `impl`: a few microseconds per call, against 10-20
+# for `torch.library.custom_op`), so torch.compile(fullgraph=True) and torch.export see one node.
 _lib = torch.library.Library("seed_fast", "FRAGMENT")
-_lib.define("codebook_lookup_indices(Tensor z, Tensor codebook, str impl, bool check_finite=True) -> Tensor")
+_lib.define(
+    "codebook_lookup_indices(Tensor z, Tensor codebook, str impl, bool check_finite=True, "
+    "Tensor(a!)? error_flag=None) -> Tensor"
+)
 
 
 def codebook_lookup_indices(
-    z: torch.Tensor, codebook: torch.Tensor, impl: str, check_finite: bool = True
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    impl: str,
+    check_finite: bool = True,
+    error_flag: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, D) x (K, D) -> (N,) int64 nearest-code indices with the named backend (not "auto").
 
-    check_finite: raise on NaN / inf. Free on the CPU kernel (it checks in-kernel); elsewhere one
-    reduction and, on a GPU, one host sync, which False skips (then a NaN row gets an arbitrary
-    index). An asynchronous device assertion would avoid the sync but leave the process's CUDA
-    context unusable after one bad input, so it is not used."""
+    check_finite: look for NaN / inf. The CPU kernel checks in-kernel, at no cost, and raises
+    ValueError. Elsewhere, with an int32 `error_flag` tensor on z's device, the backend sets
+    error_flag[0] = 1 on a NaN / inf score without waiting for the device (codebook_lookup reads the
+    flag and raises); without one, one reduction and, on a GPU, one host sync, raising ValueError.
+    False skips the check (then a NaN row gets an arbitrary index)."""
     if z.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=z.device)
     if impl == "cpu":  # the C++ kernel raises ValueError on NaN / inf, found on values it touches anyway
         _ext.require_cpu_ext()
         return torch.ops.seed_fast._codebook_lookup_indices(z, codebook)
-    if check_finite:
+    flag = error_flag if check_finite else None
+    if check_finite and flag is None:
         _check_finite(z, codebook)
+    if impl == "cuda":
+        _ext.require_cuda_ext()
+        if flag is None:
+            return torch.ops.seed_fast._codebook_lookup_indices(z, codebook)
+        return torch.ops.seed_fast._codebook_lookup(z, codebook, flag)[0]
+    if impl == "triton":
+        from ..kernels.codebook_lookup import codebook_argmin_triton
+
+        return codebook_argmin_triton(z, codebook, error_flag=flag)
+    if flag is not None:  # "ref" / "torch": a few reductions on the device, no sync
+        bad = ~(torch.isfinite(z).all() & torch.isfinite(codebook).all())
+        torch.bitwise_or(flag[:1], bad.to(torch.int32), out=flag[:1])
     if impl == "ref":
         return _argmin_ref(z, codebook)
     if impl == "torch":
         return _argmin_torch(z, codebook)
-    if impl == "cuda":
-        _ext.require_cuda_ext()
-        return torch.ops.seed_fast._codebook_lookup_indices(z, codebook)
-    if impl == "triton":
-        from ..kernels.codebook_lookup import codebook_argmin_triton
-
-        return codebook_argmin_triton(z, codebook)
     raise ValueError(f"codebook_lookup_indices: unknown impl {impl!r}")
 
 
@@ -132,7 +148,7 @@ for _key in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("seed_fast::codebook_lookup_indices", lib=_lib)
-def _(z, codebook, impl, check_finite=True):
+def _(z, codebook, impl, check_finite=True, error_flag=None):
     return z.new_empty((z.shape[0],), dtype=torch.long)
 
 
@@ -143,6 +159,74 @@ def _check_finite(z: torch.Tensor, codebook: torch.Tensor) -> None:
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"codebook_lookup: {name} contains {bad} NaN/inf value(s)")
+
+
+# --------------------------------------------------------------------------------------- NaN / inf flags
+# On a GPU, NaN / inf are found by the kernels, which set an int32 flag in pinned host memory the
+# device writes directly; codebook_lookup reads it (a plain memory read, no sync) at its next call on
+# that device and raises then, and `codebook_lookup_check` synchronizes and raises at once. So the
+# default path never waits for the GPU. (An asynchronous device assertion would leave the process's
+# CUDA context unusable after one bad input.) On the CPU every backend raises within the call.
+class _DevicePointer:
+    """A device-visible pointer to one int32, for torch.as_tensor (no copy)."""
+
+    def __init__(self, ptr: int):
+        self.__cuda_array_interface__ = {"shape": (1,), "typestr": "<i4", "data": (ptr, False), "version": 3}
+
+
+_flags: dict = {}  # device -> (numpy view of the host word, tensor aliasing it on the device, host tensor)
+_flag_unavailable: dict = {}  # device -> why the flag could not be made (then the check syncs)
+
+
+def _error_flag(device: torch.device):
+    """The (host view, device tensor, host tensor) flag of a CUDA device; None while a CUDA graph is
+    being captured before the flag exists, or where pinned memory cannot be mapped."""
+    flag = _flags.get(device)
+    if flag is not None or device in _flag_unavailable:
+        return flag
+    if torch.cuda.is_current_stream_capturing():
+        return None  # no pinned allocation during capture; the first eager call makes it
+    with torch.cuda.device(device):
+        host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        try:
+            dev = torch.as_tensor(_DevicePointer(host.data_ptr()), device=device)
+        except (RuntimeError, TypeError, ValueError) as err:
+            _flag_unavailable[device] = f"pinned memory not mapped into {device}: {err}"
+            return None
+    if dev.data_ptr() != host.data_ptr():  # copied, not aliased: the device would write elsewhere
+        _flag_unavailable[device] = f"pinned memory not mapped into {device}"
+        return None
+    flag = _flags[device] = (host.numpy(), dev, host)
+    return flag
+
+
+def _raise_flagged(device: torch.device, view) -> None:
+    view[0] = 0
+    raise ValueError(
+        f"codebook_lookup: an earlier call on {device} met NaN/inf in z or the codebook (or distances beyond "
+        "float32 range); on a GPU this is found without waiting for the kernel, so it is reported by the next "
+        "codebook_lookup call on the device or by seed_fast.ops.codebook_lookup_check()"
+    )
+
+
+def codebook_lookup_check(device: torch.device | str | int | None = None) -> None:
+    """Wait for `device` (default: the current CUDA device) and raise ValueError if a codebook_lookup
+    call on it since the last check met NaN / inf. Nothing to do on the CPU, where calls raise at once."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda":
+        return
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    flag = _flags.get(device)
+    if flag is None:
+        return
+    torch.cuda.synchronize(device)
+    if flag[0][0]:
+        _raise_flagged(device, flag[0])
 
 
 # --------------------------------------------------------------------------------------- dispatch
@@ -225,23 +309,61 @@ def codebook_lookup(
 
     impl: "auto" (the backend measured fastest here, see the module docstring), "ref", "torch",
     "cpu", "triton", "cuda".
-    NaN / inf in z or the codebook raise ValueError. On a GPU that check costs a host sync;
-    check_finite=False skips it (then a NaN row gets an arbitrary index). The CPU kernel always
-    checks, in-kernel, at no cost.
+    NaN / inf in z or the codebook raise ValueError: within the call on the CPU; on a GPU without
+    waiting for the device, at the next codebook_lookup call on that device or at
+    `codebook_lookup_check()`. check_finite=False skips the check (then a NaN row gets an arbitrary
+    index; the CPU kernel checks anyway, at no cost). Inside torch.compile the GPU check syncs.
+    On CUDA with metric="l2" and no gradient wanted for the codebook, the "cuda" backend is one
+    kernel launch for indices and z_q.
     """
     _check_inputs(z, codebook, metric)
     flat, book = _prepare(z, codebook, metric)
     chosen = choose_impl(flat, book, impl)
     if _dispatch._logs:
         _dispatch.note("codebook_lookup", chosen)
-    if chosen == "cpu" and flat.shape[0]:  # the C++ operator itself: one dispatcher call, checks in-kernel
-        indices = torch.ops.seed_fast._codebook_lookup_indices.default(flat, book)
+    flag = None
+    if check_finite and chosen != "cpu" and not torch.compiler.is_compiling():
+        if flat.is_cuda:
+            flag = _error_flag(flat.device)
+            if flag is not None and flag[0][0]:
+                _raise_flagged(flat.device, flag[0])
+        else:
+            flag = _cpu_flag()
+    if not flat.shape[0]:
+        indices = flat.new_empty(0, dtype=torch.long)
+    elif (
+        (chosen == "cpu" or (chosen == "cuda" and (flag is not None or not check_finite)))
+        and metric == "l2"
+        and not (codebook.requires_grad and torch.is_grad_enabled())
+    ):
+        # the C++ / CUDA operator itself: one dispatcher call, indices and z_q (one kernel on CUDA)
+        indices, z_q = torch.ops.seed_fast._codebook_lookup.default(flat, book, None if flag is None else flag[1])
+        if z.dim() != 2:
+            indices, z_q = indices.view(z.shape[:-1]), z_q.view(z.shape)
+        return indices, z_q
     else:
-        if check_finite and flat.is_cuda and torch.cuda.is_current_stream_capturing():
+        if check_finite and flag is None and flat.is_cuda and torch.cuda.is_current_stream_capturing():
             check_finite = False  # a CUDA graph capture cannot sync to read the result
-        indices = torch.ops.seed_fast.codebook_lookup_indices.default(flat, book, chosen, check_finite)
+        indices = torch.ops.seed_fast.codebook_lookup_indices.default(
+            flat, book, chosen, check_finite, None if flag is None else flag[1]
+        )
+        if flag is not None and not flat.is_cuda and flag[0][0]:
+            flag[0][0] = 0
+            _check_finite(flat, book)  # names the input and counts; else the distances overflowed
+            raise ValueError("codebook_lookup: the distances overflow float32 (values above ~1e19)")
     indices = indices.view(z.shape[:-1]) if z.dim() != 2 else indices
     return indices, torch.embedding(codebook, indices)  # F.embedding's kernel, without its Python
+
+
+_cpu_flags: list = []
+
+
+def _cpu_flag():
+    """The CPU counterpart of a device's flag (backends other than the C++ kernel; read after the call)."""
+    if not _cpu_flags:
+        host = torch.zeros(1, dtype=torch.int32)
+        _cpu_flags.append((host.numpy(), host, host))
+    return _cpu_flags[0]
 
 
 # --------------------------------------------------------------------------------------- VQ step

@@ -297,8 +297,74 @@ def test_reference_chunking_does_not_change_the_result(monkeypatch):
 def test_non_finite_inputs_are_named(impl, n, where, bad):
     z, book = torch.randn(n, 24, device=DEVICE), torch.randn(300, 24, device=DEVICE)
     (z if where == "z" else book)[-1, 5] = bad
+    if DEVICE == "cuda" and impl != "cpu":  # found without a sync: reported by the next check
+        idx, _ = codebook_lookup(z, book, impl=impl)
+        assert bool(((idx >= 0) & (idx < 300)).all())
+        with pytest.raises(ValueError, match="met NaN/inf"):
+            cl.codebook_lookup_check()
+        cl.codebook_lookup_check()  # reported once
+        return
     with pytest.raises(ValueError, match=f"{where} contains 1 NaN/inf"):
         codebook_lookup(z, book, impl=impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="the flag read without a sync is a GPU path")
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "cpu"])
+@pytest.mark.parametrize("n", [1, 32, 1000])  # one and several row tiles; the codebook split or not
+def test_gpu_non_finite_is_reported_at_the_next_call(impl, n):
+    z, book = torch.randn(n, 32, device=DEVICE), torch.randn(8192, 32, device=DEVICE)
+    bad = z.clone()
+    bad[n // 2, 3] = float("nan")
+    codebook_lookup(bad, book, impl=impl)  # returns without waiting for the GPU
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="an earlier call on cuda"):
+        codebook_lookup(z, book, impl=impl)
+    idx, zq = codebook_lookup(z, book, impl=impl)  # the flag was cleared by the report
+    cl.codebook_lookup_check()
+    assert torch.equal(idx.cpu(), codebook_lookup_ref(z, book)[0].cpu()) and torch.equal(zq, book[idx])
+    idx, _ = codebook_lookup(bad, book, impl=impl, check_finite=False)
+    cl.codebook_lookup_check()  # not checked, nothing flagged
+    keep = torch.arange(n) != n // 2
+    assert torch.equal(idx[keep].cpu(), codebook_lookup_ref(z[keep], book)[0].cpu())
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_mixed_dtypes_give_z_q_in_the_codebook_dtype(dtypes):
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(70, 16, generator=g).to(DEVICE, dtypes[0])
+    book = torch.randn(300, 16, generator=g).to(DEVICE, dtypes[1])
+    for impl in IMPLS:
+        if not_supported_reasons(impl, z, book):
+            continue
+        idx, zq = codebook_lookup(z, book, impl=impl)
+        assert zq.dtype == book.dtype and torch.equal(zq, book[idx]), impl
+        _check_achieves_min(z, book, idx, "l2")
+
+
+def test_cuda_code_path_is_one_operator_call_without_a_sync(monkeypatch):
+    """The Python around the fused operator adds no kernels and reads nothing back: on CUDA the
+    operator is one kernel launch (here the same call reaches the C++ CPU kernel)."""
+    _cpu_ext()
+    monkeypatch.setattr(cl, "choose_impl", lambda z, book, impl="auto": "cuda")
+    z, book = torch.randn(2, 32, 32), torch.randn(8192, 32)
+    codebook_lookup(z, book)  # warm caches
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        idx, zq = codebook_lookup(z, book)
+    events = prof.events()
+    top = [e.name for e in events if e.cpu_parent is None]
+    assert top.count("seed_fast::_codebook_lookup") == 1, top
+    assert set(top) <= {"seed_fast::_codebook_lookup", "aten::view", "aten::reshape"}, top
+
+    def inside_op(e):
+        while e is not None and e.name != "seed_fast::_codebook_lookup":
+            e = e.cpu_parent
+        return e is not None
+
+    outside = [e.name for e in events if not inside_op(e)]
+    assert not [n for n in outside if n in ("aten::copy_", "aten::clone", "aten::empty")], outside  # views only
+    assert not [e.name for e in events if e.name in ("aten::_local_scalar_dense", "aten::item")]
+    assert idx.shape == (2, 32) and torch.equal(zq, book[idx])
 
 
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "cpu"])  # the CPU kernel checks in-kernel, always
@@ -362,6 +428,9 @@ def test_compiled_op_opcheck(n, dtypes):
         z = torch.randn(n, 12).to(device, dtypes[0])
         book = torch.randn(70, 12).to(device, dtypes[1])
         torch.library.opcheck(torch.ops.seed_fast._codebook_lookup_indices.default, (z, book))
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        torch.library.opcheck(torch.ops.seed_fast._codebook_lookup.default, (z, book, flag))
+        torch.library.opcheck(torch.ops.seed_fast._codebook_lookup.default, (z, book))
 
 
 def test_compiled_op_under_torch_compile_with_dynamic_shapes():
