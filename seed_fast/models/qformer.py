@@ -87,7 +87,9 @@ class QFormerLayer(nn.Module):
         b, n, c = x.shape
         heads = self.attention.self.heads
         qkv = F.linear(x, qkv_weight, qkv_bias).view(b, n, 3, heads, c // heads)  # (B, Q, 3, H, Dh)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, Q, Dh) strided views
+        # unbind, not indexing: its backward writes the three gradients into one packed buffer (a stack),
+        # where indexing would zero-fill a packed-size buffer per gradient and add the three
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, Q, Dh) strided views
         att = qformer_attention(q, k, v, causal=causal, impl=impl).transpose(1, 2).reshape(b, n, c)
         x = self.attention.output(att, x)
         if cross_kv is not None:
@@ -241,10 +243,8 @@ class QFormer(nn.Module):
         if cross and encoder_states.is_cuda:
             w, bias = self.fused.get("cross_kv", groups["cross_kv"])
             kv = F.linear(encoder_states, w, bias)  # (B, L, n_cross * 2 * hidden): one matmul for all layers
-            kv = kv.view(b, length, 2 * len(cross), heads, hidden // heads)
-            cross_kv = {
-                i: (kv[:, :, 2 * j].transpose(1, 2), kv[:, :, 2 * j + 1].transpose(1, 2)) for j, i in enumerate(cross)
-            }
+            kvs = kv.view(b, length, 2 * len(cross), heads, hidden // heads).unbind(2)  # one packed gradient
+            cross_kv = {i: (kvs[2 * j].transpose(1, 2), kvs[2 * j + 1].transpose(1, 2)) for j, i in enumerate(cross)}
         for i, layer in enumerate(self.layers):
             w, bias = self.fused.get(f"qkv{i}", groups[f"qkv{i}"])
             kv_i = None
@@ -254,6 +254,6 @@ class QFormer(nn.Module):
                 else:  # CPU: this layer's K and V in one matmul, just before they are used
                     wkv, bkv = self.fused.get(f"cross_kv{i}", groups[f"cross_kv{i}"])
                     kv = F.linear(encoder_states, wkv, bkv).view(b, length, 2, heads, hidden // heads)
-                    kv_i = (kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2))
+                    kv_i = tuple(t.transpose(1, 2) for t in kv.unbind(2))
             x = layer.forward_fast(x, kv_i, self.causal, w, bias, self.fast_impl)
         return x

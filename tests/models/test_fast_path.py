@@ -108,6 +108,24 @@ def test_fast_path_gradients_match_reference(impl):
         assert err <= 1e-4 * g.abs().max() + 1e-7, f"{name}: gradient differs by {float(err):.3g}"
 
 
+def test_packed_projections_get_one_packed_gradient():
+    """The fast path's packed Q/K/V (and cross K/V) projections are split with unbind, whose backward
+    writes one packed gradient, never by indexing (a zero-filled packed buffer per gradient, then adds)."""
+    tok = _tok().train()
+    tok.qformer.set_fast(True, impl="sdpa")
+    out = tok.qformer(torch.randn(2, 257, 96, device=DEVICE, requires_grad=True))
+    names, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    assert "UnbindBackward0" in names
+    assert not [n for n in names if n.startswith("SelectBackward")], sorted(set(names))
+
+
 def test_fast_path_runs_under_torch_compile():
     tok = _tok().to_fast()
     feats = torch.randn(2, 257, 96, generator=torch.Generator().manual_seed(8)).to(DEVICE)
