@@ -51,7 +51,9 @@ def qformer_attention_ref(
     q: (B, H, Lq, Dh); k, v: (B, H, Lk, Dh); fp32 / fp16 / bf16 / fp64.
     causal: query i attends to keys 0..i (needs Lq == Lk; the 32-query self-attention).
     key_padding_mask: (B, Lk) bool, True = attend (keep), False = padding.
-    Returns (B, H, Lq, Dh) in q's dtype. A query row with no key to attend gives zeros.
+    Returns (B, H, Lq, Dh) in q's dtype. A query row with no key to attend gives zeros. NaN in
+    the inputs gives NaN in the rows whose query or attended keys hold it, and (as in any product
+    with v) in the columns of every row where v holds it.
     """
     _check_qkv(q, k, v, causal, key_padding_mask)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -67,8 +69,8 @@ def qformer_attention_ref(
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    if keep is not None:
-        probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows
+    if keep is not None:  # a row with no key to attend gives zeros; NaN from NaN inputs stays NaN
+        probs = probs.masked_fill(~keep.any(-1, keepdim=True), 0.0)
     return torch.matmul(probs, v.to(acc)).to(q.dtype)
 
 
@@ -95,7 +97,8 @@ def qformer_attention_sdpa(
 def _sdpa(q, k, v, causal, key_padding_mask, scale):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return _with_inputs_nan(out, q, k, v, causal, None, None) if not q.is_cuda else out
     lq, lk = q.shape[-2], k.shape[-2]
     keep = key_padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, Lk)
     if causal:
@@ -103,7 +106,25 @@ def _sdpa(q, k, v, causal, key_padding_mask, scale):
     empty = _empty_rows(key_padding_mask, lq, causal)[:, None, :, None]  # (B, 1, Lq, 1)
     keep = keep | empty  # let empty rows attend to everything (finite), then zero them below
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
-    return out.masked_fill(empty, 0.0)
+    out = out.masked_fill(empty, 0.0)
+    return _with_inputs_nan(out, q, k, v, causal, key_padding_mask, empty) if not q.is_cuda else out
+
+
+def _with_inputs_nan(out, q, k, v, causal, key_padding_mask, empty):
+    """torch's CPU SDPA kernel gives zeros for a query row whose scores are NaN, where the reference
+    (and SDPA's math backend) give NaN. Add 0 x (the row's query and the keys it attends to, plus
+    every value per column, as the reference's probs @ v multiplies even masked values by 0) so NaN /
+    inf in the inputs reach exactly the elements the reference makes NaN: a few reductions, no
+    gradient (the added term is zero where the inputs are finite)."""
+    with torch.no_grad():
+        row = q.sum(-1, keepdim=True)  # (B, H, Lq, 1)
+        ks = k.sum(-1, keepdim=True)  # (B, H, Lk, 1): a NaN key the row attends to makes it NaN
+        if key_padding_mask is not None:
+            ks = ks.masked_fill(~key_padding_mask.to(torch.bool)[:, None, :, None], 0.0)
+            row = row.masked_fill(empty, 0.0)  # no key to attend: the reference gives zeros
+        ks = ks.cumsum(-2)[..., : q.shape[-2], :] if causal else ks.sum(-2, keepdim=True)
+        term = row + ks + v.sum(-2, keepdim=True)
+    return torch.add(out, term, alpha=0)  # out + 0 * term: NaN where term is NaN / inf
 
 
 class _prefer_sdpa_backend:

@@ -256,3 +256,38 @@ def test_backward_writes_gradients_in_the_inputs_layout(causal):
     qformer_attention_ref(*(t.transpose(1, 2) for t in ref), causal=causal).backward(go)
     for got, want in zip(base, ref):
         assert_close(got.grad, want.grad, atol=2e-5, rtol=1e-4, name="grad")
+
+
+@pytest.mark.parametrize("impl", ["auto", "sdpa", "ref"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_nan_inputs_are_never_hidden(impl, causal, padded):
+    """NaN in q, k or v reaches the output wherever the specification puts it (a NaN query row is
+    NaN, not zeros as torch's CPU SDPA kernel alone gives); without a mask exactly there."""
+    g = torch.Generator().manual_seed(11)
+    for trial in range(25):
+        q, k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(3))
+        for t in (q, k, v):
+            if float(torch.rand(1, generator=g)) < 0.7:
+                t[tuple(int(torch.randint(0, n, (1,), generator=g)) for n in t.shape)] = float("nan")
+        mask = (torch.rand(2, 6, generator=g) > 0.4) if padded else None
+        q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+        mask = None if mask is None else mask.to(DEVICE)
+        out = qformer_attention(q, k, v, causal=causal, key_padding_mask=mask, impl=impl)
+        ref = qformer_attention_ref(q, k, v, causal=causal, key_padding_mask=mask)
+        hidden = ref.isnan() & ~out.isnan()
+        assert not hidden.any(), f"trial {trial}: NaN hidden at {hidden.nonzero()[:4].tolist()}"
+        if mask is None:
+            assert torch.equal(out.isnan(), ref.isnan()), f"trial {trial}"
+        finite = ~ref.isnan() & ~out.isnan()
+        assert_close(out[finite], ref[finite], atol=1e-5, rtol=1e-5, name=f"trial {trial}")
+
+
+def test_nan_query_row_gives_a_nan_row():
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    q[0, 0, 1, 3] = float("nan")
+    for causal in (False, True):
+        for impl in ("auto", "ref"):
+            out = qformer_attention(q, k, v, causal=causal, impl=impl)
+            assert out[0, 0, 1].isnan().all(), (impl, causal)
+            assert not out[0, 0, [0, 2, 3]].isnan().any() and not out[0, 1].isnan().any(), (impl, causal)
