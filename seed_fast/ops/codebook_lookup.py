@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import _ext
 from . import dispatch as _table
@@ -61,8 +62,47 @@ def _argmin_ref(flat: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
     for start in range(0, n, rows):
         chunk = flat[start : start + rows]
         dist = (chunk[:, None, :] - book[None, :, :]).square().sum(-1)  # (rows, K)
+        hi = dist.amax(dim=-1)  # (rows,): NaN where the inputs hold NaN
+        if bool((hi == float("inf")).any()) and bool(torch.isfinite(chunk).all() & torch.isfinite(book).all()):
+            raise ValueError(_SCALE_ERRORS["overflow"])  # finite inputs, infinite distances
+        if bool((hi == 0).any()) and bool((book != book[:1]).any()):  # every distance of a row underflowed
+            raise ValueError(_SCALE_ERRORS["underflow"])
         indices[start : start + rows] = dist.argmin(dim=-1)  # first minimum = lowest index
     return indices
+
+
+_SCALE_ERRORS = {
+    "overflow": "codebook_lookup: the squared distances overflow float32 (values above ~1e19); scale z and the "
+    "codebook down by the same power of two, or pass float64",
+    "underflow": "codebook_lookup: the squared distances underflow float32 (values below ~1e-19); scale z and the "
+    "codebook up by the same power of two, or pass float64",
+}
+_scale_verdicts = WeakTensorKeyDictionary()  # CPU codebook -> (version, None or an error key)
+
+
+def _check_codebook_scale(book: torch.Tensor) -> None:
+    """Refuse a CPU codebook whose squared norms leave float32's normal range (all codes' norms below
+    it while some value is not zero, or any norm above it): every backend's fp32 distances would be
+    meaningless. Checked once per codebook and version (a parameter: once per optimizer step)."""
+    try:
+        version = book._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: check every call
+        version = None
+    hit = _scale_verdicts.get(book) if version is not None else None
+    if hit is not None and hit[0] == version:
+        verdict = hit[1]
+    else:
+        with torch.no_grad():
+            top = float(book.float().square().sum(1).max())
+            verdict = None
+            if top == float("inf") and bool(torch.isfinite(book).all()):
+                verdict = "overflow"
+            elif top < torch.finfo(torch.float32).tiny and bool((book != 0).any()):
+                verdict = "underflow"
+        if version is not None:
+            _scale_verdicts[book] = (version, verdict)
+    if verdict is not None:
+        raise ValueError(_SCALE_ERRORS[verdict])
 
 
 def _argmin_torch(flat: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
@@ -319,6 +359,8 @@ def codebook_lookup(
     _check_inputs(z, codebook, metric)
     flat, book = _prepare(z, codebook, metric)
     chosen = choose_impl(flat, book, impl)
+    if metric == "l2" and not book.is_cuda and book.dtype != torch.float64 and not torch.compiler.is_compiling():
+        _check_codebook_scale(book)
     if _dispatch._logs:
         _dispatch.note("codebook_lookup", chosen)
     flag = None

@@ -466,3 +466,31 @@ def test_compiled_op_errors_name_the_problem():
             op(z[:n], bn)
     with pytest.raises(ValueError, match="z has D=8 but codebook has D=7"):
         op(torch.empty(4, 8, device="meta"), torch.empty(2, 7, device="meta"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scale,error", [(1e30, "overflow"), (1e-40, "underflow"), (1e-21, "underflow")])
+def test_inputs_beyond_float32_distances_are_refused(impl, scale, error):
+    """Distances that overflow or underflow fp32 would make every index meaningless (index 0 for all
+    rows): refused, where the same inputs scaled into range find the float64 answer."""
+    if DEVICE == "cuda" and impl != "ref":
+        pytest.skip("on a GPU, the kernels flag overflow (inf scores) but do not look for underflow")
+    g = torch.Generator().manual_seed(3)
+    z, book = torch.randn(5, 8, generator=g).to(DEVICE), torch.randn(50, 8, generator=g).to(DEVICE)
+    with pytest.raises(ValueError, match=f"distances {error} float32"):
+        codebook_lookup(z * scale, book * scale, impl=impl)
+    for ok in (1e-17, 1e18):  # the squared norms stay in range: the float64 answer
+        idx, _ = codebook_lookup(z * ok, book * ok, impl=impl)
+        want = torch.cdist((z * ok).double(), (book * ok).double()).argmin(1)
+        assert torch.equal(idx.cpu(), want.cpu()), (impl, ok)
+
+
+def test_the_scale_check_sees_a_codebook_changed_in_place():
+    z, book = torch.randn(3, 8), torch.randn(40, 8)
+    codebook_lookup(z, book)
+    with torch.no_grad():
+        book.mul_(1e-40)
+    with pytest.raises(ValueError, match="underflow"):
+        codebook_lookup(z * 1e-40, book)
+    with pytest.raises(ValueError, match="underflow"):
+        codebook_lookup_ref(z * 1e-40, book)
