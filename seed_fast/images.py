@@ -7,7 +7,10 @@ becomes white and a float image in [0, 1] black. `to_rgb` scales them into 0..25
 - "I" (32-bit integer, which is how PIL opens 16-bit grayscale PNGs): value / 65535, refusing values
   outside [0, 65535], which have no known white level;
 - "F" (32-bit float): taken as [0, 1], refusing NaN / inf or values outside [0, 1].
-Every other mode (L, P, RGBA, CMYK, YCbCr, LA, 1, ...) goes through `convert("RGB")`, which is exact.
+Images with transparency (RGBA, LA, PA, premultiplied RGBa / La, and palette or RGB images with a
+transparent colour) are composited over white, as viewers show them: `convert("RGB")` would keep the
+colours stored under fully transparent pixels (often black), which nobody sees.
+Every other mode (L, P, CMYK, YCbCr, LAB, HSV, 1, ...) goes through `convert("RGB")`, which is exact.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class ImageModeError(ValueError):
 
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def to_rgb(im, where: str = "image"):
@@ -45,4 +49,8 @@ def to_rgb(im, where: str = "image"):
             raise ImageModeError(f"{where}: {kind}, got values in [{lo:.6g}, {hi:.6g}]")
         gray = np.rint(values / scale * 255.0).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode in _ALPHA or (mode in ("P", "L", "RGB") and "transparency" in im.info):
+        rgba = (im.convert("LA") if mode == "La" else im).convert("RGBA")  # PIL has no La -> RGBA
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")  # a new, loaded image even for RGB input (callers may close the file)

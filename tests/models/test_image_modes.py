@@ -100,3 +100,49 @@ def test_the_runtime_reads_deep_images_the_same_way():
         SeedRuntime._load_image(Image.new("RGB", (0, 0)), 4, 1)
     with pytest.raises(RuntimeInputError, match=r"images\[2\]"):
         SeedRuntime._load_image(Image.fromarray(np.full((4, 4), 2.0, np.float32)), 4, 2)
+
+
+def _alpha_over_white(rgb, alpha):
+    a = alpha[..., None].astype(np.float64) / 255.0
+    return rgb.astype(np.float64) * a + 255.0 * (1.0 - a)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "RGBa", "La"])
+def test_transparent_pixels_are_composited_over_white(mode):
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (6, 5, 3)).astype(np.uint8)
+    alpha = rng.integers(0, 256, (6, 5)).astype(np.uint8)
+    alpha[0, 0], alpha[0, 1] = 0, 255  # fully transparent (white whatever lies under it), fully opaque
+    rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    if mode == "PA":
+        im = rgba.convert("P").convert("PA")
+    elif mode == "La":  # PIL converts RGBA to La through L, dropping alpha: premultiply by hand
+        la = np.asarray(rgba.convert("LA")).astype(np.uint16)
+        pre = np.dstack([(la[..., 0] * la[..., 1] + 127) // 255, la[..., 1]]).astype(np.uint8)
+        im = Image.frombytes("La", rgba.size, pre.tobytes())
+    else:
+        im = rgba.convert(mode)
+    out = np.asarray(to_rgb(im)).astype(np.float64)
+    assert out.shape == (6, 5, 3)
+    np.testing.assert_array_equal(out[0, 0], [255, 255, 255])
+    # the expected picture: the mode's own colours (gray for LA / La, the palette for PA) over white
+    own = np.asarray(im.convert("LA" if mode == "La" else im.mode).convert("RGBA")).astype(np.float64)
+    want = _alpha_over_white(own[..., :3], own[..., 3].astype(np.uint8))
+    assert np.abs(out - want).max() <= 2 if mode in ("RGBa", "La") else np.abs(out - want).max() <= 1
+
+
+def test_palette_and_rgb_transparency_are_white():
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[0, 0] = [10, 20, 30]
+    for im in (Image.fromarray(rgb), Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)):
+        im.info["transparency"] = (0, 0, 0) if im.mode == "RGB" else int(np.asarray(im)[1, 1])
+        out = np.asarray(to_rgb(im))
+        np.testing.assert_array_equal(out[1, 1], [255, 255, 255])  # the transparent colour
+        np.testing.assert_array_equal(out[0, 0], [10, 20, 30])
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV"])
+def test_opaque_modes_convert_as_pil_does(mode):
+    rgb = np.random.default_rng(1).integers(0, 256, (4, 6, 3)).astype(np.uint8)
+    im = Image.fromarray(rgb).convert(mode)
+    np.testing.assert_array_equal(np.asarray(to_rgb(im)), np.asarray(im.convert("RGB")))
