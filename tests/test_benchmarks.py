@@ -76,6 +76,24 @@ def test_bench_cli_rejects_unknown_benchmarks():
         assert (ROOT / "benchmarks" / b["script"]).is_file(), name
 
 
+def test_bench_from_an_installed_package_says_it_needs_a_source_checkout(tmp_path, monkeypatch, capsys):
+    """A wheel holds seed_fast/ without the checkout's benchmarks/ beside it: `seed-fast bench` ends in
+    one line saying where the benchmarks run from, exit status 2, no traceback."""
+    from seed_fast import cli
+
+    (tmp_path / "seed_fast").mkdir()  # site-packages: the package, and no benchmarks/ next to it
+    monkeypatch.setattr(cli, "_checkout_root", lambda: tmp_path)
+    for argv in (["bench", "--quick"], ["bench", "-h"]):
+        assert cli.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("seed-fast bench: error: the benchmarks are not installed with the package")
+        assert "source checkout" in err and str(tmp_path) in err and "pip install --no-build-isolation -e ." in err
+    # in a checkout the runner is found
+    monkeypatch.undo()
+    assert cli.bench_script() == ROOT / "benchmarks" / "run_all.py"
+
+
 def _readme_tables_output() -> str:
     import contextlib
     import io
