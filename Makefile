@@ -1,7 +1,8 @@
 # Set-up commands for a fresh machine (see README):  make demo  |  make test
 PYTHON ?= python3
 VENV   ?= .venv
-# torch==2.13.0 resolves to the CPU wheel on the project's machines; override for CUDA, e.g.
+# the torch the extension is built against (your pip index decides between its CPU and CUDA
+# builds); override it, e.g.
 #   make test TORCH="torch==2.9.0"
 TORCH  ?= torch==2.13.0
 # the linter's version is pinned, so that a new ruff release cannot fail CI on unchanged code

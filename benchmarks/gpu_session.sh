@@ -1,32 +1,32 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: build the CUDA extension there, run the GPU tests, run the
-# benchmarks, leave logs and tables under $OUT (copied back to the caller).
+# One run on a GPU machine: build the CUDA extension, run the GPU tests, run the benchmarks, and
+# leave logs and tables under $OUT (default /tmp/seed_fast_gpu_out).
 #
-#   bash benchmarks/gpu_session.sh [quick|bench|tests]   # from the repository root on the GPU machine
+#   bash benchmarks/gpu_session.sh [MODE]   # from the repository root, on the GPU machine
 #
 #   (none)   build, GPU tests, full benchmarks
 #   quick    build, GPU tests, quick benchmarks (fewer shapes and repeats)
-#   targets  build, GPU tests, the kernels' and tokenizer's benchmarks on the shapes their issues
-#            set targets for (codebook N<=8192 K=8192; attention batch 1/32/256; LoRA 4096 tokens
-#            r 16; tokenizer batch 1/256)
+#   targets  build, GPU tests, the kernels' and tokenizer's benchmarks on the shapes their
+#            performance targets are set on (codebook N<=8192 K=8192; attention batch 1/32/256;
+#            LoRA 4096 tokens r 16; tokenizer batch 1/256)
 #   bench    build, full benchmarks, no tests
 #   tests    build, GPU tests only
 #   dispatch build, a few GPU tests, then every backend of the three ops (ours and the vendor paths)
 #            on SEED's shapes, for the dispatch table (benchmarks/dispatch_table.py reads the JSON),
 #            impl="auto" beside them, the tokenizer at batch 1 and 256, host cost per tiny call; about
-#            7 minutes on an H200 (allow the whole call 480 s)
+#            7 minutes on an H200 (allow the whole run 480 s)
 #   rest     build, the benchmarks `targets` leaves out (fp16 codebook, LLM decode), no tests
-#   suite    build, then benchmarks/run_all.py (every benchmark, summary tables + JSON + PNG) within
-#            SUITE_BUDGET seconds (default 400); SUITE_TESTS=1 first runs the regression guard and
-#            export tests
+#   suite    build, then benchmarks/run_all.py (every benchmark, summary tables + JSON + PNG), its
+#            time limits scaled to fit SUITE_BUDGET seconds (default 400); SUITE_TESTS=1 first runs
+#            the regression guard and export tests
 #
-# Wheels the machine lacks (diffusers, for the embedded model's decoder) can be carried in .wheels/
-# (git-ignored; sent along with the checkout): they are installed offline with --no-deps first.
+# Wheels the machine lacks (diffusers, for the embedded model's decoder) can be put in .wheels/
+# (git-ignored): they are installed offline with --no-deps first.
 #
 # The machine's own python3 (with torch, triton, transformers) is used; nothing is downloaded.
-# Every step is time-boxed (STEP_LIMIT_* seconds) so one slow step cannot eat the whole call, and
-# everything is packed into $OUT/gpu_session.tar.gz after each step (a remote runner may bring back at
-# most 8 files), next to session.log and summary.md.
+# Every step is time-boxed (STEP_LIMIT_* seconds) so one slow step cannot eat the whole run, and
+# everything is packed into one archive, $OUT/gpu_session.tar.gz, after each step (a run cut short
+# still leaves what it did), next to session.log and summary.md.
 set -u
 OUT=${OUT:-/tmp/seed_fast_gpu_out}
 W=${GPU_SESSION_WORK:-/tmp/seed_fast_gpu_work}
@@ -137,7 +137,7 @@ elif [ "$MODE" != "tests" ]; then
 fi
 log "done"
 find "$W/results" -type f | sed "s|$W/||" | tee -a "$W/session.log"
-# a short summary last: a remote runner may return only the tail of the output
+# a short summary last, for a terminal or log that keeps only the end of the output
 for f in "$W"/results/*/*.md; do
   [ -f "$f" ] || continue
   echo "### $(basename "$f")" >> "$W/summary.md"

@@ -25,8 +25,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 # name -> script, full-run arguments on CPU and on CUDA (None: not run there), --quick arguments,
-# time limits in seconds (full, quick). The CUDA arguments are the SEED shapes the kernel issues set
-# targets on, sized so the whole suite fits one 10-minute device call with the build.
+# time limits in seconds (full, quick). The CUDA arguments are SEED's shapes, sized so that the CUDA
+# build and the whole suite fit in about 10 minutes.
 BENCHES = {
     "codebook": dict(script="bench_codebook_lookup.py", cpu=[], cuda=["--quick"], quick=["--quick"], limits=(240, 120)),
     "codebook-fp16": dict(

@@ -434,12 +434,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _checkout_root() -> Path:
+    """The folder above the package: a source checkout's root for an editable install."""
+    return Path(__file__).resolve().parent.parent
+
+
 def bench_script() -> Path:
-    """benchmarks/run_all.py of the source checkout this package was installed from."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
+    """benchmarks/run_all.py of the source checkout this package was installed from. The benchmark
+    scripts are not part of the wheel: they import the checkout's benchmarks/common.py and write
+    their tables into its benchmarks/results/."""
+    root = _checkout_root()
+    path = root / "benchmarks" / "run_all.py"
     if not path.is_file():
         raise FileNotFoundError(
-            f"no {path}: the benchmarks ship with the source checkout (git clone, then pip install -e .)"
+            "the benchmarks are not installed with the package; they run from a source checkout. "
+            f"seed_fast is installed in {root}, which has no benchmarks/run_all.py. "
+            "Clone the repository, install it there with `pip install --no-build-isolation -e .` "
+            "(or `make install`), then run `seed-fast bench` (or `python benchmarks/run_all.py`) in it"
         )
     return path
 

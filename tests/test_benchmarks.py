@@ -76,46 +76,41 @@ def test_bench_cli_rejects_unknown_benchmarks():
         assert (ROOT / "benchmarks" / b["script"]).is_file(), name
 
 
-def _readme_tables_output() -> str:
-    import contextlib
-    import io
+def test_bench_from_an_installed_package_says_it_needs_a_source_checkout(tmp_path, monkeypatch, capsys):
+    """A wheel holds seed_fast/ without the checkout's benchmarks/ beside it: `seed-fast bench` ends in
+    one line saying where the benchmarks run from, exit status 2, no traceback."""
+    from seed_fast import cli
 
+    (tmp_path / "seed_fast").mkdir()  # site-packages: the package, and no benchmarks/ next to it
+    monkeypatch.setattr(cli, "_checkout_root", lambda: tmp_path)
+    for argv in (["bench", "--quick"], ["bench", "-h"]):
+        assert cli.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("seed-fast bench: error: the benchmarks are not installed with the package")
+        assert "source checkout" in err and str(tmp_path) in err and "pip install --no-build-isolation -e ." in err
+    # in a checkout the runner is found
+    monkeypatch.undo()
+    assert cli.bench_script() == ROOT / "benchmarks" / "run_all.py"
+
+
+def test_benchmark_tables_in_the_readme_and_docs_are_what_the_results_files_print():
+    """README.md's per-device summaries and docs/benchmarks.md's full tables are what readme_tables.py
+    makes from the committed JSON: a table typed by hand, or left behind when its results file was
+    rerun, fails (`python benchmarks/readme_tables.py --write` rewrites them)."""
     import readme_tables
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert readme_tables.main([]) == 0
-    return buf.getvalue()
-
-
-def _cited_tables(text: str) -> dict[str, list[str]]:
-    """{a table's caption line (ending in 'from [results file](...):'): the table's lines}."""
-    lines = text.splitlines()
-    out = {}
-    for i, line in enumerate(lines):
-        if "from [benchmarks/results/" in line and line.endswith("):"):
-            j = i + 1
-            while j < len(lines) and not lines[j].strip():
-                j += 1
-            table = []
-            while j < len(lines) and lines[j].startswith("|"):
-                table.append(lines[j])
-                j += 1
-            out[line] = table
-    return out
-
-
-def test_every_readme_benchmark_table_is_what_its_results_file_prints():
-    """The README's benchmark tables are copies of readme_tables.py's output from the committed
-    JSON they cite: a table typed by hand, or left behind when its results file was rerun, fails."""
-    root = Path(__file__).resolve().parents[1]
-    readme = _cited_tables((root / "README.md").read_text())
-    printed = _cited_tables(_readme_tables_output())
-    assert len(readme) >= 12, f"expected the README's CPU and GPU tables, found {len(readme)}"
-    assert any("NVIDIA" in caption for caption in readme), "the README lacks the GPU tables"
-    for caption, table in readme.items():
-        assert caption in printed, (
-            f"README table not printed by readme_tables.py (stale or hand-typed): {caption[:120]}"
-        )
-        assert table, f"README caption without a table: {caption[:120]}"
-        assert table == printed[caption], f"README table differs from its results file: {caption[:120]}"
+    for target in ("README.md", "docs/benchmarks.md"):
+        assert readme_tables.stale(target) is None, readme_tables.stale(target)
+    summary = readme_tables.generated("README.md")
+    devices = [f.name for f in readme_tables._folders() if readme_tables.summary_table(f)]
+    assert {"cpu-amd-epyc-2c", "nvidia-h200"} <= set(devices), devices
+    assert summary.count("| op | case |") == len(devices), "one summary table per device"
+    # the summary's numbers are the results files' (one spot check against the raw JSON)
+    rows = json.loads((ROOT / "benchmarks/results/nvidia-h200/bench_codebook_lookup_float32.json").read_text())["rows"]
+    cuda = next(r for r in rows if (r["N"], r["K"], r["D"], r["provider"]) == (8192, 8192, 32, "seed_fast cuda"))
+    assert f"{float(cuda['ms']):.3f} ms (cuda)" in summary
+    full = readme_tables.generated("docs/benchmarks.md")
+    assert (
+        full.count("from [benchmarks/results/") >= 12 and "NVIDIA H200" in full and "](../benchmarks/results/" in full
+    )

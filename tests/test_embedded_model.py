@@ -1,7 +1,7 @@
 """The shipped default model: present, small, loadable, and its results real (far above chance) on
 held-out scenes the recipe never trained on. The thresholds are this version's measured level
 minus a margin for CPU nondeterminism and the small sample. They are a regression guard; they are
-not the issue's targets, which the README's table compares against."""
+not the model's targets, which docs/default_model.md compares against."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""VW-LMM's visual words (arXiv 2405.15913): image features supervised as distributions over the
+"""VW-LMM's visual words (arXiv 2403.07720): image features supervised as distributions over the
 text vocabulary, for any transformers causal LM (the one inside a SeedLLM included).
 
     vm_head = Linear(hidden, text vocabulary, bias=False)

@@ -68,7 +68,7 @@ RECIPE: dict[str, dict] = {
         # 4096 codes at batch 128 (version 4; k-means initialises from the first batch's 128 x 32 vectors):
         # 1024 codes left the probe reading the left-hand shape from the codes 89.5% of the time, 4096 92.3%.
         # `code_dim` 32 (SEED's, through `stage2.code_dim`) was tried and not better end to end:
-        # benchmarks/results/default_model/experiments_after_v2.md
+        # docs/experiments.md
         "stage": "stage2",
         "steps": 800,
         "global_batch": 128,
@@ -130,7 +130,7 @@ RECIPE: dict[str, dict] = {
     },
     "decoder": {
         # 1400 steps (version 3): twice version 2's; held-out denoising MSE at t=300 0.0079 -> 0.0043 and
-        # reconstruction 61.5% -> 67.7% (benchmarks/results/default_model/experiments_after_v2.md)
+        # reconstruction 61.5% -> 67.7% (docs/experiments.md)
         # bf16 autocast (version 4): 1.16 s a step against 1.4 in fp32; the tokenizer stays in fp32
         # 2400 steps with "math" attention (version 5): 0.86 s a step against 1.16 (SDPA's CPU backward is
         # slow at 8 x 8 cells), so 1.7x the steps in 1.3x the time; MSE at t=300 0.0040 -> 0.0023
@@ -148,7 +148,7 @@ RECIPE: dict[str, dict] = {
 # step (0.44 s against 1.63 s in fp32 on the 2-core AVX2 machine), so the recipe runs in under an hour there.
 # Channels (32, 64): the first from-nothing run's (16, 32) autoencoder kept every object in 95.3% of its
 # reconstructions of the test scenes and its decoder missed both image targets; this one keeps them in 99.6%
-# (benchmarks/results/default_model/experiments_after_v2.md, "Version 7").
+# (docs/experiments.md, "Version 7").
 LATENT_DECODER = {
     "vae": {
         "stage": "vae",

@@ -193,7 +193,7 @@ def test_tensorrt_without_tensorrt_says_how_to_install(tiny, tmp_path):
         with pytest.raises(TensorRTError, match="pip install tensorrt"):
             build_engines(out, tmp_path / "trt")
     else:  # pragma: no cover - only where TensorRT is installed
-        pytest.skip("tensorrt is installed: engines are built in the GPU session")
+        pytest.skip("tensorrt is installed: engines are built on a GPU machine (benchmarks/gpu_session.sh)")
 
 
 def test_embedded_default_model_through_onnx(tmp_path):

@@ -99,7 +99,7 @@ def test_requested_backend_that_cannot_run_says_why():
     assert choose_impl(q, q, q) == "ref"
 
 
-# (causal, Lq, Lk): the odd sizes; causal needs Lq == Lk
+# (causal, Lq, Lk): odd sizes around SEED's 32 queries and 257 keys; causal needs Lq == Lk
 SHAPES = [(False, lq, lk) for lq in (1, 31, 32, 33) for lk in (1, 257, 300)] + [(True, n, n) for n in (1, 31, 32, 33)]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 

@@ -302,7 +302,7 @@ def test_stage1_retrieval_beats_chance(tmp_path):
     ev = train(cfg2, progress=False)
     assert ev["val_codebook_usage"] > 0.5
     # continuous features through the loaded heads are stage I's own (same numbers as its evaluation);
-    # retrieval with codes is measured (40 steps are too few for it to beat chance reliably: see README)
+    # retrieval with codes is measured (40 steps are too few for it to beat chance reliably: see docs/training.md)
     for k in ("i2t_r1", "t2i_r1", "i2t_r10"):
         assert ev[f"val_embed_{k}"] == pytest.approx(last[f"val_{k}"])
         assert 0 <= ev[f"val_code_{k}"] <= 1

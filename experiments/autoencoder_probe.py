@@ -2,7 +2,7 @@
 """Can a small diffusers AutoencoderKL keep what the checker needs at 16 x 16 x 4 latents, and what
 does it cost on 2 CPU cores? A probe for a latent decoder (not part of the recipe).
 
-    python benchmarks/results/default_model/candidates/autoencoder_probe.py [--steps 600] [--channels 16,32,64]
+    python experiments/autoencoder_probe.py [--steps 600] [--channels 16,32,64]
         [--size 64] [--out DIR]
 
 --size 32 --channels 16,32 --steps 800 is the 32 px autoencoder the first latent-decoder probe used

@@ -6,7 +6,7 @@ the training loop (warmup 30 then cosine, AdamW lr 1e-3, batch 64, 10% null embe
 It saves unet/, scheduler/ and vae/ (with the latents' scaling factor) into OUT: the decoder/ folder
 of a model that `seed-fast eval --checkpoint` reads once assembled with the other parts.
 
-    python latent_unet_probe.py --tokenizer STAGE2/tokenizer --ae AE --out OUT [--steps 1200]
+    python experiments/latent_unet_probe.py --tokenizer STAGE2/tokenizer --ae AE --out OUT [--steps 1200]
 """
 
 import argparse

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """How much resolution does the embedded checker need?
-python benchmarks/results/default_model/candidates/lowres_probe.py"""
+python experiments/lowres_probe.py"""
 
 import numpy as np
 import torch
