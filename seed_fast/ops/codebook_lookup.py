@@ -28,6 +28,11 @@ from . import dispatch as _table
 from . import dispatch_log as _dispatch
 from ._triton_support import triton_reasons
 
+# Load the compiled operators now, so that torch.compile never traces their first load (a failure
+# is kept and reported by `python -m seed_fast.info`).
+_ext.cpu_ext()
+_ext.cuda_ext()
+
 IMPLS = ("auto", "ref", "torch", "cpu", "triton", "cuda")
 METRICS = ("l2", "cosine")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

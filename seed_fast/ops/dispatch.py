@@ -80,6 +80,7 @@ def choose(op: str, device: torch.device, case: tuple, size: int, default: str) 
     return _decide(op, device_class(device), case, int(size), graph, default)
 
 
+@torch.compiler.assume_constant_result  # torch.compile takes the decision as a constant, untraced
 @lru_cache(maxsize=4096)
 def _decide(op: str, dev: str, case: tuple, size: int, graph: bool, default: str) -> str:
     rows = table().get("devices", {}).get(dev, {}).get(op, [])
@@ -99,3 +100,6 @@ def _decide(op: str, dev: str, case: tuple, size: int, graph: bool, default: str
 def cases(op: str, dev: str) -> list[dict]:
     """The table's rows for `op` on device class `dev` (for tests and reports)."""
     return list(table().get("devices", {}).get(dev, {}).get(op, []))
+
+
+table()  # read now, not inside the first torch.compile trace (which cannot trace file reads)
