@@ -170,14 +170,10 @@ def checkpoints_newest_first(run: Path) -> list[Path]:
 
 
 def latest_checkpoint(run: Path, *, say=None) -> Path | None:
-    """The newest intact checkpoint: the one `latest` names, else (a missing or stale pointer, a damaged
-    folder) the newest intact `step_*` folder. `say` receives a line for each one passed over."""
-    pointer = run / "checkpoints" / "latest"
-    named = None
-    if pointer.is_file():
-        named = run / "checkpoints" / pointer.read_text().strip()
-        if named.is_dir() and checkpoint_problem(named) is None:
-            return named
+    """The newest intact checkpoint: the `step_*` folder of the highest step whose files match its
+    manifest, whatever `latest` says (it may be missing, stale after a kill between the folder's
+    rename and its own update, or name a removed folder). `say` receives a line for each folder
+    passed over."""
     for folder in checkpoints_newest_first(run):
         problem = checkpoint_problem(folder)
         if problem is None:

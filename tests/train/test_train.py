@@ -498,3 +498,66 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
         assert latest_checkpoint(run).name == "step_00000008"
         kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
         assert kept[-1] == "step_00000008" and len(kept) == 2, (how, kept)
+
+
+_DIE_WHILE_CHECKPOINTING = """
+import os, signal, sys
+from pathlib import Path
+import torch
+where, step = sys.argv[1], "step_%08d" % int(sys.argv[2])
+save, replace = torch.save, os.replace
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def torch_save(obj, f, *a, **k):
+    if where == "state" and step in str(f) and str(f).endswith("state.pt"):
+        save(obj, f, *a, **k)
+        data = Path(f).read_bytes()
+        Path(f).write_bytes(data[: len(data) // 2])  # the write cut off half way
+        die()
+    return save(obj, f, *a, **k)
+
+def os_replace(src, dst, *a, **k):
+    if where == "rename" and Path(dst).name == step:
+        die()  # every file written and in the manifest, the folder not yet renamed into place
+    if where == "latest" and Path(dst).name == "latest" and step in Path(src).read_text():
+        die()  # the checkpoint in place, `latest` still naming the one before
+    return replace(src, dst, *a, **k)
+
+torch.save, os.replace = torch_save, os_replace
+from seed_fast.train import main
+sys.exit(main(["stage2", "--config", sys.argv[3], "--no-progress"] + sys.argv[4:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    ref = _write(tmp, _cfg(tmp / "ref", steps=8, ckpt_every=3), "ref.json")
+    p = _spawn(["-m", "seed_fast.train", "stage2", "--config", str(ref), "--no-progress"])
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    return _losses(tmp / "ref")
+
+
+@pytest.mark.parametrize("where", ["state", "rename", "latest"])
+def test_kill_9_while_writing_a_checkpoint_then_resume(tmp_path, uninterrupted, where):
+    """Killed inside the checkpoint write at step 6 (a half-written state file, a complete folder not
+    yet renamed into place, or `latest` not yet updated): --resume continues from the newest intact
+    checkpoint and gives the uninterrupted loss curve, each step once in metrics.jsonl."""
+    cfg = _write(tmp_path, _cfg(tmp_path / "run", steps=8, ckpt_every=3), "run.json")
+    p = _spawn(["-c", _DIE_WHILE_CHECKPOINTING, where, "6", str(cfg)])
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == -signal.SIGKILL, err
+    ck = latest_checkpoint(tmp_path / "run")
+    assert ck is not None and ck.name == ("step_00000006" if where == "latest" else "step_00000003")
+    q = _spawn(["-m", "seed_fast.train", "stage2", "--config", str(cfg), "--no-progress", "--resume"])
+    _, err = q.communicate(timeout=600)
+    assert q.returncode == 0, err
+    got = _losses(tmp_path / "run")
+    assert [r[0] for r in got] == list(range(1, 9))
+    for g, w in zip(got, uninterrupted):
+        assert g == pytest.approx(w, rel=1e-6, abs=1e-7), f"step {g[0]}"
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert "step_00000006" in names and (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() in names
