@@ -5,8 +5,9 @@ sum((z - e)^2) accumulated in fp32 (fp64 for fp64 inputs) whatever the input dty
 chunks so that the N x K distance matrix is never held at once, ties to the lowest index.
 
 The fused backends ("cpu": C++ in csrc/codebook_lookup, "triton": kernels/codebook_lookup.py,
-"cuda": csrc/codebook_lookup/*.cu) score codes by 0.5 ||e||^2 - z.e in fp32, never materialize
-N x K, and keep the running (min, argmin). "torch" scores the same way with the vendor's fp32
+"cuda": csrc/codebook_lookup/*.cu) score codes by 0.5 ||e||^2 - z.e in fp32 (the Triton kernel's
+fp32 dots as 3xTF32 on tensor cores, which keeps fp32's error), never materialize N x K, keep the
+running (min, argmin), and gather z_q in the same launch. "torch" scores the same way with the vendor's fp32
 matrix product (cuBLAS / the CPU BLAS) over row chunks, then argmin: the stock path, with TF32 off.
 "auto" takes the backend measured fastest for the dtype and row count on this class of device
 (seed_fast/ops/dispatch.py); unmeasured, "cpu" on the CPU and "torch" on a GPU.
@@ -175,9 +176,9 @@ def codebook_lookup_indices(
             return torch.ops.seed_fast._codebook_lookup_indices(z, codebook)
         return torch.ops.seed_fast._codebook_lookup(z, codebook, flag)[0]
     if impl == "triton":
-        from ..kernels.codebook_lookup import codebook_argmin_triton
+        from ..kernels.codebook_lookup import codebook_lookup_triton
 
-        return codebook_argmin_triton(z, codebook, error_flag=flag)
+        return codebook_lookup_triton(z, codebook, error_flag=flag, want_zq=False)[0]
     if flag is not None:  # "ref" / "torch": a few reductions on the device, no sync
         bad = ~(torch.isfinite(z).all() & torch.isfinite(codebook).all())
         torch.bitwise_or(flag[:1], bad.to(torch.int32), out=flag[:1])
@@ -190,6 +191,24 @@ def codebook_lookup_indices(
 
 for _key in ("CPU", "CUDA"):
     _lib.impl("codebook_lookup_indices", codebook_lookup_indices, _key)
+
+# The Triton kernel's indices and z_q in one launch (as `_codebook_lookup` is for the C++ / CUDA ones).
+_lib.define("_codebook_lookup_triton(Tensor z, Tensor codebook, Tensor(a!)? error_flag=None) -> (Tensor, Tensor)")
+
+
+def _codebook_lookup_triton(z, codebook, error_flag=None):
+    from ..kernels.codebook_lookup import codebook_lookup_triton
+
+    return codebook_lookup_triton(z, codebook, error_flag=error_flag)
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("_codebook_lookup_triton", _codebook_lookup_triton, _key)
+
+
+@torch.library.register_fake("seed_fast::_codebook_lookup_triton", lib=_lib)
+def _(z, codebook, error_flag=None):
+    return z.new_empty((z.shape[0],), dtype=torch.long), codebook.new_empty((z.shape[0], z.shape[1]))
 
 
 @torch.library.register_fake("seed_fast::codebook_lookup_indices", lib=_lib)
@@ -388,6 +407,21 @@ def codebook_lookup(
         if z.dim() != 2:
             indices, z_q = indices.view(z.shape[:-1]), z_q.view(z.shape)
         return indices, z_q
+    elif (
+        chosen == "triton"
+        and (flag is not None or not check_finite)
+        and metric == "l2"
+        and book.dtype == flat.dtype
+        and not (codebook.requires_grad and torch.is_grad_enabled())
+    ):
+        indices, z_q = torch.ops.seed_fast._codebook_lookup_triton.default(
+            flat, book, None if flag is None else flag[1]
+        )
+        if flag is not None and not flat.is_cuda and flag[0][0]:
+            _raise_cpu_flagged(flag, flat, book)
+        if z.dim() != 2:
+            indices, z_q = indices.view(z.shape[:-1]), z_q.view(z.shape)
+        return indices, z_q
     else:
         if check_finite and flag is None and flat.is_cuda and torch.cuda.is_current_stream_capturing():
             check_finite = False  # a CUDA graph capture cannot sync to read the result
@@ -395,14 +429,18 @@ def codebook_lookup(
             flat, book, chosen, check_finite, None if flag is None else flag[1]
         )
         if flag is not None and not flat.is_cuda and flag[0][0]:
-            flag[0][0] = 0
-            _check_finite(flat, book)  # names the input and counts; else the distances overflowed
-            raise ValueError("codebook_lookup: the distances overflow float32 (values above ~1e19)")
+            _raise_cpu_flagged(flag, flat, book)
     indices = indices.view(z.shape[:-1]) if z.dim() != 2 else indices
     return indices, torch.embedding(codebook, indices)  # F.embedding's kernel, without its Python
 
 
 _cpu_flags: list = []
+
+
+def _raise_cpu_flagged(flag, flat: torch.Tensor, book: torch.Tensor) -> None:
+    flag[0][0] = 0
+    _check_finite(flat, book)  # names the input and counts; else the distances overflowed
+    raise ValueError("codebook_lookup: the distances overflow float32 (values above ~1e19)")
 
 
 def _cpu_flag():

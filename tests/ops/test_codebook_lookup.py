@@ -128,13 +128,14 @@ def test_ties_go_to_the_lowest_index(impl, k, d, n):
 @pytest.mark.skipif("triton" not in IMPLS, reason="triton cannot run here")
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
 def test_triton_codebook_splits_agree(splits):
-    from seed_fast.kernels.codebook_lookup import codebook_argmin_triton
+    from seed_fast.kernels.codebook_lookup import codebook_lookup_triton
 
     g = torch.Generator().manual_seed(3)
     uniq = torch.randint(-3, 4, (100, 8), generator=g).float()  # exact scores: see the test above
     book = torch.cat([uniq, uniq]).to(DEVICE)  # ties across splits
     z = torch.randint(-3, 4, (20, 8), generator=g).float().to(DEVICE)
-    idx = codebook_argmin_triton(z, book, splits=splits)
+    idx, zq = codebook_lookup_triton(z, book, splits=splits)
+    assert torch.equal(zq, book[idx])
     assert torch.equal(idx.cpu(), codebook_lookup_ref(z, book)[0].cpu())
 
 
@@ -494,3 +495,51 @@ def test_the_scale_check_sees_a_codebook_changed_in_place():
         codebook_lookup(z * 1e-40, book)
     with pytest.raises(ValueError, match="underflow"):
         codebook_lookup_ref(z * 1e-40, book)
+
+
+def _tf32(x):
+    """Round fp32 to TF32 (10 mantissa bits, to nearest) as the tensor cores' conversion does."""
+    return ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.parametrize("offset", [0.0, 4.0])
+def test_3xtf32_scores_keep_the_fp32_contract(offset):
+    """The Triton kernel's fp32 dots on tensor cores: each operand split into a TF32 part and a TF32
+    remainder, three products summed in fp32. Emulated here: 0 codes differ from the fp32
+    specification at K=8192, D=32 on N(0,1) inputs and inputs offset by +4 (one TF32 product, which
+    this split replaces, does change codes)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1024, 32, generator=g) + offset
+    book = torch.randn(8192, 32, generator=g) + offset
+    spec = codebook_lookup_ref(z, book)[0]
+    zh, eh = _tf32(z), _tf32(book)
+    zl, el = _tf32(z - zh), _tf32(book - eh)
+    half = 0.5 * book.square().sum(1)
+    three = half - (zh @ eh.T + (zh @ el.T + zl @ eh.T))
+    assert int((three.argmin(1) != spec).sum()) == 0
+    one = half - zh @ eh.T
+    if offset:
+        assert int((one.argmin(1) != spec).sum()) > 0  # why the split is needed
+
+
+@pytest.mark.skipif("triton" not in IMPLS, reason="triton cannot run here")
+def test_triton_split_workspace_is_left_reset():
+    """The split path merges through a workspace that the last program of each row tile resets, so
+    it is initialized once and calls in a row (or graph replays) stay exact."""
+    from seed_fast.kernels import codebook_lookup as kmod
+
+    g = torch.Generator().manual_seed(4)
+    book = torch.randn(300, 16, generator=g).to(DEVICE)
+    for n in (3, 40, 3):
+        z = torch.randn(n, 16, generator=g).to(DEVICE)
+        idx, zq = kmod.codebook_lookup_triton(z, book, splits=4)
+        assert torch.equal(idx.cpu(), codebook_lookup_ref(z, book)[0].cpu()) and torch.equal(zq, book[idx])
+    for words, counters in (w for k, w in kmod._workspaces.items() if k[0] == torch.device(DEVICE)):
+        assert bool((words == -(2**63)).all()) and bool((counters == 0).all())
+
+
+@pytest.mark.skipif("triton" not in IMPLS, reason="triton cannot run here")
+def test_triton_fused_op_opcheck():
+    z, book = torch.randn(33, 12).to(DEVICE), torch.randn(70, 12).to(DEVICE)
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.seed_fast._codebook_lookup_triton.default, (z, book, flag))

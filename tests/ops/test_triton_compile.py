@@ -1,0 +1,70 @@
+"""The Triton kernels compile ahead of time for the GPUs seed_fast targets (no GPU needed: Triton's
+own ptxas), and the tensor-core paths really run on tensor cores (HMMA in the SASS, not FFMA).
+
+The compiles run in a subprocess: the test session runs Triton as its interpreter (TRITON_INTERPRET=1),
+which has no compiler behind the kernels."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[2]
+
+_SCRIPT = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from seed_fast.kernels import codebook_lookup as kcl
+
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+sig = {"z_ptr": "*fp32", "cb_ptr": "*fp32", "idx_ptr": "*i64", "zq_ptr": "*fp32", "ws_ptr": "*i64",
+       "cnt_ptr": "*i32", "flag_ptr": "*i32"}
+sig.update({n: "i32" for n in ("N", "K", "D", "stride_z", "stride_c", "stride_q", "codes_per_split", "splits")})
+out = {}
+for cap in (80, 90):
+    for dtype, precision in (("fp32", "tf32x3"), ("fp16", "tf32"), ("bf16", "tf32"), ("fp32", "ieee")):
+        for split in (False, True):
+            s = dict(sig, z_ptr="*" + dtype, cb_ptr="*" + dtype, zq_ptr="*" + dtype)
+            consts = dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, PRECISION=precision, CHECK=True, WRITE_ZQ=True,
+                          SPLIT=split)
+            src = ASTSource(fn=kcl._codebook_lookup_kernel, signature={**s, **{k: "constexpr" for k in consts}},
+                            constexprs=consts)
+            k = triton.compile(src, target=GPUTarget("cuda", cap, 32))
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"]); f.flush()
+                sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+            out[f"{cap}-{dtype}-{precision}-{split}"] = {
+                "mma": [l.split()[1] for l in sass.splitlines() if "HMMA" in l or "HGMMA" in l][:4],
+                "ffma": "FFMA" in sass}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    if run.returncode != 0 and ("ptxas" in run.stderr or "cuobjdump" in run.stderr or "backend" in run.stderr):
+        pytest.skip(f"this triton cannot compile for NVIDIA GPUs here: {run.stderr[-500:]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("dtype,precision", [("fp32", "tf32x3"), ("fp16", "tf32"), ("bf16", "tf32"), ("fp32", "ieee")])
+@pytest.mark.parametrize("split", [False, True])
+def test_codebook_lookup_kernel_compiles_to_tensor_cores(compiled, capability, dtype, precision, split):
+    got = compiled[f"{capability}-{dtype}-{precision}-{split}"]
+    if precision == "ieee":  # the path for GPUs without TF32 (sm_70)
+        assert not got["mma"] and got["ffma"]
+    else:
+        assert got["mma"], "the tensor-core path compiled to no HMMA / HGMMA instruction"
+        if precision == "tf32x3":
+            assert all("TF32" in op for op in got["mma"]), got["mma"]
