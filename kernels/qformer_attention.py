@@ -361,8 +361,123 @@ def _qformer_attention_bwd_dq_kernel(
     tl.store(dq_ptr + dq_off, dq.to(dq_ptr.dtype.element_ty), mask=md)
 
 
+@triton.jit
+def _qformer_attention_bwd_fused_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    o_ptr,
+    do_ptr,
+    lse_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    smb,
+    smn,
+    sob,
+    soh,
+    som,
+    sod,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    H,
+    LQ,
+    LK,
+    DH,
+    qk_scale,
+    sm_scale,
+    sdqb,
+    sdqh,
+    sdqm,
+    sdqd,
+    sdkb,
+    sdkh,
+    sdkn,
+    sdkd,
+    sdvb,
+    sdvh,
+    sdvn,
+    sdvd,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The whole backward of one (batch, head) when all its queries fit one tile (LQ <= BLOCK_M):
+    K and V stream through once; each tile's dK and dV are final when computed (no other program
+    holds queries), dQ accumulates in registers. One launch, no atomics."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = offs_m < LQ
+    dmask = offs_d < DH
+    md = mmask[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=md, other=0.0)
+    do = tl.load(do_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=md, other=0.0)
+    o = tl.load(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=md, other=0.0)
+    lse = tl.load(lse_ptr + pid_bh * LQ + offs_m, mask=mmask, other=float("inf"))
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    hi = LK
+    if CAUSAL:
+        hi = tl.minimum(LK, LQ)  # keys past the last query are seen by none
+    for start_n in range(0, LK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < LK
+        nd = nmask[:, None] & dmask[None, :]
+        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        if start_n < hi:
+            kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=nd, other=0.0)
+            vt = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=nd, other=0.0)
+            p = _scores_to_probs(
+                q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb, smn, qk_scale, CAUSAL, HAS_MASK, IEEE
+            )
+            if IEEE:
+                dv = tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
+                dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
+            else:
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+                dp = tl.dot(do, tl.trans(vt))
+            ds = p * (dp - delta[:, None])
+            if IEEE:
+                dk = tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
+                dq += tl.dot(ds, kt.to(tl.float32), input_precision="ieee")
+            else:
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q)
+                dq += tl.dot(ds.to(kt.dtype), kt)
+        # dK / dV in the layout of their buffers (the inputs' layout where it is dense); zeros for
+        # keys no query attends to
+        dk_off = b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd
+        dv_off = b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd
+        tl.store(dk_ptr + dk_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=nd)
+        tl.store(dv_ptr + dv_off, dv.to(dv_ptr.dtype.element_ty), mask=nd)
+    dq_off = b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd
+    tl.store(dq_ptr + dq_off, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=md)
+
+
 # --------------------------------------------------------------------------------------- launchers
 MAX_HEAD_DIM = 128
+FUSED_BWD_MAX_LQ = 64  # the one-launch backward holds every query of a (batch, head) in one program
 
 
 def _blocks(lq: int, dh: int) -> tuple[int, int, int]:
@@ -446,10 +561,14 @@ def qformer_attention_bwd_triton(
     key_padding_mask: torch.Tensor | None,
     causal: bool,
     scale: float,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) in q's dtype, each in its input's layout where that layout is dense
     (a (B, L, H, Dh) buffer viewed as (B, H, L, Dh) gets a gradient of the same strides, so autograd
-    copies nothing), contiguous otherwise."""
+    copies nothing), contiguous otherwise.
+
+    fused: one launch with all queries of a (batch, head) in one program (default for Lq <=
+    FUSED_BWD_MAX_LQ), or the two-kernel backward (dK / dV by key tile, then dQ by query tile)."""
     _check(q, k, v)
     bsz, heads, lq, dh = q.shape
     lk = k.shape[2]
@@ -484,6 +603,14 @@ def qformer_attention_bwd_triton(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
     )
+    if fused is None:
+        fused = lq <= FUSED_BWD_MAX_LQ
+    if fused:  # one launch: every query of a (batch, head) in one program
+        meta["BLOCK_M"] = max(16, triton.next_power_of_2(lq))
+        _qformer_attention_bwd_fused_kernel[(bsz * heads,)](
+            q, k, v, mask, out, grad_out, lse, dq, dk, dv, *common, *dq.stride(), *dk.stride(), *dv.stride(), **meta
+        )
+        return dq, dk, dv
     _qformer_attention_bwd_dkdv_kernel[(triton.cdiv(lk, block_n), bsz * heads)](
         q, k, v, mask, out, grad_out, lse, dk, dv, *common, *dk.stride(), *dv.stride(), **meta
     )

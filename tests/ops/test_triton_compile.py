@@ -42,6 +42,40 @@ for cap in (80, 90):
             out[f"{cap}-{dtype}-{precision}-{split}"] = {
                 "mma": [l.split()[1] for l in sass.splitlines() if "HMMA" in l or "HGMMA" in l][:4],
                 "ffma": "FFMA" in sass}
+from seed_fast.kernels import qformer_attention as kqa
+
+def attention_signature(fn, dtype):
+    sig = {}
+    for name in fn.arg_names:
+        if name in ("mask_ptr",):
+            sig[name] = "*u8"
+        elif name == "lse_ptr":
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + dtype
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        elif name.isupper():
+            continue
+        else:
+            sig[name] = "i32"
+    sig["H"] = sig["LQ"] = sig["LK"] = sig["DH"] = "i32"
+    return sig
+
+for cap in (80, 90):
+    for dtype in ("fp16", "bf16", "fp32"):
+        for name in ("_qformer_attention_fwd_kernel", "_qformer_attention_bwd_fused_kernel"):
+            fn = getattr(kqa, name)
+            consts = dict(CAUSAL=True, HAS_MASK=True, IEEE=dtype == "fp32", BLOCK_M=32, BLOCK_N=64, BLOCK_D=64)
+            s = {k: v for k, v in attention_signature(fn, dtype).items() if k not in consts}
+            src = ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in consts}}, constexprs=consts)
+            k = triton.compile(src, target=GPUTarget("cuda", cap, 32))
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"]); f.flush()
+                sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+            out[f"{name}-{cap}-{dtype}"] = {
+                "mma": [l.split()[1] for l in sass.splitlines() if "HMMA" in l or "HGMMA" in l][:4],
+                "ffma": "FFMA" in sass}
 print(json.dumps(out))
 """
 
@@ -68,3 +102,14 @@ def test_codebook_lookup_kernel_compiles_to_tensor_cores(compiled, capability, d
         assert got["mma"], "the tensor-core path compiled to no HMMA / HGMMA instruction"
         if precision == "tf32x3":
             assert all("TF32" in op for op in got["mma"]), got["mma"]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("kernel", ["_qformer_attention_fwd_kernel", "_qformer_attention_bwd_fused_kernel"])
+def test_attention_kernels_compile(compiled, capability, dtype, kernel):
+    got = compiled[f"{kernel}-{capability}-{dtype}"]
+    if dtype == "fp32":  # IEEE fp32 dots: the fp32 contract
+        assert not got["mma"] and got["ffma"]
+    else:
+        assert got["mma"], "fp16 / bf16 attention compiled to no tensor-core instruction"
