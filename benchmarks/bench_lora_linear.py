@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     if args.quick:
         tokens, ranks, shapes = tokens[:2] + tokens[-1:], ranks[:1], shapes[:2]
     repeats = 10 if not cuda else 30
-    ours = ["torch", "triton"] if cuda else ["torch"]
+    ours = ["torch", "lowrank", "triton"] if cuda else ["torch"]
     drop = args.dropout
     rows = []
     g = torch.Generator().manual_seed(0)

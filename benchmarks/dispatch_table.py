@@ -37,7 +37,7 @@ CODEBOOK_IMPLS = {
     "seed_fast triton": "triton",
     "seed_fast torch": "torch",
 }
-LORA_IMPLS = {"seed_fast torch": "torch", "seed_fast triton": "triton"}
+LORA_IMPLS = {"seed_fast torch": "torch", "seed_fast lowrank": "lowrank", "seed_fast triton": "triton"}
 
 
 def _num(v):

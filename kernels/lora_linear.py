@@ -274,3 +274,162 @@ def lora_da(u: torch.Tensor, x: torch.Tensor, *, seed: int, thresh: int, drop: b
         BR=br,
     )
     return part.sum(0)
+
+
+# --------------------------------------------------------------------------------------- low-rank kernels
+# For "lowrank" (seed_fast.ops.lora_linear): the base products stay in cuBLAS; only the parts that
+# need the dropout mask run here, each reading its big operand once with the mask computed in-kernel.
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr,
+    a_ptr,
+    t_ptr,
+    M,
+    K,
+    R,
+    sxm,
+    sxk,
+    sar,
+    sak,
+    inv_keep,
+    seed,
+    thresh,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    BR: tl.constexpr,
+):
+    """t (M, R) = inv_keep * (keep(x) A^T): one pass over x."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    rmask = rows < M
+    acc = tl.zeros((BM, BR), tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < K
+        xt = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxk, mask=rmask[:, None] & cmask[None, :], other=0.0)
+        xt = tl.where(_keep(rows, cols, K, seed, thresh), xt, 0.0)
+        at = tl.load(
+            a_ptr + rr[None, :] * sar + cols[:, None] * sak, mask=cmask[:, None] & (rr < R)[None, :], other=0.0
+        )
+        if IEEE:
+            acc = tl.dot(xt, at, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, at, acc)
+    out = acc * inv_keep
+    tl.store(
+        t_ptr + rows[:, None] * R + rr[None, :], out.to(t_ptr.dtype.element_ty), mask=rmask[:, None] & (rr < R)[None, :]
+    )
+
+
+@triton.jit
+def _lora_expand_masked_add_kernel(
+    out_ptr,
+    u_ptr,
+    a_ptr,
+    M,
+    K,
+    R,
+    som,
+    sok,
+    sum_,
+    sur,
+    sar,
+    sak,
+    alpha,
+    seed,
+    thresh,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    BR: tl.constexpr,
+):
+    """out (M, K) += alpha * keep(u A) in place: the low-rank part of dx under dropout."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_k * BK + tl.arange(0, BK)
+    rr = tl.arange(0, BR)
+    rmask = rows < M
+    cmask = cols < K
+    ut = tl.load(u_ptr + rows[:, None] * sum_ + rr[None, :] * sur, mask=rmask[:, None] & (rr < R)[None, :], other=0.0)
+    at = tl.load(a_ptr + rr[:, None] * sar + cols[None, :] * sak, mask=(rr < R)[:, None] & cmask[None, :], other=0.0)
+    if IEEE:
+        low = tl.dot(ut, at, input_precision="ieee")
+    else:
+        low = tl.dot(ut.to(at.dtype), at)
+    low = tl.where(_keep(rows, cols, K, seed, thresh), low * alpha, 0.0)
+    m = rmask[:, None] & cmask[None, :]
+    ptrs = out_ptr + rows[:, None] * som + cols[None, :] * sok
+    cur = tl.load(ptrs, mask=m, other=0.0)
+    tl.store(ptrs, (cur.to(tl.float32) + low).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _lowrank_blocks(m: int, r: int) -> tuple[int, int, int]:
+    return (64 if m > 32 else (32 if m > 16 else 16)), 64, max(16, triton.next_power_of_2(r))
+
+
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, *, seed: int, thresh: int, inv_keep: float) -> torch.Tensor:
+    """t (M, R) in x's dtype = inv_keep * (drop(x) A^T), x (M, K) any strides, A (R, K); fp32 accumulation."""
+    m, k = x.shape
+    r = lora_A.shape[0]
+    t = torch.empty(m, r, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return t
+    bm, bk, br = _lowrank_blocks(m, r)
+    _lora_shrink_kernel[(triton.cdiv(m, bm),)](
+        x,
+        lora_A,
+        t,
+        m,
+        k,
+        r,
+        x.stride(0),
+        x.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
+        inv_keep,
+        seed,
+        thresh,
+        IEEE=x.dtype == torch.float32,
+        BM=bm,
+        BK=bk,
+        BR=br,
+    )
+    return t
+
+
+def lora_expand_masked_add_(
+    out: torch.Tensor, u: torch.Tensor, lora_A: torch.Tensor, alpha: float, *, seed: int, thresh: int
+) -> torch.Tensor:
+    """out (M, K) += alpha * drop(u A) in place (u (M, R), A (R, K)); returns out."""
+    m, k = out.shape
+    r = lora_A.shape[0]
+    if m == 0 or k == 0:
+        return out
+    bm, bk, br = _lowrank_blocks(m, r)
+    _lora_expand_masked_add_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](
+        out,
+        u,
+        lora_A,
+        m,
+        k,
+        r,
+        out.stride(0),
+        out.stride(1),
+        u.stride(0),
+        u.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
+        alpha,
+        seed,
+        thresh,
+        IEEE=out.dtype == torch.float32,
+        BM=bm,
+        BK=bk,
+        BR=br,
+    )
+    return out

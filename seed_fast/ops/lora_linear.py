@@ -16,6 +16,9 @@ Backends behind `lora_linear(impl=...)`:
             dB one matmul. CUDA tensors, or CPU under TRITON_INTERPRET=1 (testing).
   "torch"   addmm chain (base product, then the rank-r update added in place): no (N, out)
             temporary for the LoRA term; the CPU path.
+  "lowrank" the same chain of vendor GEMMs, with the parts that need the dropout mask in Triton
+            kernels that compute it in-kernel and read their big operand once: t = drop(x) A^T
+            (one pass over x), dx += s drop(u A) in place, dA = s u^T drop(x) (split-row reduction).
   "ref"     the specification.
 `lora_linear_multi` serves a batch whose rows use different adapters (stacked A / B).
 """
@@ -30,7 +33,7 @@ from . import dispatch as _table
 from . import dispatch_log as _dispatch
 from ._triton_support import triton_reasons
 
-IMPLS = ("auto", "ref", "torch", "triton")
+IMPLS = ("auto", "ref", "torch", "lowrank", "triton")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_RANK = 128
 _M32 = 0xFFFFFFFF
@@ -311,6 +314,99 @@ class _LoraTriton(torch.autograd.Function):
         return gx, gw, gbias, ga, gb, None, None, None
 
 
+# --------------------------------------------------------------------------------------- vendor GEMMs + Triton low-rank
+_lib.define(
+    "lora_lowrank_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+    "float dropout_p, int seed) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "lora_lowrank_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor t, "
+    "float scaling, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def lora_lowrank_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """2-D x (N, in): (y (N, out), t = drop(x) A^T (N, r) in x's dtype). The base product and the
+    rank-r update (added in place) are the vendor's GEMMs; under dropout, t comes from one Triton pass
+    over x with the mask computed in the kernel (no (N, in) mask or dropped copy of x)."""
+    if dropout_p > 0:
+        from ..kernels.lora_linear import lora_shrink
+
+        thresh, inv_keep = _keep_args(dropout_p)
+        t = lora_shrink(x, lora_A, seed=seed, thresh=thresh, inv_keep=inv_keep)
+    else:
+        t = x @ lora_A.t()
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y.addmm_(t, lora_B.t(), alpha=scaling)
+    return y, t
+
+
+@torch.library.register_fake("seed_fast::lora_lowrank_fwd", lib=_lib)
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+def lora_lowrank_bwd(grad_y, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed):
+    """(dx, dA, dB): dx = dy W (vendor) + s drop(u A) added in place by a Triton kernel under dropout
+    (u = dy B); dA = s u^T drop(x) by a Triton split-row reduction under dropout; dB = s dy^T t."""
+    g = grad_y.contiguous()
+    u = g @ lora_B  # (N, r)
+    gx = g @ weight
+    if dropout_p > 0:
+        from ..kernels.lora_linear import lora_da, lora_expand_masked_add_
+
+        thresh, inv_keep = _keep_args(dropout_p)
+        lora_expand_masked_add_(gx, u, lora_A, scaling * inv_keep, seed=seed, thresh=thresh)
+        ga = lora_da(u.float(), x, seed=seed, thresh=thresh, drop=True) * (scaling * inv_keep)
+    else:
+        gx.addmm_(u, lora_A, alpha=scaling)
+        ga = (u.t() @ x) * scaling
+    gb = (g.t() @ t) * scaling
+    return gx, ga.to(lora_A.dtype), gb.to(lora_B.dtype)
+
+
+@torch.library.register_fake("seed_fast::lora_lowrank_bwd", lib=_lib)
+def _(grad_y, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed):
+    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+for _key in ("CUDA", "CPU"):  # CPU: the Triton interpreter (TRITON_INTERPRET=1), for testing
+    _lib.impl("lora_lowrank_fwd", lora_lowrank_fwd, _key)
+    _lib.impl("lora_lowrank_bwd", lora_lowrank_bwd, _key)
+
+
+class _LoraLowRank(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        y, t = torch.ops.seed_fast.lora_lowrank_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.has_bias = scaling, dropout_p, seed, bias is not None
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if grad_y is None:
+            return (None,) * 8
+        x, weight, lora_A, lora_B, t = ctx.saved_tensors
+        gx, ga, gb = torch.ops.seed_fast.lora_lowrank_bwd(
+            grad_y, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, ctx.seed
+        )
+        gw = grad_y.t() @ x if ctx.needs_input_grad[1] else None  # only when the base weight is trained
+        gbias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gbias, ga, gb, None, None, None
+
+
+def lora_linear_lowrank(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int | None):
+    flat = x.reshape(-1, x.shape[-1])
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    if grad:
+        y = _LoraLowRank.apply(flat, weight, bias, lora_A, lora_B, scaling, dropout_p, seed or 0)
+    else:
+        y, _ = torch.ops.seed_fast.lora_lowrank_fwd(flat, weight, bias, lora_A, lora_B, scaling, dropout_p, seed or 0)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int | None):
     flat = x.reshape(-1, x.shape[-1])
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
@@ -328,7 +424,7 @@ def not_supported_reasons(impl: str, x: torch.Tensor, weight: torch.Tensor, lora
     """Why backend `impl` cannot run these inputs; empty when it can."""
     if impl in ("ref", "torch"):
         return []
-    if impl != "triton":
+    if impl not in ("triton", "lowrank"):
         return [f"unknown impl {impl!r}; choose from {IMPLS}"]
     reasons = []
     if x.dtype not in _KERNEL_DTYPES:
@@ -373,7 +469,7 @@ def lora_linear(
 
     impl: "auto" (the backend measured fastest for the dtype, mode and token count on this class
     of device, seed_fast/ops/dispatch.py; unmeasured: the addmm chain "torch", cuBLAS on a GPU;
-    the reference for fp64), "ref", "torch", "triton".
+    the reference for fp64), "ref", "torch", "lowrank", "triton".
     dropout_p > 0 without a seed draws one from torch's generator (so torch.manual_seed makes runs
     repeatable); under CUDA graph capture it is drawn on the device, so each replay drops different
     elements. seed may be an int or a one-element integer tensor on x's device.
@@ -394,10 +490,10 @@ def lora_linear(
             return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed, impl=impl)
     _check(x, weight, bias, lora_A, lora_B, dropout_p, seed, scaling)
     chosen = choose_impl(x, weight, lora_A, impl)
-    if isinstance(seed, torch.Tensor) and dropout_p > 0 and chosen == "triton":
-        if impl == "triton":
+    if isinstance(seed, torch.Tensor) and dropout_p > 0 and chosen in ("triton", "lowrank"):
+        if impl == chosen:
             raise TypeError(
-                "lora_linear: impl='triton' takes the dropout seed as a Python int; a tensor seed (as drawn "
+                f"lora_linear: impl={impl!r} takes the dropout seed as a Python int; a tensor seed (as drawn "
                 "under CUDA graph capture) runs with impl='auto' or 'torch'"
             )
         chosen = "torch"  # the same mask, computed from the seed tensor on the device
@@ -408,6 +504,8 @@ def lora_linear(
         return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)
     if chosen == "torch":
         return _LoraTorch.apply(x, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
+    if chosen == "lowrank":
+        return lora_linear_lowrank(x, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
     return lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed)
 
 

@@ -16,7 +16,7 @@ def _runnable(impl, dtype):
     return not not_supported_reasons(impl, x, x, x)
 
 
-IMPLS = [i for i in ("torch", "triton") if _runnable(i, torch.float32)]
+IMPLS = [i for i in ("torch", "lowrank", "triton") if _runnable(i, torch.float32)]
 
 
 def _make(n, in_f, out_f, r, dtype, seed, bias=True):
@@ -186,14 +186,22 @@ def test_opcheck_and_compile():
             (torch.randn_like(y), x, w, a.detach(), bb.detach(), t, 0.5, p, 17),
         )
 
+        torch.library.opcheck(torch.ops.seed_fast.lora_lowrank_fwd.default, args)
+        y, t = torch.ops.seed_fast.lora_lowrank_fwd(x, w, b, a.detach(), bb.detach(), 0.5, p, 17)
+        torch.library.opcheck(
+            torch.ops.seed_fast.lora_lowrank_bwd.default,
+            (torch.randn_like(y), x, w, a.detach(), bb.detach(), t, 0.5, p, 17),
+        )
+
     a.requires_grad_()
     bb.requires_grad_()
+    for impl in ("triton", "lowrank"):
 
-    def f(x, a, bb):
-        return lora_linear(x, w, b, a, bb, 0.5, impl="triton").sum()
+        def f(x, a, bb):
+            return lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.25, seed=3, impl=impl).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    assert torch.allclose(compiled(x, a, bb), f(x, a, bb), atol=1e-4)
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        assert torch.allclose(compiled(x, a, bb), f(x, a, bb), atol=1e-4), impl
 
 
 # --------------------------------------------------------------------------------------- multi

@@ -76,6 +76,28 @@ for cap in (80, 90):
             out[f"{name}-{cap}-{dtype}"] = {
                 "mma": [l.split()[1] for l in sass.splitlines() if "HMMA" in l or "HGMMA" in l][:4],
                 "ffma": "FFMA" in sass}
+from seed_fast.kernels import lora_linear as klo
+
+for cap in (80, 90):
+    for dtype in ("fp16", "bf16", "fp32"):
+        for name, ptrs in (("_lora_shrink_kernel", ("x_ptr", "a_ptr", "t_ptr")),
+                           ("_lora_expand_masked_add_kernel", ("out_ptr", "u_ptr", "a_ptr"))):
+            fn = getattr(klo, name)
+            consts = dict(IEEE=dtype == "fp32", BM=64, BK=64, BR=16)
+            s = {}
+            for arg in fn.arg_names:
+                if arg in consts:
+                    continue
+                s[arg] = "*" + dtype if arg in ptrs else ("fp32" if arg in ("inv_keep", "alpha") else
+                                                          ("i64" if arg in ("seed", "thresh") else "i32"))
+            src = ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in consts}}, constexprs=consts)
+            k = triton.compile(src, target=GPUTarget("cuda", cap, 32))
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"]); f.flush()
+                sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+            out[f"{name}-{cap}-{dtype}"] = {
+                "mma": [l.split()[1] for l in sass.splitlines() if "HMMA" in l or "HGMMA" in l][:4],
+                "ffma": "FFMA" in sass}
 print(json.dumps(out))
 """
 
@@ -106,10 +128,18 @@ def test_codebook_lookup_kernel_compiles_to_tensor_cores(compiled, capability, d
 
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("kernel", ["_qformer_attention_fwd_kernel", "_qformer_attention_bwd_fused_kernel"])
-def test_attention_kernels_compile(compiled, capability, dtype, kernel):
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        "_qformer_attention_fwd_kernel",
+        "_qformer_attention_bwd_fused_kernel",
+        "_lora_shrink_kernel",
+        "_lora_expand_masked_add_kernel",
+    ],
+)
+def test_attention_and_lora_kernels_compile(compiled, capability, dtype, kernel):
     got = compiled[f"{kernel}-{capability}-{dtype}"]
     if dtype == "fp32":  # IEEE fp32 dots: the fp32 contract
         assert not got["mma"] and got["ffma"]
     else:
-        assert got["mma"], "fp16 / bf16 attention compiled to no tensor-core instruction"
+        assert got["mma"], "fp16 / bf16 compiled to no tensor-core instruction"
