@@ -180,6 +180,10 @@ def main(argv=None) -> int:
                     x, base.weight, base.bias, a_s, b_s, ids, scal
                 ),
             }
+            if cuda:
+                provs["seed_fast lora_linear_multi triton"] = lambda: lora_linear_multi(
+                    x, base.weight, base.bias, a_s, b_s, ids, scal, impl="triton", check_ids=False
+                )
             for name, fn in provs.items():
                 err = ((fn().float() - want.float()).abs().max() / want.float().abs().max()).item()
                 tm = time_fn(fn, device, repeats=repeats, max_seconds=10)

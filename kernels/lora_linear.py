@@ -433,3 +433,121 @@ def lora_expand_masked_add_(
         BR=br,
     )
     return out
+
+
+# --------------------------------------------------------------------------------------- mixed adapters
+# lora_linear_multi (serving): each row reads its adapter id in the kernel (-1 = base only) and the
+# adapter's A / B straight from the stacks: no gathered copies of the weights, no host sync, so the
+# update can be captured in a decode step's CUDA graph. Rows of the same adapter share it from L2.
+
+
+@triton.jit
+def _bgmv_shrink_kernel(
+    x_ptr,
+    a_ptr,
+    ids_ptr,
+    s_ptr,
+    t_ptr,
+    K,
+    R,
+    S,
+    sxr,
+    sak_n,
+    sak_r,
+    BK: tl.constexpr,
+    BR: tl.constexpr,
+):
+    """t[row] (R,) fp32 = scaling[id] * (x[row] A[id]^T); zeros where id < 0. row = b * S + s."""
+    row = tl.program_id(0)
+    aid = tl.load(ids_ptr + row // S).to(tl.int64)
+    rr = tl.arange(0, BR)
+    acc = tl.zeros((BR,), tl.float32)
+    if aid >= 0:
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            cmask = cols < K
+            xv = tl.load(x_ptr + row * sxr + cols, mask=cmask, other=0.0).to(tl.float32)
+            at = tl.load(
+                a_ptr + aid * sak_n + rr[:, None] * sak_r + cols[None, :],
+                mask=(rr < R)[:, None] & cmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(at * xv[None, :], axis=1)
+        acc = acc * tl.load(s_ptr + aid)
+    tl.store(t_ptr + row * R + rr, acc, mask=rr < R)
+
+
+@triton.jit
+def _bgmv_expand_kernel(
+    y_ptr,
+    t_ptr,
+    b_ptr,
+    ids_ptr,
+    N,
+    R,
+    S,
+    syr,
+    sbn_n,
+    sbn_o,
+    BN: tl.constexpr,
+    BR: tl.constexpr,
+):
+    """y[row, cols] += B[id][cols] t[row] in place; nothing where id < 0."""
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    aid = tl.load(ids_ptr + row // S).to(tl.int64)
+    if aid >= 0:
+        rr = tl.arange(0, BR)
+        cols = pid_n * BN + tl.arange(0, BN)
+        cmask = cols < N
+        tv = tl.load(t_ptr + row * R + rr, mask=rr < R, other=0.0)
+        bt = tl.load(
+            b_ptr + aid * sbn_n + cols[:, None] * sbn_o + rr[None, :],
+            mask=cmask[:, None] & (rr < R)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        up = tl.sum(bt * tv[None, :], axis=1)
+        ptrs = y_ptr + row * syr + cols
+        cur = tl.load(ptrs, mask=cmask, other=0.0)
+        tl.store(ptrs, (cur.to(tl.float32) + up).to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+def lora_multi_update_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scalings: torch.Tensor,
+) -> torch.Tensor:
+    """y (B, S, out) += scalings[id_b] * (x_b A[id_b]^T) B[id_b]^T for every row of batch element b
+    (id -1: nothing), in place. x (B, S, in) with contiguous rows; A_stack (n, r, in) and B_stack
+    (n, out, r) contiguous; adapter_ids (B,) int; scalings (n,) fp32. Two launches, no sync."""
+    bsz, seq, k = x.shape
+    n_out = y.shape[-1]
+    r = A_stack.shape[1]
+    rows = bsz * seq
+    if rows == 0 or r == 0:
+        return y
+    t = torch.empty(rows, r, dtype=torch.float32, device=x.device)
+    br = max(16, triton.next_power_of_2(r))
+    _bgmv_shrink_kernel[(rows,)](
+        x,
+        A_stack,
+        adapter_ids,
+        scalings,
+        t,
+        k,
+        r,
+        seq,
+        x.stride(1),
+        A_stack.stride(0),
+        A_stack.stride(1),
+        BK=128,
+        BR=br,
+    )
+    bn = 128
+    _bgmv_expand_kernel[(rows, triton.cdiv(n_out, bn))](
+        y, t, B_stack, adapter_ids, n_out, r, seq, y.stride(1), B_stack.stride(0), B_stack.stride(1), BN=bn, BR=br
+    )
+    return y

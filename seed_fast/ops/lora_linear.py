@@ -620,19 +620,47 @@ def lora_linear_multi_ref(x, weight, bias, A_stack, B_stack, adapter_ids, scalin
     return torch.stack(outs) if outs else x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+_lib.define(
+    "lora_multi_update_(Tensor(a!) y, Tensor x, Tensor A_stack, Tensor B_stack, Tensor adapter_ids, "
+    "Tensor scalings) -> ()"
+)
+
+
+def _lora_multi_update_(y, x, A_stack, B_stack, adapter_ids, scalings):
+    from ..kernels.lora_linear import lora_multi_update_
+
+    lora_multi_update_(y, x, A_stack, B_stack, adapter_ids, scalings)
+
+
+for _key in ("CUDA", "CPU"):  # CPU: the Triton interpreter (TRITON_INTERPRET=1), for testing
+    _lib.impl("lora_multi_update_", _lora_multi_update_, _key)
+
+
+@torch.library.register_fake("seed_fast::lora_multi_update_", lib=_lib)
+def _(y, x, A_stack, B_stack, adapter_ids, scalings):
+    return None
+
+
+MULTI_IMPLS = ("auto", "torch", "triton", "ref")
+
+
 def lora_linear_multi(
     x, weight, bias, A_stack, B_stack, adapter_ids, scalings, *, impl: str = "auto", check_ids: bool = True
 ) -> torch.Tensor:
-    """Mixed-adapter batch (serving): base product once, then every row's rank-r update through
-    batched matmuls on gathered adapters: (B, r, in) and (B, out, r), no loop over adapters.
+    """Mixed-adapter batch (serving): base product once, then every row's rank-r update.
 
-    impl: "auto" / "torch" (this path) or "ref". Same contract as `lora_linear_multi_ref`.
+    impl: "torch": batched matmuls on gathered adapters ((B, r, in) and (B, out, r)), no loop over
+    adapters; "triton": two kernels in which each row reads its adapter id (-1 = base only) and the
+    adapter's weights straight from the stacks (no gathered copies, no sync; forward only, gradients
+    take "torch"); "auto": "torch" until a GPU run of benchmarks/bench_lora_linear.py measures
+    otherwise; "ref". Same contract as `lora_linear_multi_ref`.
     scalings: a sequence of floats or a float32 tensor on x's device (no copy per call).
     check_ids: raise on ids outside [-1, n); one host sync on a GPU. False skips it for callers
-    whose ids are in range by construction (an out-of-range id then fails inside the gather).
+    whose ids are in range by construction (an out-of-range id then fails inside the gather, or
+    reads outside the stacks in the Triton kernels).
     """
-    if impl not in ("auto", "torch", "ref"):
-        raise ValueError(f"lora_linear_multi: unknown impl {impl!r}; choose from ('auto', 'torch', 'ref')")
+    if impl not in MULTI_IMPLS:
+        raise ValueError(f"lora_linear_multi: unknown impl {impl!r}; choose from {MULTI_IMPLS}")
     amp = _autocast_dtype(x)
     if amp is not None:
         x, weight, bias, A_stack, B_stack = _cast(amp, x, weight, bias, A_stack, B_stack)
@@ -643,6 +671,21 @@ def lora_linear_multi(
     if impl == "ref":
         return lora_linear_multi_ref(x, weight, bias, A_stack, B_stack, adapter_ids, scalings)
     s = _check_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings, check_ids)
+    if impl == "triton":
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, A_stack, B_stack)
+        )
+        reasons = not_supported_reasons("triton", x, weight, A_stack[0]) + (
+            ["gradients are wanted (the Triton path is forward only)"] if grad else []
+        )
+        if reasons:
+            raise RuntimeError("lora_linear_multi: impl='triton' cannot run these inputs: " + "; ".join(reasons))
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).contiguous()  # (B, S, in)
+        y = torch.nn.functional.linear(flat, weight, bias)  # (B, S, out), contiguous
+        torch.ops.seed_fast.lora_multi_update_(
+            y, flat, A_stack.contiguous(), B_stack.contiguous(), adapter_ids.contiguous(), s
+        )
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     ids = adapter_ids.to(torch.int64)
     active = ids >= 0
     idx = ids.clamp_min(0)

@@ -205,11 +205,15 @@ def test_opcheck_and_compile():
 
 
 # --------------------------------------------------------------------------------------- multi
+MULTI_IMPLS = ["torch"] + (["triton"] if "triton" in IMPLS else [])
+
+
+@pytest.mark.parametrize("impl", MULTI_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("n_adapters", [1, 4])
-def test_multi_matches_reference(dtype, n_adapters):
+@pytest.mark.parametrize("n_adapters,in_f,out_f,r", [(1, 20, 11, 4), (4, 20, 11, 4), (3, 300, 140, 17)])
+def test_multi_matches_reference(impl, dtype, n_adapters, in_f, out_f, r):
     g = torch.Generator().manual_seed(n_adapters)
-    bsz, seq, in_f, out_f, r = 6, 3, 20, 11, 4
+    bsz, seq = 6, 3
     x = torch.randn(bsz, seq, in_f, generator=g).to(DEVICE, dtype)
     w = (torch.randn(out_f, in_f, generator=g) / 5).to(DEVICE, dtype)
     b = torch.randn(out_f, generator=g).to(DEVICE, dtype)
@@ -218,7 +222,7 @@ def test_multi_matches_reference(dtype, n_adapters):
     ids = torch.randint(-1, n_adapters, (bsz,), generator=g).to(DEVICE)
     ids[0] = -1  # a row on the base model alone
     scal = [0.5 + i for i in range(n_adapters)]
-    got = lora_linear_multi(x, w, b, a_s, b_s, ids, scal)
+    got = lora_linear_multi(x, w, b, a_s, b_s, ids, scal, impl=impl)
     ref64 = lora_linear_multi_ref(x.double(), w.double(), b.double(), a_s.double(), b_s.double(), ids, scal)
     plain = lora_linear_multi_ref(x, w, b, a_s, b_s, ids, scal)
     err = (got.double() - ref64).abs().max()
@@ -228,6 +232,28 @@ def test_multi_matches_reference(dtype, n_adapters):
         k = int(ids[i])
         single = lora_linear_ref(x[i], w, b, a_s[max(k, 0)], b_s[max(k, 0)], scal[k] if k >= 0 else 0.0)
         assert (got[i].double() - single.double()).abs().max() <= 4 * TOL[dtype] * single.abs().max().double() + 1e-6
+
+
+def test_multi_triton_is_forward_only():
+    if "triton" not in MULTI_IMPLS:
+        pytest.skip("triton cannot run here")
+    x = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)
+    w, a_s, b_s = (torch.randn(*s, device=DEVICE) for s in ((5, 8), (3, 2, 8), (3, 5, 2)))
+    with pytest.raises(RuntimeError, match="forward only"):
+        lora_linear_multi(x, w, None, a_s, b_s, torch.tensor([0, 1], device=DEVICE), [1.0] * 3, impl="triton")
+    with torch.no_grad():
+        y = lora_linear_multi(x, w, None, a_s, b_s, torch.tensor([0, 1], device=DEVICE), [1.0] * 3, impl="triton")
+    assert y.shape == (2, 3, 5)
+
+
+def test_multi_update_opcheck():
+    if "triton" not in MULTI_IMPLS:
+        pytest.skip("triton cannot run here")
+    g = torch.Generator().manual_seed(2)
+    y, x = torch.randn(3, 2, 7, generator=g).to(DEVICE), torch.randn(3, 2, 9, generator=g).to(DEVICE)
+    a_s, b_s = torch.randn(2, 3, 9, generator=g).to(DEVICE), torch.randn(2, 7, 3, generator=g).to(DEVICE)
+    ids, s = torch.tensor([1, -1, 0], device=DEVICE), torch.tensor([0.5, 2.0], device=DEVICE)
+    torch.library.opcheck(torch.ops.seed_fast.lora_multi_update_.default, (y, x, a_s, b_s, ids, s))
 
 
 def test_multi_errors():

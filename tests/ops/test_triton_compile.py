@@ -98,6 +98,26 @@ for cap in (80, 90):
             out[f"{name}-{cap}-{dtype}"] = {
                 "mma": [l.split()[1] for l in sass.splitlines() if "HMMA" in l or "HGMMA" in l][:4],
                 "ffma": "FFMA" in sass}
+for cap in (80, 90):
+    for dtype in ("fp16", "fp32"):
+        for name, ptrs in (("_bgmv_shrink_kernel", ("x_ptr", "a_ptr")), ("_bgmv_expand_kernel", ("y_ptr", "b_ptr"))):
+            fn = getattr(klo, name)
+            consts = {k: 128 if k in ("BK", "BN") else 16 for k in ("BK", "BN", "BR") if k in fn.arg_names}
+            s = {}
+            for arg in fn.arg_names:
+                if arg in consts:
+                    continue
+                if arg in ptrs:
+                    s[arg] = "*" + dtype
+                elif arg == "ids_ptr":
+                    s[arg] = "*i64"
+                elif arg.endswith("_ptr"):
+                    s[arg] = "*fp32"
+                else:
+                    s[arg] = "i32"
+            src = ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in consts}}, constexprs=consts)
+            triton.compile(src, target=GPUTarget("cuda", cap, 32))
+            out[f"{name}-{cap}-{dtype}"] = {"compiled": True}
 print(json.dumps(out))
 """
 
@@ -143,3 +163,10 @@ def test_attention_and_lora_kernels_compile(compiled, capability, dtype, kernel)
         assert not got["mma"] and got["ffma"]
     else:
         assert got["mma"], "fp16 / bf16 compiled to no tensor-core instruction"
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("kernel", ["_bgmv_shrink_kernel", "_bgmv_expand_kernel"])
+def test_mixed_adapter_kernels_compile(compiled, capability, dtype, kernel):
+    assert compiled[f"{kernel}-{capability}-{dtype}"]["compiled"]
