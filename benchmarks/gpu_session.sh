@@ -109,6 +109,8 @@ if [ "$MODE" = "dispatch" ]; then
     --skip "compile|eager|math|flash" --out "$B"
   step bench_codebook_f32 40 bench_codebook_float32.log $PY benchmarks/bench_codebook_lookup.py --dtype float32 \
     --ns 1,32,1024,8192 --dims 32 --quick --out "$B"
+  step bench_codebook_f16 30 bench_codebook_float16.log $PY benchmarks/bench_codebook_lookup.py --dtype float16 \
+    --ns 32,8192 --dims 32 --quick --out "$B"
   step bench_tokenizer 90 bench_tokenizer.log $PY benchmarks/bench_tokenizer.py --qformer-batches 1 \
     --tokenizer-batches 1,256 --out "$B"
   step bench_lora 80 bench_lora.log $PY benchmarks/bench_lora_linear.py --dtype bfloat16 --tokens 16,4096 --ranks 16 \
