@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("stage1", "stage2", "llm", "vae", "decoder", "lavit", "flamingo", "vwlmm")
 LM_PRESETS = ("tiny-llama", "tiny-opt", "mini-llama")
 
 
@@ -180,6 +179,11 @@ class VwlmmTrainConfig:
     max_new_tokens: int = 16
 
 
+def _stage(section):
+    """A TrainConfig field holding a stage's own settings; the field's name is the stage's name."""
+    return field(default_factory=section, metadata={"stage": True})
+
+
 @dataclass
 class TrainConfig:
     stage: str
@@ -196,14 +200,15 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    vae: VaeConfig = field(default_factory=VaeConfig)
-    lavit: LavitTrainConfig = field(default_factory=LavitTrainConfig)
-    flamingo: FlamingoTrainConfig = field(default_factory=FlamingoTrainConfig)
-    vwlmm: VwlmmTrainConfig = field(default_factory=VwlmmTrainConfig)
+    # one section per stage, named as the stage: these fields are the list of stages (STAGES)
+    stage1: Stage1Config = _stage(Stage1Config)
+    stage2: Stage2Config = _stage(Stage2Config)
+    llm: LLMConfig = _stage(LLMConfig)
+    vae: VaeConfig = _stage(VaeConfig)
+    decoder: DecoderConfig = _stage(DecoderConfig)
+    lavit: LavitTrainConfig = _stage(LavitTrainConfig)
+    flamingo: FlamingoTrainConfig = _stage(FlamingoTrainConfig)
+    vwlmm: VwlmmTrainConfig = _stage(VwlmmTrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -471,6 +476,9 @@ class TrainConfig:
             need(m.template in TEMPLATES, f"llm.template must be one of {sorted(TEMPLATES)}, got {m.template!r}")
 
 
+STAGES = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("stage"))
+
+
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be an object, got {type(data).__name__}")
@@ -485,22 +493,8 @@ def _build(cls, data: Any, where: str):
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         value = data[name]
-        sub = (
-            {
-                "data": DataConfig,
-                "optim": OptimConfig,
-                "stage1": Stage1Config,
-                "stage2": Stage2Config,
-                "llm": LLMConfig,
-                "decoder": DecoderConfig,
-                "vae": VaeConfig,
-                "lavit": LavitTrainConfig,
-                "flamingo": FlamingoTrainConfig,
-                "vwlmm": VwlmmTrainConfig,
-            }.get(name)
-            if cls is TrainConfig
-            else None
-        )
+        # a field whose default is a config dataclass (data, optim, each stage's section) is read as one
+        sub = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:

@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source
-from .loop import Task
+from .task import Task
 
 IGNORE = -100
 

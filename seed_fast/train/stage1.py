@@ -24,7 +24,7 @@ from ..models.qformer import AddNorm, Intermediate
 from ..ops import qformer_attention
 from .config import ConfigError, TrainConfig
 from .data import make_source
-from .loop import Task, load_tokenizer
+from .task import Task, load_tokenizer
 
 
 class QFormerTextBranch(nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 from ..models.preprocess import normalize
 from .config import ConfigError, TrainConfig
 from .data import make_source
-from .loop import Task, load_tokenizer
+from .task import Task, load_tokenizer
 
 TRAINED = ("quantizer.", "detokenizer.", "reconstructor.")
 

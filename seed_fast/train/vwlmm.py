@@ -36,7 +36,7 @@ from ..models.hf_compat import output_cache, with_cache
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source
 from .flamingo import IGNORE, caption_scores, frozen_lm_and_tokenizer, load_exact, media_features, open_connector_run
-from .loop import Task
+from .task import Task
 
 
 def patch_features(tok, pixels: torch.Tensor, media: str) -> torch.Tensor:
