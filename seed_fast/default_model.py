@@ -86,7 +86,7 @@ def load_default(folder: str | Path | None = None) -> DefaultModel:
     from .models import SeedTokenizer
     from .models.image_decoder import load_image_decoder
     from .models.llm import SeedLLM
-    from .train.stage1 import load_itc_heads
+    from .models.itc import load_itc_heads
 
     root = check_folder(DEFAULT_DIR if folder is None else folder)
     if folder is None and not (root / "tokenizer" / "model.safetensors").is_file():

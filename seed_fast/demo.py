@@ -110,7 +110,7 @@ def evaluate(
     """Every metric of the module docstring on n held-out scenes (n_gen of them for generation and
     reconstruction, default all). guidance: the decoder's; cfg_scale: the LLM's when it draws codes
     from the captions (1: greedy without guidance)."""
-    from .train.stage1 import retrieval_at_k
+    from .models.itc import retrieval_at_k
 
     _check_cfg_scale(cfg_scale)
     images, caps, facts, qas = test_scenes(n, seed)

@@ -103,7 +103,7 @@ def evaluate_lavit(run: str | Path, n: int = 256, *, batch: int = 32, progress: 
 def evaluate_flamingo(run: str | Path, n: int = 256, *, batch: int = 32, compare=None, progress: bool = True) -> dict:
     """compare: a DefaultModel (seed_fast.default_model.load_default) whose SEED captions from codes
     are measured on the same scenes, or None."""
-    from .train.flamingo import CaptionSequences, flamingo_captions, load_flamingo
+    from .models.flamingo import CaptionSequences, flamingo_captions, load_flamingo
 
     conn, llm, tok, meta = load_flamingo(run)
     seqs = CaptionSequences(llm, meta.get("prompt"))
@@ -157,7 +157,7 @@ def evaluate_vwlmm(
     """Captions through the visual-words connector (and, with `compare`, SEED's from codes) on the
     held-out scenes; `show` scenes' per-patch top visual words go into "top_words"."""
     from .models.preprocess import images_to_tensor
-    from .train.vwlmm import load_vwlmm, patch_features
+    from .models.visual_words import load_vwlmm, patch_features
 
     vw, tok, meta = load_vwlmm(run)
     images, caps, facts, _ = test_scenes(n, size=tok.config.vision.image_size)

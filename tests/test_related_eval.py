@@ -117,7 +117,7 @@ def test_flamingo_eval_with_and_without_seed_next_to_it(flamingo_run):
 
 
 def test_vwlmm_eval_captions_and_lays_the_top_words_on_the_patch_grid(vwlmm_run, capsys):
-    from seed_fast.train.vwlmm import load_vwlmm, patch_features
+    from seed_fast.models.visual_words import load_vwlmm, patch_features
 
     m = evaluate_vwlmm(vwlmm_run, n=5, batch=2, progress=False)
     assert 0 <= m["caption_objects_ok"] <= 1 and m["llm_tokens_per_image_mean"] == 64 + 2

@@ -149,10 +149,10 @@ class LavitTrainConfig:
 
 @dataclass
 class FlamingoTrainConfig:
-    lm: str | None = None  # frozen LM: a SeedLLM / transformers causal-LM folder (default: the embedded model's LLM)
-    vit_from: str | None = (
-        None  # frozen SeedTokenizer folder giving the media (default: the embedded model's tokenizer)
+    lm: str | None = (
+        None  # frozen LM: a SeedLLM / transformers causal-LM folder (required; e.g. the embedded model's llm/)
     )
+    vit_from: str | None = None  # frozen SeedTokenizer folder giving the media (required; e.g. its tokenizer/)
     media: str = "vit"  # vit: ViT patch features | qformer: the 32 causal Q-Former embeddings (pre-quantization)
     every: int = 1  # a gated cross-attention block before every `every`-th LM layer
     num_latents: int = 32  # Perceiver Resampler outputs
@@ -164,10 +164,10 @@ class FlamingoTrainConfig:
 
 @dataclass
 class VwlmmTrainConfig:
-    lm: str | None = None  # frozen LM: a SeedLLM / transformers causal-LM folder (default: the embedded model's LLM)
-    vit_from: str | None = (
-        None  # frozen SeedTokenizer folder giving the image features (default: the embedded model's tokenizer)
+    lm: str | None = (
+        None  # frozen LM: a SeedLLM / transformers causal-LM folder (required; e.g. the embedded model's llm/)
     )
+    vit_from: str | None = None  # frozen SeedTokenizer folder giving the image features (required; e.g. its tokenizer/)
     media: str = (
         "vit"  # vit: the ViT's patch features (class token dropped) | qformer: the 32 causal Q-Former embeddings
     )
@@ -350,9 +350,7 @@ class TrainConfig:
         need(lv.restart_dead_every >= 0, f"lavit.restart_dead_every must be >= 0, got {lv.restart_dead_every}")
         fl = self.flamingo
         need(fl.media in ("vit", "qformer"), f"flamingo.media must be vit or qformer, got {fl.media!r}")
-        for name in ("lm", "vit_from"):
-            v = getattr(fl, name)
-            need(v is None or Path(v).is_dir(), f"flamingo.{name} must be a folder, got {v!r}")
+        _frozen_parts(need, "flamingo", fl, self.stage == "flamingo")
         need(
             fl.every >= 1 and fl.num_latents >= 1 and fl.resampler_depth >= 1,
             "flamingo.every, num_latents and resampler_depth must be >= 1, "
@@ -367,9 +365,7 @@ class TrainConfig:
             isinstance(vc.kl_weight, (int, float)) and not isinstance(vc.kl_weight, bool) and vc.kl_weight >= 0,
             f"vwlmm.kl_weight must be a number >= 0, got {vc.kl_weight!r}",
         )
-        for name in ("lm", "vit_from"):
-            v = getattr(vc, name)
-            need(v is None or Path(v).is_dir(), f"vwlmm.{name} must be a folder, got {v!r}")
+        _frozen_parts(need, "vwlmm", vc, self.stage == "vwlmm")
         need(
             vc.prompt is None or (isinstance(vc.prompt, str) and vc.prompt.count("<image>") == 1),
             f"vwlmm.prompt must hold exactly one <image>, got {vc.prompt!r}",
@@ -474,6 +470,24 @@ class TrainConfig:
             from ..models.llm import TEMPLATES
 
             need(m.template in TEMPLATES, f"llm.template must be one of {sorted(TEMPLATES)}, got {m.template!r}")
+
+
+def _frozen_parts(need, section: str, c, required: bool) -> None:
+    """A connector stage's frozen LM (`lm`) and image-feature tokenizer (`vit_from`): folders, set
+    when the stage runs (the embedded model's are its `llm/` and `tokenizer/`)."""
+    parts = (
+        ("lm", "a SeedLLM or transformers causal-LM folder", "llm"),
+        ("vit_from", "a SeedTokenizer folder", "tokenizer"),
+    )
+    for name, what, embedded in parts:
+        v = getattr(c, name)
+        if required and v is None:
+            need(
+                False,
+                f"{section}.{name} must be set: {what} "
+                f"(the embedded model's is seed_fast.default_model.DEFAULT_DIR / {embedded!r})",
+            )
+        need(v is None or Path(v).is_dir(), f"{section}.{name} must be a folder, got {v!r}")
 
 
 STAGES = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("stage"))

@@ -1,4 +1,4 @@
-"""What a training stage gives the loop (`Task`), and the starting tokenizer most stages share."""
+"""What a training stage gives the loop (`Task`), and the starting models several stages share."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..models import SeedTokenizer
+from ..models.connector import load_frozen_lm
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source
 
@@ -19,6 +20,18 @@ def load_tokenizer(cfg: TrainConfig):
         return SeedTokenizer.from_config(cfg.tokenizer, seed=cfg.seed, init="unit")
     except ValueError as e:
         raise ConfigError(f"tokenizer: {e} (or give a SeedTokenizer checkpoint folder)") from None
+
+
+def frozen_lm_and_tokenizer(section: str, lm: str, vit_from: str, device):
+    """A connector stage's frozen parts: (LM folder, tokenizer folder, SeedLLM, SeedTokenizer); a
+    missing folder is named by its config key."""
+    for what, path in ((f"{section}.lm", lm), (f"{section}.vit_from", vit_from)):
+        if path is None or not Path(path).is_dir():
+            raise ConfigError(f"{what}: no such folder {path!r}")
+    llm = load_frozen_lm(lm)
+    llm.model.to(device)
+    tok = SeedTokenizer.from_pretrained(vit_from).float().to(device).eval().requires_grad_(False)
+    return lm, vit_from, llm, tok
 
 
 class Task:
