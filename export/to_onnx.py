@@ -56,14 +56,17 @@ class PartReport:
 
 # ---------------------------------------------------------------------------------------- loading
 def load_checkpoint(checkpoint: str | os.PathLike | None, parts: tuple[str, ...]) -> dict[str, Any]:
-    """The torch objects a set of parts needs, from a checkpoint folder (None: the embedded default).
+    """The torch objects a set of parts needs, from a checkpoint folder.
 
     Accepted folders: a default-model folder (tokenizer/, llm/, decoder/), a SeedLLM folder
     (seed_llm.json [+ tokenizer/]), a SeedTokenizer folder (config.json + weights) or a
     SeedImageDecoderPipeline folder (unet/ + scheduler/)."""
-    from ..default_model import DEFAULT_DIR
-
-    root = Path(DEFAULT_DIR if checkpoint is None else checkpoint).expanduser()
+    if checkpoint is None:
+        raise ExportError(
+            f"no checkpoint folder to export {list(parts)} from: pass checkpoint= (the embedded model's is "
+            "seed_fast.default_model.DEFAULT_DIR) or the torch objects as objects="
+        )
+    root = Path(checkpoint).expanduser()
     if not root.is_dir():
         raise ExportError(f"--checkpoint {str(root)!r} is not a folder")
     found: dict[str, Any] = {}
@@ -649,10 +652,10 @@ def export_onnx(
     external_data: bool | None = None,
     progress: bool = True,
 ) -> dict:
-    """Export parts ("tokenizer", "detokenizer", "llm", "decoder" or "all") of a checkpoint (None: the
-    embedded default model) or of torch objects given as objects={"tokenizer": ..., "llm": ...,
-    "decoder": ...} into `out`, and merge them into its manifest (seed_fast_onnx.json).
-    Returns the manifest. Raises ExportError when a part cannot be exported or fails its checks."""
+    """Export parts ("tokenizer", "detokenizer", "llm", "decoder" or "all") of a checkpoint folder or
+    of torch objects given as objects={"tokenizer": ..., "llm": ..., "decoder": ...} into `out`, and
+    merge them into its manifest (seed_fast_onnx.json). Returns the manifest.
+    Raises ExportError when a part cannot be exported or fails its checks."""
     parts = tuple(parts)
     if "all" in parts:
         parts = PARTS

@@ -435,7 +435,7 @@ class SeedRuntime:
         """Generation embeddings (B, D) -> images (B, S, S, 3) float32 in [0, 1] through the
         exported UNet and a numpy DDIM loop. noise: the starting sample (B, C, S, S) (default: a
         seeded numpy normal draw). guidance > 1 uses `negative` (B, D) or the decoder's zero null; the
-        default, 1.5, is the embedded decoder's (`seed_fast.demo.DECODER_GUIDANCE`, not importable here).
+        default, 1.5, is the embedded decoder's (its generation.json, which this module does not read).
         A Stable unCLIP decoder also takes noise_level (default 0) and embed_noise (B, D): the
         noise of the embedding's augmentation (default: the next draw of the same seeded generator)."""
         info = self._need("decoder")

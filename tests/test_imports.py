@@ -118,3 +118,32 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+APPLICATION = "seed_fast.default_model"
+
+
+def test_the_library_never_imports_the_application():
+    """Only the command line may import the default-model package; the library under it never does."""
+    graph = import_graph()
+    assert APPLICATION in graph
+    offenders = {
+        name: sorted(d for d in deps if d == APPLICATION or d.startswith(APPLICATION + "."))
+        for name, deps in graph.items()
+        if not (name == APPLICATION or name.startswith(APPLICATION + ".")) and name != "seed_fast.cli"
+    }
+    offenders = {k: v for k, v in offenders.items() if v}
+    assert not offenders, f"library modules importing {APPLICATION}: {offenders}"
+
+
+def test_package_data_ships_every_asset():
+    import fnmatch
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    globs = data[APPLICATION]
+    folder = ROOT / APPLICATION.replace(".", "/")
+    assets = [p.relative_to(folder).as_posix() for p in (folder / "assets").rglob("*") if p.is_file()]
+    assert assets
+    missed = [a for a in assets if not any(fnmatch.fnmatch(a, g) and a.count("/") == g.count("/") for g in globs)]
+    assert not missed, f"pyproject.toml's package-data leaves out {missed}"

@@ -5,8 +5,14 @@ import torch
 
 from seed_fast import SeedLLM, SeedTokenizer
 from seed_fast.cli import main
-from seed_fast.demo import test_scenes as held_out_scenes
-from seed_fast.related_eval import evaluate_flamingo, evaluate_lavit, evaluate_vwlmm, load_lavit_run, related_markdown
+from seed_fast.default_model.demo import test_scenes as held_out_scenes
+from seed_fast.default_model.related_eval import (
+    evaluate_flamingo,
+    evaluate_lavit,
+    evaluate_vwlmm,
+    load_lavit_run,
+    related_markdown,
+)
 from seed_fast.train import TrainConfig
 from seed_fast.train.loop import train
 

@@ -1,7 +1,8 @@
 """ONNX / TensorRT export of the SEED stack (sources: the top-level `export/`).
 
+    from seed_fast.default_model import DEFAULT_DIR
     from seed_fast.export import export_onnx
-    export_onnx(["all"], "onnx/")                      # the embedded default model
+    export_onnx(["all"], "onnx/", checkpoint=DEFAULT_DIR)   # the embedded default model
     export_onnx(["tokenizer"], "onnx/", checkpoint="path/to/seed-tokenizer-2")
 
 Then `seed_fast.runtime.SeedRuntime("onnx/")` runs it with numpy + onnxruntime only, and
