@@ -371,7 +371,6 @@ def export_llm(
             "the LLM's text tokenizer is not a fast (tokenizers-backed) tokenizer: the runtime needs its tokenizer.json"
         )
     tt.backend_tokenizer.save(str(folder / "text_tokenizer.json"))
-    tpl = llm.template
     info = {
         "file": "llm.onnx",
         "num_layers": layers,
@@ -385,19 +384,8 @@ def export_llm(
         "bos_id": tt.bos_token_id,
         "eos_id": tt.eos_token_id,
         "pad_id": tt.pad_token_id,
-        "image_vocab": {
-            "base": llm.vocab.base,
-            "num_codes": llm.vocab.num_codes,
-            "tokens_per_image": llm.tokens_per_image,
-        },
-        "template": {
-            "name": tpl.name,
-            "chat": tpl.chat,
-            "caption": tpl.caption,
-            "answer": tpl.answer,
-            "generate": tpl.generate,
-            "add_bos": tpl.add_bos,
-        },
+        "image_vocab": asdict(llm.vocab),  # seed_fast.prompt.ImageVocab
+        "template": asdict(llm.template),  # seed_fast.prompt.PromptTemplate
         "max_positions": getattr(model.config, "max_position_embeddings", None),
     }
     return _report("llm", folder, files + ["text_tokenizer.json"], t0, {"max_rel_err": worst}), info

@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from .images import ImageModeError, to_rgb
+from .prompt import IMAGE_PLACEHOLDER, ImageVocab, PromptError, encode_prompt, get_template, unconditional_ids
 
 MANIFEST = "seed_fast_onnx.json"
-IMAGE_PLACEHOLDER = "<image>"
-_IMAGE_TOKEN_TEXT = re.compile(r"</?img>|<img_\d+>")  # what the tokenizer would read as image-vocabulary tokens
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
@@ -269,28 +267,18 @@ class SeedRuntime:
     def encode_turn(self, text: str, codes=None, *, chat: bool = True) -> list[int]:
         """A prompt with `<image>` placeholders (one per row of codes) -> token ids, as SeedLLM.encode_turn."""
         info = self._llm
-        tpl, voc = info["template"], info["image_vocab"]
-        n_images = 0 if codes is None else len(codes)
-        if text.count(IMAGE_PLACEHOLDER) != n_images:
-            raise RuntimeInputError(
-                f"prompt has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
-                f"but {n_images} image(s): {text!r}"
+        try:
+            return encode_prompt(
+                text,
+                codes,
+                template=get_template(info["template"]),
+                vocab=ImageVocab(**info["image_vocab"]),
+                text_ids=self._text_ids,
+                bos_id=info["bos_id"],
+                chat=chat,
             )
-        typed = _IMAGE_TOKEN_TEXT.search(text)
-        if typed:
-            raise RuntimeInputError(
-                f"prompt contains {typed.group(0)!r}, an image token's text; images enter a prompt as codes "
-                f"at {IMAGE_PLACEHOLDER} placeholders, never as typed text: {text!r}"
-            )
-        if chat:
-            text = tpl["chat"].format(prompt=text)
-        ids = [info["bos_id"]] if tpl["add_bos"] and info["bos_id"] is not None else []
-        boi, eoi = voc["base"] + voc["num_codes"], voc["base"] + voc["num_codes"] + 1
-        for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            ids += self._text_ids(piece)
-            if i < n_images:
-                ids += [boi] + [voc["base"] + int(c) for c in codes[i]] + [eoi]
-        return ids
+        except PromptError as e:
+            raise RuntimeInputError(str(e)) from None
 
     def _past(self, batch: int) -> dict[str, np.ndarray]:
         info = self._llm
@@ -393,17 +381,15 @@ class SeedRuntime:
         if not 1.0 <= cfg_scale < float("inf"):  # NaN and inf too
             raise RuntimeInputError(f"cfg_scale must be a finite number >= 1, got {cfg_scale}")
         info = self._llm
-        voc, tpl = info["image_vocab"], info["template"]
-        boi, lo = voc["base"] + voc["num_codes"], voc["base"]
-        hi = lo + voc["num_codes"]
-        rows = [self.encode_turn(tpl["generate"].format(text=t)) + [boi] for t in texts]
+        voc, tpl = ImageVocab(**info["image_vocab"]), get_template(info["template"])
+        lo, hi = voc.base, voc.base + voc.num_codes
+        rows = [self.encode_turn(tpl.generate.format(text=t)) + [voc.boi] for t in texts]
         guided = cfg_scale > 1.0
         if guided:
-            bos = [info["bos_id"]] if tpl["add_bos"] and info["bos_id"] is not None else []
-            rows += [bos + [boi]] * len(texts)
-        ids, mask, pos = self._prefill(rows, voc["tokens_per_image"])
+            rows += [unconditional_ids(tpl, voc, info["bos_id"])] * len(texts)
+        ids, mask, pos = self._prefill(rows, voc.tokens_per_image)
         logits, past = self._lm_step(ids, mask, pos, self._past(len(rows)))
-        b, n_tok = len(texts), voc["tokens_per_image"]
+        b, n_tok = len(texts), voc.tokens_per_image
         codes = np.zeros((b, n_tok), dtype=np.int64)
         last = pos[:, -1:]
         for t in range(n_tok):

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..prompt import TEMPLATES
+
 LM_PRESETS = ("tiny-llama", "tiny-opt", "mini-llama")
 
 
@@ -467,8 +469,6 @@ class TrainConfig:
         need(m.max_len >= 40, f"llm.max_len must be >= 40 (an image alone takes 34 tokens), got {m.max_len}")
         need(m.encode_batch >= 1 and m.eval_n >= 0, "llm.encode_batch must be >= 1 and llm.eval_n >= 0")
         if m.template is not None:
-            from ..models.llm import TEMPLATES
-
             need(m.template in TEMPLATES, f"llm.template must be one of {sorted(TEMPLATES)}, got {m.template!r}")
 
 
