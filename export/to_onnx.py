@@ -31,8 +31,8 @@ from .graphs import (
     VaeDecodeGraph,
     kv_shape,
 )
+from .runtime import MANIFEST
 
-MANIFEST = "seed_fast_onnx.json"
 FORMAT = 1
 PARTS = ("tokenizer", "detokenizer", "llm", "decoder")
 DEFAULT_OPSET = 17

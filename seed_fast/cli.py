@@ -390,7 +390,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     if args.target == "onnx":
         from .default_model import DEFAULT_DIR
-        from .export import ExportError, export_onnx
+        from .export import MANIFEST, ExportError, export_onnx
 
         try:
             man = export_onnx(
@@ -412,7 +412,7 @@ def cmd_export(args) -> int:
                 print(
                     f"{part:<12} {' '.join(rep['files']):<40} {rep['megabytes']:>9.2f} {rep['seconds']:>7.1f}  {parity}"
                 )
-        print(f"manifest: {Path(args.out) / 'seed_fast_onnx.json'}  (run it: seed-fast ort-run --model {args.out} ...)")
+        print(f"manifest: {Path(args.out) / MANIFEST}  (run it: seed-fast ort-run --model {args.out} ...)")
         return 0
     from .export import TensorRTError, build_engines
 
@@ -606,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["ort-run"]:  # torch-free: handled before the parser imports the training code
-        from .runtime import main as ort_main
+        from .export.runtime import main as ort_main
 
         return ort_main(argv[1:])
     if argv[:1] == ["bench"]:  # benchmarks/run_all.py parses its own arguments
