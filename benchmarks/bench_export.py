@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The exported stack in onnxruntime against the same model in torch, part by part.
 
-Model: the embedded default model (seed_fast/assets/default_model), exported to ONNX fp32 once
+Model: the embedded default model (seed_fast/default_model/assets), exported to ONNX fp32 once
 into a temporary folder. Providers: torch eager (reference path), torch with the tokenizer's fast
 path (to_fast), onnxruntime through seed_fast.runtime (CPUExecutionProvider, or CUDA when --device
 cuda and onnxruntime-gpu is installed). Outputs are compared before timing: codes, captions and
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
     args = p.parse_args(argv)
     from seed_fast.default_model import load_default
-    from seed_fast.demo import test_scenes
+    from seed_fast.default_model.demo import test_scenes
     from seed_fast.export import export_onnx
     from seed_fast.runtime import SeedRuntime, default_providers
 
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 
     m = load_default()
     tmp = tempfile.TemporaryDirectory()
-    export_onnx(["all"], tmp.name, progress=False)
+    export_onnx(["all"], tmp.name, checkpoint=m.folder, progress=False)
     rt = SeedRuntime(tmp.name, providers=providers)
     ort_name = f"onnxruntime {providers[0].replace('ExecutionProvider', '')}"
     tok, llm, dec = m.tokenizer.to(dev), m.llm, m.decoder.to(dev)

@@ -77,7 +77,7 @@ def main() -> int:
     repeats = 3 if args.quick else 7
 
     from seed_fast import SeedTokenizer
-    from seed_fast.demo import test_scenes
+    from seed_fast.default_model.demo import test_scenes
     from seed_fast.models.flamingo import FlamingoConnector
     from seed_fast.models.lavit import LavitTokenizer
 
@@ -92,7 +92,7 @@ def main() -> int:
     n_patches = lav.config.num_patches
     topk = max(1, round(n_patches * lav.config.keep_ratio))
     if args.lavit_run:
-        from seed_fast.related_eval import load_lavit_run
+        from seed_fast.default_model.related_eval import load_lavit_run
 
         lav, _ = load_lavit_run(args.lavit_run)
         lav = lav.to(device, dtype).eval()

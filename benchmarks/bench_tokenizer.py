@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         "--config",
         default="seed-tokenizer-2",
         help="a preset (random weights) or a SeedTokenizer folder, "
-        "e.g. seed_fast/assets/default_model/tokenizer (the embedded model)",
+        "e.g. seed_fast/default_model/assets/tokenizer (the embedded model)",
     )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--qformer-batches", default=None, help="default 1,32,256 (CUDA) or 1,8 (CPU)")

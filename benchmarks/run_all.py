@@ -68,9 +68,9 @@ BENCHES = {
     ),
     "tokenizer-embedded": dict(
         script="bench_tokenizer.py",
-        cpu=["--config", "seed_fast/assets/default_model/tokenizer"],
-        cuda=["--config", "seed_fast/assets/default_model/tokenizer", "--dtype", "float32"],
-        quick=["--config", "seed_fast/assets/default_model/tokenizer", "--quick"],
+        cpu=["--config", "seed_fast/default_model/assets/tokenizer"],
+        cuda=["--config", "seed_fast/default_model/assets/tokenizer", "--dtype", "float32"],
+        quick=["--config", "seed_fast/default_model/assets/tokenizer", "--quick"],
         limits=(120, 60),
     ),
     "llm": dict(script="bench_llm_decode.py", cpu=[], cuda=["--quick"], quick=["--quick"], limits=(240, 180)),

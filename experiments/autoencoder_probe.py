@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from seed_fast.default_model import load_default
-from seed_fast.demo import test_scenes
+from seed_fast.default_model.demo import test_scenes
 from seed_fast.synthetic import sample_images
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from seed_fast.default_model import load_default
-from seed_fast.demo import test_scenes
+from seed_fast.default_model.demo import test_scenes
 
 m = load_default()
 images, caps, facts, _ = test_scenes(256)

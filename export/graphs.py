@@ -14,6 +14,7 @@ from torch import nn
 
 from ..models.hf_compat import output_cache, with_cache
 from ..models.preprocess import normalize
+from ..ops.codebook_lookup import squared_distances
 
 # codes per distance block in the exported nearest-code search: (rows, 256, D) fp32 at a time
 CODE_CHUNK = 256
@@ -21,17 +22,16 @@ CODE_CHUNK = 256
 
 def nearest_code(z: torch.Tensor, book: torch.Tensor, chunk: int = CODE_CHUNK) -> torch.Tensor:
     """Index of the nearest codebook row for each row of z, in fp32, as `codebook_lookup_ref` does:
-    squared differences summed over D (not the expanded |z|^2 - 2 z.e + |e|^2, which cancels), the
-    lowest index on ties. The codebook is walked in static blocks of `chunk` codes so no (N, K, D)
-    tensor is built; each block's best is kept where it is strictly better than the blocks before.
+    its `squared_distances`, the lowest index on ties. The codebook is walked in static blocks of
+    `chunk` codes so no (N, K, D) tensor is built; each block's best is kept where it is strictly
+    better than the blocks before.
 
     z: (N, D), book: (K, D) -> (N,) int64."""
     z, book = z.float(), book.float()
     best_d = best_i = None
     for start in range(0, book.shape[0], chunk):
         block = book[start : start + chunk]
-        dist = (z[:, None, :] - block[None, :, :]).square().sum(-1)  # (N, chunk)
-        d, i = dist.min(dim=-1)
+        d, i = squared_distances(z, block).min(dim=-1)  # over (N, chunk)
         i = i + start
         if best_d is None:
             best_d, best_i = d, i

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from .to_onnx import MANIFEST
+from .runtime import MANIFEST
 
 INSTALL_HINT = (
     "pip install tensorrt   (NVIDIA's wheels, Linux x86_64 / aarch64 with an NVIDIA driver; "

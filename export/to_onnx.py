@@ -31,8 +31,8 @@ from .graphs import (
     VaeDecodeGraph,
     kv_shape,
 )
+from .runtime import MANIFEST
 
-MANIFEST = "seed_fast_onnx.json"
 FORMAT = 1
 PARTS = ("tokenizer", "detokenizer", "llm", "decoder")
 DEFAULT_OPSET = 17
@@ -56,14 +56,17 @@ class PartReport:
 
 # ---------------------------------------------------------------------------------------- loading
 def load_checkpoint(checkpoint: str | os.PathLike | None, parts: tuple[str, ...]) -> dict[str, Any]:
-    """The torch objects a set of parts needs, from a checkpoint folder (None: the embedded default).
+    """The torch objects a set of parts needs, from a checkpoint folder.
 
     Accepted folders: a default-model folder (tokenizer/, llm/, decoder/), a SeedLLM folder
     (seed_llm.json [+ tokenizer/]), a SeedTokenizer folder (config.json + weights) or a
     SeedImageDecoderPipeline folder (unet/ + scheduler/)."""
-    from ..default_model import DEFAULT_DIR
-
-    root = Path(DEFAULT_DIR if checkpoint is None else checkpoint).expanduser()
+    if checkpoint is None:
+        raise ExportError(
+            f"no checkpoint folder to export {list(parts)} from: pass checkpoint= (the embedded model's is "
+            "seed_fast.default_model.DEFAULT_DIR) or the torch objects as objects="
+        )
+    root = Path(checkpoint).expanduser()
     if not root.is_dir():
         raise ExportError(f"--checkpoint {str(root)!r} is not a folder")
     found: dict[str, Any] = {}
@@ -368,7 +371,6 @@ def export_llm(
             "the LLM's text tokenizer is not a fast (tokenizers-backed) tokenizer: the runtime needs its tokenizer.json"
         )
     tt.backend_tokenizer.save(str(folder / "text_tokenizer.json"))
-    tpl = llm.template
     info = {
         "file": "llm.onnx",
         "num_layers": layers,
@@ -382,19 +384,8 @@ def export_llm(
         "bos_id": tt.bos_token_id,
         "eos_id": tt.eos_token_id,
         "pad_id": tt.pad_token_id,
-        "image_vocab": {
-            "base": llm.vocab.base,
-            "num_codes": llm.vocab.num_codes,
-            "tokens_per_image": llm.tokens_per_image,
-        },
-        "template": {
-            "name": tpl.name,
-            "chat": tpl.chat,
-            "caption": tpl.caption,
-            "answer": tpl.answer,
-            "generate": tpl.generate,
-            "add_bos": tpl.add_bos,
-        },
+        "image_vocab": asdict(llm.vocab),  # seed_fast.prompt.ImageVocab
+        "template": asdict(llm.template),  # seed_fast.prompt.PromptTemplate
         "max_positions": getattr(model.config, "max_position_embeddings", None),
     }
     return _report("llm", folder, files + ["text_tokenizer.json"], t0, {"max_rel_err": worst}), info
@@ -649,10 +640,10 @@ def export_onnx(
     external_data: bool | None = None,
     progress: bool = True,
 ) -> dict:
-    """Export parts ("tokenizer", "detokenizer", "llm", "decoder" or "all") of a checkpoint (None: the
-    embedded default model) or of torch objects given as objects={"tokenizer": ..., "llm": ...,
-    "decoder": ...} into `out`, and merge them into its manifest (seed_fast_onnx.json).
-    Returns the manifest. Raises ExportError when a part cannot be exported or fails its checks."""
+    """Export parts ("tokenizer", "detokenizer", "llm", "decoder" or "all") of a checkpoint folder or
+    of torch objects given as objects={"tokenizer": ..., "llm": ..., "decoder": ...} into `out`, and
+    merge them into its manifest (seed_fast_onnx.json). Returns the manifest.
+    Raises ExportError when a part cannot be exported or fails its checks."""
     parts = tuple(parts)
     if "all" in parts:
         parts = PARTS

@@ -1,7 +1,7 @@
 """seed_fast: a fast, faithful SEED image tokenizer and the systems around it.
 
-The public names below are imported on first use, so that `seed_fast.runtime` (numpy +
-onnxruntime only) can be imported on a machine without torch.
+The public names below are imported on first use, so that `seed_fast.export.runtime` (numpy
++ onnxruntime only) can be imported on a machine without torch.
 """
 
 __version__ = "0.2.0"

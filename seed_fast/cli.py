@@ -326,7 +326,7 @@ def _cfg_scale(text: str) -> float:
 def cmd_demo(args) -> int:
     """The whole system on the embedded default model: images -> codes -> captions / answers,
     text -> codes -> images, an HTML report with a PNG grid and a metrics table."""
-    from .demo import CODE_CFG, DECODER_GUIDANCE, run_demo
+    from .default_model.demo import run_demo
 
     t0 = time.perf_counter()
     m = _load_model(args)
@@ -338,8 +338,8 @@ def cmd_demo(args) -> int:
         n_images=args.num_images,
         eval_n=args.eval_n,
         steps=args.steps,
-        cfg_scale=CODE_CFG if args.cfg_scale is None else args.cfg_scale,
-        guidance=DECODER_GUIDANCE if args.guidance is None else args.guidance,
+        cfg_scale=args.cfg_scale,
+        guidance=args.guidance,
         progress=not args.no_progress,
         overwrite=args.overwrite,
     )
@@ -349,11 +349,11 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     """Retrieval, caption, answer, generation and reconstruction metrics on held-out scenes."""
-    from .demo import CODE_CFG, DECODER_GUIDANCE, evaluate, metrics_markdown
+    from .default_model.demo import evaluate, metrics_markdown
 
     t0 = time.perf_counter()
     if args.lavit or args.flamingo or args.vwlmm:
-        from .related_eval import evaluate_flamingo, evaluate_lavit, evaluate_vwlmm, related_markdown
+        from .default_model.related_eval import evaluate_flamingo, evaluate_lavit, evaluate_vwlmm, related_markdown
 
         try:
             if args.lavit:
@@ -374,8 +374,8 @@ def cmd_eval(args) -> int:
             args.n,
             n_gen=args.n_generation,
             steps=args.steps,
-            cfg_scale=CODE_CFG if args.cfg_scale is None else args.cfg_scale,
-            guidance=DECODER_GUIDANCE if args.guidance is None else args.guidance,
+            cfg_scale=args.cfg_scale,
+            guidance=args.guidance,
             progress=not args.no_progress,
         )
         print(metrics_markdown(metrics))
@@ -389,13 +389,14 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     if args.target == "onnx":
-        from .export import ExportError, export_onnx
+        from .default_model import DEFAULT_DIR
+        from .export import MANIFEST, ExportError, export_onnx
 
         try:
             man = export_onnx(
                 args.part,
                 args.out,
-                checkpoint=args.checkpoint,
+                checkpoint=DEFAULT_DIR if args.checkpoint is None else args.checkpoint,
                 fp16=args.fp16,
                 opset=args.opset,
                 image_dtype=args.image_dtype,
@@ -411,7 +412,7 @@ def cmd_export(args) -> int:
                 print(
                     f"{part:<12} {' '.join(rep['files']):<40} {rep['megabytes']:>9.2f} {rep['seconds']:>7.1f}  {parity}"
                 )
-        print(f"manifest: {Path(args.out) / 'seed_fast_onnx.json'}  (run it: seed-fast ort-run --model {args.out} ...)")
+        print(f"manifest: {Path(args.out) / MANIFEST}  (run it: seed-fast ort-run --model {args.out} ...)")
         return 0
     from .export import TensorRTError, build_engines
 
@@ -523,13 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--cfg-scale",
         type=_cfg_scale,
         default=None,
-        help="LLM-side classifier-free guidance when drawing codes from text (default: the demo's, 2; 1 = off)",
+        help="LLM-side classifier-free guidance when drawing codes from text (default: the model's generation.json, "
+        "2 for the embedded one; 1 = off)",
     )
     p.add_argument(
         "--guidance",
         type=_cfg_scale,
         default=None,
-        help="the decoder's classifier-free guidance (default 1.5, seed_fast.demo.DECODER_GUIDANCE; 1 = off)",
+        help="the decoder's classifier-free guidance (default: the model's generation.json, 1.5 for the embedded one; "
+        "1 = off)",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
@@ -580,13 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--cfg-scale",
         type=_cfg_scale,
         default=None,
-        help="LLM-side classifier-free guidance when generating codes from captions (default 2; 1 = off)",
+        help="LLM-side classifier-free guidance when generating codes from captions (default: the model's "
+        "generation.json, 2 for the embedded one; 1 = off)",
     )
     p.add_argument(
         "--guidance",
         type=_cfg_scale,
         default=None,
-        help="the decoder's classifier-free guidance (default 1.5, seed_fast.demo.DECODER_GUIDANCE; 1 = off)",
+        help="the decoder's classifier-free guidance (default: the model's generation.json, 1.5 for the embedded one; "
+        "1 = off)",
     )
     p.add_argument("--json", default=None, help="also write the metrics to this file")
     p.add_argument("--no-progress", action="store_true")
@@ -612,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["ort-run"]:  # torch-free: handled before the parser imports the training code
-        from .runtime import main as ort_main
+        from .export.runtime import main as ort_main
 
         return ort_main(argv[1:])
     if argv[:1] == ["bench"]:  # benchmarks/run_all.py parses its own arguments

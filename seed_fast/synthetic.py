@@ -107,3 +107,21 @@ def sample_images(n: int, seed: int = 0, size: int = 224) -> tuple[list[Image.Im
     rng = random.Random(seed)
     pairs = [make_pair(rng, size) for _ in range(n)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def caption_scores(preds: list[str], truth: list[str]) -> dict[str, float]:
+    """Exact match, and the share where every object's color and shape are right (scene grammar)."""
+
+    def norm(t: str) -> str:
+        return " ".join(t.lower().replace(".", " ").split())
+
+    def objects_ok(p: str, t: str) -> bool:
+        a, b = parse_caption(p), parse_caption(t)
+        keys = ("left_color", "left_shape", "right_color", "right_shape")
+        return a is not None and b is not None and all(a[k] == b[k] for k in keys)
+
+    n = max(len(truth), 1)
+    return {
+        "val_caption_exact": sum(norm(p) == norm(t) for p, t in zip(preds, truth)) / n,
+        "val_caption_objects_ok": sum(objects_ok(p, t) for p, t in zip(preds, truth)) / n,
+    }

@@ -92,7 +92,8 @@ def test_a_wrong_or_partial_checkpoint_is_a_clear_error(command, tmp_path):
     (tmp_path / "recipe.json").write_text("{}")
     with pytest.raises(
         SystemExit,
-        match=r"not a complete seed_fast model folder: missing \['llm', 'decoder', 'itc', 'checker.safetensors'\]",
+        match=r"not a complete seed_fast model folder: "
+        r"missing \['llm', 'decoder', 'itc', 'checker.safetensors', 'generation.json'\]",
     ):
         main([command, "--checkpoint", str(tmp_path)])
 

@@ -10,9 +10,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from seed_fast.checker import HEADS, SceneChecker  # noqa: E402
 from seed_fast.default_model import DefaultModelError, check_folder, load_default  # noqa: E402
-from seed_fast.recipes import default_model as recipe_mod  # noqa: E402
+from seed_fast.default_model import recipe as recipe_mod  # noqa: E402
+from seed_fast.default_model.checker import HEADS, SceneChecker  # noqa: E402
 from seed_fast.synthetic import make_scene, parse_caption  # noqa: E402
 
 
@@ -204,7 +204,7 @@ def test_both_llm_stages_share_one_code_cache(tiny_model):
 
 
 def test_the_installed_folder_loads_evaluates_and_demos(tiny_model, tmp_path):
-    from seed_fast.demo import evaluate, run_demo
+    from seed_fast.default_model.demo import evaluate, run_demo
 
     _, dest = tiny_model
     m = load_default(dest)

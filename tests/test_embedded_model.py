@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from seed_fast.default_model import DEFAULT_DIR, load_default  # noqa: E402
-from seed_fast.demo import evaluate  # noqa: E402
+from seed_fast.default_model.demo import evaluate  # noqa: E402
 
 # version 7 (codes drawn with the LLM's guidance 2, decoder guidance 1.5) on 256 scenes (96 drawn): 0.97 /
 # 0.90 / 0.95 / 0.71 / 0.86 (all 256 drawn: generation 0.75, reconstruction 0.82); on this test's 64 (32

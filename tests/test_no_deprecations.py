@@ -89,7 +89,8 @@ def test_stock_unclip_generation_and_peft_lora():
 def test_export(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
+    from seed_fast.default_model import DEFAULT_DIR
     from seed_fast.export import export_onnx
 
     with no_deprecations():
-        export_onnx(["all"], tmp_path, progress=False)
+        export_onnx(["all"], tmp_path, checkpoint=DEFAULT_DIR, progress=False)

@@ -5,8 +5,14 @@ import torch
 
 from seed_fast import SeedLLM, SeedTokenizer
 from seed_fast.cli import main
-from seed_fast.demo import test_scenes as held_out_scenes
-from seed_fast.related_eval import evaluate_flamingo, evaluate_lavit, evaluate_vwlmm, load_lavit_run, related_markdown
+from seed_fast.default_model.demo import test_scenes as held_out_scenes
+from seed_fast.default_model.related_eval import (
+    evaluate_flamingo,
+    evaluate_lavit,
+    evaluate_vwlmm,
+    load_lavit_run,
+    related_markdown,
+)
 from seed_fast.train import TrainConfig
 from seed_fast.train.loop import train
 
@@ -117,7 +123,7 @@ def test_flamingo_eval_with_and_without_seed_next_to_it(flamingo_run):
 
 
 def test_vwlmm_eval_captions_and_lays_the_top_words_on_the_patch_grid(vwlmm_run, capsys):
-    from seed_fast.train.vwlmm import load_vwlmm, patch_features
+    from seed_fast.models.visual_words import load_vwlmm, patch_features
 
     m = evaluate_vwlmm(vwlmm_run, n=5, batch=2, progress=False)
     assert 0 <= m["caption_objects_ok"] <= 1 and m["llm_tokens_per_image_mean"] == 64 + 2

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..ops.codebook_lookup import codebook_lookup, squared_distances
+
 __all__ = [
     "codebook_perplexity",
     "codebook_stats",
@@ -283,10 +285,10 @@ def _sq_dist_block(xc: Tensor, centers: Tensor) -> Tensor:
     k = centers.shape[0]
     step = max(1, _DIFF_BUDGET // max(1, n * d))
     if step >= k:
-        return (xc[:, None, :] - centers[None, :, :]).square().sum(-1)
+        return squared_distances(xc, centers)
     out = torch.empty(n, k, dtype=xc.dtype, device=xc.device)
     for k0 in range(0, k, step):
-        out[:, k0 : k0 + step] = (xc[:, None, :] - centers[None, k0 : k0 + step, :]).square().sum(-1)
+        out[:, k0 : k0 + step] = squared_distances(xc, centers[k0 : k0 + step])
     return out
 
 
@@ -296,8 +298,6 @@ def _assign(x: Tensor, centers: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
     Uses the fused `codebook_lookup` (never the full N x K matrix; ties to the lowest center index);
     the distance is then recomputed exactly from the chosen center. `chunk` bounds the rows per call.
     """
-    from ..ops import codebook_lookup
-
     n = x.shape[0]
     assign = torch.empty(n, dtype=torch.int64, device=x.device)
     mind = torch.empty(n, dtype=x.dtype, device=x.device)

@@ -11,10 +11,14 @@ so the untouched LM is the starting point) to a fixed number of resampled visual
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..ops import qformer_attention
+from .connector import IGNORE, load_exact, media_features, open_connector_run
 from .preprocess import InputError
 
 
@@ -189,3 +193,97 @@ class FlamingoConnector(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+class CaptionSequences:
+    """Captions -> (ids, mask, labels) right-padded: [bos] prompt caption eos, loss on caption + eos."""
+
+    def __init__(self, llm, prompt: str | None):
+        tt = llm.text_tokenizer
+        if tt.eos_token_id is None:
+            raise ValueError("the LM's text tokenizer has no eos token; caption sequences need one to end")
+        self.llm, self.eos = llm, tt.eos_token_id
+        self.pad = tt.pad_token_id if tt.pad_token_id is not None else self.eos
+        if prompt is None:
+            prompt = llm.template.caption.replace("<image>", "").strip()
+        self.prompt = llm.encode_turn(prompt)
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = [(self.prompt, self.llm._text_ids(c) + [self.eos]) for c in captions]
+        n = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), n), self.pad, dtype=torch.long)
+        lab = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros(len(rows), n, dtype=torch.long)
+        for i, (p, a) in enumerate(rows):
+            k = len(p) + len(a)
+            ids[i, :k] = torch.tensor(p + a)
+            lab[i, len(p) : k] = torch.tensor(a)
+            mask[i, :k] = 1
+        return ids, mask, lab
+
+
+class FlamingoModule(nn.Module):
+    """Holds the trainable connector (the only submodule); the LM and tokenizer ride along unregistered."""
+
+    def __init__(self, connector, tok, seqs: CaptionSequences, media: str):
+        super().__init__()
+        self.connector = connector
+        self._frozen = (tok, seqs)
+        self.media = media
+
+    def token_losses(self, pixels: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok, seqs = self._frozen
+        with torch.no_grad():
+            feats = media_features(tok, pixels, self.media)
+        ids, mask, labels = seqs(captions)
+        dev = feats.device
+        logits = self.connector(ids.to(dev), mask.to(dev), media=feats, use_cache=False).logits
+        target = labels[:, 1:].to(dev)
+        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+        return ce, target
+
+    def forward(self, batch) -> dict:
+        if len(batch) == 0:
+            zero = sum(p.sum() * 0 for p in self.connector.parameters())
+            return {"loss": zero}
+        ce, target = self.token_losses(batch.pixels, batch.captions)
+        n = (target != IGNORE).sum().clamp_min(1)
+        gates = [b.attn_gate.detach().tanh().abs() for b in self.connector.xattn]
+        return {"loss": ce.sum() / n, "gate": torch.stack(gates).mean()}
+
+
+@torch.no_grad()
+def flamingo_captions(
+    connector, llm, tok, pixels: torch.Tensor, seqs: CaptionSequences, media: str, *, max_new_tokens: int = 16
+) -> list[str]:
+    """Greedy captions through the connector (the LM's own KV-cached `generate`; the latents stay
+    set for the whole call, so every new token cross-attends to the image)."""
+    feats = media_features(tok, pixels, media)
+    ids = torch.tensor([seqs.prompt] * feats.shape[0], device=feats.device)
+    out = connector.generate(
+        ids,
+        torch.ones_like(ids),
+        media=feats,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=seqs.eos,
+        pad_token_id=seqs.pad,
+    )
+    return llm._decode_text(out[:, ids.shape[1] :].tolist())
+
+
+def load_flamingo(folder: str | Path, *, device=None):
+    """A `run/flamingo` folder -> (connector, llm, tokenizer, meta), ready for `flamingo_captions`."""
+    root, meta, llm, tok = open_connector_run(folder, "flamingo", "connector.safetensors")
+    conn = FlamingoConnector(
+        llm.model,
+        meta["media_dim"],
+        every=meta["every"],
+        num_latents=meta["num_latents"],
+        resampler_depth=meta["resampler_depth"],
+    )
+    load_exact(conn, root / "connector.safetensors", "connector")
+    if device is not None:
+        llm.model.to(device)
+        tok.to(device)
+        conn.to(device)
+    return conn.eval(), llm, tok, meta

@@ -16,105 +16,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..prompt import (
+    BOI_TOKEN,
+    IMAGE_PLACEHOLDER,
+    SEED_LLAMA_CAPTION,
+    ImageVocab,
+    PromptError,
+    PromptTemplate,
+    encode_prompt,
+    get_template,
+    image_token,
+    unconditional_ids,
+)
 from .checkpoint import CheckpointError
 from .decoding import KVDecoder, check_cfg_scale, check_sampling, left_pad, pick
 from .preprocess import InputError, check_codes
 
-IMAGE_PLACEHOLDER = "<image>"
-_IMAGE_TOKEN_TEXT = re.compile(r"</?img>|<img_\d+>")  # what the tokenizer would read as image-vocabulary tokens
 _MAX_IDLE_DECODERS = 4  # static caches kept between calls (each holds a full-length KV cache)
-BOI_TOKEN, EOI_TOKEN = "<img>", "</img>"
-
-
-def image_token(code: int) -> str:
-    return f"<img_{code:05d}>"
-
-
-@dataclass(frozen=True)
-class ImageVocab:
-    """Where the image tokens sit in the LM's vocabulary."""
-
-    base: int  # id of <img_00000>: the size of the text vocabulary
-    num_codes: int = 8192
-    tokens_per_image: int = 32
-
-    @property
-    def boi(self) -> int:
-        return self.base + self.num_codes
-
-    @property
-    def eoi(self) -> int:
-        return self.base + self.num_codes + 1
-
-    @property
-    def size(self) -> int:
-        """The smallest LM vocabulary that holds the image tokens."""
-        return self.base + self.num_codes + 2
-
-    def code_id(self, code: int) -> int:
-        return self.base + code
-
-    def image_ids(self, codes) -> list[int]:
-        """One image's codes -> `<img>` + image tokens + `</img>` ids."""
-        return [self.boi] + [self.base + int(c) for c in codes] + [self.eoi]
-
-    def token_names(self) -> list[str]:
-        return [image_token(c) for c in range(self.num_codes)] + [BOI_TOKEN, EOI_TOKEN]
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """How a request becomes text. `<image>` marks where an image's tokens go.
-
-    chat:     wraps the user's turn (`{prompt}`), e.g. Vicuna's "USER: {prompt}\\nASSISTANT:"
-    caption:  the default captioning turn
-    answer:   a question about an image (`{question}`)
-    generate: an image request (`{text}`); `<img>` is appended after the chat wrapper
-    """
-
-    name: str
-    chat: str = "{prompt}"
-    caption: str = "<image>"
-    answer: str = "<image>{question}"
-    generate: str = "{text}"
-    add_bos: bool = True
-
-
-_SEED_LLAMA_CAPTION = "<image>Please provide an accurate and concise description of the given image."
-TEMPLATES = {
-    "seed-llama-8b": PromptTemplate("seed-llama-8b", chat="USER: {prompt}\nASSISTANT:", caption=_SEED_LLAMA_CAPTION),
-    "seed-llama-14b": PromptTemplate("seed-llama-14b", chat="[INST] {prompt} [/INST]\n", caption=_SEED_LLAMA_CAPTION),
-    "seed-opt": PromptTemplate(
-        "seed-opt",
-        caption="<image>a photo of",
-        answer="<image>Question: {question} Short answer.",
-        generate="Generate an image {text}",
-    ),
-    "plain": PromptTemplate("plain"),
-}
-
-
-def get_template(template: str | PromptTemplate) -> PromptTemplate:
-    if isinstance(template, PromptTemplate):
-        return template
-    if isinstance(template, dict):  # as saved in seed_llm.json
-        return PromptTemplate(**template)
-    if template not in TEMPLATES:
-        raise ValueError(
-            f"unknown prompt template {template!r}; choose from {sorted(TEMPLATES)} or pass a PromptTemplate"
-        )
-    return TEMPLATES[template]
 
 
 # LoRA as released (SEED_SPEC section 4): r 16, alpha 32, dropout 0.05 on the attention and MLP
@@ -267,7 +195,7 @@ class SeedLLM(nn.Module):
             corpus += [
                 "left of a an",
                 "a photo of question short answer generate an image",
-                _SEED_LLAMA_CAPTION,
+                SEED_LLAMA_CAPTION,
                 "user assistant inst",
             ]
             corpus += [QUESTION_WORDS]
@@ -463,34 +391,21 @@ class SeedLLM(nn.Module):
 
     def encode_turn(self, text: str, codes=None, *, chat: bool = True, where: str = "prompt") -> list[int]:
         """One prompt with `<image>` placeholders -> ids, each placeholder replaced by an image's
-        `<img>` + codes + `</img>`. codes: (n_images, 32), one row per placeholder in order."""
-        if not isinstance(text, str):
-            raise InputError(f"{where} must be a string, got {type(text).__name__}")
-        n_images = 0 if codes is None else len(codes)
-        if text.count(IMAGE_PLACEHOLDER) != n_images:
-            raise InputError(
-                f"{where} has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
-                f"but {n_images} image(s) were given: {text!r}"
+        `<img>` + codes + `</img>` (`seed_fast.prompt.encode_prompt`). codes: (n_images, 32), one row per
+        placeholder in order."""
+        try:
+            return encode_prompt(
+                text,
+                codes,
+                template=self.template,
+                vocab=self.vocab,
+                text_ids=self._text_ids,
+                bos_id=self.text_tokenizer.bos_token_id,
+                chat=chat,
+                where=where,
             )
-        typed = _IMAGE_TOKEN_TEXT.search(text)
-        if typed:
-            raise InputError(
-                f"{where} contains {typed.group(0)!r}, an image token's text; images enter a prompt through "
-                f"images= / codes= at {IMAGE_PLACEHOLDER} placeholders, never as typed text: {text!r}"
-            )
-        if chat:
-            text = self.template.chat.format(prompt=text)
-        ids = (
-            [self.text_tokenizer.bos_token_id]
-            if self.template.add_bos and self.text_tokenizer.bos_token_id is not None
-            else []
-        )
-        pieces = text.split(IMAGE_PLACEHOLDER)
-        for i, piece in enumerate(pieces):
-            ids += self._text_ids(piece)
-            if i < n_images:
-                ids += self.vocab.image_ids(codes[i])
-        return ids
+        except PromptError as e:
+            raise InputError(str(e)) from None
 
     def _images_per_prompt(self, images, codes, n_prompts: int, where: str) -> list[torch.Tensor | None]:
         """images / codes per prompt -> list of (n_i, 32) code tensors (None for no image)."""
@@ -658,8 +573,7 @@ class SeedLLM(nn.Module):
 
     def unconditional_ids(self) -> list[int]:
         """The prompt `<img>` alone (LaVIT-style guidance and SEED's negative embedding)."""
-        bos = self.text_tokenizer.bos_token_id
-        return ([bos] if self.template.add_bos and bos is not None else []) + [self.vocab.boi]
+        return unconditional_ids(self.template, self.vocab, self.text_tokenizer.bos_token_id)
 
     @torch.no_grad()
     def generate_codes_from_ids(

@@ -59,6 +59,13 @@ def codebook_lookup_ref(
     return indices, F.embedding(indices, codebook)
 
 
+def squared_distances(z: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """The exact distance every nearest-code search here uses: z (N, D), book (K, D) -> (N, K), the
+    squared differences summed over D in the inputs' dtype (callers cast to fp32 or fp64 first). Not
+    the expanded |z|^2 - 2 z.e + |e|^2, which cancels between close codes."""
+    return (z[:, None, :] - book[None, :, :]).square().sum(-1)
+
+
 def _argmin_ref(flat: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
     acc = torch.float64 if torch.float64 in (flat.dtype, book.dtype) else torch.float32
     flat, book = flat.to(acc), book.to(acc)
@@ -67,7 +74,7 @@ def _argmin_ref(flat: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
     rows = max(1, _REF_CHUNK_ELEMS // max(1, k * book.shape[1]))
     for start in range(0, n, rows):
         chunk = flat[start : start + rows]
-        dist = (chunk[:, None, :] - book[None, :, :]).square().sum(-1)  # (rows, K)
+        dist = squared_distances(chunk, book)  # (rows, K)
         hi = dist.amax(dim=-1)  # (rows,): NaN where the inputs hold NaN
         if bool((hi == float("inf")).any()) and bool(torch.isfinite(chunk).all() & torch.isfinite(book).all()):
             raise ValueError(_SCALE_ERRORS["overflow"])  # finite inputs, infinite distances

@@ -1,5 +1,5 @@
-"""Training: `seed-fast train {stage1,stage2,llm,decoder,lavit,flamingo,vwlmm} --config FILE`, one process or
-under torchrun.
+"""Training: `seed-fast train STAGE --config FILE`, one process or under torchrun (the stages:
+`seed_fast.train.config.STAGES`, each trained by its Task in `seed_fast.train.stages`).
 
 python -m seed_fast.train stage2 --config run.json
 torchrun --nproc-per-node 4 -m seed_fast.train stage2 --config run.json

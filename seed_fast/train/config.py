@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("stage1", "stage2", "llm", "vae", "decoder", "lavit", "flamingo", "vwlmm")
+from ..prompt import TEMPLATES
+
 LM_PRESETS = ("tiny-llama", "tiny-opt", "mini-llama")
 
 
@@ -150,10 +151,10 @@ class LavitTrainConfig:
 
 @dataclass
 class FlamingoTrainConfig:
-    lm: str | None = None  # frozen LM: a SeedLLM / transformers causal-LM folder (default: the embedded model's LLM)
-    vit_from: str | None = (
-        None  # frozen SeedTokenizer folder giving the media (default: the embedded model's tokenizer)
+    lm: str | None = (
+        None  # frozen LM: a SeedLLM / transformers causal-LM folder (required; e.g. the embedded model's llm/)
     )
+    vit_from: str | None = None  # frozen SeedTokenizer folder giving the media (required; e.g. its tokenizer/)
     media: str = "vit"  # vit: ViT patch features | qformer: the 32 causal Q-Former embeddings (pre-quantization)
     every: int = 1  # a gated cross-attention block before every `every`-th LM layer
     num_latents: int = 32  # Perceiver Resampler outputs
@@ -165,10 +166,10 @@ class FlamingoTrainConfig:
 
 @dataclass
 class VwlmmTrainConfig:
-    lm: str | None = None  # frozen LM: a SeedLLM / transformers causal-LM folder (default: the embedded model's LLM)
-    vit_from: str | None = (
-        None  # frozen SeedTokenizer folder giving the image features (default: the embedded model's tokenizer)
+    lm: str | None = (
+        None  # frozen LM: a SeedLLM / transformers causal-LM folder (required; e.g. the embedded model's llm/)
     )
+    vit_from: str | None = None  # frozen SeedTokenizer folder giving the image features (required; e.g. its tokenizer/)
     media: str = (
         "vit"  # vit: the ViT's patch features (class token dropped) | qformer: the 32 causal Q-Former embeddings
     )
@@ -178,6 +179,11 @@ class VwlmmTrainConfig:
     prompt: str | None = None  # the caption turn with one <image> (default: the LM template's caption turn)
     eval_n: int = 64  # held-out images captioned at evaluation
     max_new_tokens: int = 16
+
+
+def _stage(section):
+    """A TrainConfig field holding a stage's own settings; the field's name is the stage's name."""
+    return field(default_factory=section, metadata={"stage": True})
 
 
 @dataclass
@@ -196,14 +202,15 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    vae: VaeConfig = field(default_factory=VaeConfig)
-    lavit: LavitTrainConfig = field(default_factory=LavitTrainConfig)
-    flamingo: FlamingoTrainConfig = field(default_factory=FlamingoTrainConfig)
-    vwlmm: VwlmmTrainConfig = field(default_factory=VwlmmTrainConfig)
+    # one section per stage, named as the stage: these fields are the list of stages (STAGES)
+    stage1: Stage1Config = _stage(Stage1Config)
+    stage2: Stage2Config = _stage(Stage2Config)
+    llm: LLMConfig = _stage(LLMConfig)
+    vae: VaeConfig = _stage(VaeConfig)
+    decoder: DecoderConfig = _stage(DecoderConfig)
+    lavit: LavitTrainConfig = _stage(LavitTrainConfig)
+    flamingo: FlamingoTrainConfig = _stage(FlamingoTrainConfig)
+    vwlmm: VwlmmTrainConfig = _stage(VwlmmTrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -345,9 +352,7 @@ class TrainConfig:
         need(lv.restart_dead_every >= 0, f"lavit.restart_dead_every must be >= 0, got {lv.restart_dead_every}")
         fl = self.flamingo
         need(fl.media in ("vit", "qformer"), f"flamingo.media must be vit or qformer, got {fl.media!r}")
-        for name in ("lm", "vit_from"):
-            v = getattr(fl, name)
-            need(v is None or Path(v).is_dir(), f"flamingo.{name} must be a folder, got {v!r}")
+        _frozen_parts(need, "flamingo", fl, self.stage == "flamingo")
         need(
             fl.every >= 1 and fl.num_latents >= 1 and fl.resampler_depth >= 1,
             "flamingo.every, num_latents and resampler_depth must be >= 1, "
@@ -362,9 +367,7 @@ class TrainConfig:
             isinstance(vc.kl_weight, (int, float)) and not isinstance(vc.kl_weight, bool) and vc.kl_weight >= 0,
             f"vwlmm.kl_weight must be a number >= 0, got {vc.kl_weight!r}",
         )
-        for name in ("lm", "vit_from"):
-            v = getattr(vc, name)
-            need(v is None or Path(v).is_dir(), f"vwlmm.{name} must be a folder, got {v!r}")
+        _frozen_parts(need, "vwlmm", vc, self.stage == "vwlmm")
         need(
             vc.prompt is None or (isinstance(vc.prompt, str) and vc.prompt.count("<image>") == 1),
             f"vwlmm.prompt must hold exactly one <image>, got {vc.prompt!r}",
@@ -466,9 +469,28 @@ class TrainConfig:
         need(m.max_len >= 40, f"llm.max_len must be >= 40 (an image alone takes 34 tokens), got {m.max_len}")
         need(m.encode_batch >= 1 and m.eval_n >= 0, "llm.encode_batch must be >= 1 and llm.eval_n >= 0")
         if m.template is not None:
-            from ..models.llm import TEMPLATES
-
             need(m.template in TEMPLATES, f"llm.template must be one of {sorted(TEMPLATES)}, got {m.template!r}")
+
+
+def _frozen_parts(need, section: str, c, required: bool) -> None:
+    """A connector stage's frozen LM (`lm`) and image-feature tokenizer (`vit_from`): folders, set
+    when the stage runs (the embedded model's are its `llm/` and `tokenizer/`)."""
+    parts = (
+        ("lm", "a SeedLLM or transformers causal-LM folder", "llm"),
+        ("vit_from", "a SeedTokenizer folder", "tokenizer"),
+    )
+    for name, what, embedded in parts:
+        v = getattr(c, name)
+        if required and v is None:
+            need(
+                False,
+                f"{section}.{name} must be set: {what} "
+                f"(the embedded model's is seed_fast.default_model.DEFAULT_DIR / {embedded!r})",
+            )
+        need(v is None or Path(v).is_dir(), f"{section}.{name} must be a folder, got {v!r}")
+
+
+STAGES = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("stage"))
 
 
 def _build(cls, data: Any, where: str):
@@ -485,22 +507,8 @@ def _build(cls, data: Any, where: str):
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         value = data[name]
-        sub = (
-            {
-                "data": DataConfig,
-                "optim": OptimConfig,
-                "stage1": Stage1Config,
-                "stage2": Stage2Config,
-                "llm": LLMConfig,
-                "decoder": DecoderConfig,
-                "vae": VaeConfig,
-                "lavit": LavitTrainConfig,
-                "flamingo": FlamingoTrainConfig,
-                "vwlmm": VwlmmTrainConfig,
-            }.get(name)
-            if cls is TrainConfig
-            else None
-        )
+        # a field whose default is a config dataclass (data, optim, each stage's section) is read as one
+        sub = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:

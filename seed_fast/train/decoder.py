@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source
-from .loop import Task, load_tokenizer
+from .task import Task, load_tokenizer
 
 
 def embeddings_from_pixels(tok, pixels: torch.Tensor) -> torch.Tensor:

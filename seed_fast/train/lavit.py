@@ -35,7 +35,7 @@ from ..models.lavit import (
 from ..ops import codebook_lookup
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source
-from .loop import Task
+from .task import Task
 
 
 class LavitModule(nn.Module):

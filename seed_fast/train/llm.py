@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import LM_PRESETS, ConfigError, TrainConfig
 from .data import make_source
-from .loop import Task, load_tokenizer
+from .task import Task, load_tokenizer
 
 IGNORE = -100
 CACHE_FORMAT = 1

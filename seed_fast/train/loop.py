@@ -35,6 +35,9 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainConfig
+from .data import BatchLoader, ResumableBatches
+from .stages import TASKS
+from .task import Task
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -223,132 +226,6 @@ def save_checkpoint(run: Path, step: int, state: dict, d: Dist, keep: int) -> Pa
 
 
 # ---------------------------------------------------------------------------- the loop
-def load_tokenizer(cfg: TrainConfig):
-    """The run's starting SeedTokenizer: a checkpoint folder, or a preset with seeded random weights."""
-    from ..models import SeedTokenizer
-    from .config import ConfigError
-
-    if Path(cfg.tokenizer).is_dir():
-        return SeedTokenizer.from_pretrained(cfg.tokenizer)
-    try:
-        return SeedTokenizer.from_config(cfg.tokenizer, seed=cfg.seed, init="unit")
-    except ValueError as e:
-        raise ConfigError(f"tokenizer: {e} (or give a SeedTokenizer checkpoint folder)") from None
-
-
-class Task:
-    """What a stage provides to the loop: `module` (forward(batch) -> dict with "loss" and scalar
-    parts), and which of its state is checkpointed (`keeps(key)`; the frozen rest is rebuilt from
-    the config)."""
-
-    cfg: TrainConfig
-    module: torch.nn.Module
-    image_size: int
-    progress: bool = True  # the loop sets it: progress bars (rank 0) for work such as caching
-
-    def keeps(self, key: str) -> bool:
-        raise NotImplementedError
-
-    def dataset(self):
-        from .data import make_source
-
-        return make_source(self.cfg, "train")
-
-    def collate(self):
-        """samples -> the batch `module` takes (default: images and captions)."""
-        from .data import make_collate
-
-        return make_collate(self.image_size)
-
-    @property
-    def workers(self) -> int:
-        return self.cfg.data.workers
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-    def state_dict(self) -> dict:
-        return {k: v for k, v in self.module.state_dict().items() if self.keeps(k)}
-
-    def load_state_dict(self, state: dict) -> None:
-        own = self.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(
-                f"{self.cfg.stage} checkpoint does not match the model: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        self.module.load_state_dict(state, strict=False)
-
-    # ------------------------------------------------------------------ FSDP (strategy "fsdp")
-    sharded: bool = False  # set by shard(): evaluation and export then run on every rank
-
-    def fsdp_units(self) -> list[torch.nn.Module]:
-        """The submodules that become their own FSDP units (the root is sharded as well)."""
-        from .config import ConfigError
-
-        raise ConfigError(
-            f"strategy 'fsdp' is supported for the llm stage; {self.cfg.stage} trains the tokenizer "
-            "(small enough to replicate): use ddp"
-        )
-
-    def shard(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        for unit in self.fsdp_units():
-            fully_shard(unit)
-        fully_shard(self.module)
-        self.sharded = True
-
-    def full_state(self, opt) -> tuple[dict, dict]:
-        """(kept model state, optimizer state) gathered in full on rank 0 (FSDP: a collective)."""
-        if not self.sharded:
-            return self.state_dict(), opt.state_dict()
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model = {k: v for k, v in get_model_state_dict(self.module, options=o).items() if self.keeps(k)}
-        return model, get_optimizer_state_dict(self.module, opt, options=o)
-
-    def load_full_state(self, model: dict, optim: dict, opt) -> None:
-        if not self.sharded:
-            self.load_state_dict(model)
-            opt.load_state_dict(optim)
-            return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        want = {k for k in self.module.state_dict() if self.keeps(k)}
-        missing, unexpected = sorted(want - set(model)), sorted(set(model) - want)
-        if missing or unexpected:
-            raise ValueError(
-                f"{self.cfg.stage} checkpoint does not match the model: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        o = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(self.module, model, options=o)
-        set_optimizer_state_dict(self.module, opt, optim, options=StateDictOptions(full_state_dict=True))
-
-    def on_step_end(self, step: int, batch, out: dict) -> None:  # e.g. dead-code restarts
-        pass
-
-    def on_first_batch(self, batch) -> None:  # e.g. k-means codebook init
-        pass
-
-    def evaluate(self) -> dict[str, float]:
-        return {}
-
-    def export(self, run: Path) -> None:  # final weights in the project's own format
-        pass
-
-
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has oneDNN's bf16 kernels (AVX-512 BF16 or AMX): bf16 autocast is fast there and
     far slower than fp32 elsewhere."""
@@ -363,16 +240,6 @@ def train(
 ) -> dict:
     """Run (or resume) `cfg`. Returns the last logged metrics (rank 0) or {}.
     stop_after: stop once this many steps are done in this call (without a final checkpoint)."""
-    from .data import BatchLoader, ResumableBatches
-    from .decoder import DecoderTask
-    from .flamingo import FlamingoTask
-    from .lavit import LavitTask
-    from .llm import LLMTask
-    from .stage1 import Stage1Task
-    from .stage2 import Stage2Task
-    from .vae import VaeTask
-    from .vwlmm import VwlmmTask
-
     d = Dist()
     run = Path(cfg.out)
     try:
@@ -388,16 +255,7 @@ def train(
         d.barrier()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         random.seed(cfg.seed)
-        task = {
-            "stage1": Stage1Task,
-            "stage2": Stage2Task,
-            "llm": LLMTask,
-            "vae": VaeTask,
-            "decoder": DecoderTask,
-            "lavit": LavitTask,
-            "flamingo": FlamingoTask,
-            "vwlmm": VwlmmTask,
-        }[cfg.stage](cfg, d.device)
+        task = TASKS[cfg.stage](cfg, d.device)
         fsdp = d.world > 1 and cfg.strategy == "fsdp"
         if fsdp:
             task.shard()

@@ -20,10 +20,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.codebook_utils import codebook_stats, codebook_usage, kmeans_init, restart_dead_codes
+from ..models.itc import gather_pairs, load_itc_heads, retrieval_at_k
 from ..models.preprocess import normalize
+from ..models.quantizer import Quantizer
+from ..ops import vector_quantize
 from .config import ConfigError, TrainConfig
-from .data import make_source
-from .loop import Task, load_tokenizer
+from .data import make_collate, make_source
+from .task import Task, load_tokenizer
 
 TRAINED = ("quantizer.", "detokenizer.", "reconstructor.")
 
@@ -105,8 +109,6 @@ class Stage2Module(nn.Module):
             x = normalize(pixels, tok.config.image_mean, tok.config.image_std).to(tok.dtype)
             causal = tok.causal_embeddings(x)  # (B, 32, hidden), frozen
         z = tok.quantizer.encode_task_layer(causal)  # (B, 32, code_dim)
-        from ..ops import vector_quantize
-
         z_st, codes, vq = vector_quantize(z, tok.quantizer.codebook.weight, tok.config.quantizer.beta)
         dec = tok.quantizer.decode_task_layer(z_st)  # (B, 32, hidden)
         recon = tok.reconstructor(dec)
@@ -142,8 +144,6 @@ class Stage2Module(nn.Module):
         with torch.no_grad():
             txt = heads.encode_text(captions)
             temp = heads.temp.detach().float().clamp(0.001, 0.5)
-        from .stage1 import gather_pairs
-
         all_img, all_txt, offset = gather_pairs(img, txt)
         labels = torch.arange(img.shape[0], device=img.device) + offset
         i2t_logits = img @ all_txt.t() / temp
@@ -205,8 +205,6 @@ def reshape_quantizer(tok, codebook_size: int | None, code_dim: int | None, *, s
     anything changed (the same shape keeps the tokenizer's quantizer and its weights)."""
     import dataclasses
 
-    from ..models.quantizer import Quantizer
-
     old = tok.config.quantizer
     new = dataclasses.replace(old, codebook_size=codebook_size or old.codebook_size, code_dim=code_dim or old.code_dim)
     if new == old:
@@ -240,8 +238,6 @@ class Stage2Task(Task):
         s2 = cfg.stage2
         self.itc = None
         if s2.itc_heads:  # stage I's text branch and projections: retrieval with codes at evaluation
-            from .stage1 import load_itc_heads
-
             self.itc = load_itc_heads(tok, s2.itc_heads)
         if s2.target == "pixels":
             target = PixelTarget(out_dim, seed=cfg.seed)
@@ -285,8 +281,6 @@ class Stage2Task(Task):
     def on_first_batch(self, batch) -> None:
         if self.cfg.stage2.codebook_init != "kmeans" or len(batch) == 0:
             return
-        from ..models.codebook_utils import kmeans_init
-
         with torch.no_grad():
             self.module(batch)
             z = self.module.last_z.flatten(0, 1).float()
@@ -302,8 +296,6 @@ class Stage2Task(Task):
         every = self.cfg.stage2.restart_dead_every
         if not every or step % every or self.module.last_codes is None:
             return
-        from ..models.codebook_utils import codebook_usage, restart_dead_codes
-
         counts = codebook_usage(self.module.last_codes, self.tok.codebook_size)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts)
@@ -314,9 +306,6 @@ class Stage2Task(Task):
         self._sync_codebook()
 
     def evaluate(self) -> dict[str, float]:
-        from ..models.codebook_utils import codebook_stats
-        from .data import make_collate
-
         d = self.cfg.data
         ds = make_source(self.cfg, "val")
         n = min(len(ds), d.val_n)
@@ -350,8 +339,6 @@ class Stage2Task(Task):
         stats = codebook_stats(torch.cat(codes), self.tok.codebook_size)
         extra = {}
         if caps:  # SEED's protocol: image features from the codes (decoded, reconstructed, last query)
-            from .stage1 import retrieval_at_k
-
             txt = torch.cat(f_txt)
             for name, feats in (("code", f_code), ("embed", f_cont)):
                 r = retrieval_at_k(torch.cat(feats), txt, caps)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loop import Task
+from .task import Task
 
 # training images encoded at export to measure the latents' scale
 SCALE_SAMPLES = 2048

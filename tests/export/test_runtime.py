@@ -198,12 +198,12 @@ def test_tensorrt_without_tensorrt_says_how_to_install(tiny, tmp_path):
 
 def test_embedded_default_model_through_onnx(tmp_path):
     from seed_fast.default_model import DEFAULT_DIR, load_default
-    from seed_fast.demo import test_scenes
+    from seed_fast.default_model.demo import test_scenes
 
     if not (DEFAULT_DIR / "tokenizer" / "model.safetensors").is_file():
         pytest.skip("the embedded model is not installed")
     m = load_default()
-    man = export_onnx(["all"], tmp_path, progress=False)
+    man = export_onnx(["all"], tmp_path, checkpoint=DEFAULT_DIR, progress=False)
     assert set(man["parts"]) == {"tokenizer", "detokenizer", "llm", "decoder"}
     rt = SeedRuntime(tmp_path, providers=["CPUExecutionProvider"])
     images, caps, _, qas = test_scenes(16)
@@ -229,9 +229,11 @@ def test_embedded_default_model_through_onnx(tmp_path):
 
 
 def test_runtime_draws_with_the_embedded_decoders_guidance_by_default():
-    """The torch-free runtime cannot import seed_fast.demo, so it repeats the tuned value: keep them equal."""
+    """The torch-free runtime cannot read the embedded model's generation.json, so it repeats the value:
+    keep them equal."""
     import inspect
 
-    from seed_fast.demo import DECODER_GUIDANCE
+    from seed_fast.default_model import DEFAULT_DIR, GenerationConfig
 
-    assert inspect.signature(SeedRuntime.render).parameters["guidance"].default == DECODER_GUIDANCE
+    guidance = GenerationConfig.from_file(DEFAULT_DIR / "generation.json").decoder_guidance
+    assert inspect.signature(SeedRuntime.render).parameters["guidance"].default == guidance

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from seed_fast import SeedLLM, SeedTokenizer
-from seed_fast.models.flamingo import FlamingoConnector
+from seed_fast.models.flamingo import FlamingoConnector, load_flamingo
+from seed_fast.synthetic import caption_scores
 from seed_fast.train import TrainConfig
 from seed_fast.train.config import ConfigError
-from seed_fast.train.flamingo import caption_scores, load_flamingo
 from seed_fast.train.loop import train
 
 
@@ -132,6 +132,7 @@ def test_flamingo_resume_matches_an_uninterrupted_run(tmp_path, parts):
     [
         ({"media": "pixels"}, "flamingo.media"),
         ({"lm": "/no/such"}, "flamingo.lm"),
+        ({"lm": None}, "flamingo.lm must be set"),
         ({"every": 0}, "every"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
     ],

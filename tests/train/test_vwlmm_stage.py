@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from seed_fast import SeedLLM, SeedTokenizer
-from seed_fast.models.visual_words import visual_word_kl_ref
+from seed_fast.models.visual_words import VisualWordsLM, load_vwlmm, visual_word_kl_ref
 from seed_fast.train import TrainConfig
 from seed_fast.train.config import ConfigError
 from seed_fast.train.loop import train
-from seed_fast.train.vwlmm import VisualWordsLM, load_vwlmm
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def parts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(parts):
-    from seed_fast.train.flamingo import load_frozen_lm
+    from seed_fast.models.connector import load_frozen_lm
 
     return load_frozen_lm(str(parts / "llm"))
 
@@ -138,7 +137,7 @@ def test_vwlmm_stage_trains_only_the_connector_and_exports(tmp_path, parts, medi
     saved = load_file(str(tmp_path / "run" / "vwlmm" / "weights.safetensors"))
     assert set(saved) == set(vw.state_dict()) and all(torch.equal(v, saved[k]) for k, v in vw.state_dict().items())
     assert all(k.startswith(("projector.", "head.")) for k in saved)  # the frozen LM is not in the file
-    from seed_fast.train.vwlmm import patch_features
+    from seed_fast.models.visual_words import patch_features
 
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     feats = patch_features(tok, pixels, media)
@@ -169,6 +168,7 @@ def test_vwlmm_resume_matches_an_uninterrupted_run(tmp_path, parts):
         ({"kl_weight": -1}, "kl_weight"),
         ({"prompt": "no image here"}, "vwlmm.prompt"),
         ({"lm": "/no/such"}, "vwlmm.lm"),
+        ({"vit_from": None}, "vwlmm.vit_from must be set"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
     ],
 )

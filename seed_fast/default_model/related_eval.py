@@ -1,5 +1,5 @@
 """`seed-fast eval --lavit RUN`, `--flamingo RUN` and `--vwlmm RUN`: the related tokenizers on the
-same held-out synthetic scenes as the SEED eval (`seed_fast.demo.test_scenes`).
+same held-out synthetic scenes as the SEED eval (`seed_fast.default_model.demo.test_scenes`).
 
 LaVIT (a `seed-fast train lavit` run): how many tokens an image gets (mean / min / max, and the LLM
 sequence length with [IMG] and [/IMG]), the kept share of patches, the feature reconstruction cosine
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ..synthetic import parse_caption
 from .demo import _bar, _chunks, _objects_ok, test_scenes
-from .synthetic import parse_caption
 
 __all__ = ["evaluate_flamingo", "evaluate_lavit", "evaluate_vwlmm", "load_lavit_run", "related_markdown"]
 
@@ -37,7 +37,7 @@ def load_lavit_run(folder: str | Path):
     """A `seed-fast train lavit` run folder (or its `lavit/`) -> (LavitTokenizer, LavitFeatureDecoder)."""
     from safetensors.torch import load_file
 
-    from .models.lavit import LavitFeatureDecoder, LavitTokenizer, get_lavit_config
+    from ..models.lavit import LavitFeatureDecoder, LavitTokenizer, get_lavit_config
 
     root = Path(folder)
     if (root / "lavit").is_dir():
@@ -61,7 +61,7 @@ def load_lavit_run(folder: str | Path):
 def evaluate_lavit(run: str | Path, n: int = 256, *, batch: int = 32, progress: bool = True) -> dict:
     import torch.nn.functional as F
 
-    from .models.lavit import lavit_token_ids, pad_codes, reconstruction_loss
+    from ..models.lavit import lavit_token_ids, pad_codes, reconstruction_loss
 
     tok, dec = load_lavit_run(run)
     images, _, _, _ = test_scenes(n, size=tok.config.vision.image_size)
@@ -103,12 +103,12 @@ def evaluate_lavit(run: str | Path, n: int = 256, *, batch: int = 32, progress: 
 def evaluate_flamingo(run: str | Path, n: int = 256, *, batch: int = 32, compare=None, progress: bool = True) -> dict:
     """compare: a DefaultModel (seed_fast.default_model.load_default) whose SEED captions from codes
     are measured on the same scenes, or None."""
-    from .train.flamingo import CaptionSequences, flamingo_captions, load_flamingo
+    from ..models.flamingo import CaptionSequences, flamingo_captions, load_flamingo
 
     conn, llm, tok, meta = load_flamingo(run)
     seqs = CaptionSequences(llm, meta.get("prompt"))
     images, caps, facts, _ = test_scenes(n, size=tok.config.vision.image_size)
-    from .models.preprocess import images_to_tensor
+    from ..models.preprocess import images_to_tensor
 
     preds, t_cap = [], 0.0
     for a, b in _bar(_chunks(n, batch), "flamingo", progress):
@@ -156,8 +156,8 @@ def evaluate_vwlmm(
 ) -> dict:
     """Captions through the visual-words connector (and, with `compare`, SEED's from codes) on the
     held-out scenes; `show` scenes' per-patch top visual words go into "top_words"."""
-    from .models.preprocess import images_to_tensor
-    from .train.vwlmm import load_vwlmm, patch_features
+    from ..models.preprocess import images_to_tensor
+    from ..models.visual_words import load_vwlmm, patch_features
 
     vw, tok, meta = load_vwlmm(run)
     images, caps, facts, _ = test_scenes(n, size=tok.config.vision.image_size)

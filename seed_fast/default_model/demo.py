@@ -27,20 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .images import to_rgb
-from .synthetic import make_question, make_scene, parse_caption
+from ..images import to_rgb
+from ..synthetic import make_question, make_scene, parse_caption
 
 TEST_SEED = 20261122
-# LLM-side classifier-free guidance (LaVIT's; `SeedLLM.generate_image_codes(cfg_scale=)`) when codes are
-# drawn from text. Chosen for version 3 on 288 tuning scenes drawn with other seeds than TEST_SEED
-# (the same scenes and image seeds for every setting): greedy without guidance 56.6%, 1.5 61.4%,
-# 2 61.5% of the images with every requested color and shape (96 of them: 3, 59.4%; 3 beams, 55.2%).
-CODE_CFG = 2.0
-# The decoder's classifier-free guidance when it draws generation embeddings (`--guidance`). Chosen for
-# version 5 on 256 tuning scenes (seed 4242, every one drawn; reconstruction / generation): 1 81.2% /
-# 76.6%, 1.25 83.2% / 78.1%, 1.5 83.6% / 79.7%, 2 78.1% / 69.9%, 3 60.9% / 56.6%. (Versions 2 to 4
-# used 2: version 3's decoder, trained for fewer steps, was within noise at 1.5 and 2.)
-DECODER_GUIDANCE = 1.5
 DEMO_PROMPTS = (
     "one red circle left of a blue square",
     "two yellow triangles left of a purple circle",
@@ -102,15 +92,17 @@ def evaluate(
     seed: int = TEST_SEED,
     n_gen: int | None = None,
     steps: int = 20,
-    guidance: float = DECODER_GUIDANCE,
-    cfg_scale: float = CODE_CFG,
+    guidance: float | None = None,
+    cfg_scale: float | None = None,
     batch: int = 32,
     progress: bool = True,
 ) -> dict[str, float]:
     """Every metric of the module docstring on n held-out scenes (n_gen of them for generation and
     reconstruction, default all). guidance: the decoder's; cfg_scale: the LLM's when it draws codes
-    from the captions (1: greedy without guidance)."""
-    from .train.stage1 import retrieval_at_k
+    from the captions (1: greedy without guidance); None: the model's own (`m.generation`)."""
+    guidance = m.generation.decoder_guidance if guidance is None else guidance
+    cfg_scale = m.generation.code_cfg_scale if cfg_scale is None else cfg_scale
+    from ..models.itc import retrieval_at_k
 
     _check_cfg_scale(cfg_scale)
     images, caps, facts, qas = test_scenes(n, seed)
@@ -214,14 +206,16 @@ def run_demo(
     prompts=DEMO_PROMPTS,
     eval_n: int = 48,
     steps: int = 20,
-    guidance: float = DECODER_GUIDANCE,
-    cfg_scale: float = CODE_CFG,
+    guidance: float | None = None,
+    cfg_scale: float | None = None,
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict:
     """The demo's console walk-through and its report (report.html, grid.png, metrics.json) in
     out_dir. A folder holding an earlier report keeps it: the new one goes to the first free
-    `<out_dir>-2`, `-3`, ... unless overwrite is set."""
+    `<out_dir>-2`, `-3`, ... unless overwrite is set. guidance, cfg_scale: as in `evaluate`."""
+    guidance = m.generation.decoder_guidance if guidance is None else guidance
+    cfg_scale = m.generation.code_cfg_scale if cfg_scale is None else cfg_scale
     from PIL import Image
 
     _check_cfg_scale(cfg_scale)

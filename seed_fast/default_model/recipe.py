@@ -6,7 +6,7 @@ processes of one thread each, llm 1712 s + lora 214 s + checker 154 s beside vae
 1858 s. The run is deterministic on one machine (the LLM side gave bit for bit the same validation
 numbers in two runs); another CPU or thread count may round differently.
 
-    python -m seed_fast.recipes.default_model --work runs/default [--install] [--precision auto|bf16|fp32]
+    python -m seed_fast.default_model.recipe --work runs/default [--install] [--precision auto|bf16|fp32]
         [--jobs 1|2] [--decoder latent|pixel]
 
 `--jobs 2` runs stage I and II one after the other on every core, then the LLM side (llm, lora,
@@ -38,9 +38,9 @@ data (`seed_fast.synthetic`, 64 px, seeded):
   7. checker   an independent scene classifier trained on rendered scenes (for evaluation only)
 
 A finished stage is skipped when the recipe is run again (an interrupted one resumes from its last
-checkpoint). `--install` then writes the small fp16 copy into seed_fast/assets/default_model
-(or `--dest`), with `recipe.json` (this recipe, the seeds, the metrics, the run's wall time) beside
-the weights.
+checkpoint). `--install` then writes the small fp16 copy into seed_fast/default_model/assets
+(or `--dest`), with `recipe.json` (this recipe, the seeds, the metrics, the run's wall time) and
+`generation.json` (GENERATION below) beside the weights.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ import copy
 import json
 import time
 from pathlib import Path
+
+from .loader import DEFAULT_DIR, DefaultModelError, GenerationConfig, assemble, check_replaceable
 
 SEED = 0
 DATA = {"kind": "synthetic", "n": 8192, "val_n": 256, "image_size": 64, "seed": SEED}
@@ -177,6 +179,19 @@ def with_pixel_decoder(recipe: dict | None = None) -> dict:
     return r
 
 
+# The model's guidance settings, shipped with its weights (generation.json).
+GENERATION = GenerationConfig(
+    # The decoder's classifier-free guidance when it draws generation embeddings. Chosen for version 5
+    # on 256 tuning scenes (seed 4242, every one drawn; reconstruction / generation): 1 81.2% / 76.6%,
+    # 1.25 83.2% / 78.1%, 1.5 83.6% / 79.7%, 2 78.1% / 69.9%, 3 60.9% / 56.6%. (Versions 2 to 4 used 2:
+    # version 3's decoder, trained for fewer steps, was within noise at 1.5 and 2.)
+    decoder_guidance=1.5,
+    # LLM-side classifier-free guidance (LaVIT's; `SeedLLM.generate_image_codes(cfg_scale=)`) when codes
+    # are drawn from text. Chosen for version 3 on 288 tuning scenes drawn with other seeds than the test
+    # split's (the same scenes and image seeds for every setting): greedy without guidance 56.6%, 1.5
+    # 61.4%, 2 61.5% of the images with every requested color and shape (96 of them: 3, 59.4%; 3 beams, 55.2%).
+    code_cfg_scale=2.0,
+)
 ORDER = ("stage1", "stage2", "llm", "lora", "vae", "decoder", "checker")  # the stages a recipe may hold, in order
 REQUIRED = ("stage1", "stage2", "llm", "lora", "decoder", "checker")
 # after stage II the LLM side and the image side need nothing from each other: with --jobs 2 they run as two
@@ -247,7 +262,7 @@ def run_stage(name: str, work: Path, recipe: dict | None = None, *, progress: bo
         return json.loads((work / name / "DONE").read_text())
     t0 = time.perf_counter()
     if name == "checker":
-        from ..checker import checker_accuracy, train_checker
+        from .checker import checker_accuracy, train_checker
 
         c = (recipe or RECIPE)["checker"]
         model = train_checker(steps=c["steps"], batch=c["batch"], seed=c["seed"], progress=progress)
@@ -270,11 +285,13 @@ def run_stage(name: str, work: Path, recipe: dict | None = None, *, progress: bo
 
 def install(work: Path, dest: Path, metrics: dict, recipe: dict | None = None) -> Path:
     """The shipped copy: fp16 safetensors + configs, about 20 MB."""
-    from ..default_model import assemble
-
     recipe = recipe or RECIPE
     return assemble(
-        work, dest, recipe={"seed": SEED, "data": recipe.get("data", DATA), "stages": recipe}, metrics=metrics
+        work,
+        dest,
+        recipe={"seed": SEED, "data": recipe.get("data", DATA), "stages": recipe},
+        metrics=metrics,
+        generation=GENERATION,
     )
 
 
@@ -320,7 +337,7 @@ def run_branches(work: Path, branches, recipe: dict, threads: int, *, progress: 
         cmd = [
             sys.executable,
             "-m",
-            "seed_fast.recipes.default_model",
+            "seed_fast.default_model.recipe",
             "--work",
             str(work),
             "--only",
@@ -385,11 +402,11 @@ def _default_jobs(recipe: dict) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m seed_fast.recipes.default_model", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m seed_fast.default_model.recipe", description=__doc__.split("\n")[0])
     p.add_argument("--work", default="runs/default_model", help="folder for the stage runs (resumable)")
     p.add_argument("--only", nargs="+", choices=ORDER, help="run only these stages (their inputs must exist)")
     p.add_argument("--install", action="store_true", help="then write the shipped copy (see --dest)")
-    p.add_argument("--dest", default=None, help="default: the package's assets/default_model folder")
+    p.add_argument("--dest", default=None, help="default: seed_fast/default_model/assets")
     p.add_argument(
         "--precision",
         choices=("auto", "bf16", "fp32"),
@@ -454,8 +471,6 @@ def main(argv=None) -> int:
         base = with_pixel_decoder() if args.decoder == "pixel" else RECIPE
         recipe = for_this_machine(args.precision or "auto", base)
     if args.install:  # refuse a destination holding other files now, not after the training
-        from ..default_model import DEFAULT_DIR, DefaultModelError, check_replaceable
-
         dest = Path(args.dest) if args.dest else DEFAULT_DIR
         try:
             check_replaceable(dest)

@@ -6,14 +6,15 @@
     m.llm.caption(images); m.llm.answer(images, ["what color is the shape on the right?"])
     m.render(m.llm.generate_image_embeddings(["one red circle left of a blue square"], negative=False)[0])
 
-The folder (seed_fast/assets/default_model, or any folder `seed_fast.recipes.default_model --install
---dest` wrote) holds:
+The folder (seed_fast/default_model/assets, or any folder `python -m seed_fast.default_model.recipe
+--install --dest` wrote) holds:
 
     tokenizer/   SeedTokenizer (config.json, model.safetensors)
     llm/         SeedLLM: the LM with the image vocabulary (llm/) and its LoRA adapter (lora/)
     decoder/     SeedImageDecoderPipeline (diffusers unet/ + scheduler/, and vae/ for a latent decoder)
     itc/         stage I's text branch and projections (retrieval), text_tokenizer/
     checker.safetensors   the independent scene checker (evaluation only)
+    generation.json       the model's own guidance settings (GenerationConfig), chosen with its weights
     recipe.json  how it was trained (seeds, data, stage configs) and its metrics
 
 Weights are stored in float16 to fit the package (about 20 MB); they load as float32.
@@ -23,14 +24,23 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
-DEFAULT_DIR = Path(__file__).parent / "assets" / "default_model"
-PARTS = ("tokenizer", "llm", "decoder", "itc", "checker.safetensors", "recipe.json")
+from ..models import SeedTokenizer
+from ..models.image_decoder import load_image_decoder
+from ..models.itc import load_itc_heads
+from ..models.llm import SeedLLM
+from ..models.unclip import embeddings_to_images
+from .checker import SceneChecker
+
+DEFAULT_DIR = Path(__file__).parent / "assets"
+GENERATION = "generation.json"
+PARTS = ("tokenizer", "llm", "decoder", "itc", "checker.safetensors", GENERATION, "recipe.json")
 
 
 class DefaultModelError(FileNotFoundError):
@@ -46,9 +56,29 @@ def check_folder(folder: str | Path) -> Path:
     if missing:
         raise DefaultModelError(
             f"{str(root)!r} is not a complete seed_fast model folder: missing {missing} "
-            f"(expected {list(PARTS)}; `python -m seed_fast.recipes.default_model --install --dest DIR` writes one)"
+            f"(expected {list(PARTS)}; `python -m seed_fast.default_model.recipe --install --dest DIR` writes one)"
         )
     return root
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How a trained model draws images, stored with its weights (generation.json): the guidance
+    values its evaluation chose."""
+
+    decoder_guidance: float  # the image decoder's classifier-free guidance (1: off)
+    code_cfg_scale: float  # the LLM's classifier-free guidance when it draws codes from text (1: off)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "GenerationConfig":
+        data = json.loads(Path(path).read_text())
+        names = {f.name for f in fields(cls)}
+        if set(data) != names:
+            raise DefaultModelError(f"{path}: expected the keys {sorted(names)}, got {sorted(data)}")
+        return cls(**{k: float(v) for k, v in data.items()})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
 
 @dataclass
@@ -58,6 +88,7 @@ class DefaultModel:
     decoder: Any  # SeedImageDecoderPipeline
     itc: Any  # stage-I heads (text features for retrieval)
     checker: Any  # SceneChecker
+    generation: GenerationConfig
     recipe: dict
     folder: Path
 
@@ -71,23 +102,15 @@ class DefaultModel:
         progress: bool = False,
     ):
         """Generation embeddings (B, D) -> PIL images (the decoder's resolution). guidance: the
-        decoder's classifier-free guidance (default `seed_fast.demo.DECODER_GUIDANCE`; 1: off)."""
-        from .demo import DECODER_GUIDANCE
-        from .models.unclip import embeddings_to_images
-
-        guidance = DECODER_GUIDANCE if guidance is None else guidance
+        decoder's classifier-free guidance (default: the model's `generation.decoder_guidance`; 1: off)."""
+        guidance = self.generation.decoder_guidance if guidance is None else guidance
         return embeddings_to_images(
             self.decoder, embeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed, progress=progress
         )
 
 
 def load_default(folder: str | Path | None = None) -> DefaultModel:
-    from .checker import SceneChecker
-    from .models import SeedTokenizer
-    from .models.image_decoder import load_image_decoder
-    from .models.llm import SeedLLM
-    from .train.stage1 import load_itc_heads
-
+    """The embedded model (folder None), or a model folder of the same layout."""
     root = check_folder(DEFAULT_DIR if folder is None else folder)
     if folder is None and not (root / "tokenizer" / "model.safetensors").is_file():
         raise DefaultModelError(f"the embedded model is not installed in {root}")
@@ -97,14 +120,13 @@ def load_default(folder: str | Path | None = None) -> DefaultModel:
     llm.model.eval()
     itc = load_itc_heads(tok, root / "itc").float().eval()
     checker = SceneChecker.load(root / "checker.safetensors")
+    generation = GenerationConfig.from_file(root / GENERATION)
     recipe = json.loads((root / "recipe.json").read_text())
-    return DefaultModel(tok, llm, decoder, itc, checker, recipe, root)
+    return DefaultModel(tok, llm, decoder, itc, checker, generation, recipe, root)
 
 
 def _half_safetensors(folder: Path) -> None:
     """Rewrite every float32 tensor of every .safetensors file under `folder` as float16."""
-    from safetensors.torch import load_file, save_file
-
     for f in folder.rglob("*.safetensors"):
         sd = load_file(str(f))
         save_file(
@@ -128,9 +150,17 @@ def _portable_adapters(folder: Path) -> None:
             card.unlink()
 
 
-def assemble(work: Path, dest: Path, *, recipe: dict, metrics: dict, llm_stage: str = "lora") -> Path:
-    """Copy the finished stage outputs of a recipe run into a model folder (fp16 weights).
-    llm_stage: the run whose SeedLLM is shipped ("lora": the adapter stage, or "llm")."""
+def assemble(
+    work: Path,
+    dest: Path,
+    *,
+    recipe: dict,
+    metrics: dict,
+    generation: GenerationConfig,
+    llm_stage: str = "lora",
+) -> Path:
+    """Copy the finished stage outputs of a recipe run into a model folder (fp16 weights), with its
+    generation settings. llm_stage: the run whose SeedLLM is shipped ("lora": the adapter stage, or "llm")."""
     work, dest = Path(work), Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
     for folder in (dest, tmp):
@@ -148,6 +178,7 @@ def assemble(work: Path, dest: Path, *, recipe: dict, metrics: dict, llm_stage: 
     shutil.copy2(work / "checker" / "checker.safetensors", tmp / "checker.safetensors")
     _half_safetensors(tmp)
     _portable_adapters(tmp / "llm")
+    generation.save(tmp / GENERATION)
     (tmp / "recipe.json").write_text(json.dumps({"recipe": recipe, "metrics": metrics}, indent=1))
     old = dest.with_name(dest.name + ".old")
     if dest.exists():  # checked above: an earlier model folder (or an empty one)
@@ -162,7 +193,7 @@ def assemble(work: Path, dest: Path, *, recipe: dict, metrics: dict, llm_stage: 
 
 
 # what `assemble` writes into a model folder: it replaces a folder holding nothing else
-MODEL_FOLDER_ENTRIES = {"tokenizer", "llm", "decoder", "itc", "checker.safetensors", "recipe.json"}
+MODEL_FOLDER_ENTRIES = set(PARTS)
 
 
 def check_replaceable(folder: Path) -> None:
