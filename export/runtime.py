@@ -121,6 +121,16 @@ class SeedRuntime:
                 raise RuntimeInputError(
                     f"{self.folder}: the manifest lists {info['file']} for part {part!r} but the file is missing"
                 )
+        if providers:
+            import onnxruntime as ort
+
+            have = ort.get_available_providers()
+            missing = [name for name in providers if name not in have]
+            if missing:
+                raise RuntimeInputError(
+                    f"onnxruntime provider(s) {missing} are not available in this onnxruntime (it has {have}); "
+                    "onnxruntime-gpu brings CUDA and TensorRT"
+                )
         self.providers = list(providers) if providers else default_providers()
         self._sessions: dict = {}
         self._text = None
@@ -150,6 +160,17 @@ class SeedRuntime:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._sessions[name] = ort.InferenceSession(str(path), opts, providers=self.providers)
         return self._sessions[name]
+
+    @property
+    def active_providers(self) -> list[str]:
+        """The providers the loaded sessions really run on, in order (onnxruntime assigns each node to
+        the first provider that can run it; these are the ones it kept). Empty before any part loads."""
+        seen: list[str] = []
+        for sess in self._sessions.values():
+            for name in sess.get_providers():
+                if name not in seen:
+                    seen.append(name)
+        return seen
 
     @property
     def text_tokenizer(self):
@@ -592,7 +613,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         rt = SeedRuntime(args.model, providers=args.providers)
-        print(f"providers: {rt.providers}")
         if args.images:
             codes = rt.tokenize(list(args.images))
             caps = rt.caption(codes=codes) if "llm" in rt.parts else [None] * len(codes)
@@ -615,6 +635,7 @@ def main(argv=None) -> int:
                 print(f"{text!r} -> {path}")
         if not args.images and not args.generate:
             p.error("give image files and/or --generate TEXT")
+        print(f"providers used: {rt.active_providers}")
     except RuntimeInputError as e:
         print(f"seed-fast ort-run: error: {e}", file=sys.stderr)
         return 2

@@ -105,6 +105,8 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path):
     for fn, pattern in cases:
         with pytest.raises(RuntimeInputError, match=pattern):
             fn()
+    with pytest.raises(RuntimeInputError, match=r"provider\(s\) \['NoSuchExecutionProvider'\] are not available"):
+        SeedRuntime(out, providers=["CPUExecutionProvider", "NoSuchExecutionProvider"])
     with pytest.raises(RuntimeInputError, match="does not exist"):
         SeedRuntime(tmp_path / "nope")
     with pytest.raises(RuntimeInputError, match="export the model first"):
@@ -237,3 +239,12 @@ def test_runtime_draws_with_the_embedded_decoders_guidance_by_default():
 
     guidance = GenerationConfig.from_file(DEFAULT_DIR / "generation.json").decoder_guidance
     assert inspect.signature(SeedRuntime.render).parameters["guidance"].default == guidance
+
+
+def test_the_runtime_reports_the_providers_it_runs_on(tiny):
+    _, out = tiny
+    rt = SeedRuntime(out, providers=["CPUExecutionProvider"])
+    assert rt.active_providers == []  # nothing loaded yet
+    rt.embed(np.zeros((1, 32), np.int64))
+    assert rt.active_providers == ["CPUExecutionProvider"]
+    assert rt.active_providers == list(rt.session("detokenizer").get_providers())
