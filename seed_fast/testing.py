@@ -11,7 +11,7 @@ import torch
 def _as_tensor(x) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
-    return torch.as_tensor(x)  # numpy arrays, lists, Python numbers
+    return torch.tensor(x)  # numpy arrays (copied: they may be read-only), lists, Python numbers
 
 
 def _index(flat: int, shape) -> tuple[int, ...]:

@@ -103,8 +103,8 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_terminal_summary(terminalreporter):
-    reruns = [dict(r.user_properties).get("rerun") for r in terminalreporter.stats.get("failed", [])]
-    reruns = [r for r in reruns if r]
+    reruns = dict.fromkeys(dict(r.user_properties).get("rerun") for r in terminalreporter.stats.get("failed", []))
+    reruns.pop(None, None)
     if reruns:
         terminalreporter.section("rerun the failures with their seeds")
         for r in reruns:
