@@ -217,14 +217,16 @@ def test_the_installed_folder_loads_evaluates_and_demos(tiny_model, tmp_path):
         assert json.loads(cfg.read_text())["base_model_name_or_path"] is None
         assert not (cfg.parent / "README.md").exists()
     metrics = evaluate(m, 4, n_gen=2, steps=2, progress=False)
-    for key in (
-        "retrieval_i2t_r1",
-        "caption_objects_ok",
-        "answer_exact",
-        "generation_objects_ok",
-        "reconstruction_objects_ok",
-    ):
-        assert 0.0 <= metrics[key] <= 1.0, key
+    assert (metrics["n"], metrics["n_generation"]) == (4, 2)
+    for key, n in (
+        ("retrieval_i2t_r1", 4),
+        ("caption_objects_ok", 4),
+        ("answer_exact", 4),
+        ("generation_objects_ok", 2),
+        ("reconstruction_objects_ok", 2),
+    ):  # each a count of scenes over the scenes evaluated
+        hits = metrics[key] * n
+        assert 0 <= round(hits) <= n and hits == pytest.approx(round(hits)), (key, metrics[key])
     assert metrics["code_cfg_scale"] == 2.0 and metrics["decoder_guidance"] == 1.5
     seen_g, render = [], m.render
 

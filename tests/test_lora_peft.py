@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 import seed_fast.lora as sl  # noqa: E402
 from seed_fast.lora import apply_fused_lora, fused_lora_layers, remove_fused_lora  # noqa: E402
 from seed_fast.ops.lora_linear import not_supported_reasons  # noqa: E402
+from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _x = torch.empty(2, 4, device=DEVICE)
@@ -83,10 +84,10 @@ def _run(model, ids, **kw):
 
 @pytest.mark.parametrize("kind", ["opt", "llama"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_matches_peft_forward_and_backward(kind, impl, monkeypatch):
+def test_matches_peft_forward_and_backward(kind, impl, monkeypatch, seed):
     calls = _count_calls(monkeypatch, "lora_linear")
     model = _model(kind)
-    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     logits, loss, grads = _run(model, ids)
     assert any("lora_B" in n for n in grads) and any("lora_A" in n for n in grads)
     sd_before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -94,22 +95,24 @@ def test_matches_peft_forward_and_backward(kind, impl, monkeypatch):
     assert n == 2 * len(TARGETS[kind]) and len(fused_lora_layers(model)) == n
     f_logits, f_loss, f_grads = _run(model, ids)
     assert len(calls) == n, "every LoRA layer must take the fused path, not peft's fallback"
-    assert torch.allclose(f_logits, logits, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(f_loss, loss, atol=1e-6)
+    assert_close(f_logits, logits, atol=1e-5, rtol=1e-5, name="logits")
+    assert_close(f_loss, loss, atol=1e-6, rtol=1e-5, name="loss")
     assert f_grads.keys() == grads.keys()
     for name, g in grads.items():
-        assert torch.allclose(f_grads[name], g, atol=1e-5, rtol=1e-4), name
+        assert_close(f_grads[name], g, atol=1e-5, rtol=1e-4, name=name)
     sd = model.state_dict()
-    assert sd.keys() == sd_before.keys() and all(torch.equal(sd[k], sd_before[k]) for k in sd)
+    assert sd.keys() == sd_before.keys()
+    for k in sd:
+        assert_equal(sd[k], sd_before[k], name=k)
     assert remove_fused_lora(model) == n and fused_lora_layers(model) == []
     r_logits, _, _ = _run(model, ids)
-    assert torch.equal(r_logits, logits)
+    assert_equal(r_logits, logits, name="logits after remove_fused_lora")
 
 
-def test_peft_save_load_round_trip(tmp_path):
+def test_peft_save_load_round_trip(tmp_path, seed):
     model = _model("llama")
     apply_fused_lora(model)
-    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     with torch.no_grad():
         before = model(input_ids=ids).logits
     model.save_pretrained(tmp_path / "adapter")
@@ -120,44 +123,45 @@ def test_peft_save_load_round_trip(tmp_path):
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").to(DEVICE)
     apply_fused_lora(loaded)
     with torch.no_grad():
-        assert torch.allclose(loaded(input_ids=ids).logits, before, atol=1e-5)
+        after = loaded(input_ids=ids).logits
+    assert_close(after, before, atol=1e-5, rtol=1e-5, name="logits after save and load")
 
 
-def test_fallbacks_keep_peft_semantics():
+def test_fallbacks_keep_peft_semantics(seed):
     model = _model("opt").eval()
     apply_fused_lora(model)
-    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     with torch.no_grad():
         with model.disable_adapter():
             off = model(input_ids=ids).logits
         remove_fused_lora(model)
         with model.disable_adapter():
             peft_off = model(input_ids=ids).logits
-    assert torch.equal(off, peft_off)
+    assert_equal(off, peft_off, name="logits with the adapter disabled")
 
 
-def test_mixed_adapter_batch_matches_peft(monkeypatch):
+def test_mixed_adapter_batch_matches_peft(monkeypatch, seed):
     calls = _count_calls(monkeypatch, "lora_linear_multi")
     model = _model("llama", adapters=("a", "b")).eval()
-    ids = torch.randint(0, 97, (4, 6), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    ids = torch.randint(0, 97, (4, 6), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     names = ["a", "__base__", "b", "a"]
     with torch.no_grad():
         peft_out = model(input_ids=ids, adapter_names=names).logits
         apply_fused_lora(model)
         ours = model(input_ids=ids, adapter_names=names).logits
     assert len(calls) == 2 * len(TARGETS["llama"])
-    assert torch.allclose(ours, peft_out, atol=1e-5, rtol=1e-5)
+    assert_close(ours, peft_out, atol=1e-5, rtol=1e-5, name="mixed-adapter logits")
 
 
-def test_dropout_training_is_repeatable_and_differs_from_eval():
+def test_dropout_training_is_repeatable_and_differs_from_eval(seed):
     model = _model("llama", dropout=0.3).train()
     apply_fused_lora(model)
-    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    torch.manual_seed(7)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    torch.manual_seed(seed + 1)
     a = model(input_ids=ids).logits
-    torch.manual_seed(7)
+    torch.manual_seed(seed + 1)
     b = model(input_ids=ids).logits
-    assert torch.equal(a, b)
+    assert_equal(b, a, name="logits after the same torch seed")
     model.eval()
     with torch.no_grad():
         c = model(input_ids=ids).logits
@@ -170,9 +174,9 @@ def test_no_peft_layers_and_bad_impl():
         apply_fused_lora(torch.nn.Linear(3, 3), impl="fast")
 
 
-def test_mixed_batch_reuses_adapter_stacks_until_a_weight_changes():
+def test_mixed_batch_reuses_adapter_stacks_until_a_weight_changes(seed):
     model = _model("llama", adapters=("a", "b")).eval()
-    ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     names = ["b", "a", "__base__"]
     apply_fused_lora(model)
     layers = [m for m in model.modules() if hasattr(m, "lora_A") and "a" in m.lora_A]
@@ -181,11 +185,11 @@ def test_mixed_batch_reuses_adapter_stacks_until_a_weight_changes():
         stacks = [m._seed_fast_stacks[1][0] for m in layers]
         again = model(input_ids=ids, adapter_names=names).logits
         assert all(m._seed_fast_stacks[1][0] is s for m, s in zip(layers, stacks)), "rebuilt without a change"
-        assert torch.equal(first, again)
+        assert_equal(again, first, name="logits with the stacks reused")
         layers[0].lora_B["a"].weight.add_(0.5)  # in place, as an optimizer step does
         ours = model(input_ids=ids, adapter_names=names).logits
         assert layers[0]._seed_fast_stacks[1][0] is not stacks[0]
         remove_fused_lora(model)
         want = model(input_ids=ids, adapter_names=names).logits
     assert not torch.allclose(ours, first)
-    assert torch.allclose(ours, want, atol=1e-5, rtol=1e-5)
+    assert_close(ours, want, atol=1e-5, rtol=1e-5, name="logits after an in-place weight change")

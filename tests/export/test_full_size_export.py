@@ -15,6 +15,7 @@ from seed_fast import SeedTokenizer  # noqa: E402
 from seed_fast.export import export_onnx  # noqa: E402
 from seed_fast.runtime import SeedRuntime  # noqa: E402
 from seed_fast.synthetic import sample_images  # noqa: E402
+from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +35,11 @@ def test_seed_tokenizer_2_exports_and_runs_in_onnxruntime(tmp_path):
     codes = rt.tokenize(images)
     t_run = time.perf_counter() - t0
     assert codes.shape == (2, 32)
-    assert np.array_equal(codes, tok.encode(images).numpy())
+    assert_equal(codes, tok.encode(images), name="codes")
     emb = rt.embed(codes)
     assert emb.shape == (2, 1024)
     ref = tok.decode(torch.from_numpy(codes)).numpy()
-    assert np.abs(emb - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert_close(emb, ref, atol=1e-4 * float(np.abs(ref).max()), rtol=0, name="embeddings")
     print(
         f"\nseed-tokenizer-2: export {t_export:.0f} s ({rep['megabytes']:.0f} MB), onnxruntime 2 images {t_run:.1f} s"
     )

@@ -6,7 +6,6 @@ generated codes identical token for token, the denoising loop equal given the sa
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -22,15 +21,12 @@ from seed_fast.models.image_decoder import mini_image_decoder  # noqa: E402
 from seed_fast.ops import codebook_lookup_ref  # noqa: E402
 from seed_fast.runtime import RuntimeInputError, SeedRuntime  # noqa: E402
 from seed_fast.synthetic import sample_images  # noqa: E402
+from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 
 
-def _fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
+def _assert_rel(a, b, tol: float, name: str) -> None:
+    """Within tol of the largest magnitude of b, elementwise."""
+    assert_close(a, b, atol=tol * float(torch.as_tensor(b).detach().abs().max()), rtol=0, name=name)
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-opt"])
@@ -66,43 +62,43 @@ def test_graphs_hold_standard_ops_only(exported):
         assert domains <= {"", "ai.onnx"}, (f, domains)
 
 
-def test_nearest_code_matches_reference_on_odd_shapes():
-    g = torch.Generator().manual_seed(_fresh_seed())
+def test_nearest_code_matches_reference_on_odd_shapes(seed):
+    g = torch.Generator().manual_seed(seed)
     for n, k, d, chunk in ((1, 1, 1, 256), (37, 300, 7, 64), (64, 1024, 32, 256), (5, 513, 16, 512)):
         z, book = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
         ref, _ = codebook_lookup_ref(z, book)
         got = nearest_code(z, book, chunk)
-        assert torch.equal(got, ref), (n, k, d, chunk)
+        assert_equal(got, ref, name=f"n={n} k={k} d={d} chunk={chunk}")
     # ties: the lowest index wins across chunk borders, as in the reference
     book = torch.zeros(600, 4)
     got = nearest_code(torch.ones(3, 4), book, 256)
     assert got.tolist() == [0, 0, 0]
 
 
-def test_codes_identical_on_random_and_real_images(exported):
+def test_codes_identical_on_random_and_real_images(exported, seed):
     llm, _, rt, _, _ = exported
     tok = llm.tokenizer
     s = tok.config.vision.image_size
-    g = torch.Generator().manual_seed(_fresh_seed())
+    g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (4, 3, s, s), generator=g, dtype=torch.uint8)
-    assert np.array_equal(rt.tokenize(x.numpy()), tok.encode(x).numpy())
-    scenes, _ = sample_images(3, seed=_fresh_seed() % 1000, size=s)
-    assert np.array_equal(rt.tokenize(scenes), tok.encode(scenes).numpy())
+    assert_equal(rt.tokenize(x.numpy()), tok.encode(x), name="codes of random images")
+    scenes, _ = sample_images(3, seed=seed % 1000, size=s)
+    assert_equal(rt.tokenize(scenes), tok.encode(scenes), name="codes of scenes")
     skimage = pytest.importorskip("skimage.data")
     from PIL import Image
 
     real = [Image.fromarray(getattr(skimage, n)()) for n in ("astronaut", "coffee", "chelsea", "rocket")]
-    assert np.array_equal(rt.tokenize(real), tok.encode(real).numpy())
+    assert_equal(rt.tokenize(real), tok.encode(real), name="codes of photographs")
     # float input is accepted too (range-checked, converted to the graph's uint8)
     xf = x.float().numpy() / 255.0
-    assert np.array_equal(rt.tokenize(xf), tok.encode(x).numpy())
+    assert_equal(rt.tokenize(xf), tok.encode(x), name="codes of float images")
 
 
-def test_embeddings_and_logits_within_1e4(exported):
+def test_embeddings_and_logits_within_1e4(exported, seed):
     llm, _, rt, _, _ = exported
-    g = torch.Generator().manual_seed(_fresh_seed())
+    g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, llm.tokenizer.codebook_size, (5, 32), generator=g)
-    assert _rel(rt.embed(codes.numpy()), llm.tokenizer.decode(codes).numpy()) <= 1e-4
+    _assert_rel(rt.embed(codes.numpy()), llm.tokenizer.decode(codes), 1e-4, "embeddings")
     # prefill logits of a left-padded batch, against the transformers model run directly
     rows = [[llm.text_tokenizer.bos_token_id] + torch.randint(4, 50, (n,), generator=g).tolist() for n in (3, 9)]
     ids, mask, pos = rt._prefill(rows, 1)
@@ -111,12 +107,12 @@ def test_embeddings_and_logits_within_1e4(exported):
         ref = llm.model(
             input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(pos)
         ).logits[:, -1]
-    assert _rel(logits, ref.numpy()) <= 1e-4
+    _assert_rel(logits, ref, 1e-4, "prefill logits")
 
 
-def test_greedy_captions_and_answers_identical_token_for_token(exported):
+def test_greedy_captions_and_answers_identical_token_for_token(exported, seed):
     llm, _, rt, _, _ = exported
-    g = torch.Generator().manual_seed(_fresh_seed())
+    g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, llm.tokenizer.codebook_size, (4, 32), generator=g)
     rows = [llm.encode_turn(llm.template.caption, codes[i : i + 1]) for i in range(4)]
     assert rt.generate_ids(rows, max_new_tokens=12) == llm.generate_ids(rows, max_new_tokens=12)
@@ -130,28 +126,27 @@ def test_greedy_captions_and_answers_identical_token_for_token(exported):
 def test_generated_codes_identical_with_and_without_guidance(exported):
     llm, _, rt, _, _ = exported
     texts = ["one red circle left of a blue square", "three green triangles left of a yellow circle"]
-    assert np.array_equal(rt.generate_codes(texts), llm.generate_image_codes(texts).numpy())
-    assert np.array_equal(
-        rt.generate_codes(texts, cfg_scale=3.0), llm.generate_image_codes(texts, cfg_scale=3.0).numpy()
+    assert_equal(rt.generate_codes(texts), llm.generate_image_codes(texts), name="greedy codes")
+    assert_equal(
+        rt.generate_codes(texts, cfg_scale=3.0), llm.generate_image_codes(texts, cfg_scale=3.0), name="guided codes"
     )
 
 
-def test_denoising_loop_matches_the_pipeline_given_the_same_noise(exported):
+def test_denoising_loop_matches_the_pipeline_given_the_same_noise(exported, seed):
     llm, dec, rt, _, _ = exported
-    g = torch.Generator().manual_seed(_fresh_seed())
+    g = torch.Generator().manual_seed(seed)
     emb = torch.randn(2, dec.image_embedding_dim, generator=g)
     noise = torch.randn(2, 3, 16, 16, generator=g)
     for guidance in (1.0, 2.5):
         ref = dec(emb, num_inference_steps=7, guidance_scale=guidance, latents=noise, output_type="np").images
         got = rt.render(emb.numpy(), steps=7, guidance=guidance, noise=noise.numpy())
-        assert got.shape == ref.shape == (2, 16, 16, 3)
-        assert np.abs(got - ref).max() <= 1e-4
+        assert got.shape == (2, 16, 16, 3)
+        assert_close(got, ref, atol=1e-4, rtol=0, name=f"images, guidance {guidance}")
 
 
-def test_patch_decoder_exports_and_renders_like_the_pipeline(tmp_path):
+def test_patch_decoder_exports_and_renders_like_the_pipeline(tmp_path, seed):
     """A patch-2 decoder (space-to-depth around the UNet) exports with pixel-space inputs, and the
     numpy loop draws what the pipeline draws from the same noise."""
-    seed = _fresh_seed()
     dec = mini_image_decoder(embed_dim=12, image_size=16, seed=seed % 1000, channels=(16, 32), patch=2)
     m = export_onnx(["decoder"], tmp_path, objects={"decoder": dec}, progress=False)
     assert m["parts"]["decoder"]["in_channels"] == 3 and m["parts"]["decoder"]["image_size"] == 16
@@ -166,17 +161,16 @@ def _renders_like_the_pipeline(dec, folder, seed: int, noise_shape: tuple) -> Se
     emb, noise = torch.randn(2, dec.image_embedding_dim, generator=g), torch.randn(*noise_shape, generator=g)
     ref = dec(emb, num_inference_steps=5, guidance_scale=2.0, latents=noise, output_type="np").images
     got = rt.render(emb.numpy(), steps=5, guidance=2.0, noise=noise.numpy())
-    assert got.shape == ref.shape == (2, dec.image_size, dec.image_size, 3)
-    assert np.abs(got - ref).max() <= 1e-4
+    assert got.shape == (2, dec.image_size, dec.image_size, 3)
+    assert_close(got, ref, atol=1e-4, rtol=0, name="images")
     return rt
 
 
-def test_latent_decoder_exports_its_autoencoder_and_renders_like_the_pipeline(tmp_path):
+def test_latent_decoder_exports_its_autoencoder_and_renders_like_the_pipeline(tmp_path, seed):
     """A latent decoder (UNet on autoencoder latents) exports the UNet at latent shape plus
     decoder_vae.onnx, and the numpy loop then the autoencoder draw what the pipeline draws."""
     from seed_fast.models.image_decoder import mini_autoencoder
 
-    seed = _fresh_seed()
     vae = mini_autoencoder(16, (8, 16), latent_channels=4, seed=seed % 1000)
     vae.register_to_config(scaling_factor=1.3)
     dec = mini_image_decoder(embed_dim=12, image_size=16, seed=seed % 1000, channels=(16, 32), vae=vae)
@@ -231,10 +225,10 @@ def test_external_data_and_fp16(tmp_path):
     assert len(rt16.caption(codes=codes.numpy(), max_new_tokens=3)) == 2
 
 
-def test_lora_is_merged_into_the_exported_weights(tmp_path):
+def test_lora_is_merged_into_the_exported_weights(tmp_path, seed):
     llm = SeedLLM.from_config("tiny-llama", seed=6)
     llm.add_lora(True, fused=False)
-    g = torch.Generator().manual_seed(_fresh_seed())
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # a non-zero adapter, so merging changes the logits
         for name, p in llm.model.named_parameters():
             if "lora_B" in name:

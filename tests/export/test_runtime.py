@@ -16,6 +16,7 @@ from seed_fast import SeedLLM  # noqa: E402
 from seed_fast.export import MANIFEST, export_onnx  # noqa: E402
 from seed_fast.models.image_decoder import mini_image_decoder  # noqa: E402
 from seed_fast.runtime import RuntimeInputError, SeedRuntime  # noqa: E402
+from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 
 BLOCK_TORCH = """
 import sys
@@ -198,7 +199,7 @@ def test_tensorrt_without_tensorrt_says_how_to_install(tiny, tmp_path):
         pytest.skip("tensorrt is installed: engines are built on a GPU machine (benchmarks/gpu_session.sh)")
 
 
-def test_embedded_default_model_through_onnx(tmp_path):
+def test_embedded_default_model_through_onnx(tmp_path, seed):
     from seed_fast.default_model import DEFAULT_DIR, load_default
     from seed_fast.default_model.demo import test_scenes
 
@@ -210,16 +211,17 @@ def test_embedded_default_model_through_onnx(tmp_path):
     rt = SeedRuntime(tmp_path, providers=["CPUExecutionProvider"])
     images, caps, _, qas = test_scenes(16)
     codes = rt.tokenize(images)
-    assert np.array_equal(codes, m.tokenizer.encode(images).numpy())
+    assert_equal(codes, m.tokenizer.encode(images), name="codes")
     assert rt.caption(codes=codes) == m.llm.caption(codes=torch.from_numpy(codes))
     qs = [q for q, _ in qas]
     assert rt.answer(qs, codes=codes) == m.llm.answer(codes=torch.from_numpy(codes), questions=qs)
     gen = rt.generate_codes(caps[:4])
-    assert np.array_equal(gen, m.llm.generate_image_codes(caps[:4]).numpy())
+    assert_equal(gen, m.llm.generate_image_codes(caps[:4]), name="generated codes")
     emb = rt.embed(gen)
-    assert np.abs(emb - m.tokenizer.decode(torch.from_numpy(gen)).numpy()).max() <= 1e-4 * np.abs(emb).max()
+    want = m.tokenizer.decode(torch.from_numpy(gen))
+    assert_close(emb, want, atol=1e-4 * float(np.abs(emb).max()), rtol=0, name="embeddings")
     c, s = m.decoder.sample_channels, m.decoder.sample_size  # the latents of a latent decoder
-    noise = np.random.default_rng(0).standard_normal((4, c, s, s)).astype(np.float32)
+    noise = np.random.default_rng(seed).standard_normal((4, c, s, s)).astype(np.float32)
     ref = m.decoder(
         torch.from_numpy(emb),
         num_inference_steps=5,
@@ -227,7 +229,7 @@ def test_embedded_default_model_through_onnx(tmp_path):
         latents=torch.from_numpy(noise),
         output_type="np",
     ).images
-    assert np.abs(rt.render(emb, steps=5, guidance=2.0, noise=noise) - ref).max() <= 1e-4
+    assert_close(rt.render(emb, steps=5, guidance=2.0, noise=noise), ref, atol=1e-4, rtol=0, name="images")
 
 
 def test_runtime_draws_with_the_embedded_decoders_guidance_by_default():

@@ -2,12 +2,14 @@
 
 import json
 import os
+import random
 
 import pytest
 import torch
 
 from seed_fast import CheckpointError, SeedTokenizer, get_config
 from seed_fast.models.checkpoint import load_state_dict_file, ours_to_official
+from seed_fast.testing import assert_equal
 
 
 def _spec_official_shapes():
@@ -100,11 +102,11 @@ def test_official_round_trip_tiny(tiny_tok, images, tmp_path):
     assert "Qformer.bert.embeddings.position_ids" in r.ignored
     assert any("blocks.2.norm1" in k for k in r.ignored)
     for k, v in tiny_tok.state_dict().items():
-        assert torch.equal(tok.state_dict()[k], v), k
+        assert_equal(tok.state_dict()[k], v, name=k)
     codes = tiny_tok.encode(images)
-    assert torch.equal(tok.encode(images), codes)
-    assert torch.equal(tok.encode_embeddings(images), tiny_tok.encode_embeddings(images))
-    assert torch.equal(tok.decode(codes), tiny_tok.decode(codes))
+    assert_equal(tok.encode(images), codes, name="codes")
+    assert_equal(tok.encode_embeddings(images), tiny_tok.encode_embeddings(images), name="embeddings")
+    assert_equal(tok.decode(codes), tiny_tok.decode(codes), name="decoded")
 
 
 def test_official_safetensors_and_without_reconstruction_head(tiny_tok, images, tmp_path):
@@ -116,7 +118,7 @@ def test_official_safetensors_and_without_reconstruction_head(tiny_tok, images, 
     save_file({k: v.contiguous() for k, v in vit.items()}, str(tmp_path / "v.safetensors"))
     tok = SeedTokenizer.from_official(tmp_path / "q.safetensors", tmp_path / "v.safetensors", config="tiny")
     assert tok.load_report.missing == []
-    assert torch.equal(tok.encode(images), tiny_tok.encode(images))
+    assert_equal(tok.encode(images), tiny_tok.encode(images), name="codes")
 
 
 def test_official_strictness(tiny_tok, tmp_path):
@@ -150,7 +152,7 @@ def test_save_and_from_pretrained(tiny_tok, images, tmp_path):
     assert meta["config"]["name"] == "tiny" and meta["format_version"] == 1
     tok = SeedTokenizer.from_pretrained(tmp_path / "tok")
     assert tok.config == tiny_tok.config
-    assert torch.equal(tok.encode(images), tiny_tok.encode(images))
+    assert_equal(tok.encode(images), tiny_tok.encode(images), name="codes")
     with pytest.raises(FileNotFoundError, match="missing"):
         os.remove(tmp_path / "tok" / "model.safetensors")
         SeedTokenizer.from_pretrained(tmp_path / "tok")
@@ -176,7 +178,7 @@ class NotAStateDict:
         ("bad_safetensors", "not a readable safetensors file"),
     ],
 )
-def test_bad_checkpoint_files(tmp_path, case, match):
+def test_bad_checkpoint_files(tmp_path, case, match, seed):
     path = tmp_path / ("x.safetensors" if case == "bad_safetensors" else "x.pt")
     if case == "object":
         torch.save(NotAStateDict(), path)
@@ -187,7 +189,7 @@ def test_bad_checkpoint_files(tmp_path, case, match):
     elif case == "empty_dict":
         torch.save({}, path)
     elif case == "garbage":
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(random.Random(seed).randbytes(4096))
     elif case == "truncated":
         torch.save({f"w{i}": torch.randn(256) for i in range(20)}, path)
         data = path.read_bytes()

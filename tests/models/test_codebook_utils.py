@@ -1,7 +1,6 @@
 """Codebook health utilities: usage, perplexity, dead codes, k-means init, dead-code restart."""
 
 import math
-import os
 from collections import Counter
 
 import pytest
@@ -17,10 +16,7 @@ from seed_fast.models.codebook_utils import (
     kmeans_init,
     restart_dead_codes,
 )
-
-
-def _fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
+from seed_fast.testing import assert_close, assert_equal
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -51,8 +47,7 @@ def _blobs(seed: int, k: int = 8, d: int = 4, per: int = 60, spacing: float = 10
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
 @pytest.mark.parametrize("shape", [(1,), (37,), (4, 32), (2, 3, 17)])
-def test_usage_matches_counter(dtype, shape):
-    seed = _fresh_seed()
+def test_usage_matches_counter(dtype, shape, seed):
     k = int(torch.randint(1, 200, (1,), generator=_gen(seed)))
     idx = torch.randint(0, k, shape, generator=_gen(seed + 1)).to(dtype)
     counts = codebook_usage(idx, k)
@@ -115,8 +110,7 @@ def test_perplexity_two_codes_by_hand():
     assert codebook_perplexity(torch.tensor([[5, 1], [1, 1]]), 8) == pytest.approx(expected, rel=1e-12)
 
 
-def test_perplexity_matches_reference_and_indices_equal_counts():
-    seed = _fresh_seed()
+def test_perplexity_matches_reference_and_indices_equal_counts(seed):
     g = _gen(seed)
     k = 50
     # skewed usage so that the distribution is far from uniform
@@ -165,8 +159,7 @@ def test_dead_codes():
     assert dead_codes(torch.ones(4, dtype=torch.int32)).shape == (0,)
 
 
-def test_dead_codes_random_against_loop():
-    seed = _fresh_seed()
+def test_dead_codes_random_against_loop(seed):
     counts = torch.randint(0, 4, (300,), generator=_gen(seed))
     for thr in range(4):
         assert dead_codes(counts, thr).tolist() == [i for i, c in enumerate(counts.tolist()) if c <= thr]
@@ -193,8 +186,7 @@ def test_dead_codes_errors(counts, thr, exc, match):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_stats_consistent():
-    seed = _fresh_seed()
+def test_stats_consistent(seed):
     g = _gen(seed)
     k = 64
     idx = torch.randint(0, 40, (5, 30), generator=g)  # codes >= 40 never used
@@ -241,38 +233,34 @@ def _assert_blobs_recovered(found, true, msg):
 
 
 @pytest.mark.parametrize("rep", range(3))
-def test_kmeans_recovers_blobs(rep):
+def test_kmeans_recovers_blobs(rep, seed):
     # Greedy k-means++ seeding finds every blob (0 failures in 200 trials when this was written). Plain
     # random seeding does not: it often puts two centers in one blob and one between two blobs, which
     # Lloyd's iterations cannot undo (see test_kmeans_random_init_improves_on_random_sample).
-    seed = _fresh_seed()
     true, z = _blobs(seed)
     found = kmeans_init(z, 8, seed=seed, init="k-means++")
     _assert_blobs_recovered(found, true, f"seed={seed}")
     assert _objective(z, found) < 2 * 4 * 0.1**2  # ~ D * std^2 = 0.04 at the optimum
 
 
-def test_kmeans_recovers_blobs_leading_dims_and_small_chunk(monkeypatch):
-    seed = _fresh_seed()
+def test_kmeans_recovers_blobs_leading_dims_and_small_chunk(monkeypatch, seed):
     true, z = _blobs(seed, per=30)
     monkeypatch.setattr(cu, "_DIFF_BUDGET", 20)  # force the code axis to be split too
     found = kmeans_init(z.reshape(4, -1, 4), 8, seed=seed, init="k-means++", chunk=7)
     _assert_blobs_recovered(found, true, f"seed={seed}")
 
 
-def test_kmeans_chunking_does_not_change_the_result(monkeypatch):
-    seed = _fresh_seed()
+def test_kmeans_chunking_does_not_change_the_result(monkeypatch, seed):
     z = torch.randn(300, 5, generator=_gen(seed))
     for init in ("random", "k-means++"):
         ref = kmeans_init(z, 12, seed=seed, init=init)
-        assert torch.equal(kmeans_init(z, 12, seed=seed, init=init, chunk=13), ref), f"seed={seed}"
+        assert_equal(kmeans_init(z, 12, seed=seed, init=init, chunk=13), ref, name=f"{init} chunk=13")
         monkeypatch.setattr(cu, "_DIFF_BUDGET", 50)
-        assert torch.equal(kmeans_init(z, 12, seed=seed, init=init, chunk=1), ref), f"seed={seed}"
+        assert_equal(kmeans_init(z, 12, seed=seed, init=init, chunk=1), ref, name=f"{init} chunk=1")
         monkeypatch.undo()
 
 
-def test_kmeans_random_init_improves_on_random_sample():
-    seed = _fresh_seed()
+def test_kmeans_random_init_improves_on_random_sample(seed):
     g = _gen(seed)
     z = torch.randn(1500, 4, generator=g)
     k = 16
@@ -290,35 +278,33 @@ def test_kmeans_random_init_improves_on_random_sample():
     assert _objective(zb, kmeans_init(zb, 8, seed=seed, init="k-means++")) < base
 
 
-def test_kmeans_reseeds_empty_clusters():
+def test_kmeans_reseeds_empty_clusters(seed):
     # 4 distinct points, 25 exact copies each: a random sample of 4 rows nearly always holds duplicates, and
     # a duplicate center never gets a row (ties go to the lowest index). Re-seeding the empty centers from
     # random rows finds every point (1000/1000 seeds when written); without it only ~43% of seeds do.
     corners = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
     z = corners.repeat_interleave(25, dim=0)
-    for _ in range(8):
-        seed = _fresh_seed()
-        c = kmeans_init(z, 4, seed=seed)
-        assert sorted(map(tuple, c.tolist())) == sorted(map(tuple, corners.tolist())), f"seed={seed}\n{c}"
+    for s in range(seed, seed + 8):
+        c = kmeans_init(z, 4, seed=s)
+        assert sorted(map(tuple, c.tolist())) == sorted(map(tuple, corners.tolist())), f"seed={s}\n{c}"
 
 
 @pytest.mark.parametrize("init", ["random", "k-means++"])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_kmeans_deterministic_and_seed_dependent(init, metric):
-    z = torch.randn(400, 6, generator=_gen(_fresh_seed()))
+def test_kmeans_deterministic_and_seed_dependent(init, metric, seed):
+    z = torch.randn(400, 6, generator=_gen(seed))
     rng = torch.get_rng_state()
     a = kmeans_init(z, 10, seed=123, init=init, metric=metric)
     b = kmeans_init(z, 10, seed=123, init=init, metric=metric)
     c = kmeans_init(z, 10, seed=124, init=init, metric=metric)
     kmeans_init(z, 10, seed=None, init=init, metric=metric)
     assert torch.equal(torch.get_rng_state(), rng), "the global RNG was used"
-    assert torch.equal(a, b)
+    assert_equal(b, a, name="the same seed's centers")
     assert not torch.equal(a, c)
 
 
 @pytest.mark.parametrize("n,k,d", [(5, 12, 3), (1, 4, 2), (9, 10, 1)])
-def test_kmeans_fewer_rows_than_codes(n, k, d):
-    seed = _fresh_seed()
+def test_kmeans_fewer_rows_than_codes(n, k, d, seed):
     g = _gen(seed)
     z = 2.0 * torch.randn(n, d, generator=g) + 1.0
     while n > 1 and torch.pdist(z).min() < 0.1 * z.std():  # rows well apart compared with the jitter
@@ -337,13 +323,12 @@ def test_kmeans_fewer_rows_than_codes(n, k, d):
 def test_kmeans_constant_data():
     z = torch.full((6, 3), 2.5)
     c = kmeans_init(z, 3, seed=0)  # N >= K, all rows equal: every center ends at the single point
-    assert torch.equal(c, torch.full((3, 3), 2.5))
+    assert_equal(c, torch.full((3, 3), 2.5), name="centers of constant data")
     c = kmeans_init(torch.zeros(2, 3), 5, seed=0)  # N < K: jitter 1e-3 absolute, centers still differ
     assert (torch.pdist(c) > 0).all() and c.abs().max() < 0.01
 
 
-def test_kmeans_cosine_unit_norm_and_directions():
-    seed = _fresh_seed()
+def test_kmeans_cosine_unit_norm_and_directions(seed):
     g = _gen(seed)
     k, d = 6, 8
     dirs = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
@@ -352,24 +337,23 @@ def test_kmeans_cosine_unit_norm_and_directions():
     mags = torch.rand(k, 50, 1, generator=g) * 20 + 0.1  # wildly different norms: l2 k-means would split by norm
     z = (dirs[:, None, :] + 0.03 * torch.randn(k, 50, d, generator=g)) * mags
     c = kmeans_init(z.reshape(-1, d), k, seed=seed, metric="cosine", init="k-means++")
-    assert torch.allclose(c.norm(dim=1), torch.ones(k), atol=1e-5)
+    assert_close(c.norm(dim=1), torch.ones(k), atol=1e-5, rtol=1e-5, name="k-means++ center norms")
     cos = c @ dirs.T
     assert (cos.max(dim=1).values > 0.99).all(), f"seed={seed}\n{cos}"
     assert (cos.max(dim=0).values > 0.99).all(), f"seed={seed}\n{cos}"
     c = kmeans_init(z, k, seed=seed, metric="cosine")  # random init, (k, 50, d) input
-    assert torch.allclose(c.norm(dim=1), torch.ones(k), atol=1e-5)
+    assert_close(c.norm(dim=1), torch.ones(k), atol=1e-5, rtol=1e-5, name="random-init center norms")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_kmeans_dtypes(dtype, metric):
-    seed = _fresh_seed()
+def test_kmeans_dtypes(dtype, metric, seed):
     true, z = _blobs(seed, per=20)
     c = kmeans_init(z.to(dtype), 8, seed=seed, metric=metric, init="k-means++")
     assert c.dtype == dtype and c.shape == (8, 4) and torch.isfinite(c).all()
     if metric == "cosine":
         tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-6)
-        assert torch.allclose(c.float().norm(dim=1), torch.ones(8), atol=tol)
+        assert_close(c.float().norm(dim=1), torch.ones(8), atol=tol, rtol=1e-5, name=f"{dtype} center norms")
     else:
         _assert_blobs_recovered(c.float(), true, f"seed={seed} dtype={dtype}")
 
@@ -430,8 +414,7 @@ def _rows_in(rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (rows[:, None, :] == z[None, :, :]).all(-1).any(-1)
 
 
-def test_restart_replaces_exactly_the_dead_rows():
-    seed = _fresh_seed()
+def test_restart_replaces_exactly_the_dead_rows(seed):
     g = _gen(seed)
     emb = nn.Embedding(32, 6)
     counts = torch.randint(0, 3, (32,), generator=g)
@@ -443,15 +426,14 @@ def test_restart_replaces_exactly_the_dead_rows():
     assert restarted.dtype == torch.int64 and restarted.tolist() == dead.tolist(), f"seed={seed}"
     w = emb.weight.detach()
     live = counts > 0
-    assert torch.equal(w[live], before[live]), "live rows changed"
+    assert_equal(w[live], before[live], name="live rows")
     assert _rows_in(w[dead], z.reshape(-1, 6)).all(), f"seed={seed}: a restarted row is not a row of z"
     assert not _rows_in(before[dead], z.reshape(-1, 6)).any()  # so they really were replaced
     assert len({tuple(r) for r in w[dead].tolist()}) == dead.numel()  # distinct rows while N >= n_dead
     assert isinstance(emb.weight, nn.Parameter) and emb.weight.requires_grad and emb.weight.grad_fn is None
 
 
-def test_restart_threshold_float_counts_and_replacement():
-    seed = _fresh_seed()
+def test_restart_threshold_float_counts_and_replacement(seed):
     g = _gen(seed)
     cb = torch.randn(10, 3)
     counts = torch.tensor([0.0, 0.4, 2.0, 0.5, 3.0, 0.0, 1.0, 0.2, 5.0, 0.5])  # EMA cluster sizes
@@ -461,30 +443,31 @@ def test_restart_threshold_float_counts_and_replacement():
     assert restarted.tolist() == [0, 1, 3, 5, 7, 9]
     assert _rows_in(cb[restarted], z).all()
     keep = torch.tensor([2, 4, 6, 8])
-    assert torch.equal(cb[keep], before[keep])
+    assert_equal(cb[keep], before[keep], name="kept rows")
 
 
-def test_restart_noise_and_determinism():
-    seed = _fresh_seed()
+def test_restart_noise_and_determinism(seed):
     g = _gen(seed)
     counts = torch.tensor([0, 5, 0, 0, 7])
     z = 4.0 * torch.randn(200, 8, generator=g)
     cbs = [torch.zeros(5, 8) for _ in range(3)]
     r = [restart_dead_codes(cb, counts, z, seed=s, noise=0.01) for cb, s in zip(cbs, [7, 7, 8])]
     assert all(x.tolist() == [0, 2, 3] for x in r)
-    assert torch.equal(cbs[0], cbs[1]) and not torch.equal(cbs[0], cbs[2])
+    assert_equal(cbs[1], cbs[0], name="the same seed's restart")
+    assert not torch.equal(cbs[0], cbs[2])
     new = cbs[0][[0, 2, 3]]
     assert not _rows_in(new, z).any()  # noise was added ...
     near = torch.cdist(new, z).min(dim=1).values
     assert (near < 0.01 * z.std() * 8).all() and (near > 0).all()  # ... at the requested scale
-    assert torch.equal(cbs[0][[1, 4]], torch.zeros(2, 8))
+    assert_equal(cbs[0][[1, 4]], torch.zeros(2, 8), name="live rows")
 
 
 def test_restart_nothing_dead_and_dtype_device_conversion():
     cb = torch.randn(4, 2)
     before = cb.clone()
     r = restart_dead_codes(cb, torch.ones(4, dtype=torch.int64), torch.randn(5, 2))
-    assert r.dtype == torch.int64 and r.numel() == 0 and torch.equal(cb, before)
+    assert r.dtype == torch.int64 and r.numel() == 0
+    assert_equal(cb, before, name="codebook with nothing dead")
     cb16 = torch.zeros(3, 2, dtype=torch.bfloat16)
     z = torch.randn(4, 2, dtype=torch.float64)
     r = restart_dead_codes(cb16, torch.tensor([0, 1, 0]), z, seed=0)
@@ -525,4 +508,4 @@ def test_restart_errors(cb, counts, z, kwargs, exc, match):
     before = cb.clone() if isinstance(cb, torch.Tensor) else None
     with pytest.raises(exc, match=match):
         restart_dead_codes(cb, counts, z, **kwargs)
-    assert torch.equal(cb, before), "the codebook was modified although the call failed"
+    assert_equal(cb, before, name="the codebook after the failed call")

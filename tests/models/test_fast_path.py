@@ -5,6 +5,7 @@ import torch
 
 from seed_fast import SeedTokenizer
 from seed_fast.ops.qformer_attention import not_supported_reasons
+from seed_fast.testing import assert_close, assert_equal
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,38 +27,38 @@ IMPLS = ["sdpa", "ref"] + (["triton"] if _triton_runs() else [])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_fast_path_matches_reference(impl):
+def test_fast_path_matches_reference(impl, seed):
     tok = _tok()
-    imgs = _images(3, seed=1)
+    imgs = _images(3, seed=seed)
     ref_emb, ref_codes = tok.encode_embeddings(imgs), tok.encode(imgs)
     tok.to_fast(attn_impl=impl)
     assert tok.is_fast
     emb, codes = tok.encode_embeddings(imgs), tok.encode(imgs)
-    err = (emb - ref_emb).abs().max()
-    assert err <= 1e-5 * ref_emb.abs().max(), f"fast path differs by {float(err):.3g}"
-    assert torch.equal(codes, ref_codes)
+    assert_close(emb, ref_emb, atol=1e-5 * float(ref_emb.abs().max()), rtol=0, name=f"fast path ({impl})")
+    assert_equal(codes, ref_codes, name="codes")
 
 
 def test_fast_is_the_default():
     assert SeedTokenizer.from_config("tiny", seed=0).is_fast
 
 
-def test_to_reference_restores_the_exact_reference():
+def test_to_reference_restores_the_exact_reference(seed):
     tok = _tok().to_reference()
-    imgs = _images(2, seed=2)
+    imgs = _images(2, seed=seed)
     before = tok.encode_embeddings(imgs)
     sd = {k: v.clone() for k, v in tok.state_dict().items()}
     tok.to_fast()
     assert tok.state_dict().keys() == sd.keys(), "to_fast must not change the checkpoint layout"
     tok.to_reference()
     assert not tok.is_fast
-    assert torch.equal(tok.encode_embeddings(imgs), before)
-    assert all(torch.equal(v, sd[k]) for k, v in tok.state_dict().items())
+    assert_equal(tok.encode_embeddings(imgs), before, name="embeddings")
+    for k, v in tok.state_dict().items():
+        assert_equal(v, sd[k], name=k)
 
 
-def test_fused_weights_follow_weight_changes():
+def test_fused_weights_follow_weight_changes(seed):
     tok = _tok().to_fast()
-    imgs = _images(2, seed=3)
+    imgs = _images(2, seed=seed)
     tok.encode_embeddings(imgs)  # fills the fused-weight cache
     with torch.no_grad():  # in-place edits, as an optimizer step or load_state_dict does
         tok.qformer.layers[0].crossattention.self.key.weight.mul_(1.5)
@@ -65,7 +66,7 @@ def test_fused_weights_follow_weight_changes():
     fast = tok.encode_embeddings(imgs)
     tok.to_reference()
     ref = tok.encode_embeddings(imgs)
-    assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert_close(fast, ref, atol=1e-5 * float(ref.abs().max()), rtol=0, name="after in-place edits")
     # and after re-assigning a parameter (new storage)
     tok.to_fast()
     tok.encode_embeddings(imgs)
@@ -73,12 +74,12 @@ def test_fused_weights_follow_weight_changes():
     lin.weight = torch.nn.Parameter(lin.weight.detach() * -1.0)
     fast = tok.encode_embeddings(imgs)
     ref = tok.to_reference().encode_embeddings(imgs)
-    assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert_close(fast, ref, atol=1e-5 * float(ref.abs().max()), rtol=0, name="after re-assigning a parameter")
 
 
-def test_fast_path_is_causal():
+def test_fast_path_is_causal(seed):
     tok = _tok().to_fast()
-    feats = tok.image_features(tok.preprocess(_images(1, seed=4)))
+    feats = tok.image_features(tok.preprocess(_images(1, seed=seed)))
     queries = tok.qformer.query_tokens.detach().clone()
     with torch.no_grad():
         base = tok.qformer(feats, queries)
@@ -86,14 +87,14 @@ def test_fast_path_is_causal():
             q2 = queries.clone()
             q2[:, j] += 1.0
             out = tok.qformer(feats, q2)
-            assert torch.equal(out[:, :j], base[:, :j]), f"query {j} changed earlier outputs"
+            assert_equal(out[:, :j], base[:, :j], name=f"outputs before query {j}")
             assert not torch.equal(out[:, j:], base[:, j:])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_fast_path_gradients_match_reference(impl):
+def test_fast_path_gradients_match_reference(impl, seed):
     """Stage-I training through the fast path: gradients reach the original (unfused) weights."""
-    feats = torch.randn(2, 257, 96, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    feats = torch.randn(2, 257, 96, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     grads = {}
     for mode in ("ref", "fast"):
         tok = _tok(seed=9).train()
@@ -104,8 +105,7 @@ def test_fast_path_gradients_match_reference(impl):
         grads[mode] = {n: p.grad.clone() for n, p in tok.qformer.named_parameters() if p.grad is not None}
     assert grads["ref"].keys() == grads["fast"].keys()
     for name, g in grads["ref"].items():
-        err = (grads["fast"][name] - g).abs().max()
-        assert err <= 1e-4 * g.abs().max() + 1e-7, f"{name}: gradient differs by {float(err):.3g}"
+        assert_close(grads["fast"][name], g, atol=1e-4 * float(g.abs().max()) + 1e-7, rtol=0, name=name)
 
 
 def test_packed_projections_get_one_packed_gradient():
@@ -126,20 +126,20 @@ def test_packed_projections_get_one_packed_gradient():
     assert not [n for n in names if n.startswith("SelectBackward")], sorted(set(names))
 
 
-def test_fast_path_runs_under_torch_compile():
+def test_fast_path_runs_under_torch_compile(seed):
     tok = _tok().to_fast()
-    feats = torch.randn(2, 257, 96, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    feats = torch.randn(2, 257, 96, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     with torch.no_grad():
         eager = tok.qformer(feats)
         compiled = torch.compile(tok.qformer, fullgraph=True, backend="aot_eager")(feats)
-    assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
+    assert_close(compiled, eager, atol=1e-5 * float(eager.abs().max()), rtol=0, name="compiled")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_graph_replay_matches_eager(dtype):
+def test_cuda_graph_replay_matches_eager(dtype, seed):
     tok = _tok().to(dtype)
-    imgs = _images(3, seed=10)
+    imgs = _images(3, seed=seed)
     ref_codes = tok.encode(imgs)
     ref_emb = tok.encode_embeddings(imgs)
     tok.to_fast(cuda_graph=True)
@@ -147,15 +147,16 @@ def test_cuda_graph_replay_matches_eager(dtype):
         codes, emb = tok.encode(imgs), tok.encode_embeddings(imgs)
     assert tok._graphs["codes"].num_graphs == 1
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert (emb.float() - ref_emb.float()).abs().max() <= tol * ref_emb.float().abs().max()
+    scale = float(ref_emb.float().abs().max())
+    assert_close(emb, ref_emb, atol=tol * scale, rtol=0, name=f"replayed {dtype}")
     if dtype == torch.float32:
-        assert torch.equal(codes, ref_codes)
+        assert_equal(codes, ref_codes, name="replayed codes")
     # a weight change in place is seen by the next replay
     with torch.no_grad():
         tok.qformer.layers[0].crossattention.self.value.weight.mul_(0.5)
     replayed = tok.encode_embeddings(imgs)
     tok.to_reference()
-    assert (replayed.float() - tok.encode_embeddings(imgs).float()).abs().max() <= tol * ref_emb.float().abs().max()
+    assert_close(replayed, tok.encode_embeddings(imgs), atol=tol * scale, rtol=0, name="after a weight change")
 
 
 def test_refresh_fused_skips_work_only_while_no_weight_changed():
@@ -164,11 +165,11 @@ def test_refresh_fused_skips_work_only_while_no_weight_changed():
     w0, _ = qf.fused._entries["qkv0"][1:]
     kept = w0.clone()
     qf.refresh_fused()  # nothing changed: the cached tensors stay as they are
-    assert torch.equal(qf.fused._entries["qkv0"][1], kept)
+    assert_equal(qf.fused._entries["qkv0"][1], kept, name="cached qkv weight")
     with torch.no_grad():
         qf.layers[0].attention.self.query.weight.add_(1.0)
     qf.refresh_fused()
     w1 = qf.fused._entries["qkv0"][1]
     q_rows = qf.layers[0].attention.self.query.weight.shape[0]
-    assert torch.equal(w1[:q_rows], qf.layers[0].attention.self.query.weight)
+    assert_equal(w1[:q_rows], qf.layers[0].attention.self.query.weight, name="refreshed q rows")
     assert not torch.equal(w1[:q_rows], kept[:q_rows])

@@ -11,6 +11,7 @@ import torch
 
 from seed_fast import SeedTokenizer
 from seed_fast.synthetic import sample_images
+from seed_fast.testing import assert_equal
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +45,9 @@ def test_full_size_encodes_one_image_and_round_trips_official_files(tmp_path):
     t_load = time.perf_counter() - t0
     r = loaded.load_report
     assert r.missing == [] and r.unexpected == [] and r.mismatched == []
-    assert torch.equal(loaded.encode(images), codes)
-    assert torch.equal(loaded.encode_embeddings(images), emb)
-    assert torch.equal(loaded.decode(codes), gen)
+    assert_equal(loaded.encode(images), codes, name="codes")
+    assert_equal(loaded.encode_embeddings(images), emb, name="embeddings")
+    assert_equal(loaded.decode(codes), gen, name="decoded")
     print(
         f"\nseed-tokenizer-2: {n_params / 1e9:.3f} B params; build {t_build:.1f} s, encode 1 image {t_encode:.1f} s, "
         f"official load {t_load:.1f} s; peak RSS {_peak_rss_gb():.1f} GB"

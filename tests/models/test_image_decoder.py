@@ -14,6 +14,7 @@ from seed_fast.models.image_decoder import (  # noqa: E402
     mini_image_decoder,
 )
 from seed_fast.models.unclip import embeddings_to_images, load_unclip_pipeline  # noqa: E402
+from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,21 +22,21 @@ def pipe():
     return mini_image_decoder(embed_dim=16, image_size=16, seed=3)
 
 
-def test_images_have_the_decoder_size_and_depend_on_the_embedding(pipe):
-    g = torch.Generator().manual_seed(0)
+def test_images_have_the_decoder_size_and_depend_on_the_embedding(pipe, seed):
+    g = torch.Generator().manual_seed(seed)
     emb = torch.randn(3, 16, generator=g)
     out = pipe(emb, num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt").images
     assert out.shape == (3, 3, 16, 16) and bool(((out >= 0) & (out <= 1)).all())
     again = pipe(emb, num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt").images
-    assert torch.equal(out, again)  # same seed, same images
+    assert_equal(again, out, name="same seed, same images")
     other = pipe(emb * -3, num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt").images
     assert not torch.allclose(out, other)
     pil = pipe(emb[:1], num_inference_steps=2).images
     assert pil[0].size == (16, 16)
 
 
-def test_guidance_uses_the_negative_embedding(pipe):
-    emb = torch.randn(2, 16, generator=torch.Generator().manual_seed(4))
+def test_guidance_uses_the_negative_embedding(pipe, seed):
+    emb = torch.randn(2, 16, generator=torch.Generator().manual_seed(seed))
     kw = dict(num_inference_steps=2, guidance_scale=3.0, output_type="pt")
     zeros = pipe(emb, generator=torch.Generator().manual_seed(2), **kw).images
     explicit = pipe(
@@ -44,14 +45,16 @@ def test_guidance_uses_the_negative_embedding(pipe):
     other = pipe(
         emb, negative_image_embeds=torch.ones_like(emb), generator=torch.Generator().manual_seed(2), **kw
     ).images
-    assert torch.allclose(zeros, explicit) and not torch.allclose(zeros, other)
+    assert_close(explicit, zeros, atol=1e-8, rtol=1e-5, name="explicit zero negative")
+    assert not torch.allclose(zeros, other)
     # one negative row is shared by the batch, as the unCLIP pipeline does (SeedLLM passes its (1, D) negative)
-    neg = torch.randn(1, 16, generator=torch.Generator().manual_seed(5))
+    neg = torch.randn(1, 16, generator=torch.Generator().manual_seed(seed + 1))
     shared = pipe(emb, negative_image_embeds=neg, generator=torch.Generator().manual_seed(2), **kw).images
     per_row = pipe(
         emb, negative_image_embeds=neg.expand(2, 16), generator=torch.Generator().manual_seed(2), **kw
     ).images
-    assert torch.allclose(shared, per_row) and not torch.allclose(shared, zeros)
+    assert_close(per_row, shared, atol=1e-8, rtol=1e-5, name="negative per row")
+    assert not torch.allclose(shared, zeros)
 
 
 def test_bad_inputs_are_clear_errors(pipe):
@@ -75,13 +78,13 @@ def test_bad_inputs_are_clear_errors(pipe):
         mini_image_decoder(16, 16, channels=(12,))
 
 
-def test_save_load_and_the_unclip_entry_points(pipe, tmp_path):
+def test_save_load_and_the_unclip_entry_points(pipe, tmp_path, seed):
     pipe.save_pretrained(tmp_path / "dec")
     for loaded in (load_image_decoder(tmp_path / "dec"), load_unclip_pipeline(tmp_path / "dec")):
         assert isinstance(loaded, SeedImageDecoderPipeline)
         for (k, a), (_, b) in zip(pipe.unet.state_dict().items(), loaded.unet.state_dict().items()):
-            assert torch.equal(a, b), k
-    emb = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
+            assert_equal(b, a, name=k)
+    emb = torch.randn(2, 16, generator=torch.Generator().manual_seed(seed))
     a = embeddings_to_images(pipe, emb, num_inference_steps=2, guidance_scale=1.0, seed=9, progress=False)
     b = embeddings_to_images(loaded, emb, num_inference_steps=2, guidance_scale=1.0, seed=9, progress=False)
     assert [x.tobytes() for x in a] == [x.tobytes() for x in b]
@@ -91,28 +94,29 @@ def test_save_load_and_the_unclip_entry_points(pipe, tmp_path):
         load_image_decoder(tmp_path)
 
 
-def test_the_training_loss_goes_down():
-    p = mini_image_decoder(embed_dim=8, image_size=8, seed=0)
-    g = torch.Generator().manual_seed(0)
+def test_the_training_loss_goes_down(seed):
+    p = mini_image_decoder(embed_dim=8, image_size=8, seed=seed)
+    g = torch.Generator().manual_seed(seed)
     images = torch.rand(8, 3, 8, 8, generator=g) * 2 - 1
     emb = torch.randn(8, 8, generator=g)
     opt = torch.optim.AdamW(p.unet.parameters(), lr=3e-3)
     losses = []
     for i in range(30):
-        loss = decoder_training_loss(p, images, emb, null_prob=0.0, generator=torch.Generator().manual_seed(i % 3))
+        loss = decoder_training_loss(
+            p, images, emb, null_prob=0.0, generator=torch.Generator().manual_seed(seed + i % 3)
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert sum(losses[-3:]) < 0.7 * sum(losses[:3])
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
 
 
-def test_patch_decoder_folds_pixels_into_channels():
+def test_patch_decoder_folds_pixels_into_channels(seed):
     """patch 2: the UNet runs at half the resolution on 12 channels; the pipeline still takes and
     returns full-size 3-channel pixels, and _denoise is exactly unfold -> UNet -> fold."""
     import torch.nn.functional as F
 
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
     p = mini_image_decoder(embed_dim=8, image_size=24, seed=seed, channels=(16, 32), patch=2)
     assert (p.patch, p.image_size, p.image_channels) == (2, 24, 3)
     assert p.unet.config.in_channels == p.unet.config.out_channels == 12 and p.unet.config.sample_size == 12
@@ -124,7 +128,8 @@ def test_patch_decoder_folds_pixels_into_channels():
         ref = F.pixel_shuffle(
             p.unet(F.pixel_unshuffle(x, 2), t, encoder_hidden_states=emb[:, None], class_labels=emb).sample, 2
         )
-    assert got.shape == x.shape and torch.equal(got, ref)
+    assert got.shape == x.shape
+    assert_equal(got, ref, name="_denoise")
     # the fold keeps each 2x2 block together: moving one pixel changes only the UNet input cell holding it
     y = x.clone()
     y[0, 1, 5, 7] += 1
@@ -137,16 +142,17 @@ def test_patch_decoder_folds_pixels_into_channels():
     assert torch.isfinite(loss) and p.unet.conv_in.weight.grad.abs().sum() > 0
 
 
-def test_patch_decoder_saves_loads_and_rejects_bad_sizes(tmp_path):
-    p = mini_image_decoder(embed_dim=8, image_size=16, seed=1, channels=(16, 32), patch=2)
+def test_patch_decoder_saves_loads_and_rejects_bad_sizes(tmp_path, seed):
+    p = mini_image_decoder(embed_dim=8, image_size=16, seed=seed, channels=(16, 32), patch=2)
     p.save_pretrained(tmp_path / "dec")
     q = load_image_decoder(tmp_path / "dec")
     assert (q.patch, q.image_size) == (2, 16)
-    emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(seed))
     kw = dict(num_inference_steps=2, output_type="pt")
-    assert torch.equal(
-        p(emb, generator=torch.Generator().manual_seed(4), **kw).images,
+    assert_equal(
         q(emb, generator=torch.Generator().manual_seed(4), **kw).images,
+        p(emb, generator=torch.Generator().manual_seed(4), **kw).images,
+        name="loaded vs saved",
     )
     with pytest.raises(ValueError, match="multiple of patch 3"):
         mini_image_decoder(8, 16, patch=3)
@@ -179,7 +185,7 @@ def test_patch_decoder_saves_loads_and_rejects_bad_sizes(tmp_path):
         SeedImageDecoderPipeline(unet=unet4, scheduler=p.scheduler, vae=unet4)
 
 
-def test_attention_levels_puts_cross_attention_on_more_levels(tmp_path):
+def test_attention_levels_puts_cross_attention_on_more_levels(tmp_path, seed):
     from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, CrossAttnUpBlock2D
 
     one = mini_image_decoder(embed_dim=8, image_size=16, seed=1, channels=(8, 16, 32))
@@ -191,12 +197,13 @@ def test_attention_levels_puts_cross_attention_on_more_levels(tmp_path):
     assert kinds[1][0] is not CrossAttnDownBlock2D  # the full-resolution level stays plain
     assert [type(b) for b in two.unet.up_blocks].count(CrossAttnUpBlock2D) == 2
     # the extra cross-attention reads the embedding at the 8 x 8 level too, and the layout survives a save
-    emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(seed))
     x = two(emb, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="pt").images
     two.save_pretrained(tmp_path / "dec")
     again = load_image_decoder(tmp_path / "dec")
     y = again(emb, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="pt").images
-    assert x.shape == (2, 3, 16, 16) and torch.equal(x, y)
+    assert x.shape == (2, 3, 16, 16)
+    assert_equal(y, x, name="loaded vs saved")
     for bad in (0, 4, 1.5, True):
         with pytest.raises(ValueError, match="attention_levels"):
             mini_image_decoder(8, 16, channels=(8, 16, 32), attention_levels=bad)
@@ -210,10 +217,9 @@ def _latent_decoder(seed: int, image_size: int = 16):
     return mini_image_decoder(embed_dim=8, image_size=image_size, seed=seed, channels=(16, 32), vae=vae)
 
 
-def test_latent_decoder_denoises_latents_and_draws_through_the_autoencoder():
+def test_latent_decoder_denoises_latents_and_draws_through_the_autoencoder(seed):
     """With a vae the loop runs on (latent channels, image_size / 2) samples, as a plain DDIM loop over
     the UNet does, and the output is vae.decode(x / scaling_factor) mapped to [0, 1]."""
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
     p = _latent_decoder(seed)
     assert (p.sample_channels, p.sample_size, p.vae_scale_factor, p.image_size, p.patch) == (4, 8, 2, 16, 1)
     assert p.unet.config.in_channels == 4 and p.scheduler.config.clip_sample is False
@@ -235,30 +241,31 @@ def test_latent_decoder_denoises_latents_and_draws_through_the_autoencoder():
             uncond, cond = pred.chunk(2)
             x = sched.step(uncond + 2.0 * (cond - uncond), t, x).prev_sample
         ref = (p.vae.decode(x / 1.7).sample / 2 + 0.5).clamp(0, 1)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert_close(out, ref, atol=1e-5, rtol=1e-4, name="latent DDIM loop")
     with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 8, 8\)"):
         p(emb, latents=torch.randn(2, 3, 16, 16))
     # encode_images: the latent means, scaled; the training loss runs on them
     imgs = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
     with torch.no_grad():
         lat = p.encode_images(imgs)
-        torch.testing.assert_close(lat, p.vae.encode(imgs).latent_dist.mean * 1.7)
+        assert_close(lat, p.vae.encode(imgs).latent_dist.mean * 1.7, atol=1e-5, rtol=1.3e-6, name="latents")
     loss = decoder_training_loss(p, lat, emb, null_prob=0.0, generator=torch.Generator().manual_seed(1))
     loss.backward()
     assert torch.isfinite(loss) and p.unet.conv_in.weight.grad.abs().sum() > 0
 
 
-def test_latent_decoder_saves_loads_and_errors(tmp_path):
-    p = _latent_decoder(5)
+def test_latent_decoder_saves_loads_and_errors(tmp_path, seed):
+    p = _latent_decoder(seed)
     p.save_pretrained(tmp_path / "dec")
     assert (tmp_path / "dec" / "vae" / "config.json").is_file()
     q = load_image_decoder(tmp_path / "dec")
     assert q.vae is not None and q.vae.config.scaling_factor == 1.7 and q.image_size == 16
-    emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(seed))
     kw = dict(num_inference_steps=2, output_type="pt")
-    assert torch.equal(
-        p(emb, generator=torch.Generator().manual_seed(4), **kw).images,
+    assert_equal(
         q(emb, generator=torch.Generator().manual_seed(4), **kw).images,
+        p(emb, generator=torch.Generator().manual_seed(4), **kw).images,
+        name="loaded vs saved",
     )
     assert embeddings_to_images(q, emb, num_inference_steps=2, seed=1, progress=False)[0].size == (16, 16)
     # a pixel decoder saves no vae and loads as one

@@ -9,6 +9,7 @@ from PIL import Image
 
 from seed_fast import InputError, SeedTokenizer
 from seed_fast.images import ImageModeError, to_rgb
+from seed_fast.testing import assert_equal
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,8 @@ def _gray8(rng, shape):
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I", "F"])
-def test_deep_images_scale_like_their_8_bit_version(mode):
-    rng = np.random.default_rng()
+def test_deep_images_scale_like_their_8_bit_version(mode, seed):
+    rng = np.random.default_rng(seed)
     g = _gray8(rng, (7, 5))
     if mode == "F":
         deep = Image.fromarray((g / 255.0).astype(np.float32))
@@ -32,11 +33,11 @@ def test_deep_images_scale_like_their_8_bit_version(mode):
         deep = Image.fromarray(g.astype(np.uint16) * 257)
     assert deep.mode == mode
     want = np.repeat(g[..., None], 3, axis=-1)
-    np.testing.assert_array_equal(np.asarray(to_rgb(deep)), want)
+    assert_equal(np.asarray(to_rgb(deep)), want, name=f"{mode} image as RGB")
 
 
-def test_a_16_bit_png_from_disk(tmp_path, tok):
-    rng = np.random.default_rng()
+def test_a_16_bit_png_from_disk(tmp_path, tok, seed):
+    rng = np.random.default_rng(seed)
     g = _gray8(rng, (33, 20))
     Image.fromarray(g.astype(np.uint16) * 257).save(tmp_path / "deep.png")
     Image.fromarray(g).save(tmp_path / "eight.png")
@@ -49,12 +50,12 @@ def test_a_16_bit_png_from_disk(tmp_path, tok):
     assert tok.encode([mid]).tolist() != white.tolist()  # a mid-gray 16-bit image is not white
 
 
-def test_the_command_line_reads_a_16_bit_png(tmp_path, capsys):
+def test_the_command_line_reads_a_16_bit_png(tmp_path, capsys, seed):
     from seed_fast.cli import main
 
     tok = SeedTokenizer.from_config("tiny", seed=3, init="unit")
     tok.save_pretrained(tmp_path / "ckpt")
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     g = _gray8(rng, (24, 24))
     Image.fromarray(g.astype(np.uint16) * 257).save(tmp_path / "deep.png")
     Image.fromarray(g).convert("RGB").save(tmp_path / "eight.png")
@@ -89,13 +90,13 @@ def test_values_without_a_known_range_are_refused(tok, make, match):
         to_rgb(make())
 
 
-def test_the_runtime_reads_deep_images_the_same_way():
+def test_the_runtime_reads_deep_images_the_same_way(seed):
     from seed_fast.runtime import RuntimeInputError, SeedRuntime
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     g = _gray8(rng, (10, 10))
     deep = SeedRuntime._load_image(Image.fromarray(g.astype(np.uint16) * 257), 10, 0)
-    np.testing.assert_array_equal(deep, np.repeat(g[None], 3, axis=0))
+    assert_equal(deep, np.repeat(g[None], 3, axis=0), name="16-bit image in the runtime")
     with pytest.raises(RuntimeInputError, match=r"images\[1\] is empty \(0x0\)"):
         SeedRuntime._load_image(Image.new("RGB", (0, 0)), 4, 1)
     with pytest.raises(RuntimeInputError, match=r"images\[2\]"):

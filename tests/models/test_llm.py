@@ -1,8 +1,6 @@
 """SeedLLM: image vocabulary layout, prompts, constrained image-code decoding, the static-cache
 decoder against transformers and a no-cache reference, LoRA, save / load, errors."""
 
-import os
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from seed_fast.models.decoding import filter_logits, left_pad  # noqa: E402
 from seed_fast.models.llm import SeedLLM, get_template, tiny_causal_lm  # noqa: E402
 from seed_fast.models.text_tokenizer import build_word_tokenizer  # noqa: E402
 from seed_fast.synthetic import sample_images  # noqa: E402
+from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-opt"])
@@ -28,10 +27,6 @@ def llm(request):
 @pytest.fixture(scope="module")
 def pics():
     return sample_images(3, seed=5)[0]
-
-
-def _fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
 
 
 # ---------------------------------------------------------------- vocabulary layout
@@ -215,7 +210,7 @@ def _assert_valid(codes, b, llm):
     assert int(codes.min()) >= 0 and int(codes.max()) < llm.vocab.num_codes
 
 
-def test_image_codes_are_always_32_valid_codes(llm):
+def test_image_codes_are_always_32_valid_codes(llm, seed):
     texts = ["two red circles left of a blue square", "one green triangle", "yellow"]
     with torch.no_grad():
         w = llm.model.get_output_embeddings().weight
@@ -235,8 +230,8 @@ def test_image_codes_are_always_32_valid_codes(llm):
                 dict(cfg_scale=5.0, do_sample=True, top_p=0.9),
             ]
             for s in settings:
-                for _ in range(4):
-                    codes = llm.generate_image_codes(texts, seed=_fresh_seed(), **s)
+                for i in range(4):
+                    codes = llm.generate_image_codes(texts, seed=seed + i, **s)
                     _assert_valid(codes, 3, llm)
         finally:
             w.copy_(saved)
@@ -276,11 +271,12 @@ def test_image_codes_match_a_no_cache_reference(llm, kw):
         assert got[i].tolist() == ref
 
 
-def test_sampling_is_reproducible_with_a_seed(llm):
-    a = llm.generate_image_codes(["red circle"] * 2, do_sample=True, temperature=4.0, seed=11)
-    b = llm.generate_image_codes(["red circle"] * 2, do_sample=True, temperature=4.0, seed=11)
-    c = llm.generate_image_codes(["red circle"] * 2, do_sample=True, temperature=4.0, seed=12)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+def test_sampling_is_reproducible_with_a_seed(llm, seed):
+    a = llm.generate_image_codes(["red circle"] * 2, do_sample=True, temperature=4.0, seed=seed)
+    b = llm.generate_image_codes(["red circle"] * 2, do_sample=True, temperature=4.0, seed=seed)
+    c = llm.generate_image_codes(["red circle"] * 2, do_sample=True, temperature=4.0, seed=seed + 1)
+    assert_equal(b, a, name="codes sampled with the same seed")
+    assert not torch.equal(a, c)
     assert not torch.equal(a[0], a[1])  # rows draw independently
 
 
@@ -307,19 +303,19 @@ def test_tokens_only_mode_and_missing_pipeline(llm):
     emb, neg = llm.generate_image_embeddings(["two red circles", "a blue square"])
     assert emb.shape == (2, llm.tokenizer.config.detokenizer.out_dim) and neg.shape == (1, emb.shape[1])
     codes = llm.generate_image_codes(["two red circles", "a blue square"])
-    torch.testing.assert_close(emb, llm.tokenizer.decode(codes))
-    torch.testing.assert_close(neg, llm.tokenizer.decode(llm.negative_codes()))
+    assert_close(emb, llm.tokenizer.decode(codes), atol=1e-5, rtol=1.3e-6, name="embeddings")
+    assert_close(neg, llm.tokenizer.decode(llm.negative_codes()), atol=1e-5, rtol=1.3e-6, name="negative")
     with pytest.raises(InputError, match="no diffusion pipeline"):
         llm.generate_images(["red"])
 
 
 # ---------------------------------------------------------------- sampling filters
-def test_filter_logits_top_k_and_top_p():
-    g = torch.Generator().manual_seed(_fresh_seed())
+def test_filter_logits_top_k_and_top_p(seed):
+    g = torch.Generator().manual_seed(seed)
     logits = torch.randn(5, 37, generator=g)
     k = filter_logits(logits, top_k=4)
     assert (k.isfinite().sum(-1) == 4).all()
-    assert torch.equal(k.argmax(-1), logits.argmax(-1))
+    assert_equal(k.argmax(-1), logits.argmax(-1), name="top-k argmax")
     p = filter_logits(logits, top_p=0.6)
     probs = logits.softmax(-1)
     for row, prow in zip(p, probs):
@@ -330,7 +326,7 @@ def test_filter_logits_top_k_and_top_p():
     tiny = filter_logits(logits, top_p=1e-9)
     assert (tiny.isfinite().sum(-1) == 1).all()
     t = filter_logits(logits, temperature=0.5)
-    torch.testing.assert_close(t, logits * 2)
+    assert_close(t, logits * 2, atol=1e-5, rtol=1.3e-6, name="temperature 0.5")
 
 
 # ---------------------------------------------------------------- LoRA, save / load
@@ -352,7 +348,7 @@ def test_lora_defaults_trainable_set_and_fused_layers():
     assert not any(n.endswith("q_proj.base_layer.weight") for n in trainable)
     assert fused_lora_layers(llm.model) == []  # peft's own layers unless fused=True
     # peft initialises B = 0: the adapter starts as the identity
-    assert torch.equal(llm.generate_image_codes(["red circle"]), before)
+    assert_equal(llm.generate_image_codes(["red circle"]), before, name="codes with a fresh adapter")
     opt = SeedLLM.from_config("tiny-opt", seed=3).add_lora()
     assert set(opt.model.peft_config["default"].target_modules) == {
         "q_proj",
@@ -376,11 +372,11 @@ def test_save_and_load_round_trip_with_lora(tmp_path, pics):
     assert {p.name for p in (tmp_path / "m").iterdir()} >= {"seed_llm.json", "llm", "lora", "tokenizer"}
     back = SeedLLM.from_pretrained(tmp_path / "m")
     assert back.has_lora and back.vocab == llm.vocab and back.template == llm.template
-    assert torch.equal(back.generate_image_codes(["two red circles"], cfg_scale=2.0), codes)
+    assert_equal(back.generate_image_codes(["two red circles"], cfg_scale=2.0), codes, name="reloaded")
     assert back.caption(pics, max_new_tokens=6) == caps
     merged = back.merge_lora()
     assert not merged.has_lora
-    assert torch.equal(merged.generate_image_codes(["two red circles"], cfg_scale=2.0), codes)
+    assert_equal(merged.generate_image_codes(["two red circles"], cfg_scale=2.0), codes, name="merged")
 
 
 def test_from_pretrained_on_a_plain_transformers_folder(tmp_path):
@@ -389,7 +385,7 @@ def test_from_pretrained_on_a_plain_transformers_folder(tmp_path):
     llm.text_tokenizer.save_pretrained(tmp_path / "hf")
     back = SeedLLM.from_pretrained(tmp_path / "hf", tokenizer=llm.tokenizer, template="seed-opt")
     assert back.vocab == llm.vocab
-    assert torch.equal(back.generate_image_codes(["red"]), llm.generate_image_codes(["red"]))
+    assert_equal(back.generate_image_codes(["red"]), llm.generate_image_codes(["red"]), name="reloaded")
 
 
 def test_from_pretrained_errors(tmp_path):
@@ -448,7 +444,7 @@ def test_compiled_decode_step_gives_the_same_tokens():
     codes = llm.generate_image_codes(["red circle", "blue"], cfg_scale=2.0, num_beams=2)
     llm.compile_decode()
     assert llm.generate_ids(rows, max_new_tokens=10, stop_ids=()) == eager
-    assert torch.equal(llm.generate_image_codes(["red circle", "blue"], cfg_scale=2.0, num_beams=2), codes)
+    assert_equal(llm.generate_image_codes(["red circle", "blue"], cfg_scale=2.0, num_beams=2), codes, name="compiled")
     llm.compile_decode(False)
     assert llm.generate_ids(rows, max_new_tokens=10, stop_ids=()) == eager
 
@@ -471,6 +467,9 @@ def test_image_tokens_typed_in_a_prompt_are_refused(llm, typed):
         llm.generate_image_codes([f"two red circles {typed}"])
     with pytest.raises(InputError, match="an image token's text"):
         llm.generate_text([typed])
-    assert llm.generate_text(
-        ["<image> is not typed here"], codes=[torch.zeros(1, 32, dtype=torch.long)], max_new_tokens=2
-    )
+    # the placeholder is not an image token's text: it is accepted and replaced by the image's block
+    codes = torch.zeros(1, 32, dtype=torch.long)
+    ids = llm.encode_turn("<image> is not typed here", codes)
+    assert ids.count(llm.vocab.boi) == ids.count(llm.vocab.eoi) == 1 and ids.count(llm.vocab.code_id(0)) == 32
+    out = llm.generate_text(["<image> is not typed here"], codes=[codes], max_new_tokens=2)
+    assert len(out) == 1 and isinstance(out[0], str)

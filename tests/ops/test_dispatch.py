@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from seed_fast.ops import codebook_lookup, dispatch, lora_linear, qformer_attention, record_dispatch
+from seed_fast.testing import assert_close, assert_equal
 
 cl_mod = importlib.import_module("seed_fast.ops.codebook_lookup")
 lora_mod = importlib.import_module("seed_fast.ops.lora_linear")
@@ -88,7 +89,7 @@ def test_a_table_choice_that_cannot_run_falls_back(fake_table):
     with record_dispatch() as log:
         y = lora_linear(x, w, None, a, b, 2.0)
     assert log == [("lora_linear", "torch")]
-    torch.testing.assert_close(y, lora_mod.lora_linear_ref(x, w, None, a, b, 2.0), atol=0.1, rtol=0.05)
+    assert_close(y, lora_mod.lora_linear_ref(x, w, None, a, b, 2.0), atol=0.1, rtol=0.05, name="bf16 lora_linear")
 
 
 def test_codebook_auto_follows_the_table(fake_table):
@@ -99,7 +100,7 @@ def test_codebook_auto_follows_the_table(fake_table):
         with record_dispatch() as log:
             idx, _ = codebook_lookup(z, book)
         assert log == [("codebook_lookup", want)]
-        assert torch.equal(idx, cl_mod.codebook_lookup_ref(z, book)[0])
+        assert_equal(idx, cl_mod.codebook_lookup_ref(z, book)[0], name=f"n={n}")
 
 
 def test_sdpa_backend_impls_explain_themselves_on_cpu():

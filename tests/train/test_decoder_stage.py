@@ -1,5 +1,7 @@
 """The decoder stage's options: UNet levels, EMA weights (checkpointed, resumed, exported)."""
 
+import math
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ pytest.importorskip("diffusers")
 
 from seed_fast.default_model import DEFAULT_DIR  # noqa: E402
 from seed_fast.models.image_decoder import load_image_decoder  # noqa: E402
+from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 from seed_fast.train import ConfigError, TrainConfig  # noqa: E402
 from seed_fast.train.loop import latest_checkpoint, train  # noqa: E402
 
@@ -36,11 +39,13 @@ def test_ema_weights_are_checkpointed_resumed_and_exported(tmp_path):
     state = torch.load(latest_checkpoint(tmp_path / "a") / "state.pt", weights_only=True)["model"]
     exported = load_image_decoder(tmp_path / "a" / "decoder").unet.state_dict()
     other = load_image_decoder(tmp_path / "b" / "decoder").unet.state_dict()
-    assert all(torch.allclose(exported[k], other[k], atol=1e-5) for k in exported)
+    for k in exported:
+        assert_close(exported[k], other[k], atol=1e-5, rtol=1e-5, name=k)
     ema = {k[len("ema_unet.") :]: v for k, v in state.items() if k.startswith("ema_unet.")}
     raw = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
     assert set(ema) == set(exported) == set(raw)
-    assert all(torch.equal(ema[k], exported[k]) for k in ema)
+    for k in ema:
+        assert_equal(ema[k], exported[k], name=k)
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the export is the average, not the last weights
 
 
@@ -107,8 +112,8 @@ def test_embedding_cache_gives_what_the_tokenizer_gives_in_any_batch():
     got = cache(tok, pixels[order], [keys[i] for i in order])
     assert (cache.hits, cache.misses) == (4, 9)
     want = embeddings_from_pixels(tok, pixels[order])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(first, embeddings_from_pixels(tok, pixels[:7]), rtol=1e-5, atol=1e-6)
+    assert_close(got, want, atol=1e-6, rtol=1e-5, name="embeddings, second batch")
+    assert_close(first, embeddings_from_pixels(tok, pixels[:7]), atol=1e-6, rtol=1e-5, name="embeddings, first batch")
 
 
 def test_embedding_cache_checks_pixels_and_keeps_its_limit():
@@ -124,7 +129,7 @@ def test_embedding_cache_checks_pixels_and_keeps_its_limit():
     # the same keys on other pictures (two sources reusing names): recomputed, never swapped
     got = cache(tok, other, keys)
     assert cache.hits == 0
-    torch.testing.assert_close(got, embeddings_from_pixels(tok, other), rtol=1e-5, atol=1e-6)
+    assert_close(got, embeddings_from_pixels(tok, other), atol=1e-6, rtol=1e-5, name="embeddings of the new pictures")
     assert not torch.allclose(got, embeddings_from_pixels(tok, pixels), atol=1e-3)
     off = EmbeddingCache(limit=0)
     off(tok, pixels, keys)
@@ -141,7 +146,8 @@ def test_embedding_cache_does_not_change_training(tmp_path):
         runs[limit]["unet"] = load_image_decoder(tmp_path / f"c{limit}" / "decoder").unet.state_dict()
     assert runs[0]["val_mse_t300"] == pytest.approx(runs[131072]["val_mse_t300"], rel=1e-4)
     a, b = runs[0]["unet"], runs[131072]["unet"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    for k in a:
+        assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, name=k)
 
 
 def test_bf16_training_conditions_on_full_precision_embeddings(tmp_path):
@@ -159,6 +165,7 @@ def test_bf16_training_conditions_on_full_precision_embeddings(tmp_path):
     assert torch.isfinite(out["loss"])
     cached = torch.stack([task.module.embeddings.entries[k][1] for k in batch.keys])
     assert cached.dtype == torch.float32
-    torch.testing.assert_close(cached, embeddings_from_pixels(task.tok, batch.pixels), rtol=1e-5, atol=1e-6)
+    assert_close(cached, embeddings_from_pixels(task.tok, batch.pixels), atol=1e-6, rtol=1e-5, name="cached")
     metrics = train(cfg, progress=False)
-    assert all(v == v for k, v in metrics.items() if k.startswith("val_mse"))
+    mse = {k: v for k, v in metrics.items() if k.startswith("val_mse")}
+    assert mse and all(math.isfinite(v) and v > 0 for v in mse.values()), mse

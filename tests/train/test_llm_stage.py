@@ -1,13 +1,13 @@
 """The LLM stage: sequence layout, the on-disk code cache, the loss, learning, bf16 and checkpointing."""
 
 import json
-import os
 from collections import Counter
 
 import pytest
 import torch
 from cfgs import merged  # tests/train/cfgs.py (pytest puts this folder on sys.path)
 
+from seed_fast.testing import assert_close, assert_equal
 from seed_fast.train import ConfigError, TrainConfig
 from seed_fast.train.llm import IGNORE, CachedPairs, CodedSample, LLMTask, SequenceBuilder, build_code_cache
 from seed_fast.train.loop import read_metrics, train
@@ -38,8 +38,7 @@ def task(tmp_path_factory):
 
 
 def _sample(task, i=0, epoch=0, caption="two red circles left of a blue square", question=None, answer=None):
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    codes = torch.randint(0, task.tok.codebook_size, (task.tok.num_codes,), generator=g)
+    codes = torch.randint(0, task.tok.codebook_size, (task.tok.num_codes,))  # the test's seeded global RNG
     return CodedSample(codes, caption, question, answer, epoch, i)
 
 
@@ -99,7 +98,7 @@ def test_loss_is_the_token_mean_of_a_plain_formulation(task):
     ref = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE
     )
-    torch.testing.assert_close(out["loss"], ref, rtol=1e-5, atol=1e-6)
+    assert_close(out["loss"], ref, atol=1e-6, rtol=1e-5, name="loss")
     assert out["tokens"] == float((batch.labels[:, 1:] != IGNORE).sum())
 
 
@@ -123,7 +122,7 @@ def test_code_cache_is_built_once_and_keyed(task, tmp_path, monkeypatch):
     cache = build_code_cache(ds, tok, tmp_path / "c" / "train.pt", "k1", batch_size=3, progress=False)
     assert cache["valid"].tolist() == [True, True, False, True, True, True, True]
     want = tok.encode([ds[i].image for i in (0, 1, 3, 4, 5, 6)])
-    torch.testing.assert_close(cache["codes"][cache["valid"]].long(), want)
+    assert_equal(cache["codes"][cache["valid"]], want, name="cached codes")
     assert cache["texts"][4] == [None, "q?", "a"] and cache["texts"][0][0] == "red 0"
     assert CachedPairs(cache)[(1, 2)] is None and CachedPairs(cache)[(1, 5)].epoch == 1
 
@@ -132,7 +131,7 @@ def test_code_cache_is_built_once_and_keyed(task, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tok, "encode", boom)
     again = build_code_cache(ds, tok, tmp_path / "c" / "train.pt", "k1", batch_size=3, progress=False)
-    assert torch.equal(again["codes"], cache["codes"])
+    assert_equal(again["codes"], cache["codes"], name="codes read back")
     with pytest.raises(AssertionError, match="although"):  # a different key (changed tokenizer or data): encoded again
         build_code_cache(ds, tok, tmp_path / "c" / "train.pt", "k2", batch_size=3, progress=False)
 

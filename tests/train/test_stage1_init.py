@@ -1,12 +1,11 @@
 """Stage I from BLIP-2 weights: the text branch, projections and temperature load from transformers'
 and LAVIS' key layouts, and the text features equal transformers' Q-Former text path."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from seed_fast.testing import assert_close, assert_equal
 from seed_fast.train import ConfigError, TrainConfig
 from seed_fast.train.stage1 import Stage1Task, blip2_text_branch
 
@@ -58,7 +57,7 @@ def _cfg(out, **s1):
     )
 
 
-def test_text_branch_from_transformers_blip2_matches_its_text_path(tmp_path):
+def test_text_branch_from_transformers_blip2_matches_its_text_path(tmp_path, seed):
     from safetensors.torch import save_file
 
     from seed_fast import SeedTokenizer
@@ -66,7 +65,7 @@ def test_text_branch_from_transformers_blip2_matches_its_text_path(tmp_path):
     probe = Stage1Task(_cfg(tmp_path / "probe"), torch.device("cpu"))
     vocab = len(probe.module.text_tokenizer)
     tok_cfg = SeedTokenizer.from_config("tiny").config
-    sd, hf = _hf_retrieval_state(tok_cfg, vocab, seed=int.from_bytes(os.urandom(2), "little"))
+    sd, hf = _hf_retrieval_state(tok_cfg, vocab, seed=seed)
     sd["query_tokens"] = sd["query_tokens"][:, : probe.tok.qformer.query_tokens.shape[1]]
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "blip2.safetensors"))
 
@@ -74,14 +73,14 @@ def test_text_branch_from_transformers_blip2_matches_its_text_path(tmp_path):
     m = task.module
     assert "text.output.0.LayerNorm.weight" in task.init_report["loaded"]
     assert task.init_report["kept_random"] == ["temp"]  # transformers' retrieval model has no learned temperature
-    torch.testing.assert_close(m.tok.qformer.query_tokens.detach(), sd["query_tokens"])
+    assert_equal(m.tok.qformer.query_tokens, sd["query_tokens"], name="query_tokens")
     ids, mask = m.text_ids(["two red circles left of a blue square", "one green triangle", "red"])
     with torch.no_grad():
         ours = m.encode_ids(ids, mask)
         emb = sd["embeddings.word_embeddings.weight"][ids] + sd["embeddings.position_embeddings.weight"][: ids.shape[1]]
         out = hf(query_embeds=emb, query_length=0, attention_mask=mask).last_hidden_state
         ref = F.normalize(out[:, 0] @ sd["text_projection.weight"].t() + sd["text_projection.bias"], dim=-1)
-    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)
+    assert_close(ours, ref, atol=2e-5, rtol=2e-5, name="text features vs transformers")
 
 
 def test_lavis_key_names_map_to_the_text_branch():

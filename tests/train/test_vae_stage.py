@@ -9,6 +9,7 @@ pytest.importorskip("diffusers")
 
 from seed_fast.default_model import DEFAULT_DIR  # noqa: E402
 from seed_fast.models.image_decoder import load_image_decoder  # noqa: E402
+from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 from seed_fast.train import ConfigError, TrainConfig  # noqa: E402
 from seed_fast.train.loop import latest_checkpoint, read_metrics, train  # noqa: E402
 
@@ -104,7 +105,8 @@ def test_latent_decoder_stage_trains_on_the_autoencoders_latents(tmp_path, vae_r
     from diffusers import AutoencoderKL
 
     ref = AutoencoderKL.from_pretrained(run / "vae").state_dict()
-    assert all(torch.equal(ref[k], v) for k, v in dec.vae.state_dict().items())
+    for k, v in dec.vae.state_dict().items():
+        assert_equal(v, ref[k], name=k)
     images = dec(torch.randn(2, dec.image_embedding_dim), num_inference_steps=2, output_type="pt").images
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     # only the UNet is checkpointed
@@ -122,11 +124,13 @@ def test_latent_decoder_cache_holds_the_latents_it_would_compute(tmp_path, vae_r
     pixels = torch.rand(3, 3, 64, 64)
     emb, lat = task.module.embeddings_and_samples(pixels, ["a", "b", "c"])
     emb2, lat2 = task.module.embeddings_and_samples(pixels, ["a", "b", "c"])
-    assert task.module.embeddings.hits == 3 and torch.equal(lat, lat2) and torch.equal(emb, emb2)
+    assert task.module.embeddings.hits == 3
+    assert_equal(lat2, lat, name="cached latents")
+    assert_equal(emb2, emb, name="cached embeddings")
     with torch.no_grad():
         want = task.pipe.vae.encode(decoder_targets(pixels, 16)).latent_dist.mean * task.pipe.vae.config.scaling_factor
-    torch.testing.assert_close(lat, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(emb, embeddings_from_pixels(task.tok, pixels), rtol=1e-5, atol=1e-5)
+    assert_close(lat, want, atol=1e-5, rtol=1e-5, name="latents")
+    assert_close(emb, embeddings_from_pixels(task.tok, pixels), atol=1e-5, rtol=1e-5, name="embeddings")
 
 
 def test_latent_decoder_config_errors(tmp_path, vae_run):
