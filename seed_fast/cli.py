@@ -1,5 +1,5 @@
-"""`seed-fast` command line: tokenize, detokenize, caption, generate, train, info, demo, eval, export, ort-run,
-bench."""
+"""`seed-fast` command line: tokenize, tokenize-dataset, detokenize, caption, generate, train, info, demo, eval,
+export, ort-run, bench."""
 
 from __future__ import annotations
 
@@ -564,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
         "ort-run", help="run an exported stack with onnxruntime, no torch (see seed-fast ort-run -h)", add_help=False
     )
     sub.add_parser(
+        "tokenize-dataset",
+        help="a folder of images or tar shards -> code shards, resumable, one process per GPU under torchrun "
+        "(see seed-fast tokenize-dataset -h)",
+        add_help=False,
+    )
+    sub.add_parser(
         "bench",
         help="every benchmark, tables + JSON + PNG in benchmarks/results/<device> (see seed-fast bench -h)",
         add_help=False,
@@ -620,6 +626,10 @@ def main(argv=None) -> int:
         from .export.runtime import main as ort_main
 
         return ort_main(argv[1:])
+    if argv[:1] == ["tokenize-dataset"]:  # its own parser; torch is imported only when it runs
+        from .jobs.tokenize_dataset import main as tokenize_dataset_main
+
+        return tokenize_dataset_main(argv[1:], prog="seed-fast tokenize-dataset")
     if argv[:1] == ["bench"]:  # benchmarks/run_all.py parses its own arguments
         try:
             script = bench_script()
