@@ -8,7 +8,7 @@
 #   quick    build, GPU tests, quick benchmarks (fewer shapes and repeats)
 #   targets  build, GPU tests, the kernels' and tokenizer's benchmarks on the shapes their
 #            performance targets are set on (codebook N<=8192 K=8192; attention batch 1/32/256;
-#            LoRA 4096 tokens r 16; tokenizer batch 1/256)
+#            LoRA 4096 tokens r 16; tokenizer batch 1/256; BLIP-2 Q-Former stock vs patched 1/256)
 #   bench    build, full benchmarks, no tests
 #   tests    build, GPU tests only
 #   dispatch build, a few GPU tests, then every backend of the three ops (ours and the vendor paths)
@@ -96,7 +96,7 @@ if [ "$MODE" != "bench" ] && [ "$MODE" != "rest" ]; then
   # TEST_PATHS narrows the run (the Triton kernels compile per shape and dtype: the whole set takes
   # minutes); -rfE lists every failure by name, --durations shows where the time went
   step tests "${STEP_LIMIT_TESTS:-240}" tests.log $PY -m pytest -q -rfE --durations=15 -p no:cacheprovider -m "not slow" \
-    ${TEST_PATHS:-tests/ops tests/models/test_fast_path.py tests/models/test_llm.py}
+    ${TEST_PATHS:-tests/ops tests/models/test_fast_path.py tests/models/test_llm.py tests/integrations}
   grep -E "passed|failed|error" "$W/tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -30
 fi
@@ -123,6 +123,7 @@ elif [ "$MODE" = "targets" ]; then
   step bench_lora "$L" bench_lora.log $PY benchmarks/bench_lora_linear.py --dtype bfloat16 --tokens 1,4096,16384 --ranks 16 \
     --shapes "OPT-2.7B qkv/out,LLaMA-7B attn" --out "$B"
   step bench_tokenizer "$L" bench_tokenizer.log $PY benchmarks/bench_tokenizer.py --qformer-batches 1,256 --tokenizer-batches 1,256 --out "$B"
+  step bench_blip2 "$L" bench_blip2.log $PY benchmarks/bench_blip2.py --device cuda --batches 1,256 --out "$B"
 elif [ "$MODE" = "rest" ]; then
   log "benchmarks left out of targets"
   step bench_codebook_f16 "$L" bench_codebook_float16.log $PY benchmarks/bench_codebook_lookup.py --quick --dtype float16 --out "$B"
@@ -135,6 +136,7 @@ elif [ "$MODE" != "tests" ]; then
   step bench_attention "$L" bench_attention.log $PY benchmarks/bench_qformer_attention.py $Q --batches 1,32,256 --out "$B"
   step bench_lora "$L" bench_lora.log $PY benchmarks/bench_lora_linear.py $Q --dtype bfloat16 --out "$B"
   step bench_tokenizer "$L" bench_tokenizer.log $PY benchmarks/bench_tokenizer.py $Q --out "$B"
+  step bench_blip2 "$L" bench_blip2.log $PY benchmarks/bench_blip2.py --device cuda --batches 1,256 --out "$B"
   step bench_codebook_f16 "$L" bench_codebook_float16.log $PY benchmarks/bench_codebook_lookup.py $Q --dtype float16 --out "$B"
   step bench_llm_decode "$L" bench_llm_decode.log $PY benchmarks/bench_llm_decode.py $Q --out "$B"
 fi
