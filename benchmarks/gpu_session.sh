@@ -105,17 +105,19 @@ B="$W/results"
 L=${STEP_LIMIT_BENCH:-120}
 if [ "$MODE" = "dispatch" ]; then
   log "every backend on SEED's shapes (dispatch table), impl='auto' beside them"
-  step bench_attention 110 bench_attention.log $PY benchmarks/bench_qformer_attention.py --batches 1,32,256 \
-    --skip "compile|eager|math|flash" --out "$B"
+  # most wanted first: every step packs its results, so a run cut short keeps the earlier ones
   step bench_codebook_f32 40 bench_codebook_float32.log $PY benchmarks/bench_codebook_lookup.py --dtype float32 \
     --ns 1,32,1024,8192 --dims 32 --quick --out "$B"
   step bench_codebook_f16 30 bench_codebook_float16.log $PY benchmarks/bench_codebook_lookup.py --dtype float16 \
     --ns 32,8192 --dims 32 --quick --out "$B"
   step bench_tokenizer 90 bench_tokenizer.log $PY benchmarks/bench_tokenizer.py --qformer-batches 1 \
     --tokenizer-batches 1,256 --out "$B"
+  step bench_attention 110 bench_attention.log $PY benchmarks/bench_qformer_attention.py --batches 1,32,256 \
+    --skip "compile|eager|math|flash" --out "$B"
   step bench_lora 80 bench_lora.log $PY benchmarks/bench_lora_linear.py --dtype bfloat16 --tokens 16,4096 --ranks 16 \
     --shapes "LLaMA-7B attn" --dropout 0.05 --out "$B"
-  step bench_host 30 bench_host.log $PY benchmarks/bench_host_overhead.py --device cuda --out "$B"
+  step bench_host 25 bench_host.log $PY benchmarks/bench_host_overhead.py --device cuda --out "$B"
+  step bench_blip2 40 bench_blip2.log $PY benchmarks/bench_blip2.py --device cuda --batches 1,256 --repeats 10 --out "$B"
 elif [ "$MODE" = "targets" ]; then
   log "benchmarks on the target shapes"
   step bench_codebook_f32 "$L" bench_codebook_float32.log $PY benchmarks/bench_codebook_lookup.py --quick --dtype float32 --out "$B"
