@@ -41,15 +41,15 @@ std::tuple<std::string, bool, int64_t, int64_t> cpu_build_info() {
 
 // Shapes only, for fake tensors (torch.compile, torch.export); sizes may be symbolic.
 at::Tensor codebook_lookup_indices_meta(const at::Tensor& z, const at::Tensor& codebook, c10::string_view /*isa*/) {
-  TORCH_CHECK_VALUE(z.dim() == 2 && codebook.dim() == 2,
-                    "_codebook_lookup_indices: need z (N, D) and codebook (K, D), got ", z.sym_sizes(), " and ",
-                    codebook.sym_sizes());
-  TORCH_CHECK_VALUE(z.sym_size(1).sym_eq(codebook.sym_size(1)).expect_true(__FILE__, __LINE__),
-                    "_codebook_lookup_indices: z has D=", z.sym_size(1), " but codebook has D=", codebook.sym_size(1));
+  TORCH_CHECK(z.dim() == 2 && codebook.dim() == 2,
+              "_codebook_lookup_indices: need z (N, D) and codebook (K, D), got ", z.sym_sizes(), " and ",
+              codebook.sym_sizes());
+  TORCH_CHECK(z.sym_size(1).sym_eq(codebook.sym_size(1)).expect_true(__FILE__, __LINE__),
+              "_codebook_lookup_indices: z has D=", z.sym_size(1), " but codebook has D=", codebook.sym_size(1));
   for (const auto* t : {&z, &codebook}) {
     const auto st = t->scalar_type();
-    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-                     "_codebook_lookup_indices: inputs must be float32, float16 or bfloat16, got ", st);
+    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+                "_codebook_lookup_indices: inputs must be float32, float16 or bfloat16, got ", st);
   }
   return at::empty_symint({z.sym_size(0)}, z.options().dtype(at::kLong));
 }

@@ -145,3 +145,20 @@ def test_public_api(tmp_path, seed):
     assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
     with pytest.raises(seed_fast.InputError, match="exactly 32 codes"):
         llm.caption(codes=drawn[:, :31])
+
+
+def test_extensions_raise_only_through_libc10():
+    """TORCH_CHECK_VALUE / TORCH_CHECK_TYPE / C10_THROW_ERROR / a bare `throw` raise from the
+    extension's own code, which crashed the process (SIGSEGV) on a GPU machine where TORCH_CHECK,
+    thrown inside libc10, reached Python; csrc/ uses TORCH_CHECK only."""
+    root = ROOT / "csrc"
+    typed = re.compile(r"\b(TORCH_CHECK_(VALUE|TYPE|INDEX|NOT_IMPLEMENTED|LINALG)|C10_THROW_ERROR|throw)\b")
+    found = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix not in (".cpp", ".cu", ".h", ".cuh"):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("//", 1)[0]
+            if typed.search(code):
+                found.append(f"{path.relative_to(root.parent)}:{n}: {line.strip()}")
+    assert not found, "raise with TORCH_CHECK (thrown inside libc10):\n" + "\n".join(found)

@@ -325,14 +325,21 @@ bool argmin_small_n(const float* z, int64_t N, int64_t D, const float* cb, int64
   return true;
 }
 
-// The error for inputs the kernel found not finite, run only then: names the first input holding
-// NaN / inf and counts them, or says that a finite codebook's squared norms overflow float32.
-[[noreturn]] void raise_non_finite(const at::Tensor& z, const at::Tensor& codebook) {
+// Inputs the kernel found not finite: with an error flag, sets it (the caller names the input and
+// raises); without one, raises, naming the first input holding NaN / inf and counting them, or
+// saying that a finite codebook's squared norms overflow float32. Either way run only then.
+at::Tensor report_non_finite(const at::Tensor& z, const at::Tensor& codebook, int32_t* error_flag,
+                             at::Tensor out) {
+  if (error_flag != nullptr) {
+    *error_flag = 1;
+    return out.zero_();  // indices stay in range
+  }
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"z", &z}, {"codebook", &codebook}}) {
     const int64_t bad = t->numel() - at::isfinite(*t).sum().item<int64_t>();
-    TORCH_CHECK_VALUE(bad == 0, "codebook_lookup: ", name, " contains ", bad, " NaN/inf value(s)");
+    TORCH_CHECK(bad == 0, "codebook_lookup: ", name, " contains ", bad, " NaN/inf value(s)");
   }
-  TORCH_CHECK_VALUE(false, "codebook_lookup: the codebook's squared norms overflow float32 (values above ~1e19)");
+  TORCH_CHECK(false, "codebook_lookup: the codebook's squared norms overflow float32 (values above ~1e19)");
+  return out;
 }
 
 }  // namespace
@@ -344,24 +351,26 @@ std::string codebook_argmin_cpu_isa() {
   return "generic";
 }
 
-at::Tensor codebook_argmin_cpu(const at::Tensor& z, const at::Tensor& codebook, c10::string_view isa) {
+// The kernel behind both operators; error_flag: see report_non_finite.
+static at::Tensor argmin_cpu(const at::Tensor& z, const at::Tensor& codebook, c10::string_view isa,
+                             int32_t* error_flag) {
   TORCH_CHECK(isa == "auto" || isa == "avx512" || isa == "generic",
               "codebook_argmin_cpu: isa must be 'auto', 'avx512' or 'generic', got '", isa, "'");
   TORCH_CHECK(isa != "avx512" || codebook_argmin_cpu_isa() == "avx512",
               "codebook_argmin_cpu: isa='avx512' asked, but this build or CPU has no AVX-512 kernel");
-  TORCH_CHECK_VALUE(z.device().is_cpu() && codebook.device().is_cpu(),
-                    "codebook_argmin_cpu: tensors must be on the CPU, got ", z.device(), " and ", codebook.device());
-  TORCH_CHECK_VALUE(z.dim() == 2, "codebook_argmin_cpu: z must be (N, D), got ", z.sizes());
-  TORCH_CHECK_VALUE(codebook.dim() == 2, "codebook_argmin_cpu: codebook must be (K, D), got ", codebook.sizes());
-  TORCH_CHECK_VALUE(z.size(1) == codebook.size(1), "codebook_argmin_cpu: z has D=", z.size(1),
-                    " but codebook has D=", codebook.size(1));
-  TORCH_CHECK_VALUE(codebook.size(0) >= 1, "codebook_argmin_cpu: the codebook is empty");
-  TORCH_CHECK_VALUE(codebook.size(0) <= std::numeric_limits<int32_t>::max() - NR,
-                    "codebook_argmin_cpu: K=", codebook.size(0), " is above the int32 index range");
+  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(),
+              "codebook_argmin_cpu: tensors must be on the CPU, got ", z.device(), " and ", codebook.device());
+  TORCH_CHECK(z.dim() == 2, "codebook_argmin_cpu: z must be (N, D), got ", z.sizes());
+  TORCH_CHECK(codebook.dim() == 2, "codebook_argmin_cpu: codebook must be (K, D), got ", codebook.sizes());
+  TORCH_CHECK(z.size(1) == codebook.size(1), "codebook_argmin_cpu: z has D=", z.size(1),
+              " but codebook has D=", codebook.size(1));
+  TORCH_CHECK(codebook.size(0) >= 1, "codebook_argmin_cpu: the codebook is empty");
+  TORCH_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max() - NR,
+              "codebook_argmin_cpu: K=", codebook.size(0), " is above the int32 index range");
   for (const auto* t : {&z, &codebook}) {
     const auto st = t->scalar_type();
-    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-                     "codebook_argmin_cpu: inputs must be float32, float16 or bfloat16, got ", st);
+    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+                "codebook_argmin_cpu: inputs must be float32, float16 or bfloat16, got ", st);
   }
   const int64_t N = z.size(0), D = z.size(1), K = codebook.size(0);
   auto out = at::empty({N}, z.options().dtype(at::kLong));
@@ -370,7 +379,7 @@ at::Tensor codebook_argmin_cpu(const at::Tensor& z, const at::Tensor& codebook, 
   const auto cf = codebook.to(at::kFloat).contiguous();
   if (N <= kSmallN) {
     if (!argmin_small_n(zf.data_ptr<float>(), N, D, cf.data_ptr<float>(), K, out.data_ptr<int64_t>()))
-      raise_non_finite(z, codebook);
+      return report_non_finite(z, codebook, error_flag, out);
     return out;
   }
   const int64_t P = (K + NR - 1) / NR;
@@ -382,7 +391,7 @@ at::Tensor codebook_argmin_cpu(const at::Tensor& z, const at::Tensor& codebook, 
   const float* zp = zf.data_ptr<float>();
   float zsum = 0.f;
   for (int64_t i = 0; i < N * D; ++i) zsum += zp[i] * 0.f;  // stays 0 unless some value is NaN / inf
-  if (!finite || zsum != 0.f) raise_non_finite(z, codebook);
+  if (!finite || zsum != 0.f) return report_non_finite(z, codebook, error_flag, out);
   int64_t* op = out.data_ptr<int64_t>();
   const int64_t blocks = (N + MR - 1) / MR;
   // Codes are swept in chunks of about kChunkBytes of packed codebook (L2-resident) across all of a
@@ -409,10 +418,22 @@ at::Tensor codebook_argmin_cpu(const at::Tensor& z, const at::Tensor& codebook, 
   return out;
 }
 
+at::Tensor codebook_argmin_cpu(const at::Tensor& z, const at::Tensor& codebook, c10::string_view isa) {
+  return argmin_cpu(z, codebook, isa, nullptr);
+}
+
 std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& z, const at::Tensor& codebook,
-                                                       const std::optional<at::Tensor>& /*error_flag*/,
+                                                       const std::optional<at::Tensor>& error_flag,
                                                        c10::string_view isa) {
-  auto indices = codebook_argmin_cpu(z, codebook, isa);  // raises on NaN / inf: the flag is not needed
+  int32_t* flag = nullptr;
+  if (error_flag.has_value()) {
+    TORCH_CHECK(error_flag->device().is_cpu() && error_flag->scalar_type() == at::kInt && error_flag->numel() >= 1 &&
+                error_flag->is_contiguous(),
+                "codebook_lookup_cpu: error_flag must be a contiguous int32 CPU tensor, got ",
+                error_flag->scalar_type(), " on ", error_flag->device());
+    flag = error_flag->data_ptr<int32_t>();
+  }
+  auto indices = argmin_cpu(z, codebook, isa, flag);
   return {indices, at::embedding(codebook, indices)};
 }
 

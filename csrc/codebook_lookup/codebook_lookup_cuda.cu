@@ -211,27 +211,27 @@ void launch(const at::Tensor& z, const at::Tensor& cb, at::Tensor& indices, T* z
 // Checks the inputs; returns the dtype both are computed in.
 at::ScalarType check_inputs(const char* op, const at::Tensor& z, const at::Tensor& codebook,
                             const std::optional<at::Tensor>& error_flag) {
-  TORCH_CHECK_VALUE(z.is_cuda() && codebook.is_cuda(), op, ": tensors must be on a CUDA device, got ", z.device(),
-                    " and ", codebook.device());
-  TORCH_CHECK_VALUE(z.device() == codebook.device(), op, ": z is on ", z.device(), " but codebook on ",
-                    codebook.device());
-  TORCH_CHECK_VALUE(z.dim() == 2 && codebook.dim() == 2, op, ": need z (N, D) and codebook (K, D), got ", z.sizes(),
-                    " and ", codebook.sizes());
-  TORCH_CHECK_VALUE(z.size(1) == codebook.size(1), op, ": z has D=", z.size(1), " but codebook has D=",
-                    codebook.size(1));
-  TORCH_CHECK_VALUE(codebook.size(0) >= 1, op, ": the codebook is empty");
-  TORCH_CHECK_VALUE(codebook.size(0) < std::numeric_limits<int32_t>::max() - BN, op, ": K=", codebook.size(0),
-                    " is above the int32 index range");
+  TORCH_CHECK(z.is_cuda() && codebook.is_cuda(), op, ": tensors must be on a CUDA device, got ", z.device(),
+              " and ", codebook.device());
+  TORCH_CHECK(z.device() == codebook.device(), op, ": z is on ", z.device(), " but codebook on ",
+              codebook.device());
+  TORCH_CHECK(z.dim() == 2 && codebook.dim() == 2, op, ": need z (N, D) and codebook (K, D), got ", z.sizes(),
+              " and ", codebook.sizes());
+  TORCH_CHECK(z.size(1) == codebook.size(1), op, ": z has D=", z.size(1), " but codebook has D=",
+              codebook.size(1));
+  TORCH_CHECK(codebook.size(0) >= 1, op, ": the codebook is empty");
+  TORCH_CHECK(codebook.size(0) < std::numeric_limits<int32_t>::max() - BN, op, ": K=", codebook.size(0),
+              " is above the int32 index range");
   if (error_flag.has_value()) {
-    TORCH_CHECK_VALUE(error_flag->is_cuda() && error_flag->device() == z.device() &&
-                          error_flag->scalar_type() == at::kInt && error_flag->numel() >= 1,
-                      op, ": error_flag must be an int32 tensor on ", z.device(), ", got ",
-                      error_flag->scalar_type(), " on ", error_flag->device());
+    TORCH_CHECK(error_flag->is_cuda() && error_flag->device() == z.device() &&
+                error_flag->scalar_type() == at::kInt && error_flag->numel() >= 1,
+                op, ": error_flag must be an int32 tensor on ", z.device(), ", got ",
+                error_flag->scalar_type(), " on ", error_flag->device());
   }
   const auto st = at::promote_types(z.scalar_type(), codebook.scalar_type());
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-                   ": inputs must be float32, float16 or bfloat16, got ", z.scalar_type(), " and ",
-                   codebook.scalar_type());
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+              ": inputs must be float32, float16 or bfloat16, got ", z.scalar_type(), " and ",
+              codebook.scalar_type());
   return st;
 }
 

@@ -78,7 +78,8 @@ def _argmin_ref(flat: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
         hi = dist.amax(dim=-1)  # (rows,): NaN where the inputs hold NaN
         if bool((hi == float("inf")).any()) and bool(torch.isfinite(chunk).all() & torch.isfinite(book).all()):
             raise ValueError(_SCALE_ERRORS["overflow"])  # finite inputs, infinite distances
-        if bool((hi == 0).any()) and bool((book != book[:1]).any()):  # every distance of a row underflowed
+        # every distance of a row underflowed (zero or subnormal: no precision left to rank codes)
+        if bool((hi < torch.finfo(dist.dtype).tiny).any()) and bool((book != book[:1]).any()):
             raise ValueError(_SCALE_ERRORS["underflow"])
         indices[start : start + rows] = dist.argmin(dim=-1)  # first minimum = lowest index
     return indices
@@ -171,9 +172,13 @@ def codebook_lookup_indices(
     False skips the check (then a NaN row gets an arbitrary index)."""
     if z.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=z.device)
-    if impl == "cpu":  # the C++ kernel raises ValueError on NaN / inf, found on values it touches anyway
+    if impl == "cpu":  # the C++ kernel finds NaN / inf on values it touches anyway, and sets the flag
         _ext.require_cpu_ext()
-        return torch.ops.seed_fast._codebook_lookup_indices(z, codebook)
+        cpu_flag = torch.zeros(1, dtype=torch.int32)
+        indices = torch.ops.seed_fast._codebook_lookup(z, codebook, cpu_flag)[0]
+        if cpu_flag[0]:
+            _raise_non_finite(z, codebook)
+        return indices
     flag = error_flag if check_finite else None
     if check_finite and flag is None:
         _check_finite(z, codebook)
@@ -395,7 +400,9 @@ def codebook_lookup(
     if _dispatch._logs:
         _dispatch.note("codebook_lookup", chosen)
     flag = None
-    if check_finite and chosen != "cpu" and not torch.compiler.is_compiling():
+    if chosen == "cpu" and not torch.compiler.is_compiling():
+        flag = _cpu_flag()  # the C++ kernel always checks, at no cost
+    elif check_finite and not torch.compiler.is_compiling():
         if flat.is_cuda:
             flag = _error_flag(flat.device)
             if flag is not None and flag[0][0]:
@@ -411,6 +418,8 @@ def codebook_lookup(
     ):
         # the C++ / CUDA operator itself: one dispatcher call, indices and z_q (one kernel on CUDA)
         indices, z_q = torch.ops.seed_fast._codebook_lookup.default(flat, book, None if flag is None else flag[1])
+        if flag is not None and not flat.is_cuda and flag[0][0]:
+            _raise_cpu_flagged(flag, flat, book)
         if z.dim() != 2:
             indices, z_q = indices.view(z.shape[:-1]), z_q.view(z.shape)
         return indices, z_q
@@ -446,6 +455,10 @@ _cpu_flags: list = []
 
 def _raise_cpu_flagged(flag, flat: torch.Tensor, book: torch.Tensor) -> None:
     flag[0][0] = 0
+    _raise_non_finite(flat, book)
+
+
+def _raise_non_finite(flat: torch.Tensor, book: torch.Tensor) -> None:
     _check_finite(flat, book)  # names the input and counts; else the distances overflowed
     raise ValueError("codebook_lookup: the distances overflow float32 (values above ~1e19)")
 

@@ -253,12 +253,19 @@ def test_bad_input(impl):
         codebook_lookup(z, book.int(), impl=impl)
     zn = z.clone()
     zn[2, 3] = float("nan")
-    with pytest.raises(ValueError, match="z contains 1 NaN/inf"):
-        codebook_lookup(zn, book, impl=impl)
     bn = book.clone()
     bn[5, 0] = float("inf")
-    with pytest.raises(ValueError, match="codebook contains 1 NaN/inf"):
-        codebook_lookup(z, bn, impl=impl)
+    if DEVICE == "cuda":  # found without a sync: reported by the next check, once
+        for args in ((zn, book), (z, bn)):
+            codebook_lookup(*args, impl=impl)
+            with pytest.raises(ValueError, match="met NaN/inf"):
+                cl.codebook_lookup_check()
+        cl.codebook_lookup_check()
+    else:
+        with pytest.raises(ValueError, match="z contains 1 NaN/inf"):
+            codebook_lookup(zn, book, impl=impl)
+        with pytest.raises(ValueError, match="codebook contains 1 NaN/inf"):
+            codebook_lookup(z, bn, impl=impl)
     with pytest.raises(ValueError, match="metric"):
         codebook_lookup(z, book, metric="dot", impl=impl)
 
@@ -444,29 +451,52 @@ def test_compiled_op_under_torch_compile_with_dynamic_shapes():
 
 
 def test_compiled_op_errors_name_the_problem():
+    """The C++ operators raise RuntimeError (thrown inside libc10, see csrc/codebook_lookup/
+    codebook_lookup.h), naming the problem; the Python API raises ValueError / TypeError first."""
     _cpu_ext()
     op = torch.ops.seed_fast._codebook_lookup_indices
     z, book = torch.randn(70, 8), torch.randn(16, 8)
-    with pytest.raises(ValueError, match="z has D=8 but codebook has D=4"):
+    with pytest.raises(RuntimeError, match="z has D=8 but codebook has D=4"):
         op(z, book[:, :4])
-    with pytest.raises(ValueError, match=r"z must be \(N, D\)"):
+    with pytest.raises(RuntimeError, match=r"z must be \(N, D\)"):
         op(z[0], book)
-    with pytest.raises(ValueError, match="the codebook is empty"):
+    with pytest.raises(RuntimeError, match="the codebook is empty"):
         op(z, book[:0])
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         op(z.double(), book)
     for n in (3, 70):  # small-N and packed paths find NaN / inf separately
         zn, bn = z[:n].clone(), book.clone()
         zn[1, 2], zn[2, 2], bn[3, 1] = float("nan"), float("inf"), float("nan")
-        with pytest.raises(ValueError, match="z contains 2 NaN/inf"):
+        with pytest.raises(RuntimeError, match="z contains 2 NaN/inf"):
             op(zn, bn)
-        with pytest.raises(ValueError, match="codebook contains 1 NaN/inf"):
+        with pytest.raises(RuntimeError, match="codebook contains 1 NaN/inf"):
             op(z[:n], bn)
+        flag = torch.zeros(1, dtype=torch.int32)  # with a flag: set, no raise, indices in range
+        idx, _ = torch.ops.seed_fast._codebook_lookup(zn, bn, flag)
+        assert int(flag[0]) == 1 and bool(((idx >= 0) & (idx < 16)).all())
+        flag.zero_()
+        torch.ops.seed_fast._codebook_lookup(z[:n], book, flag)
+        assert int(flag[0]) == 0, "a flag set without NaN / inf"
         bn[3, 1] = 3e19
-        with pytest.raises(ValueError, match="squared norms overflow float32"):
+        with pytest.raises(RuntimeError, match="squared norms overflow float32"):
             op(z[:n], bn)
-    with pytest.raises(ValueError, match="z has D=8 but codebook has D=7"):
+    with pytest.raises(RuntimeError, match="error_flag must be a contiguous int32 CPU tensor"):
+        torch.ops.seed_fast._codebook_lookup(z, book, torch.zeros(1))
+    with pytest.raises(RuntimeError, match="z has D=8 but codebook has D=7"):
         op(torch.empty(4, 8, device="meta"), torch.empty(2, 7, device="meta"))
+
+
+def test_python_api_keeps_typed_errors_for_the_cpu_kernel():
+    _cpu_ext()
+    z, book = torch.randn(70, 8), torch.randn(16, 8)
+    for n in (3, 70):
+        zn = z[:n].clone()
+        zn[1, 2] = float("nan")
+        with pytest.raises(ValueError, match="z contains 1 NaN/inf"):
+            codebook_lookup(zn, book, impl="cpu")
+        with pytest.raises(ValueError, match="z contains 1 NaN/inf"):  # the registered op, also with grad
+            codebook_lookup(zn, book.clone().requires_grad_(), impl="cpu")
+        assert_equal(codebook_lookup(z[:n], book, impl="cpu")[0], codebook_lookup_ref(z[:n], book)[0])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
