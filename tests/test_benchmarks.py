@@ -108,8 +108,15 @@ def test_benchmark_tables_in_the_readme_and_docs_are_what_the_results_files_prin
     assert summary.count("| op | case |") == len(devices), "one summary table per device"
     # the summary's numbers are the results files' (one spot check against the raw JSON)
     rows = json.loads((ROOT / "benchmarks/results/nvidia-h200/bench_codebook_lookup_float32.json").read_text())["rows"]
-    cuda = next(r for r in rows if (r["N"], r["K"], r["D"], r["provider"]) == (8192, 8192, 32, "seed_fast cuda"))
-    assert f"{float(cuda['ms']):.3f} ms (cuda)" in summary
+    ours = [
+        r
+        for r in rows
+        if (r["N"], r["K"], r["D"]) == (8192, 8192, 32)
+        and r["provider"] in ("seed_fast cuda", "seed_fast triton", "seed_fast cpu", "seed_fast torch")
+        and r.get("ms") not in (None, "")
+    ]
+    best = min(ours, key=lambda r: float(r["ms"]))
+    assert f"{float(best['ms']):.3f} ms ({best['provider'].split()[-1]})" in summary
     full = readme_tables.generated("docs/benchmarks.md")
     assert (
         full.count("from [benchmarks/results/") >= 12 and "NVIDIA H200" in full and "](../benchmarks/results/" in full
