@@ -8,6 +8,7 @@ assigning new tensors) needs `reset()`.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -15,12 +16,15 @@ import torch
 
 
 class GraphedForward:
-    """fn(x) -> tensor or tuple of tensors, captured per (shape, dtype, device) of x on first use.
+    """fn(x) -> tensor or tuple of tensors, captured per (shape, dtype, device) of x.
 
     max_graphs: captures kept (least recently used dropped first); each holds its own static input
     and outputs. prepare() runs before each replay. Outputs are cloned out of the graph's static buffers
-    unless clone_outputs=False
-    (then they are overwritten by the next replay of the same shape). CPU inputs just call fn.
+    unless clone_outputs=False (then they are overwritten by the next replay of the same shape).
+    max_batch: inputs with more rows than this run eagerly (where launches no longer dominate).
+    capture_after: eager calls of a shape before it is captured (0: capture on first use; 1 keeps a
+    one-off call from paying for warm-up and capture). A capture that fails warns once and leaves
+    this forward eager. CPU inputs, and calls inside someone else's capture, just call fn.
     """
 
     def __init__(
@@ -31,35 +35,74 @@ class GraphedForward:
         warmup: int = 2,
         max_graphs: int = 8,
         clone_outputs: bool = True,
+        max_batch: int | None = None,
+        capture_after: int = 0,
     ):
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
+        if capture_after < 0:
+            raise ValueError(f"capture_after must be >= 0, got {capture_after}")
         self.fn = fn
         self.prepare = prepare  # run before every replay (e.g. refresh caches the graph reads)
         self.warmup = warmup
         self.max_graphs = max_graphs
         self.clone_outputs = clone_outputs
+        self.max_batch = max_batch
+        self.capture_after = capture_after
+        self.disabled_reason: str | None = None  # set when a capture failed: then always eager
         self._graphs: OrderedDict = OrderedDict()
+        self._seen: dict = {}
         self._pool = None
 
     def reset(self) -> None:
+        """Drop every capture (call after parameters were re-allocated, e.g. by `.to()`)."""
         self._graphs.clear()
+        self._seen.clear()
         self._pool = None
+
+    def __getstate__(self):  # copies and pickles carry no captures (they hold device memory)
+        state = dict(self.__dict__)
+        state.update(_graphs=OrderedDict(), _seen={}, _pool=None)
+        return state
 
     @property
     def num_graphs(self) -> int:
         return len(self._graphs)
 
+    def wants_graph(self, key: tuple, batch: int) -> bool:
+        """Whether a call with this key and batch size replays (or captures) a graph; counts the
+        eager calls of shapes not captured yet."""
+        if self.disabled_reason is not None or (self.max_batch is not None and batch > self.max_batch):
+            return False
+        if key in self._graphs:
+            return True
+        seen = self._seen.get(key, 0)
+        if seen < self.capture_after:
+            if len(self._seen) > 4 * self.max_graphs:
+                self._seen.clear()  # many one-off shapes: forget them rather than grow
+            self._seen[key] = seen + 1
+            return False
+        return True
+
     def __call__(self, x: torch.Tensor):
-        if not x.is_cuda:
-            return self.fn(x)
-        if torch.cuda.is_current_stream_capturing():
-            return self.fn(x)  # already inside someone's capture: just record the ops there
+        if not x.is_cuda or torch.cuda.is_current_stream_capturing():
+            return self.fn(x)  # inside someone's capture: just record the ops there
         key = (tuple(x.shape), x.dtype, x.device)
+        if not self.wants_graph(key, x.shape[0] if x.dim() else 1):
+            return self.fn(x)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(x)
+            try:
+                entry = self._capture(x)
+            except RuntimeError as err:  # e.g. an op that cannot be captured: stay eager from now on
+                self.disabled_reason = f"CUDA graph capture failed: {str(err).splitlines()[0]}"
+                warnings.warn(f"{self.disabled_reason}; running eagerly", RuntimeWarning, stacklevel=2)
+                self.reset()
+                return self.fn(x)
             self._graphs[key] = entry
+            self._seen.pop(key, None)
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
         else:

@@ -38,6 +38,9 @@ from .vit import EvaViT
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+# Largest batch that cuda_graph="auto" replays as a CUDA graph: where kernel launches, not the math,
+# bound the full-size model (measured at batch 1: see SeedTokenizer.to_fast).
+GRAPH_AUTO_MAX_BATCH = 32
 
 
 class SeedTokenizer(nn.Module):
@@ -293,7 +296,7 @@ class SeedTokenizer(nn.Module):
         return self.detokenizer(self.embed_codes(codes))  # (B, 1024)
 
     # ------------------------------------------------------------------ fast path
-    def to_fast(self, *, cuda_graph: bool = False, attn_impl: str = "auto") -> SeedTokenizer:
+    def to_fast(self, *, cuda_graph: bool | str = "auto", attn_impl: str = "auto") -> SeedTokenizer:
         """Switch to the fast path, the state after construction (returns self; `to_reference()`
         undoes it). Call it again to capture CUDA graphs or to pin the attention backend.
 
@@ -303,9 +306,13 @@ class SeedTokenizer(nn.Module):
           cached while the weights do not change (see qformer.FusedLinearCache); ~34M extra values
           for the full-size model.
         - ViT attention through SDPA.
-        - cuda_graph=True: `encode` / `encode_embeddings` on CUDA replay a CUDA graph captured per
-          batch shape (removes the launch overhead that dominates at small batch). Graphs are
-          dropped by `to_reference()` or `reset_graphs()`; call the latter after moving the model.
+        - cuda_graph: `encode` / `encode_embeddings` on CUDA replay a CUDA graph captured per batch
+          shape, which removes the launch overhead that dominates at small batch (batch 1 of the
+          full-size model in fp16 on an H200: 4.1 ms against 19.5 ms eagerly). "auto" (the default)
+          captures a shape at its second call, for batches up to GRAPH_AUTO_MAX_BATCH (32); True
+          captures every shape at its first call; False never. Graphs are dropped by
+          `to_reference()`, `reset_graphs()` and by moving or casting the model (`.to()`,
+          `.half()`, ...); a capture that fails warns once and leaves encode eager.
         Outputs match the reference path within the dtype's tolerance (codes identical in fp32
         barring exact near-ties).
         """
@@ -313,12 +320,25 @@ class SeedTokenizer(nn.Module):
         for blk in self.vision.blocks:
             blk.attn.attn_impl = "sdpa"
         self._graphs = None
+        if cuda_graph not in (True, False, "auto"):
+            raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
         if cuda_graph:
+            auto = cuda_graph == "auto"
+            opts = {
+                "prepare": self.qformer.refresh_fused,
+                "max_batch": GRAPH_AUTO_MAX_BATCH if auto else None,
+                "capture_after": 1 if auto else 0,
+            }
             self._graphs = {
-                "codes": GraphedForward(self._pixels_to_codes, prepare=self.qformer.refresh_fused),
-                "embeddings": GraphedForward(self.causal_embeddings, prepare=self.qformer.refresh_fused),
+                "codes": GraphedForward(self._pixels_to_codes, **opts),
+                "embeddings": GraphedForward(self.causal_embeddings, **opts),
             }
         return self
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.reset_graphs()  # .to() / .half() / .cuda() re-allocate the parameters the graphs read
+        return out
 
     def to_reference(self) -> SeedTokenizer:
         """Back to the reference path (plain torch, the specification); returns self.

@@ -173,3 +173,84 @@ def test_refresh_fused_skips_work_only_while_no_weight_changed():
     q_rows = qf.layers[0].attention.self.query.weight.shape[0]
     assert_equal(w1[:q_rows], qf.layers[0].attention.self.query.weight, name="refreshed q rows")
     assert not torch.equal(w1[:q_rows], kept[:q_rows])
+
+
+def test_graph_policy_counts_shapes_and_respects_max_batch():
+    from seed_fast.models.cuda_graph import GraphedForward
+
+    g = GraphedForward(lambda x: x, max_batch=4, capture_after=1, max_graphs=2)
+    k1, k2 = ((1, 3), "f16", "cuda:0"), ((2, 3), "f16", "cuda:0")
+    assert not g.wants_graph(k1, 1), "the first call of a shape runs eagerly"
+    assert g.wants_graph(k1, 1), "the second call captures"
+    assert not g.wants_graph(((9, 3), "f16", "cuda:0"), 9) and not g.wants_graph(((9, 3), "f16", "cuda:0"), 9)
+    assert not g.wants_graph(k2, 2)
+    g.reset()
+    assert not g.wants_graph(k2, 2), "reset forgets the counts"
+    g.disabled_reason = "capture failed"
+    assert not g.wants_graph(k2, 2)
+    eager_first = GraphedForward(lambda x: x)
+    assert eager_first.wants_graph(k1, 1000), "capture_after=0, no max_batch: every call"
+    for bad in ({"max_batch": 0}, {"capture_after": -1}, {"max_graphs": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GraphedForward(lambda x: x, **bad)
+    x = torch.randn(2, 3)
+    assert g(x) is x, "CPU inputs call fn"
+
+
+def test_tokenizer_graphs_are_the_default_and_dropped_when_the_model_moves(monkeypatch):
+    import copy
+
+    from seed_fast.models import cuda_graph, tokenizer
+
+    tok = _tok()
+    graphs = tok._graphs
+    assert graphs is not None and set(graphs) == {"codes", "embeddings"}
+    assert all(g.max_batch == tokenizer.GRAPH_AUTO_MAX_BATCH and g.capture_after == 1 for g in graphs.values())
+    resets = []
+    monkeypatch.setattr(cuda_graph.GraphedForward, "reset", lambda self: resets.append(self))
+    tok.double()
+    tok.float()
+    assert len(resets) == 4, "each cast drops both forwards' graphs"
+    monkeypatch.undo()
+    assert copy.deepcopy(tok)._graphs["codes"].num_graphs == 0
+    tok.to_fast(cuda_graph=True)
+    assert all(g.max_batch is None and g.capture_after == 0 for g in tok._graphs.values())
+    assert tok.to_fast(cuda_graph=False)._graphs is None
+    with pytest.raises(ValueError, match="cuda_graph must be True, False or 'auto'"):
+        tok.to_fast(cuda_graph="always")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+def test_default_encode_replays_a_graph_from_the_second_call(seed):
+    tok = _tok()
+    imgs = _images(1, seed=seed)
+    first = tok.encode(imgs)
+    assert tok._graphs["codes"].num_graphs == 0, "a one-off call is not captured"
+    for _ in range(2):
+        again = tok.encode(imgs)
+    assert tok._graphs["codes"].num_graphs == 1
+    assert_equal(again, first, name="replayed codes")
+    big = _images(33, seed=seed)
+    tok.encode(big)
+    tok.encode(big)
+    assert tok._graphs["codes"].num_graphs == 1, "batches above GRAPH_AUTO_MAX_BATCH stay eager"
+    tok.half()
+    assert tok._graphs["codes"].num_graphs == 0, "casting drops the graphs"
+    tok.encode(imgs)
+    tok.encode(imgs)
+    assert tok._graphs["codes"].num_graphs == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+def test_a_failed_capture_warns_once_and_runs_eagerly():
+    from seed_fast.models.cuda_graph import GraphedForward
+
+    g = GraphedForward(lambda x: x * float(x.sum()))  # a host sync cannot be captured
+    x = torch.randn(4, device="cuda")
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        out = g(x)
+    assert_close(out, x * float(x.sum()), name="eager result")
+    assert g.disabled_reason and g.num_graphs == 0
+    assert_close(g(x), x * float(x.sum()), name="later calls")
