@@ -180,7 +180,8 @@ def main(argv=None) -> int:
             "eager + SDPA attention": lambda: _sdpa_everywhere(tok.to_reference()),
             "seed_fast to_fast()": lambda: tok.to_fast(),
         }
-        if cuda:
+        if cuda:  # to_fast() replays graphs for batches <= 32 by default ("auto"); beside it, none and all
+            modes["to_fast(cuda_graph=False)"] = lambda: tok.to_fast(cuda_graph=False)
             modes["to_fast(cuda_graph=True)"] = lambda: tok.to_fast(cuda_graph=True)
         for name, setup in modes.items():
             setup()

@@ -177,6 +177,7 @@ def full_tables(folder: Path) -> list[str]:
             "to_fast() + CUDA graph",
             "seed_fast reference (eager)",
             "eager + SDPA attention",
+            "to_fast(cuda_graph=False)",
             "to_fast(cuda_graph=True)",
         ]
         out.append(pivot_table(path, f"Q-Former and tokenizer ({path.stem.rsplit('_', 1)[-1]})", ["part", "B"], provs))
