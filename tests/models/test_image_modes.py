@@ -9,7 +9,7 @@ from PIL import Image
 
 from seed_fast import InputError, SeedTokenizer
 from seed_fast.images import ImageModeError, to_rgb
-from seed_fast.testing import assert_equal
+from seed_fast.testing import assert_close, assert_equal
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,8 @@ def _alpha_over_white(rgb, alpha):
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "RGBa", "La"])
-def test_transparent_pixels_are_composited_over_white(mode):
-    rng = np.random.default_rng(7)
+def test_transparent_pixels_are_composited_over_white(mode, seed):
+    rng = np.random.default_rng(seed)
     rgb = rng.integers(0, 256, (6, 5, 3)).astype(np.uint8)
     alpha = rng.integers(0, 256, (6, 5)).astype(np.uint8)
     alpha[0, 0], alpha[0, 1] = 0, 255  # fully transparent (white whatever lies under it), fully opaque
@@ -125,11 +125,11 @@ def test_transparent_pixels_are_composited_over_white(mode):
         im = rgba.convert(mode)
     out = np.asarray(to_rgb(im)).astype(np.float64)
     assert out.shape == (6, 5, 3)
-    np.testing.assert_array_equal(out[0, 0], [255, 255, 255])
+    assert_equal(out[0, 0], [255, 255, 255], name="a fully transparent pixel")
     # the expected picture: the mode's own colours (gray for LA / La, the palette for PA) over white
     own = np.asarray(im.convert("LA" if mode == "La" else im.mode).convert("RGBA")).astype(np.float64)
     want = _alpha_over_white(own[..., :3], own[..., 3].astype(np.uint8))
-    assert np.abs(out - want).max() <= 2 if mode in ("RGBa", "La") else np.abs(out - want).max() <= 1
+    assert_close(out, want, atol=2 if mode in ("RGBa", "La") else 1, rtol=0, name=f"{mode} over white")
 
 
 def test_palette_and_rgb_transparency_are_white():
@@ -138,12 +138,12 @@ def test_palette_and_rgb_transparency_are_white():
     for im in (Image.fromarray(rgb), Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)):
         im.info["transparency"] = (0, 0, 0) if im.mode == "RGB" else int(np.asarray(im)[1, 1])
         out = np.asarray(to_rgb(im))
-        np.testing.assert_array_equal(out[1, 1], [255, 255, 255])  # the transparent colour
-        np.testing.assert_array_equal(out[0, 0], [10, 20, 30])
+        assert_equal(out[1, 1], [255, 255, 255], name=f"{im.mode}: the transparent colour")
+        assert_equal(out[0, 0], [10, 20, 30], name=f"{im.mode}: an opaque colour")
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV"])
-def test_opaque_modes_convert_as_pil_does(mode):
-    rgb = np.random.default_rng(1).integers(0, 256, (4, 6, 3)).astype(np.uint8)
+def test_opaque_modes_convert_as_pil_does(mode, seed):
+    rgb = np.random.default_rng(seed).integers(0, 256, (4, 6, 3)).astype(np.uint8)
     im = Image.fromarray(rgb).convert(mode)
-    np.testing.assert_array_equal(np.asarray(to_rgb(im)), np.asarray(im.convert("RGB")))
+    assert_equal(np.asarray(to_rgb(im)), np.asarray(im.convert("RGB")), name=mode)

@@ -135,7 +135,7 @@ def test_triton_codebook_splits_agree(splits, seed):
     book = torch.cat([uniq, uniq]).to(DEVICE)  # ties across splits
     z = torch.randint(-3, 4, (20, 8), generator=g).float().to(DEVICE)
     idx, zq = codebook_lookup_triton(z, book, splits=splits)
-    assert torch.equal(zq, book[idx])
+    assert_equal(zq, book[idx], name="zq")
     assert_equal(idx, codebook_lookup_ref(z, book)[0], name="index")
 
 
@@ -330,23 +330,25 @@ def test_gpu_non_finite_is_reported_at_the_next_call(impl, n):
         codebook_lookup(z, book, impl=impl)
     idx, zq = codebook_lookup(z, book, impl=impl)  # the flag was cleared by the report
     cl.codebook_lookup_check()
-    assert torch.equal(idx.cpu(), codebook_lookup_ref(z, book)[0].cpu()) and torch.equal(zq, book[idx])
+    assert_equal(idx, codebook_lookup_ref(z, book)[0], name="index after the report")
+    assert_equal(zq, book[idx], name="zq after the report")
     idx, _ = codebook_lookup(bad, book, impl=impl, check_finite=False)
     cl.codebook_lookup_check()  # not checked, nothing flagged
     keep = torch.arange(n) != n // 2
-    assert torch.equal(idx[keep].cpu(), codebook_lookup_ref(z[keep], book)[0].cpu())
+    assert_equal(idx[keep], codebook_lookup_ref(z[keep], book)[0], name="finite rows")
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
-def test_mixed_dtypes_give_z_q_in_the_codebook_dtype(dtypes):
-    g = torch.Generator().manual_seed(5)
+def test_mixed_dtypes_give_z_q_in_the_codebook_dtype(dtypes, seed):
+    g = torch.Generator().manual_seed(seed)
     z = torch.randn(70, 16, generator=g).to(DEVICE, dtypes[0])
     book = torch.randn(300, 16, generator=g).to(DEVICE, dtypes[1])
     for impl in IMPLS:
         if not_supported_reasons(impl, z, book):
             continue
         idx, zq = codebook_lookup(z, book, impl=impl)
-        assert zq.dtype == book.dtype and torch.equal(zq, book[idx]), impl
+        assert zq.dtype == book.dtype, impl
+        assert_equal(zq, book[idx], name=f"{impl} zq")
         _check_achieves_min(z, book, idx, "l2")
 
 
@@ -372,7 +374,8 @@ def test_cuda_code_path_is_one_operator_call_without_a_sync(monkeypatch):
     outside = [e.name for e in events if not inside_op(e)]
     assert not [n for n in outside if n in ("aten::copy_", "aten::clone", "aten::empty")], outside  # views only
     assert not [e.name for e in events if e.name in ("aten::_local_scalar_dense", "aten::item")]
-    assert idx.shape == (2, 32) and torch.equal(zq, book[idx])
+    assert idx.shape == (2, 32)
+    assert_equal(zq, book[idx], name="zq")
 
 
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "cpu"])  # the CPU kernel checks in-kernel, always
@@ -501,19 +504,19 @@ def test_python_api_keeps_typed_errors_for_the_cpu_kernel():
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("scale,error", [(1e30, "overflow"), (1e-40, "underflow"), (1e-21, "underflow")])
-def test_inputs_beyond_float32_distances_are_refused(impl, scale, error):
+def test_inputs_beyond_float32_distances_are_refused(impl, scale, error, seed):
     """Distances that overflow or underflow fp32 would make every index meaningless (index 0 for all
     rows): refused, where the same inputs scaled into range find the float64 answer."""
     if DEVICE == "cuda" and impl != "ref":
         pytest.skip("on a GPU, the kernels flag overflow (inf scores) but do not look for underflow")
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     z, book = torch.randn(5, 8, generator=g).to(DEVICE), torch.randn(50, 8, generator=g).to(DEVICE)
     with pytest.raises(ValueError, match=f"distances {error} float32"):
         codebook_lookup(z * scale, book * scale, impl=impl)
     for ok in (1e-17, 1e18):  # the squared norms stay in range: the float64 answer
         idx, _ = codebook_lookup(z * ok, book * ok, impl=impl)
         want = torch.cdist((z * ok).double(), (book * ok).double()).argmin(1)
-        assert torch.equal(idx.cpu(), want.cpu()), (impl, ok)
+        assert_equal(idx, want, name=f"{impl} at scale {ok:g}")
 
 
 def test_the_scale_check_sees_a_codebook_changed_in_place():
@@ -533,12 +536,12 @@ def _tf32(x):
 
 
 @pytest.mark.parametrize("offset", [0.0, 4.0])
-def test_3xtf32_scores_keep_the_fp32_contract(offset):
+def test_3xtf32_scores_keep_the_fp32_contract(offset, seed):
     """The Triton kernel's fp32 dots on tensor cores: each operand split into a TF32 part and a TF32
     remainder, three products summed in fp32. Emulated here: 0 codes differ from the fp32
     specification at K=8192, D=32 on N(0,1) inputs and inputs offset by +4 (one TF32 product, which
     this split replaces, does change codes)."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     z = torch.randn(1024, 32, generator=g) + offset
     book = torch.randn(8192, 32, generator=g) + offset
     spec = codebook_lookup_ref(z, book)[0]
@@ -546,24 +549,25 @@ def test_3xtf32_scores_keep_the_fp32_contract(offset):
     zl, el = _tf32(z - zh), _tf32(book - eh)
     half = 0.5 * book.square().sum(1)
     three = half - (zh @ eh.T + (zh @ el.T + zl @ eh.T))
-    assert int((three.argmin(1) != spec).sum()) == 0
+    assert_equal(three.argmin(1), spec, name="3xTF32 codes")
     one = half - zh @ eh.T
     if offset:
         assert int((one.argmin(1) != spec).sum()) > 0  # why the split is needed
 
 
 @pytest.mark.skipif("triton" not in IMPLS, reason="triton cannot run here")
-def test_triton_split_workspace_is_left_reset():
+def test_triton_split_workspace_is_left_reset(seed):
     """The split path merges through a workspace that the last program of each row tile resets, so
     it is initialized once and calls in a row (or graph replays) stay exact."""
     from seed_fast.kernels import codebook_lookup as kmod
 
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator().manual_seed(seed)
     book = torch.randn(300, 16, generator=g).to(DEVICE)
     for n in (3, 40, 3):
         z = torch.randn(n, 16, generator=g).to(DEVICE)
         idx, zq = kmod.codebook_lookup_triton(z, book, splits=4)
-        assert torch.equal(idx.cpu(), codebook_lookup_ref(z, book)[0].cpu()) and torch.equal(zq, book[idx])
+        assert_equal(idx, codebook_lookup_ref(z, book)[0], name=f"index, n={n}")
+        assert_equal(zq, book[idx], name=f"zq, n={n}")
     for words, counters in (w for k, w in kmod._workspaces.items() if k[0] == torch.device(DEVICE)):
         assert bool((words == -(2**63)).all()) and bool((counters == 0).all())
 
