@@ -60,8 +60,8 @@ MODELS = {
 def build(name: str, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-    from seed_fast.models.llm import SeedLLM
-    from seed_fast.models.text_tokenizer import build_word_tokenizer
+    from seed_fast.models.llm.seed_llm import SeedLLM
+    from seed_fast.models.llm.text_tokenizer import build_word_tokenizer
 
     kind, kw, text_vocab = MODELS[name]
     vocab = text_vocab + 8192 + 2
@@ -105,7 +105,7 @@ def main() -> int:
     rows = []
     for b in batches:
         prompts = _prompts(b, args.prompt)
-        from seed_fast.models.decoding import left_pad
+        from seed_fast.models.llm.decoding import left_pad
 
         ids, mask = left_pad(prompts, pad)
         ids, mask = ids.to(device), mask.to(device)
@@ -238,8 +238,8 @@ def prefill_rows(llm, name, batches, args, device, repeats) -> list[dict]:
     """The prompt pass alone: transformers' forward vs our static-cache prefill."""
     from transformers import DynamicCache
 
-    from seed_fast.models.decoding import left_pad
     from seed_fast.models.hf_compat import with_cache
+    from seed_fast.models.llm.decoding import left_pad
 
     model, rows = llm.model, []
     for b in batches:
@@ -295,7 +295,7 @@ def lora_table(llm, name, batches, args, device, repeats) -> list[dict]:
     """peft LoRA vs fused LoRA vs merged, on the same adapter weights."""
     import copy
 
-    from seed_fast.models.decoding import left_pad
+    from seed_fast.models.llm.decoding import left_pad
 
     rows = []
     base = llm

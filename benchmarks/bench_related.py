@@ -78,8 +78,8 @@ def main() -> int:
 
     from seed_fast import SeedTokenizer
     from seed_fast.default_model.demo import test_scenes
-    from seed_fast.models.flamingo import FlamingoConnector
-    from seed_fast.models.lavit import LavitTokenizer
+    from seed_fast.models.related.flamingo import FlamingoConnector
+    from seed_fast.models.related.lavit import LavitTokenizer
 
     if big:
         seed_tok = SeedTokenizer.from_config("seed-tokenizer-2", seed=0).to(device, dtype).eval().to_fast()

@@ -89,18 +89,18 @@ def load_checkpoint(checkpoint: str | os.PathLike | None, parts: tuple[str, ...]
     if "llm" in parts:
         if llm_dir is None:
             raise ExportError(f"{root}: no SeedLLM folder (seed_llm.json) in it or in llm/")
-        from ..models.llm import SeedLLM
+        from ..models.llm.seed_llm import SeedLLM
 
         found["llm"] = SeedLLM.from_pretrained(llm_dir, tokenizer=found.get("tokenizer"), fused_lora=False)
     if "decoder" in parts:
         if dec_dir is None:
             raise ExportError(f"{root}: no image-decoder folder (unet/ + scheduler/) in it or in decoder/")
         if (dec_dir / "vae").is_dir():  # Stable unCLIP (SEED's released decoder)
-            from ..models.unclip import load_unclip_pipeline
+            from ..models.decoders.unclip import load_unclip_pipeline
 
             found["decoder"] = load_unclip_pipeline(str(dec_dir), dtype=torch.float32)
         else:
-            from ..models.image_decoder import load_image_decoder
+            from ..models.decoders.image_decoder import load_image_decoder
 
             found["decoder"] = load_image_decoder(dec_dir)
     return found

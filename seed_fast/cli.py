@@ -151,7 +151,7 @@ def _load_llm(args, *, need_diffusion: bool = False):
     import torch
 
     from .models import CheckpointError
-    from .models.llm import SeedLLM, get_template
+    from .models.llm.seed_llm import SeedLLM, get_template
 
     dtype = getattr(torch, args.dtype)
     if args.llm == "default":
@@ -189,7 +189,7 @@ def _load_llm(args, *, need_diffusion: bool = False):
     )
     llm = SeedLLM.from_config(args.preset, seed=args.seed, template=args.template)
     if need_diffusion:
-        from .models.unclip import tiny_unclip_pipeline
+        from .models.decoders.unclip import tiny_unclip_pipeline
 
         llm.diffusion = tiny_unclip_pipeline(embed_dim=llm.tokenizer.config.detokenizer.out_dim, seed=args.seed)
     return llm.to(device=args.device, dtype=dtype)
@@ -235,7 +235,7 @@ def cmd_generate(args) -> int:
                 )
             emb = llm.tokenizer.decode(codes)
             neg = llm.tokenizer.decode(llm.negative_codes()) if args.guidance > 1 else None
-            from .models.unclip import embeddings_to_images
+            from .models.decoders.unclip import embeddings_to_images
 
             images = embeddings_to_images(
                 llm.diffusion,

@@ -1,6 +1,6 @@
 """The image vocabulary and the prompt format of a SEED LLM, without torch.
 
-`seed_fast.models.llm.SeedLLM` and the onnxruntime runtime (`seed_fast.export.runtime`) both build
+`seed_fast.models.llm.seed_llm.SeedLLM` and the onnxruntime runtime (`seed_fast.export.runtime`) both build
 their token ids here, so an exported model reads exactly the prompts the torch one does.
 
 An image in a token sequence is `<img>` + 32 image tokens + `</img>`. Image token `<img_XXXXX>` has

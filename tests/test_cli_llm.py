@@ -59,7 +59,7 @@ def test_generate_on_the_embedded_model_with_guidance(tmp_path, capsys):
 
 
 def test_saved_model_and_errors(tmp_path, image_files, capsys):
-    from seed_fast.models.llm import SeedLLM
+    from seed_fast.models.llm.seed_llm import SeedLLM
 
     llm = SeedLLM.from_config("tiny-opt", seed=2)
     llm.save_pretrained(tmp_path / "m")

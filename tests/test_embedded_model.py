@@ -63,7 +63,7 @@ SCENES = [
 @pytest.mark.parametrize("guidance", [1.0, 2.5])
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_generate_images_through_the_public_api(default, n, guidance):
-    from seed_fast.models.unclip import embeddings_to_images
+    from seed_fast.models.decoders.unclip import embeddings_to_images
 
     texts = SCENES[:n]
     kw = dict(num_inference_steps=2, guidance_scale=guidance, progress=False)
@@ -82,8 +82,8 @@ def test_generate_images_through_the_public_api(default, n, guidance):
 
 
 def test_a_saved_llm_reloads_its_image_decoder(default, tmp_path):
-    from seed_fast.models.image_decoder import SeedImageDecoderPipeline
-    from seed_fast.models.llm import SeedLLM
+    from seed_fast.models.decoders.image_decoder import SeedImageDecoderPipeline
+    from seed_fast.models.llm.seed_llm import SeedLLM
 
     default.llm.save_pretrained(tmp_path / "m")
     llm = SeedLLM.from_pretrained(tmp_path / "m")

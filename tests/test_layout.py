@@ -44,7 +44,7 @@ def test_every_module_is_found():
     for expected in (
         "seed_fast.kernels.codebook_lookup",
         "seed_fast.export.to_onnx",
-        "seed_fast.models.llm",
+        "seed_fast.models.llm.seed_llm",
         "seed_fast.cli",
     ):
         assert expected in names

@@ -75,8 +75,8 @@ def test_generation_with_guidance(default):
 
 
 def test_stock_unclip_generation_and_peft_lora():
-    from seed_fast.models.llm import SeedLLM
-    from seed_fast.models.unclip import tiny_unclip_pipeline
+    from seed_fast.models.decoders.unclip import tiny_unclip_pipeline
+    from seed_fast.models.llm.seed_llm import SeedLLM
 
     with no_deprecations():
         llm = SeedLLM.from_config("tiny-llama", seed=1)

@@ -198,7 +198,7 @@ def test_flamingo_eval_with_and_without_seed_next_to_it(flamingo_run, monkeypatc
 
 
 def test_vwlmm_eval_captions_and_lays_the_top_words_on_the_patch_grid(vwlmm_run, capsys):
-    from seed_fast.models.visual_words import load_vwlmm, patch_features
+    from seed_fast.models.related.visual_words import load_vwlmm, patch_features
 
     with pytest.MonkeyPatch.context() as mp:
         preds = _spy_on_captions(mp)

@@ -102,7 +102,7 @@ def evaluate(
     from the captions (1: greedy without guidance); None: the model's own (`m.generation`)."""
     guidance = m.generation.decoder_guidance if guidance is None else guidance
     cfg_scale = m.generation.code_cfg_scale if cfg_scale is None else cfg_scale
-    from ..models.itc import retrieval_at_k
+    from ..models.seed.itc import retrieval_at_k
 
     _check_cfg_scale(cfg_scale)
     images, caps, facts, qas = test_scenes(n, seed)

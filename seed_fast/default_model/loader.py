@@ -32,10 +32,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..models import SeedTokenizer
-from ..models.image_decoder import load_image_decoder
-from ..models.itc import load_itc_heads
-from ..models.llm import SeedLLM
-from ..models.unclip import embeddings_to_images
+from ..models.decoders.image_decoder import load_image_decoder
+from ..models.decoders.unclip import embeddings_to_images
+from ..models.llm.seed_llm import SeedLLM
+from ..models.seed.itc import load_itc_heads
 from .checker import SceneChecker
 
 DEFAULT_DIR = Path(__file__).parent / "assets"

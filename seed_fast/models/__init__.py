@@ -1,8 +1,8 @@
 from .checkpoint import CheckpointError, LoadReport
 from .config import PRESETS, TokenizerConfig, get_config
-from .llm import ImageVocab, PromptTemplate, SeedLLM
+from .llm.seed_llm import ImageVocab, PromptTemplate, SeedLLM
 from .preprocess import InputError
-from .tokenizer import SeedTokenizer
+from .seed.tokenizer import SeedTokenizer
 
 __all__ = [
     "CheckpointError",

@@ -137,7 +137,7 @@ class VaeConfig:
 
 @dataclass
 class LavitTrainConfig:
-    preset: str = "tiny-lavit"  # seed_fast.models.lavit.LAVIT_PRESETS
+    preset: str = "tiny-lavit"  # seed_fast.models.related.lavit.LAVIT_PRESETS
     vit_from: str | None = None  # a SeedTokenizer folder whose (trained) ViT the tokenizer reads; else random, frozen
     keep_ratio: float | None = None  # target fraction of patches kept (default: the preset's, 1/3)
     keep_weight: float | None = None  # weight of the keep-ratio loss (default: the preset's, 2)
@@ -331,7 +331,7 @@ class TrainConfig:
             f"stage1.text_tokenizer must be a tokenizer folder, got {s1.text_tokenizer!r}",
         )
         lv = self.lavit
-        from ..models.lavit import LAVIT_PRESETS
+        from ..models.related.lavit import LAVIT_PRESETS
 
         need(lv.preset in LAVIT_PRESETS, f"lavit.preset must be one of {sorted(LAVIT_PRESETS)}, got {lv.preset!r}")
         need(

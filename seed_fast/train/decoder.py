@@ -123,14 +123,14 @@ class DecoderModule(nn.Module):
         """The pipeline evaluation and export use: the EMA weights when there are some."""
         if self.ema_unet is None:
             return self.pipe
-        from ..models.image_decoder import SeedImageDecoderPipeline
+        from ..models.decoders.image_decoder import SeedImageDecoderPipeline
 
         pipe = SeedImageDecoderPipeline(unet=self.ema_unet, scheduler=self.pipe.scheduler, vae=self.pipe.vae)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     def forward(self, batch) -> dict:
-        from ..models.image_decoder import decoder_training_loss
+        from ..models.decoders.image_decoder import decoder_training_loss
 
         if len(batch) == 0:
             zero = sum(p.sum() * 0 for p in self.unet.parameters())
@@ -147,7 +147,7 @@ class DecoderModule(nn.Module):
 
 class DecoderTask(Task):
     def __init__(self, cfg: TrainConfig, device: torch.device):
-        from ..models.image_decoder import mini_image_decoder
+        from ..models.decoders.image_decoder import mini_image_decoder
 
         self.cfg = cfg
         tok = load_tokenizer(cfg)

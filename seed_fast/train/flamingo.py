@@ -1,7 +1,7 @@
 """Flamingo stage: train the continuous baseline connector on the same image-caption data as SEED.
 
 The LM and the vision encoder are frozen; only the connector (Perceiver Resampler + tanh-gated
-cross-attention blocks, `seed_fast.models.flamingo`) trains. A sequence is the caption prompt (the
+cross-attention blocks, `seed_fast.models.related.flamingo`) trains. A sequence is the caption prompt (the
 LM's template caption turn without the image, e.g. "a photo of") followed by the caption and eos; the
 loss is on the caption and eos only. The image reaches the LM only through cross-attention.
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..models.connector import IGNORE
-from ..models.flamingo import CaptionSequences, FlamingoConnector, FlamingoModule, flamingo_captions
+from ..models.related.connector import IGNORE
+from ..models.related.flamingo import CaptionSequences, FlamingoConnector, FlamingoModule, flamingo_captions
 from ..synthetic import caption_scores
 from .config import TrainConfig
 from .data import make_collate, make_source

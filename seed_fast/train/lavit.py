@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.lavit import (
+from ..models.related.lavit import (
     LavitFeatureDecoder,
     LavitTokenizer,
     get_lavit_config,
@@ -119,7 +119,7 @@ class LavitTask(Task):
             raise ConfigError(f"lavit.codebook_init must be 'kmeans' or 'random', got {lc.codebook_init!r}")
         if lc.codebook_init != "kmeans" or len(batch) == 0:
             return
-        from ..models.codebook_utils import kmeans_init
+        from ..models.seed.codebook_utils import kmeans_init
 
         with torch.no_grad():
             self.module(batch)
@@ -135,7 +135,7 @@ class LavitTask(Task):
             return
         import torch.distributed as dist
 
-        from ..models.codebook_utils import codebook_usage, restart_dead_codes
+        from ..models.seed.codebook_utils import codebook_usage, restart_dead_codes
 
         counts = codebook_usage(self.module.last_codes, self.tok.config.codebook_size)
         if dist.is_initialized() and dist.get_world_size() > 1:

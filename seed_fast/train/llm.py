@@ -332,7 +332,7 @@ class LLMModule(nn.Module):
 def build_llm(cfg: TrainConfig, tok):
     """The stage's SeedLLM: the model of `cfg.llm.model` with the image vocabulary, LoRA (or every
     weight trainable), gradient checkpointing as configured."""
-    from ..models.llm import SeedLLM, seed_lora_config
+    from ..models.llm.seed_llm import SeedLLM, seed_lora_config
 
     m = cfg.llm
     if m.model in LM_PRESETS:

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..models.checkpoint import load_state_dict_file
-from ..models.itc import Stage1Module, blip2_text_branch, retrieval_at_k
-from ..models.text_tokenizer import build_word_tokenizer
+from ..models.llm.text_tokenizer import build_word_tokenizer
+from ..models.seed.itc import Stage1Module, blip2_text_branch, retrieval_at_k
 from ..synthetic import COLORS, COUNTS, SHAPES
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source

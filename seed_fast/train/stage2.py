@@ -20,10 +20,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.codebook_utils import codebook_stats, codebook_usage, kmeans_init, restart_dead_codes
-from ..models.itc import gather_pairs, load_itc_heads, retrieval_at_k
 from ..models.preprocess import normalize
-from ..models.quantizer import Quantizer
+from ..models.seed.codebook_utils import codebook_stats, codebook_usage, kmeans_init, restart_dead_codes
+from ..models.seed.itc import gather_pairs, load_itc_heads, retrieval_at_k
+from ..models.seed.quantizer import Quantizer
 from ..ops import vector_quantize
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source

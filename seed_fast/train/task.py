@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..models import SeedTokenizer
-from ..models.connector import load_frozen_lm
+from ..models.related.connector import load_frozen_lm
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source
 

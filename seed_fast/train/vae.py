@@ -2,7 +2,7 @@
 
 Stable unCLIP, SEED's decoder, denoises the latents of a KL autoencoder. The embedded model's latent
 decoder does the same at a CPU's size: this stage trains a diffusers ``AutoencoderKL``
-(`seed_fast.models.image_decoder.mini_autoencoder`) on the training images, area-down-sampled to
+(`seed_fast.models.decoders.image_decoder.mini_autoencoder`) on the training images, area-down-sampled to
 `vae.image_size` pixels in [-1, 1], with the pixel MSE of the decoded posterior sample plus
 `vae.kl_weight` times the KL to a unit normal (summed over a sample's latents, averaged over the batch).
 Its export, `vae/`, sets `scaling_factor` to 1 / the
@@ -53,7 +53,7 @@ class VaeModule(nn.Module):
 
 class VaeTask(Task):
     def __init__(self, cfg, device: torch.device):
-        from ..models.image_decoder import mini_autoencoder
+        from ..models.decoders.image_decoder import mini_autoencoder
 
         self.cfg = cfg
         v = cfg.vae

@@ -8,7 +8,7 @@ embedding space and take the place of the template's `<image>`, between the LM's
 
     [bos] <img> p_1 ... p_P </img> a photo of <caption> eos
 
-`vm_head` (`seed_fast.models.visual_words`) maps each projected patch to its visual word, a
+`vm_head` (`seed_fast.models.related.visual_words`) maps each projected patch to its visual word, a
 distribution over the text vocabulary. The loss is the caption's cross-entropy plus `kl_weight` x
 KL(visual word of patch t+1 || the LM's prediction at patch t). As upstream, the visual words are not
 detached: vm_head and the projector learn from both terms. `variant: "pif"` feeds the LM the pseudo
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models.visual_words import VisualWordsLM, build_visual_words_lm, patch_features
+from ..models.related.visual_words import VisualWordsLM, build_visual_words_lm, patch_features
 from ..synthetic import caption_scores
 from .config import TrainConfig
 from .data import make_collate, make_source

@@ -17,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 from seed_fast import SeedLLM  # noqa: E402
 from seed_fast.export import ExportError, export_onnx  # noqa: E402
 from seed_fast.export.graphs import nearest_code  # noqa: E402
-from seed_fast.models.image_decoder import mini_image_decoder  # noqa: E402
+from seed_fast.models.decoders.image_decoder import mini_image_decoder  # noqa: E402
 from seed_fast.ops import codebook_lookup_ref  # noqa: E402
 from seed_fast.runtime import RuntimeInputError, SeedRuntime  # noqa: E402
 from seed_fast.synthetic import sample_images  # noqa: E402
@@ -169,7 +169,7 @@ def _renders_like_the_pipeline(dec, folder, seed: int, noise_shape: tuple) -> Se
 def test_latent_decoder_exports_its_autoencoder_and_renders_like_the_pipeline(tmp_path, seed):
     """A latent decoder (UNet on autoencoder latents) exports the UNet at latent shape plus
     decoder_vae.onnx, and the numpy loop then the autoencoder draw what the pipeline draws."""
-    from seed_fast.models.image_decoder import mini_autoencoder
+    from seed_fast.models.decoders.image_decoder import mini_autoencoder
 
     vae = mini_autoencoder(16, (8, 16), latent_channels=4, seed=seed % 1000)
     vae.register_to_config(scaling_factor=1.3)

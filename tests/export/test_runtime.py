@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 
 from seed_fast import SeedLLM  # noqa: E402
 from seed_fast.export import MANIFEST, export_onnx  # noqa: E402
-from seed_fast.models.image_decoder import mini_image_decoder  # noqa: E402
+from seed_fast.models.decoders.image_decoder import mini_image_decoder  # noqa: E402
 from seed_fast.runtime import RuntimeInputError, SeedRuntime  # noqa: E402
 from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 

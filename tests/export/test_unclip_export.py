@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 
 from seed_fast.export import export_onnx  # noqa: E402
 from seed_fast.export.to_onnx import MANIFEST  # noqa: E402
-from seed_fast.models.unclip import tiny_unclip_pipeline  # noqa: E402
+from seed_fast.models.decoders.unclip import tiny_unclip_pipeline  # noqa: E402
 from seed_fast.runtime import RuntimeInputError, SeedRuntime, timestep_embedding  # noqa: E402
 from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 

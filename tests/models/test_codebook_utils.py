@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from seed_fast.models import codebook_utils as cu
-from seed_fast.models.codebook_utils import (
+from seed_fast.models.seed import codebook_utils as cu
+from seed_fast.models.seed.codebook_utils import (
     codebook_perplexity,
     codebook_stats,
     codebook_usage,

@@ -200,7 +200,8 @@ def test_graph_policy_counts_shapes_and_respects_max_batch():
 def test_tokenizer_graphs_are_the_default_and_dropped_when_the_model_moves(monkeypatch):
     import copy
 
-    from seed_fast.models import cuda_graph, tokenizer
+    from seed_fast.models import cuda_graph
+    from seed_fast.models.seed import tokenizer
 
     tok = _tok()
     graphs = tok._graphs

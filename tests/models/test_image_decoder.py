@@ -6,14 +6,14 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from seed_fast.models.image_decoder import (  # noqa: E402
+from seed_fast.models.decoders.image_decoder import (  # noqa: E402
     SeedImageDecoderPipeline,
     decoder_training_loss,
     load_image_decoder,
     mini_autoencoder,
     mini_image_decoder,
 )
-from seed_fast.models.unclip import embeddings_to_images, load_unclip_pipeline  # noqa: E402
+from seed_fast.models.decoders.unclip import embeddings_to_images, load_unclip_pipeline  # noqa: E402
 from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 
 

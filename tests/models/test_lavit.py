@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from seed_fast.models.lavit import (
+from seed_fast.models.preprocess import InputError
+from seed_fast.models.related.lavit import (
     CODE_OFFSET,
     END_IMG_ID,
     IMG_ID,
@@ -18,7 +19,6 @@ from seed_fast.models.lavit import (
     reconstruction_loss,
     select_tokens,
 )
-from seed_fast.models.preprocess import InputError
 from seed_fast.ops import codebook_lookup_ref, record_dispatch
 from seed_fast.testing import assert_close, assert_equal
 

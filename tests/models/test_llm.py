@@ -7,9 +7,9 @@ import torch
 pytest.importorskip("transformers")
 
 from seed_fast.models import CheckpointError, InputError  # noqa: E402
-from seed_fast.models.decoding import filter_logits, left_pad  # noqa: E402
-from seed_fast.models.llm import SeedLLM, get_template, tiny_causal_lm  # noqa: E402
-from seed_fast.models.text_tokenizer import build_word_tokenizer  # noqa: E402
+from seed_fast.models.llm.decoding import filter_logits, left_pad  # noqa: E402
+from seed_fast.models.llm.seed_llm import SeedLLM, get_template, tiny_causal_lm  # noqa: E402
+from seed_fast.models.llm.text_tokenizer import build_word_tokenizer  # noqa: E402
 from seed_fast.synthetic import sample_images  # noqa: E402
 from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 
@@ -406,7 +406,7 @@ def test_generate_images_through_a_tiny_unclip_pipeline():
     pytest.importorskip("diffusers")
     from diffusers import StableUnCLIPImg2ImgPipeline
 
-    from seed_fast.models.unclip import embeddings_to_images, tiny_unclip_pipeline
+    from seed_fast.models.decoders.unclip import embeddings_to_images, tiny_unclip_pipeline
 
     llm = SeedLLM.from_config("tiny-llama", seed=9)
     pipe = tiny_unclip_pipeline(embed_dim=llm.tokenizer.config.detokenizer.out_dim, seed=0)

@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 from diffusers import StableDiffusionPipeline, StableUnCLIPImg2ImgPipeline  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
-from seed_fast.models.unclip import (  # noqa: E402
+from seed_fast.models.decoders.unclip import (  # noqa: E402
     SeedUnCLIPPipeline,
     as_seed_pipeline,
     embeddings_to_images,

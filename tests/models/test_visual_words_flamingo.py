@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from seed_fast import SeedLLM
-from seed_fast.models.flamingo import FlamingoConnector, PerceiverResampler
 from seed_fast.models.preprocess import InputError
-from seed_fast.models.visual_words import VisualWordHead, next_patch_targets, visual_word_kl, visual_word_kl_ref
+from seed_fast.models.related.flamingo import FlamingoConnector, PerceiverResampler
+from seed_fast.models.related.visual_words import VisualWordHead, next_patch_targets, visual_word_kl, visual_word_kl_ref
 from seed_fast.testing import assert_close
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from seed_fast import SeedLLM, SeedTokenizer
-from seed_fast.models.flamingo import FlamingoConnector, load_flamingo
+from seed_fast.models.related.flamingo import FlamingoConnector, load_flamingo
 from seed_fast.synthetic import caption_scores
 from seed_fast.testing import assert_close, assert_equal
 from seed_fast.train import TrainConfig

@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from seed_fast.models.lavit import LavitTokenizer
+from seed_fast.models.related.lavit import LavitTokenizer
 from seed_fast.testing import assert_close
 from seed_fast.train import TrainConfig
 from seed_fast.train.config import ConfigError

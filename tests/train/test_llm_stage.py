@@ -183,7 +183,7 @@ def test_llm_stage_learns_and_exports(tmp_path):
     first, last = evals[0], evals[-1]
     assert last["val_t2i_loss"] < 0.5 * first["val_t2i_loss"] and last["val_i2t_loss"] < 0.7 * first["val_i2t_loss"]
     assert last["val_code_match"] > first["val_code_match"]
-    from seed_fast.models.llm import SeedLLM
+    from seed_fast.models.llm.seed_llm import SeedLLM
 
     llm = SeedLLM.from_pretrained(tmp_path / "run" / "llm")
     assert llm.has_lora and llm.tokenizer is not None

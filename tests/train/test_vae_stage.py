@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from seed_fast.default_model import DEFAULT_DIR  # noqa: E402
-from seed_fast.models.image_decoder import load_image_decoder  # noqa: E402
+from seed_fast.models.decoders.image_decoder import load_image_decoder  # noqa: E402
 from seed_fast.testing import assert_close, assert_equal  # noqa: E402
 from seed_fast.train import ConfigError, TrainConfig  # noqa: E402
 from seed_fast.train.loop import latest_checkpoint, read_metrics, train  # noqa: E402

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from seed_fast import SeedLLM, SeedTokenizer
-from seed_fast.models.visual_words import VisualWordsLM, load_vwlmm, visual_word_kl_ref
+from seed_fast.models.related.visual_words import VisualWordsLM, load_vwlmm, visual_word_kl_ref
 from seed_fast.testing import assert_close, assert_equal
 from seed_fast.train import TrainConfig
 from seed_fast.train.config import ConfigError
@@ -28,7 +28,7 @@ def parts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(parts):
-    from seed_fast.models.connector import load_frozen_lm
+    from seed_fast.models.related.connector import load_frozen_lm
 
     return load_frozen_lm(str(parts / "llm"))
 
@@ -144,7 +144,7 @@ def test_vwlmm_stage_trains_only_the_connector_and_exports(
     for k, v in vw.state_dict().items():
         assert_equal(v, saved[k], name=k)
     assert all(k.startswith(("projector.", "head.")) for k in saved)  # the frozen LM is not in the file
-    from seed_fast.models.visual_words import patch_features
+    from seed_fast.models.related.visual_words import patch_features
 
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
     feats = patch_features(tok, pixels, media)

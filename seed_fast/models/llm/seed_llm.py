@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..prompt import (
+from ...prompt import (
     BOI_TOKEN,
     IMAGE_PLACEHOLDER,
     SEED_LLAMA_CAPTION,
@@ -38,9 +38,9 @@ from ..prompt import (
     image_token,
     unconditional_ids,
 )
-from .checkpoint import CheckpointError
+from ..checkpoint import CheckpointError
 from .decoding import KVDecoder, check_cfg_scale, check_sampling, left_pad, pick
-from .preprocess import InputError, check_codes
+from ..preprocess import InputError, check_codes
 
 _MAX_IDLE_DECODERS = 4  # static caches kept between calls (each holds a full-length KV cache)
 
@@ -81,7 +81,7 @@ class SeedLLM(nn.Module):
     template:        a name in TEMPLATES or a PromptTemplate
     add_image_tokens: add `<img_XXXXX>`, `<img>`, `</img>` to the text tokenizer and resize the
                      embeddings when they are missing; False raises instead
-    diffusion:       a diffusers StableUnCLIPImg2ImgPipeline (see seed_fast.models.unclip) or None
+    diffusion:       a diffusers StableUnCLIPImg2ImgPipeline (see seed_fast.models.decoders.unclip) or None
 
     Generation (caption, answer, generate_text, generate_image_codes, generate_images) may be called
     from several threads at once: each call decodes through a KV cache of its own. Changing the model
@@ -186,10 +186,10 @@ class SeedLLM(nn.Module):
         random SeedTokenizer preset (or the SeedTokenizer given). lm_overrides: config fields changed
         from the preset's (`tiny_causal_lm`)."""
         from .text_tokenizer import build_word_tokenizer
-        from .tokenizer import SeedTokenizer
+        from ..seed.tokenizer import SeedTokenizer
 
         if corpus is None:
-            from ..synthetic import COLORS, COUNTS, QUESTION_WORDS, SHAPES
+            from ...synthetic import COLORS, COUNTS, QUESTION_WORDS, SHAPES
 
             corpus = [" ".join(COLORS), " ".join(SHAPES), " ".join(s + "s" for s in SHAPES), " ".join(COUNTS.values())]
             corpus += [
@@ -234,7 +234,7 @@ class SeedLLM(nn.Module):
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .tokenizer import SeedTokenizer
+        from ..seed.tokenizer import SeedTokenizer
 
         root = Path(llm_path)
         if not root.is_dir():
@@ -357,7 +357,7 @@ class SeedLLM(nn.Module):
             if ".lora_" not in name and _is_extra_trainable(name):
                 p.requires_grad_(True)
         if fused:
-            from ..lora import apply_fused_lora
+            from ...lora import apply_fused_lora
 
             apply_fused_lora(self.model, impl=impl)
         self._drop_decoders()
@@ -366,7 +366,7 @@ class SeedLLM(nn.Module):
     def merge_lora(self) -> "SeedLLM":
         """Fold the adapter into the base weights (for export / fastest inference); returns self."""
         if self.has_lora:
-            from ..lora import remove_fused_lora
+            from ...lora import remove_fused_lora
 
             remove_fused_lora(self.model)
             self.model = self.model.merge_and_unload()
@@ -686,7 +686,7 @@ class SeedLLM(nn.Module):
                 "no diffusion pipeline is loaded: pass diffusion=... (a StableUnCLIPImg2ImgPipeline or its folder) "
                 "to SeedLLM, or use generate_image_codes / generate_image_embeddings (tokens-only)"
             )
-        from .unclip import embeddings_to_images
+        from ..decoders.unclip import embeddings_to_images
 
         emb, neg = self.generate_image_embeddings(texts, negative=guidance_scale > 1.0, **kwargs)
         return embeddings_to_images(
@@ -709,10 +709,10 @@ def _load_diffusion(folder: Path, dtype):
     index = folder / "model_index.json"
     name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
     if name == "SeedImageDecoderPipeline":
-        from .image_decoder import load_image_decoder
+        from ..decoders.image_decoder import load_image_decoder
 
         return load_image_decoder(folder, dtype=dtype)
-    from .unclip import load_unclip_pipeline
+    from ..decoders.unclip import load_unclip_pipeline
 
     return load_unclip_pipeline(folder, dtype=dtype)
 

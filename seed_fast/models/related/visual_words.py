@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..hf_compat import output_cache, with_cache
+from ..preprocess import InputError
 from .connector import IGNORE, load_exact, media_features, open_connector_run
-from .hf_compat import output_cache, with_cache
-from .preprocess import InputError
 
 
 class VisualWordHead(nn.Module):

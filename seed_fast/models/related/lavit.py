@@ -32,10 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import codebook_lookup, qformer_attention
-from .config import VisionConfig
-from .preprocess import InputError, images_to_tensor, normalize
-from .vit import EvaViT, Mlp
+from ...ops import codebook_lookup, qformer_attention
+from ..config import VisionConfig
+from ..preprocess import InputError, images_to_tensor, normalize
+from ..seed.vit import EvaViT, Mlp
 
 IMG_ID, END_IMG_ID, CODE_OFFSET = 32000, 32001, 32002  # LaVIT's LLaMA vocabulary layout
 
@@ -392,7 +392,7 @@ class LavitTokenizer(nn.Module):
     def load_official(self, state_dict: dict, *, strict: bool = False):
         """Load a released `tokenizer_encoder.bin` state dict (plus `encoder.*` ViT keys if present).
         Returns the LoadReport-style (missing, unexpected) lists; strict=True raises on either."""
-        from .checkpoint import CheckpointError
+        from ..checkpoint import CheckpointError
 
         own = self.state_dict()
         bad = {

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import qformer_attention
-from .config import VisionConfig
+from ...ops import qformer_attention
+from ..config import VisionConfig
 
 
 class Mlp(nn.Module):

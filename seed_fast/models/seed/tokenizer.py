@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import (
+from ..checkpoint import (
     CheckpointError,
     LoadReport,
     hf_to_ours,
@@ -27,10 +27,10 @@ from .checkpoint import (
     official_to_ours,
     ours_to_official,
 )
-from .config import TokenizerConfig, get_config
-from .cuda_graph import GraphedForward
+from ..config import TokenizerConfig, get_config
+from ..cuda_graph import GraphedForward
+from ..preprocess import InputError, check_codes, images_to_tensor, normalize
 from .detokenizer import Reconstructor, build_detokenizer
-from .preprocess import InputError, check_codes, images_to_tensor, normalize
 from .qformer import QFormer
 from .quantizer import Quantizer
 from .vit import EvaViT

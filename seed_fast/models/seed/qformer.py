@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import qformer_attention
+from ...ops import qformer_attention
 
 
 class MultiHeadAttention(nn.Module):

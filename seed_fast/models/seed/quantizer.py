@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops import codebook_lookup, vector_quantize
-from .config import QuantizerConfig
+from ...ops import codebook_lookup, vector_quantize
+from ..config import QuantizerConfig
 
 
 class Quantizer(nn.Module):

@@ -14,7 +14,7 @@ else.
 
 ``SeedImageDecoderPipeline(image_embeds, negative_image_embeds=None, num_inference_steps, guidance_scale,
 generator, latents=None)`` takes the same arguments as ``SeedUnCLIPPipeline`` does through
-``seed_fast.models.unclip.embeddings_to_images``, which accepts either. Classifier-free guidance uses
+``seed_fast.models.decoders.unclip.embeddings_to_images``, which accepts either. Classifier-free guidance uses
 ``negative_image_embeds`` ((1, D), shared by the batch, or (B, D)) when given, else the learned-null zeros
 the decoder was trained with.
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import qformer_attention
+from ...ops import qformer_attention
+from ..preprocess import InputError
 from .connector import IGNORE, load_exact, media_features, open_connector_run
-from .preprocess import InputError
 
 
 class _FeedForward(nn.Sequential):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .config import DetokenizerConfig, QFormerConfig
+from ..config import DetokenizerConfig, QFormerConfig
 from .qformer import QFormer
 from .vit import Block
 

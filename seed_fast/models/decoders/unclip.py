@@ -58,7 +58,7 @@ try:
     )
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        f"seed_fast.models.unclip needs diffusers and transformers ({e}). "
+        f"seed_fast.models.decoders.unclip needs diffusers and transformers ({e}). "
         'Install them with: pip install "seed_fast[diffusion]"  (or: pip install diffusers transformers)'
     ) from e
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops.codebook_lookup import codebook_lookup, squared_distances
+from ...ops.codebook_lookup import codebook_lookup, squared_distances
 
 __all__ = [
     "codebook_perplexity",

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .hf_compat import with_cache
-from .preprocess import InputError
+from ..hf_compat import with_cache
+from ..preprocess import InputError
 
 
 class KVDecoder:

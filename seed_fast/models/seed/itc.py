@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer
 
-from ..ops import qformer_attention
-from .checkpoint import CheckpointError
-from .preprocess import normalize
+from ...ops import qformer_attention
+from ..checkpoint import CheckpointError
+from ..preprocess import normalize
 from .qformer import AddNorm, Intermediate
 
 

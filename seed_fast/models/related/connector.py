@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .llm import SeedLLM
-from .preprocess import normalize
-from .tokenizer import SeedTokenizer
+from ..llm.seed_llm import SeedLLM
+from ..preprocess import normalize
+from ..seed.tokenizer import SeedTokenizer
 
 IGNORE = -100  # label of the tokens without a loss (prompt, image, padding)
 

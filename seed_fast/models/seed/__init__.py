@@ -1,0 +1,1 @@
+"""The SEED tokenizer: EVA ViT, causal Q-Former, quantizer, generation-embedding heads."""
