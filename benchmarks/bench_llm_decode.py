@@ -139,7 +139,7 @@ def main() -> int:
                 try:
                     return llm.generate_ids(prompts, max_new_tokens=n_new, suppress_image_tokens=False, stop_ids=())
                 finally:
-                    llm._compile = False  # keep the compiled decoder cached, later providers run eager
+                    llm._decoders.compile = False  # keep the compiled decoder cached, later providers run eager
 
             providers["seed_fast generate_ids compiled"] = compiled
         providers["seed_fast image codes (32)"] = lambda: llm.generate_codes_from_ids(image_prompts)

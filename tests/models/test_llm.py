@@ -473,3 +473,27 @@ def test_image_tokens_typed_in_a_prompt_are_refused(llm, typed):
     assert ids.count(llm.vocab.boi) == ids.count(llm.vocab.eoi) == 1 and ids.count(llm.vocab.code_id(0)) == 32
     out = llm.generate_text(["<image> is not typed here"], codes=[codes], max_new_tokens=2)
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+# ---------------------------------------------------------------- the decoder pool
+def test_decoder_pool_reuses_per_shape_and_forgets_after_a_model_change():
+    from seed_fast.models.llm.generation import DecoderPool
+
+    model = tiny_causal_lm("tiny-llama", vocab_size=64)
+    pool = DecoderPool(max_idle=2, bucket=16)
+    with pool.take(model, 2, 10) as first:
+        assert first.max_len == 16, "cache lengths are rounded up to the bucket"
+    with pool.take(model, 2, 12) as again:
+        assert again is first, "an idle decoder of the same (batch, length) is reused"
+        with pool.take(model, 2, 12) as other:  # taken while the first is in use: a new one
+            assert other is not first
+    assert pool.num_idle == 2
+    with pool.take(model, 1, 5) as third:
+        pool.drop()  # the model changed while this call ran: its decoder is not kept
+    assert pool.num_idle == 0
+    with pool.take(model, 1, 5) as fresh:
+        assert fresh is not third
+    limit = model.config.max_position_embeddings
+    with pytest.raises(InputError, match="exceeds the model's max_position_embeddings"):
+        with pool.take(model, 1, limit + 1):
+            pass

@@ -13,12 +13,9 @@ diffusers unCLIP pipeline draws it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import threading
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,8 +36,9 @@ from ...prompt import (
     unconditional_ids,
 )
 from ..checkpoint import CheckpointError
-from .decoding import KVDecoder, check_cfg_scale, check_sampling, left_pad, pick
 from ..preprocess import InputError, check_codes
+from .decoding import check_cfg_scale, check_sampling, left_pad
+from .generation import DecoderPool, decode_image_codes, decode_text, eval_mode
 
 _MAX_IDLE_DECODERS = 4  # static caches kept between calls (each holds a full-length KV cache)
 
@@ -113,11 +111,8 @@ class SeedLLM(nn.Module):
         self.diffusion = diffusion
         self.tokens_per_image = tokenizer.num_codes if tokenizer is not None else 32
         self.vocab = self._install_image_vocab(num_codes, add_image_tokens)
-        # idle decoders by (batch, cache length); a call takes one out for its own use (thread safety)
-        self._decoders: dict[tuple[int, int], list[KVDecoder]] = {}
-        self._decoders_lock = threading.Lock()
-        self._decoders_epoch = 0  # bumped when the model changes: decoders of an older epoch are dropped
-        self._compile = False
+        # static-cache decoders; a call takes one out for its own use (thread safety)
+        self._decoders = DecoderPool(max_idle=_MAX_IDLE_DECODERS)
 
     # ------------------------------------------------------------------ vocabulary
     def _install_image_vocab(self, num_codes: int, add: bool) -> ImageVocab:
@@ -185,8 +180,8 @@ class SeedLLM(nn.Module):
         text tokenizer over `corpus` (default: synthetic captions and the templates' words), and a
         random SeedTokenizer preset (or the SeedTokenizer given). lm_overrides: config fields changed
         from the preset's (`tiny_causal_lm`)."""
-        from .text_tokenizer import build_word_tokenizer
         from ..seed.tokenizer import SeedTokenizer
+        from .text_tokenizer import build_word_tokenizer
 
         if corpus is None:
             from ...synthetic import COLORS, COUNTS, QUESTION_WORDS, SHAPES
@@ -360,7 +355,7 @@ class SeedLLM(nn.Module):
             from ...lora import apply_fused_lora
 
             apply_fused_lora(self.model, impl=impl)
-        self._drop_decoders()
+        self._decoders.drop()
         return self
 
     def merge_lora(self) -> "SeedLLM":
@@ -370,13 +365,13 @@ class SeedLLM(nn.Module):
 
             remove_fused_lora(self.model)
             self.model = self.model.merge_and_unload()
-            self._drop_decoders()
+            self._decoders.drop()
         return self
 
     def compile_decode(self, enable: bool = True) -> "SeedLLM":
         """Compile the one-token decode step (torch.compile "reduce-overhead": CUDA graphs on GPU)."""
-        self._compile = enable
-        self._drop_decoders()
+        self._decoders.compile = enable
+        self._decoders.drop()
         return self
 
     # ------------------------------------------------------------------ prompts -> ids
@@ -436,41 +431,6 @@ class SeedLLM(nn.Module):
         return out
 
     # ------------------------------------------------------------------ decoding
-    @contextlib.contextmanager
-    def _decoder(self, batch: int, max_len: int) -> Iterator[KVDecoder]:
-        """A KV decoder for this call alone: an idle one of the same shape, or a new one. Calls from
-        several threads never share a decoder (each holds its own static cache); the decoder returns
-        to the idle pool when the call ends."""
-        limit = getattr(self.base_model.config, "max_position_embeddings", None)
-        if limit is not None and max_len > limit:
-            raise InputError(f"prompt + new tokens = {max_len} exceeds the model's max_position_embeddings ({limit})")
-        max_len = -(-max_len // 64) * 64  # buckets, so a compiled step and its cache are reused
-        if limit is not None:
-            max_len = min(max_len, limit)
-        key = (batch, max_len)
-        with self._decoders_lock:
-            idle = self._decoders.get(key)
-            dec = idle.pop() if idle else None
-            epoch = self._decoders_epoch
-        if dec is None:
-            dec = KVDecoder(self.model, max_len=max_len, compile=self._compile)
-        else:
-            dec.cache.reset()
-        try:
-            yield dec
-        finally:
-            with self._decoders_lock:
-                if epoch == self._decoders_epoch:
-                    if sum(map(len, self._decoders.values())) >= _MAX_IDLE_DECODERS:
-                        self._decoders.clear()
-                    self._decoders.setdefault(key, []).append(dec)
-
-    def _drop_decoders(self) -> None:
-        """Forget every idle decoder, and those in use when their calls end (the model changed)."""
-        with self._decoders_lock:
-            self._decoders.clear()
-            self._decoders_epoch += 1
-
     def _generator(self, seed: int | None):
         if seed is None:
             return None
@@ -501,30 +461,20 @@ class SeedLLM(nn.Module):
         eos = self.text_tokenizer.eos_token_id
         stops = set(stop_ids) if stop_ids is not None else ({eos} if eos is not None else set())
         ids, mask = left_pad(rows, self.text_tokenizer.pad_token_id)
-        with _eval(self.model), self._decoder(len(rows), ids.shape[1] + max_new_tokens) as dec:
-            logits = dec.prefill(ids, mask)
-            gen = self._generator(seed)
-            out = torch.empty(len(rows), max_new_tokens, dtype=torch.long, device=dec.device)
-            done = torch.zeros(len(rows), dtype=torch.bool, device=dec.device)
-            stop_t = torch.tensor(sorted(stops), dtype=torch.long, device=dec.device)
-            n = 0
-            for t in range(max_new_tokens):
-                if suppress_image_tokens:
-                    logits[:, self.vocab.base : self.vocab.size] = float("-inf")
-                tok = pick(
-                    logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen
-                )
-                out[:, t] = tok
-                n = t + 1
-                done |= torch.isin(tok, stop_t)
-                if bool(done.all()) or t == max_new_tokens - 1:
-                    break
-                logits = dec.step(tok)
-        result = []
-        for row in out[:, :n].tolist():
-            cut = next((i for i, x in enumerate(row) if x in stops), None)
-            result.append(row[: cut + 1] if cut is not None else row)
-        return result
+        with eval_mode(self.model), self._decoders.take(self.model, len(rows), ids.shape[1] + max_new_tokens) as dec:
+            return decode_text(
+                dec,
+                ids,
+                mask,
+                max_new_tokens=max_new_tokens,
+                stops=stops,
+                masked=(self.vocab.base, self.vocab.size) if suppress_image_tokens else None,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=self._generator(seed),
+            )
 
     def _decode_text(self, new_ids: list[list[int]]) -> list[str]:
         return [self.text_tokenizer.decode(r, skip_special_tokens=True).strip() for r in new_ids]
@@ -605,42 +555,27 @@ class SeedLLM(nn.Module):
             raise InputError("beam search is deterministic: use num_beams=1 with do_sample=True")
         check_cfg_scale(cfg_scale)
         b, nb, n_tok, lo = len(rows), num_beams, self.tokens_per_image, self.vocab.base
-        hi = lo + self.vocab.num_codes
-        guided = cfg_scale > 1.0
         all_rows = [r for r in rows for _ in range(nb)]
-        if guided:
+        if cfg_scale > 1.0:
             all_rows += [self.unconditional_ids()] * (b * nb)
         ids, mask = left_pad(all_rows, self.text_tokenizer.pad_token_id)
-        with _eval(self.model), self._decoder(len(all_rows), ids.shape[1] + n_tok) as dec:
-            logits = dec.prefill(ids, mask)
-            gen = self._generator(seed)
-            dev = dec.device
-            codes = torch.zeros(b * nb, n_tok, dtype=torch.long, device=dev)
-            beam_scores = torch.zeros(b, nb, device=dev)
-            beam_scores[:, 1:] = float("-inf")  # all beams start equal: expand only the first
-            for t in range(n_tok):
-                scores = logits[:, lo:hi]
-                if guided:
-                    cond, uncond = scores.chunk(2)
-                    scores = uncond + cfg_scale * (cond - uncond)
-                if nb == 1:
-                    tok = pick(
-                        scores, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen
-                    )
-                else:
-                    logp = torch.log_softmax(scores / temperature, -1).view(b, nb, -1)
-                    total = (beam_scores[..., None] + logp).view(b, -1)
-                    beam_scores, flat = total.topk(nb, dim=-1)  # (B, nb), best first
-                    src = (flat // logp.shape[-1] + torch.arange(b, device=dev)[:, None] * nb).view(-1)
-                    tok = (flat % logp.shape[-1]).view(-1)
-                    codes = codes.index_select(0, src)
-                    if t < n_tok - 1:
-                        dec.reorder(torch.cat([src, src + b * nb]) if guided else src)
-                codes[:, t] = tok
-                if t < n_tok - 1:
-                    step_tok = tok + lo
-                    logits = dec.step(torch.cat([step_tok, step_tok]) if guided else step_tok)
-        return codes.view(b, nb, n_tok)[:, 0].cpu()
+        with eval_mode(self.model), self._decoders.take(self.model, len(all_rows), ids.shape[1] + n_tok) as dec:
+            codes = decode_image_codes(
+                dec,
+                ids,
+                mask,
+                prompts=b,
+                code_ids=(lo, lo + self.vocab.num_codes),
+                num_codes=n_tok,
+                num_beams=nb,
+                cfg_scale=cfg_scale,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=self._generator(seed),
+            )
+        return codes.cpu()
 
     def generate_image_codes(self, texts, *, images=None, codes=None, **kwargs) -> torch.Tensor:
         """Texts -> (B, 32) image codes in [0, 8192). kwargs: do_sample, temperature, top_k, top_p,
@@ -715,32 +650,6 @@ def _load_diffusion(folder: Path, dtype):
     from ..decoders.unclip import load_unclip_pipeline
 
     return load_unclip_pipeline(folder, dtype=dtype)
-
-
-_EVAL_LOCK = threading.Lock()
-_EVAL_CALLS: dict[int, tuple[int, bool]] = {}  # id(model) -> (generations running, mode before the first)
-
-
-class _eval:
-    """Eval mode for the duration of a generation (dropout off), restoring the previous mode when the
-    last of the generations running at once (from several threads) ends."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        with _EVAL_LOCK:
-            calls, was_training = _EVAL_CALLS.get(id(self.model), (0, self.model.training))
-            _EVAL_CALLS[id(self.model)] = (calls + 1, was_training)
-            self.model.eval()
-
-    def __exit__(self, *exc):
-        with _EVAL_LOCK:
-            calls, was_training = _EVAL_CALLS.pop(id(self.model))
-            if calls > 1:
-                _EVAL_CALLS[id(self.model)] = (calls - 1, was_training)
-            else:
-                self.model.train(was_training)
 
 
 def _as_list(x, name: str) -> list:
