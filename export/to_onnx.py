@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models import SeedTokenizer
+from ..models.llm.seed_llm import SeedLLM
 from .graphs import (
     CODE_CHUNK,
     DetokenizerGraph,
@@ -83,13 +85,11 @@ def load_checkpoint(checkpoint: str | os.PathLike | None, parts: tuple[str, ...]
             raise ExportError(
                 f"{root}: no SeedTokenizer folder (config.json + model.safetensors) in it or in tokenizer/"
             )
-        from ..models import SeedTokenizer
 
         found["tokenizer"] = SeedTokenizer.from_pretrained(tok_dir)
     if "llm" in parts:
         if llm_dir is None:
             raise ExportError(f"{root}: no SeedLLM folder (seed_llm.json) in it or in llm/")
-        from ..models.llm.seed_llm import SeedLLM
 
         found["llm"] = SeedLLM.from_pretrained(llm_dir, tokenizer=found.get("tokenizer"), fused_lora=False)
     if "decoder" in parts:

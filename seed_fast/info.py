@@ -8,6 +8,8 @@ import os
 import platform
 import sys
 
+from . import __version__, _ext
+
 
 def _version(dist: str) -> str:
     try:
@@ -18,8 +20,6 @@ def _version(dist: str) -> str:
 
 def collect() -> dict:
     import torch
-
-    from . import __version__, _ext
 
     info: dict = {
         "seed_fast": __version__,

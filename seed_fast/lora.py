@@ -18,7 +18,7 @@ import types
 import torch
 from torch import nn
 
-from .ops.lora_linear import lora_linear, lora_linear_multi
+from .ops.lora_linear import IMPLS, lora_linear, lora_linear_multi
 
 _FLAG = "_seed_fast_fused_lora"
 _IMPL = "_seed_fast_lora_impl"
@@ -130,7 +130,6 @@ def _stacks(layer, names: tuple, device: torch.device):
 def apply_fused_lora(model: nn.Module, *, impl: str = "auto") -> int:
     """Route every peft LoRA Linear in `model` through seed_fast's fused op (`impl` as in
     `lora_linear`). Returns how many layers were switched (0 if the model has no peft LoRA Linear)."""
-    from .ops.lora_linear import IMPLS
 
     if impl not in IMPLS:
         raise ValueError(f"apply_fused_lora: unknown impl {impl!r}; choose from {IMPLS}")

@@ -177,14 +177,12 @@ def test_the_decoder_option_adds_or_drops_the_vae_stage_of_a_recipe_file(tmp_pat
 
 
 def test_the_recipe_picks_fp32_where_bf16_is_slow(monkeypatch):
-    from seed_fast.train import loop
-
     before = copy.deepcopy(recipe_mod.RECIPE)
     bf16_stages = {k for k, v in before.items() if isinstance(v, dict) and v.get("precision") == "bf16"}
     assert bf16_stages == {"llm", "lora", "decoder"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for fast, want in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        monkeypatch.setattr(recipe_mod, "cpu_has_fast_bf16", lambda fast=fast: fast)
         r = recipe_mod.for_this_machine("auto")
         assert {r[k]["precision"] for k in bf16_stages} == {want}
         assert "precision" not in r["stage1"] and "precision" not in r["stage2"]

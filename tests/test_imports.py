@@ -147,3 +147,63 @@ def test_package_data_ships_every_asset():
     assert assets
     missed = [a for a in assets if not any(fnmatch.fnmatch(a, g) and a.count("/") == g.count("/") for g in globs)]
     assert not missed, f"pyproject.toml's package-data leaves out {missed}"
+
+
+# A function-local import of the package's own modules hides a dependency; it stays local only for
+# one of these reasons, keyed by (importing module, imported module prefix).
+LOCAL_IMPORTS_ALLOWED = {
+    ("seed_fast.cli", "seed_fast"): "each subcommand imports what it runs, so `seed-fast --help` stays fast",
+    ("seed_fast", "seed_fast.models"): "`import seed_fast` loads the models on first use of a public name",
+    ("seed_fast.export", "seed_fast.export"): "the exporters need onnx / tensorrt, optional extras",
+    ("seed_fast.jobs.tokenize_dataset", "seed_fast.jobs.tokenize_dataset"): "__main__ runs the module as imported",
+    ("*", "seed_fast.kernels"): "the Triton kernels need triton, optional on CPU-only machines",
+    ("*", "seed_fast.models.decoders"): "the image decoders need diffusers, an optional extra",
+}
+
+
+def _allowed(importer: str, target: str) -> bool:
+    for (who, prefix), _reason in LOCAL_IMPORTS_ALLOWED.items():
+        if who in ("*", importer) and (target == prefix or target.startswith(prefix + ".")):
+            return True
+    return False
+
+
+def function_local_imports(modules: dict | None = None) -> list:
+    """(module, line, imported module) of every own-module import below module level."""
+    modules = package_modules() if modules is None else modules
+    found = []
+    for name, (path, is_package) in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if id(node) in top:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(name, is_package, node)
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if target == PACKAGE or target.startswith(PACKAGE + "."):
+                    found.append((name, node.lineno, target))
+    return found
+
+
+def test_own_modules_are_imported_at_the_top():
+    hidden = [f"{m}:{line} imports {t}" for m, line, t in function_local_imports() if not _allowed(m, t)]
+    assert not hidden, "import these at the top of the module (or add a reason):\n" + "\n".join(hidden)
+
+
+def test_the_local_import_check_finds_a_planted_one(tmp_path):
+    pkg = tmp_path / PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from .b import g\n    return g\n")
+    (pkg / "b.py").write_text("def g():\n    from seed_fast.kernels import k\n")
+    modules = {"seed_fast": (pkg / "__init__.py", True), "seed_fast.a": (pkg / "a.py", False)}
+    modules["seed_fast.b"] = (pkg / "b.py", False)
+    found = function_local_imports(modules)
+    assert ("seed_fast.a", 2, "seed_fast.b") in found
+    assert [t for m, _, t in found if not _allowed(m, t)] == ["seed_fast.b"]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.preprocess import images_to_tensor
 from ..synthetic import COLORS, COUNTS, SHAPES, make_scene
 
 HEADS = {
@@ -41,8 +42,6 @@ def to_checker_input(images) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         x = images.float()
     else:
-        from ..models.preprocess import images_to_tensor
-
         x = images_to_tensor(list(images), max(INPUT_SIZE, max(im.size[0] for im in images)))
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"checker: expected (B, 3, H, W) images, got {tuple(x.shape)}")
@@ -113,7 +112,6 @@ class SceneChecker(nn.Module):
 
 
 def render_batch(rng: random.Random, n: int, size: int = 64) -> tuple[torch.Tensor, list[dict]]:
-    from ..models.preprocess import images_to_tensor
 
     scenes = [make_scene(rng, size) for _ in range(n)]
     return images_to_tensor([s[0] for s in scenes], size), [s[2] for s in scenes]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..images import to_rgb
+from ..models.seed.itc import retrieval_at_k
 from ..synthetic import make_question, make_scene, parse_caption
 
 TEST_SEED = 20261122
@@ -102,7 +103,6 @@ def evaluate(
     from the captions (1: greedy without guidance); None: the model's own (`m.generation`)."""
     guidance = m.generation.decoder_guidance if guidance is None else guidance
     cfg_scale = m.generation.code_cfg_scale if cfg_scale is None else cfg_scale
-    from ..models.seed.itc import retrieval_at_k
 
     _check_cfg_scale(cfg_scale)
     images, caps, facts, qas = test_scenes(n, seed)

@@ -51,6 +51,9 @@ import json
 import time
 from pathlib import Path
 
+from ..train.config import TrainConfig
+from ..train.loop import cpu_has_fast_bf16, latest_checkpoint, train
+from .checker import checker_accuracy, train_checker
 from .loader import DEFAULT_DIR, DefaultModelError, GenerationConfig, assemble, check_replaceable
 
 SEED = 0
@@ -219,8 +222,6 @@ def for_this_machine(precision: str = "auto", recipe: dict | None = None) -> dic
     if precision == "auto":
         import torch
 
-        from ..train.loop import cpu_has_fast_bf16
-
         precision = "bf16" if torch.cuda.is_available() or cpu_has_fast_bf16() else "fp32"
     for stage in r.values():
         if isinstance(stage, dict) and stage.get("precision") == "bf16":
@@ -262,17 +263,12 @@ def run_stage(name: str, work: Path, recipe: dict | None = None, *, progress: bo
         return json.loads((work / name / "DONE").read_text())
     t0 = time.perf_counter()
     if name == "checker":
-        from .checker import checker_accuracy, train_checker
-
         c = (recipe or RECIPE)["checker"]
         model = train_checker(steps=c["steps"], batch=c["batch"], seed=c["seed"], progress=progress)
         (work / name).mkdir(parents=True, exist_ok=True)
         model.save(work / name / "checker.safetensors")
         metrics = {f"real_{k}": v for k, v in checker_accuracy(model).items()}
     else:
-        from ..train.config import TrainConfig
-        from ..train.loop import latest_checkpoint, train
-
         cfg = TrainConfig.from_dict(stage_config(name, work, recipe))
         resume = latest_checkpoint(Path(cfg.out)) is not None
         metrics = train(cfg, resume=resume, progress=progress)

@@ -27,6 +27,17 @@ from pathlib import Path
 
 import torch
 
+from ..models.preprocess import images_to_tensor
+from ..models.related.flamingo import CaptionSequences, flamingo_captions, load_flamingo
+from ..models.related.lavit import (
+    LavitFeatureDecoder,
+    LavitTokenizer,
+    get_lavit_config,
+    lavit_token_ids,
+    pad_codes,
+    reconstruction_loss,
+)
+from ..models.related.visual_words import load_vwlmm, patch_features
 from ..synthetic import parse_caption
 from .demo import _bar, _chunks, _objects_ok, test_scenes
 
@@ -36,8 +47,6 @@ __all__ = ["evaluate_flamingo", "evaluate_lavit", "evaluate_vwlmm", "load_lavit_
 def load_lavit_run(folder: str | Path):
     """A `seed-fast train lavit` run folder (or its `lavit/`) -> (LavitTokenizer, LavitFeatureDecoder)."""
     from safetensors.torch import load_file
-
-    from ..models.related.lavit import LavitFeatureDecoder, LavitTokenizer, get_lavit_config
 
     root = Path(folder)
     if (root / "lavit").is_dir():
@@ -60,8 +69,6 @@ def load_lavit_run(folder: str | Path):
 @torch.no_grad()
 def evaluate_lavit(run: str | Path, n: int = 256, *, batch: int = 32, progress: bool = True) -> dict:
     import torch.nn.functional as F
-
-    from ..models.related.lavit import lavit_token_ids, pad_codes, reconstruction_loss
 
     tok, dec = load_lavit_run(run)
     images, _, _, _ = test_scenes(n, size=tok.config.vision.image_size)
@@ -103,12 +110,10 @@ def evaluate_lavit(run: str | Path, n: int = 256, *, batch: int = 32, progress: 
 def evaluate_flamingo(run: str | Path, n: int = 256, *, batch: int = 32, compare=None, progress: bool = True) -> dict:
     """compare: a DefaultModel (seed_fast.default_model.load_default) whose SEED captions from codes
     are measured on the same scenes, or None."""
-    from ..models.related.flamingo import CaptionSequences, flamingo_captions, load_flamingo
 
     conn, llm, tok, meta = load_flamingo(run)
     seqs = CaptionSequences(llm, meta.get("prompt"))
     images, caps, facts, _ = test_scenes(n, size=tok.config.vision.image_size)
-    from ..models.preprocess import images_to_tensor
 
     preds, t_cap = [], 0.0
     for a, b in _bar(_chunks(n, batch), "flamingo", progress):
@@ -156,8 +161,6 @@ def evaluate_vwlmm(
 ) -> dict:
     """Captions through the visual-words connector (and, with `compare`, SEED's from codes) on the
     held-out scenes; `show` scenes' per-patch top visual words go into "top_words"."""
-    from ..models.preprocess import images_to_tensor
-    from ..models.related.visual_words import load_vwlmm, patch_features
 
     vw, tok, meta = load_vwlmm(run)
     images, caps, facts, _ = test_scenes(n, size=tok.config.vision.image_size)

@@ -47,6 +47,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import __version__
+from ..images import to_rgb
+from ..models import SeedTokenizer
+
 FORMAT_VERSION = 1
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -194,8 +198,6 @@ class _Chunk:
 def _decode(src, size: int, where: str) -> np.ndarray:
     """The pixels SeedTokenizer.encode([PIL image]) would see: to_rgb, PIL bicubic resize."""
     from PIL import Image
-
-    from ..images import to_rgb
 
     with Image.open(src) as im:
         im = to_rgb(im, where)
@@ -613,7 +615,6 @@ def tokenize_dataset(
     dtype = _dtype(dtype)
     src = _resolve_source(source)
     out = Path(out_dir)
-    from ..models import SeedTokenizer
 
     if checkpoint is not None:
         tok = SeedTokenizer.from_pretrained(checkpoint)
@@ -658,7 +659,6 @@ def _run(tok, src, out, d, dtype, batch_size, shard_size, num_workers, resume, p
                 f"tokenize-dataset: RANDOM weights (preset {preset!r}, seed 0): codes are reproducible but meaningless",
                 file=sys.stderr,
             )
-        from .. import __version__
 
         job = {
             "format": FORMAT_VERSION,

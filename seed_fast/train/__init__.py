@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .config import STAGES, ConfigError, TrainConfig
+from .loop import train
 
 __all__ = ["ConfigError", "TrainConfig", "add_train_args", "main", "run_from_args"]
 
@@ -41,7 +42,6 @@ def run_from_args(args) -> int:
     except ConfigError as e:
         print(f"seed-fast train: bad config: {e}", file=sys.stderr)
         return 2
-    from .loop import train
 
     try:
         last = train(cfg, resume=args.resume, progress=not args.no_progress, stop_after=args.stop_after)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models.related.lavit import LAVIT_PRESETS
 from ..prompt import TEMPLATES
 
 LM_PRESETS = ("tiny-llama", "tiny-opt", "mini-llama")
@@ -331,7 +332,6 @@ class TrainConfig:
             f"stage1.text_tokenizer must be a tokenizer folder, got {s1.text_tokenizer!r}",
         )
         lv = self.lavit
-        from ..models.related.lavit import LAVIT_PRESETS
 
         need(lv.preset in LAVIT_PRESETS, f"lavit.preset must be one of {sorted(LAVIT_PRESETS)}, got {lv.preset!r}")
         need(

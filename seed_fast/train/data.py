@@ -20,6 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..images import to_rgb
+from ..models.preprocess import images_to_tensor
+from ..synthetic import make_question, make_scene
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -52,7 +54,6 @@ class SyntheticPairs(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> Sample:
-        from ..synthetic import make_question, make_scene
 
         rng = random.Random(self.seed * 1_000_003 + self._offset + i)
         image, caption, facts = make_scene(rng, self.size)
@@ -220,7 +221,6 @@ def make_collate(image_size: int):
     """Samples -> Batch; None samples (and rows without a caption) are dropped and counted in `skipped`."""
 
     def collate(samples: list[Sample | None]) -> Batch:
-        from ..models.preprocess import images_to_tensor
 
         good = [s for s in samples if s is not None and s.caption is not None]
         skipped = len(samples) - len(good)

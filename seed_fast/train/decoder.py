@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.preprocess import normalize
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source
 from .task import Task, load_tokenizer
@@ -27,7 +28,6 @@ from .task import Task, load_tokenizer
 
 def embeddings_from_pixels(tok, pixels: torch.Tensor) -> torch.Tensor:
     """pixels (B, 3, S, S) in [0, 1] -> generation embeddings through the codes (B, D), float32."""
-    from ..models.preprocess import normalize
 
     x = normalize(pixels.to(tok.device), tok.config.image_mean, tok.config.image_std).to(tok.dtype)
     codes = tok.quantizer.lookup(tok.causal_embeddings(x))

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import SeedTokenizer
 from ..models.related.lavit import (
     LavitFeatureDecoder,
     LavitTokenizer,
@@ -32,6 +33,7 @@ from ..models.related.lavit import (
     reconstruction_loss,
     select_tokens,
 )
+from ..models.seed.codebook_utils import codebook_usage, kmeans_init, restart_dead_codes
 from ..ops import codebook_lookup
 from .config import ConfigError, TrainConfig
 from .data import make_collate, make_source
@@ -119,7 +121,6 @@ class LavitTask(Task):
             raise ConfigError(f"lavit.codebook_init must be 'kmeans' or 'random', got {lc.codebook_init!r}")
         if lc.codebook_init != "kmeans" or len(batch) == 0:
             return
-        from ..models.seed.codebook_utils import kmeans_init
 
         with torch.no_grad():
             self.module(batch)
@@ -134,8 +135,6 @@ class LavitTask(Task):
         if not every or step % every or self.module.last_codes is None:
             return
         import torch.distributed as dist
-
-        from ..models.seed.codebook_utils import codebook_usage, restart_dead_codes
 
         counts = codebook_usage(self.module.last_codes, self.tok.config.codebook_size)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -185,7 +184,6 @@ class LavitTask(Task):
 
 def _load_vit(tok: LavitTokenizer, folder: str) -> dict:
     """The ViT of a SeedTokenizer folder into the LaVIT tokenizer's `encoder` (same EVA layout)."""
-    from ..models import SeedTokenizer
 
     path = Path(folder)
     if not path.is_dir():

@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.llm.seed_llm import SeedLLM, seed_lora_config
+from ..models.preprocess import images_to_tensor
 from .config import LM_PRESETS, ConfigError, TrainConfig
 from .data import make_source
 from .task import Task, load_tokenizer
@@ -170,7 +172,6 @@ def _cache_collate(image_size: int):
     [caption, question, answer])."""
 
     def collate(samples):
-        from ..models.preprocess import images_to_tensor
 
         good = [(j, s) for j, s in enumerate(samples) if s is not None]
         if not good:
@@ -332,7 +333,6 @@ class LLMModule(nn.Module):
 def build_llm(cfg: TrainConfig, tok):
     """The stage's SeedLLM: the model of `cfg.llm.model` with the image vocabulary, LoRA (or every
     weight trainable), gradient checkpointing as configured."""
-    from ..models.llm.seed_llm import SeedLLM, seed_lora_config
 
     m = cfg.llm
     if m.model in LM_PRESETS:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import make_collate, make_source
+from .decoder import decoder_targets
 from .task import Task
 
 # training images encoded at export to measure the latents' scale
@@ -43,7 +45,6 @@ class VaeModule(nn.Module):
         self.vae, self.vcfg = vae, cfg
 
     def forward(self, batch) -> dict:
-        from .decoder import decoder_targets
 
         if len(batch) == 0:
             return {"loss": sum(p.sum() * 0 for p in self.vae.parameters())}
@@ -67,8 +68,6 @@ class VaeTask(Task):
 
     @torch.no_grad()
     def _images(self, split: str, n: int):
-        from .data import make_collate, make_source
-        from .decoder import decoder_targets
 
         ds = make_source(self.cfg, split)
         n = min(len(ds), n)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...lora import apply_fused_lora, remove_fused_lora
 from ...prompt import (
     BOI_TOKEN,
     IMAGE_PLACEHOLDER,
@@ -35,10 +36,13 @@ from ...prompt import (
     image_token,
     unconditional_ids,
 )
+from ...synthetic import COLORS, COUNTS, QUESTION_WORDS, SHAPES
 from ..checkpoint import CheckpointError
 from ..preprocess import InputError, check_codes
+from ..seed.tokenizer import SeedTokenizer
 from .decoding import check_cfg_scale, check_sampling, left_pad
 from .generation import DecoderPool, decode_image_codes, decode_text, eval_mode
+from .text_tokenizer import build_word_tokenizer
 
 _MAX_IDLE_DECODERS = 4  # static caches kept between calls (each holds a full-length KV cache)
 
@@ -180,12 +184,8 @@ class SeedLLM(nn.Module):
         text tokenizer over `corpus` (default: synthetic captions and the templates' words), and a
         random SeedTokenizer preset (or the SeedTokenizer given). lm_overrides: config fields changed
         from the preset's (`tiny_causal_lm`)."""
-        from ..seed.tokenizer import SeedTokenizer
-        from .text_tokenizer import build_word_tokenizer
 
         if corpus is None:
-            from ...synthetic import COLORS, COUNTS, QUESTION_WORDS, SHAPES
-
             corpus = [" ".join(COLORS), " ".join(SHAPES), " ".join(s + "s" for s in SHAPES), " ".join(COUNTS.values())]
             corpus += [
                 "left of a an",
@@ -228,8 +228,6 @@ class SeedLLM(nn.Module):
                    own `diffusion/` when there is one and diffusers is installed)
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from ..seed.tokenizer import SeedTokenizer
 
         root = Path(llm_path)
         if not root.is_dir():
@@ -352,8 +350,6 @@ class SeedLLM(nn.Module):
             if ".lora_" not in name and _is_extra_trainable(name):
                 p.requires_grad_(True)
         if fused:
-            from ...lora import apply_fused_lora
-
             apply_fused_lora(self.model, impl=impl)
         self._decoders.drop()
         return self
@@ -361,8 +357,6 @@ class SeedLLM(nn.Module):
     def merge_lora(self) -> "SeedLLM":
         """Fold the adapter into the base weights (for export / fastest inference); returns self."""
         if self.has_lora:
-            from ...lora import remove_fused_lora
-
             remove_fused_lora(self.model)
             self.model = self.model.merge_and_unload()
             self._decoders.drop()

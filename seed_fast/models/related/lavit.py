@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ops import codebook_lookup, qformer_attention
+from ..checkpoint import CheckpointError
 from ..config import VisionConfig
 from ..preprocess import InputError, images_to_tensor, normalize
 from ..seed.vit import EvaViT, Mlp
@@ -392,7 +393,6 @@ class LavitTokenizer(nn.Module):
     def load_official(self, state_dict: dict, *, strict: bool = False):
         """Load a released `tokenizer_encoder.bin` state dict (plus `encoder.*` ViT keys if present).
         Returns the LoadReport-style (missing, unexpected) lists; strict=True raises on either."""
-        from ..checkpoint import CheckpointError
 
         own = self.state_dict()
         bad = {
