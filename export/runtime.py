@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..images import ImageModeError, to_rgb
+from ..images import check_batch_shape, pil_to_chw
 from ..prompt import IMAGE_PLACEHOLDER, ImageVocab, PromptError, encode_prompt, get_template, unconditional_ids
 
 MANIFEST = "seed_fast_onnx.json"
@@ -194,14 +194,7 @@ class SeedRuntime:
             x = np.stack(arrs)  # uint8 (B, 3, S, S)
         else:
             x = np.asarray(images) if not isinstance(images, np.ndarray) else images
-            if x.ndim != 4:
-                hint = " (one image? add a batch dimension)" if x.ndim == 3 else ""
-                raise RuntimeInputError(f"images must be (B, 3, H, W), got shape {x.shape}{hint}")
-            if x.shape[0] == 0:
-                raise RuntimeInputError("images is an empty batch")
-            if x.shape[1] != 3:
-                hint = " (channels-last? transpose to (B, 3, H, W))" if x.shape[-1] == 3 else ""
-                raise RuntimeInputError(f"images must have 3 channels in dim 1, got shape {x.shape}{hint}")
+            check_batch_shape(x.shape, RuntimeInputError)
             if x.dtype == np.uint8:
                 pass
             elif x.dtype in (np.float16, np.float32, np.float64):
@@ -242,15 +235,7 @@ class SeedRuntime:
             im = Image.open(im)
         if not isinstance(im, Image.Image):
             raise RuntimeInputError(f"images[{i}] is a {type(im).__name__}; a list must hold PIL images or file paths")
-        if im.width == 0 or im.height == 0:
-            raise RuntimeInputError(f"images[{i}] is empty ({im.width}x{im.height})")
-        try:
-            im = to_rgb(im, f"images[{i}]")
-        except ImageModeError as e:
-            raise RuntimeInputError(str(e)) from None
-        if im.size != (s, s):
-            im = im.resize((s, s), Image.BICUBIC)
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+        return pil_to_chw(im, s, f"images[{i}]", RuntimeInputError)
 
     def _codes(self, codes) -> np.ndarray:
         info = self.parts.get("detokenizer") or self.parts.get("tokenizer") or {}

@@ -54,3 +54,42 @@ def to_rgb(im, where: str = "image"):
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")  # a new, loaded image even for RGB input (callers may close the file)
+
+
+# ------------------------------------------------------------------------ SEED's image input
+# The checks and the PIL path both the torch API (models/preprocess.py) and the torch-free runtime
+# (export/runtime.py) run, so that they accept, refuse and resize images alike. `error` is the caller's
+# exception class (a ValueError).
+
+
+def check_batch_shape(shape: tuple, error: type = ValueError) -> None:
+    """An image batch must be (B, 3, H, W) with B, H, W > 0; the message hints at the usual mistake."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4:
+        hint = " (a single image? add a batch dimension: images[None])" if len(shape) == 3 else ""
+        raise error(f"images must have 4 dims (B, 3, H, W), got shape {shape}{hint}")
+    if shape[0] == 0:
+        raise error("images is an empty batch (B = 0)")
+    if shape[1] != 3:
+        hint = " (channels-last? permute to (B, 3, H, W))" if shape[-1] == 3 else ""
+        raise error(f"images must have 3 channels (RGB) in dim 1, got shape {shape}{hint}")
+    if shape[2] == 0 or shape[3] == 0:
+        raise error(f"images have an empty spatial size: {shape}")
+
+
+def pil_to_chw(im, size: int, where: str, error: type = ValueError) -> np.ndarray:
+    """A PIL image -> uint8 (3, size, size): its colours as `to_rgb` reads them, resized bicubic by PIL
+    (SEED's transform: no crop, aspect not kept)."""
+    from PIL import Image
+
+    if not isinstance(im, Image.Image):
+        raise error(f"{where} is a {type(im).__name__}, not a PIL image")
+    if im.width == 0 or im.height == 0:
+        raise error(f"{where} is empty ({im.width}x{im.height})")
+    try:
+        im = to_rgb(im, where)
+    except ImageModeError as e:
+        raise error(str(e)) from None
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..images import ImageModeError, to_rgb
+from ..images import check_batch_shape, pil_to_chw
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -46,16 +46,7 @@ def images_to_tensor(images, size: int) -> torch.Tensor:
         images = torch.from_numpy(np.ascontiguousarray(images))  # negative strides (a flipped view) too
     if not isinstance(images, torch.Tensor):
         raise InputError(f"images must be a tensor (B, 3, H, W) or a list of PIL images, got {type(images).__name__}")
-    if images.dim() != 4:
-        hint = " (a single image? add a batch dimension: images[None])" if images.dim() == 3 else ""
-        raise InputError(f"images must have 4 dims (B, 3, H, W), got shape {tuple(images.shape)}{hint}")
-    if images.shape[0] == 0:
-        raise InputError("images is an empty batch (B = 0)")
-    if images.shape[1] != 3:
-        hint = " (channels-last? permute to (B, 3, H, W))" if images.shape[-1] == 3 else ""
-        raise InputError(f"images must have 3 channels (RGB) in dim 1, got shape {tuple(images.shape)}{hint}")
-    if images.shape[2] == 0 or images.shape[3] == 0:
-        raise InputError(f"images have an empty spatial size: {tuple(images.shape)}")
+    check_batch_shape(images.shape, InputError)
     if images.dtype == torch.uint8:
         x = images.float() / 255.0
     elif images.dtype in _FLOAT_DTYPES:
@@ -84,22 +75,11 @@ def images_to_tensor(images, size: int) -> torch.Tensor:
 def _pil_list_to_tensor(images: Sequence, size: int) -> torch.Tensor:
     if len(images) == 0:
         raise InputError("images is an empty list")
-    from PIL import Image
-
     out = []
     for i, im in enumerate(images):
         if not _is_pil(im):
             raise InputError(f"images[{i}] is a {type(im).__name__}; a list must hold PIL images only")
-        if im.width == 0 or im.height == 0:
-            raise InputError(f"images[{i}] is empty ({im.width}x{im.height})")
-        try:
-            im = to_rgb(im, f"images[{i}]")
-        except ImageModeError as e:
-            raise InputError(str(e)) from None
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        arr = np.asarray(im, dtype=np.uint8).copy()  # (S, S, 3)
-        out.append(torch.from_numpy(arr).permute(2, 0, 1))
+        out.append(torch.from_numpy(pil_to_chw(im, size, f"images[{i}]", InputError)))
     return torch.stack(out).float() / 255.0
 
 
