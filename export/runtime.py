@@ -22,8 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..images import check_batch_shape, pil_to_chw
-from ..prompt import IMAGE_PLACEHOLDER, ImageVocab, PromptError, encode_prompt, get_template, unconditional_ids
+from ..images import check_batch_shape, check_pixel_range, non_finite_pixels, pil_to_chw
+from ..prompt import (
+    IMAGE_PLACEHOLDER,
+    ImageVocab,
+    PromptError,
+    check_codes_dtype,
+    check_codes_range,
+    check_codes_shape,
+    encode_prompt,
+    get_template,
+    unconditional_ids,
+)
 
 MANIFEST = "seed_fast_onnx.json"
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -198,13 +208,11 @@ class SeedRuntime:
             if x.dtype == np.uint8:
                 pass
             elif x.dtype in (np.float16, np.float32, np.float64):
-                if not np.isfinite(x).all():
-                    raise RuntimeInputError(f"images contain {int((~np.isfinite(x)).sum())} NaN/inf value(s)")
-                lo, hi = float(x.min()), float(x.max())
-                if lo < -1e-3 or hi > 1 + 1e-3:
-                    raise RuntimeInputError(
-                        f"float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}] (0-255 values? pass uint8)"
-                    )
+                finite = np.isfinite(x)
+                if not finite.all():
+                    items = np.flatnonzero(~finite.reshape(len(x), -1).all(1)).tolist()
+                    raise non_finite_pixels(int((~finite).sum()), items, RuntimeInputError)
+                check_pixel_range(float(x.min()), float(x.max()), RuntimeInputError)
                 x = np.clip(x.astype(np.float32), 0.0, 1.0)
             else:
                 raise RuntimeInputError(f"images must be uint8 or float, got dtype {x.dtype}")
@@ -243,14 +251,12 @@ class SeedRuntime:
         n = info.get("num_codes", llm.get("tokens_per_image", 32))
         k = info.get("codebook_size", llm.get("num_codes"))
         c = np.asarray(codes)
-        if c.dtype.kind not in "iu":
-            raise RuntimeInputError(f"codes must be integers, got dtype {c.dtype}")
-        if c.ndim != 2 or c.shape[1] != n:
-            raise RuntimeInputError(f"codes must be (B, {n}), got shape {c.shape}")
-        if c.shape[0] == 0:
-            raise RuntimeInputError("codes is an empty batch")
-        if k is not None and (c.min() < 0 or c.max() >= k):
-            raise RuntimeInputError(f"codes must lie in [0, {k}), got values in [{c.min()}, {c.max()}]")
+        check_codes_dtype(c.dtype, c.dtype.kind in "iu", RuntimeInputError)
+        check_codes_shape(c.shape, n, RuntimeInputError)
+        if k is not None:
+            check_codes_range(
+                int(c.min()), int(c.max()), k, lambda: np.argwhere((c < 0) | (c >= k))[0], RuntimeInputError
+            )
         return c.astype(np.int64)
 
     # ------------------------------------------------------------------------------------ tokenizer

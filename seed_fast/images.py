@@ -93,3 +93,17 @@ def pil_to_chw(im, size: int, where: str, error: type = ValueError) -> np.ndarra
     if im.size != (size, size):
         im = im.resize((size, size), Image.BICUBIC)
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def check_pixel_range(lo: float, hi: float, error: type = ValueError) -> None:
+    """Float pixels must lie in [0, 1] (a little rounding allowed); lo / hi are the batch's extremes."""
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise error(
+            f"float images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
+            "(already normalized? pass raw pixels; 0-255 floats? divide by 255 or pass uint8)"
+        )
+
+
+def non_finite_pixels(count: int, items: list[int], error: type = ValueError) -> Exception:
+    """The error for `count` NaN / inf pixels found in batch items `items`."""
+    return error(f"images contain {count} NaN/inf value(s), in batch item(s) {sorted(items)[:10]}")

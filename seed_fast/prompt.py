@@ -146,3 +146,35 @@ def encode_prompt(
 def unconditional_ids(template: PromptTemplate, vocab: ImageVocab, bos_id: int | None) -> list[int]:
     """The prompt `<img>` alone (LaVIT-style guidance and SEED's negative embedding)."""
     return ([bos_id] if template.add_bos and bos_id is not None else []) + [vocab.boi]
+
+
+# ------------------------------------------------------------------------ image codes
+# The checks of an image-code batch that SeedTokenizer / SeedLLM (torch) and the runtime (numpy) share,
+# so that both refuse the same input with the same words. `error` is the caller's exception class.
+
+
+def check_codes_dtype(dtype, is_integer: bool, error: type = ValueError) -> None:
+    if not is_integer:
+        raise error(f"codes must be integers (int64 / int32), got {str(dtype).replace('torch.', '')}")
+
+
+def check_codes_shape(shape: tuple, num_codes: int, error: type = ValueError) -> None:
+    """Codes must be (B, num_codes) with B > 0."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2:
+        hint = " (one image? add a batch dimension: codes[None])" if len(shape) == 1 else ""
+        raise error(f"codes must have shape (B, {num_codes}), got {shape}{hint}")
+    if shape[0] == 0:
+        raise error("codes is an empty batch (B = 0)")
+    if shape[1] != num_codes:
+        raise error(f"each image needs exactly {num_codes} codes, got {shape[1]} (shape {shape})")
+
+
+def check_codes_range(lo: int, hi: int, codebook_size: int, first_bad, error: type = ValueError) -> None:
+    """lo / hi: the batch's extremes; first_bad() -> the (row, column) of the first code out of range,
+    called only then."""
+    if lo < 0 or hi >= codebook_size:
+        raise error(
+            f"codes must lie in [0, {codebook_size}), got values in [{lo}, {hi}] "
+            f"(first bad at index {tuple(int(i) for i in first_bad())})"
+        )

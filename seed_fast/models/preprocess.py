@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..images import check_batch_shape, pil_to_chw
+from ..images import check_batch_shape, check_pixel_range, non_finite_pixels, pil_to_chw
+from ..prompt import check_codes_dtype, check_codes_range, check_codes_shape
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -57,12 +58,8 @@ def images_to_tensor(images, size: int) -> torch.Tensor:
             finite = torch.isfinite(x)
             bad = int((~finite).sum())
             where = sorted({int(i) for i in (~finite).flatten(1).any(1).nonzero().flatten()})
-            raise InputError(f"images contain {bad} NaN/inf value(s), in batch item(s) {where[:10]}")
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise InputError(
-                f"float images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
-                "(already normalized? pass raw pixels; 0-255 floats? divide by 255 or pass uint8)"
-            )
+            raise non_finite_pixels(bad, where, InputError)
+        check_pixel_range(lo, hi, InputError)
         x = x.clamp(0.0, 1.0)
     else:
         raise InputError(f"images dtype must be uint8 or float (16/32/64, bf16), got {images.dtype}")
@@ -100,21 +97,12 @@ def check_codes(codes, num_codes: int, codebook_size: int) -> torch.Tensor:
             raise InputError(f"codes could not be read as an integer array: {e}") from None
     if not isinstance(codes, torch.Tensor):
         raise InputError(f"codes must be an integer tensor (B, {num_codes}), got {type(codes).__name__}")
-    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise InputError(f"codes must be integers (int64 / int32), got {codes.dtype}")
-    if codes.dim() != 2:
-        hint = " (one image? add a batch dimension: codes[None])" if codes.dim() == 1 else ""
-        raise InputError(f"codes must have shape (B, {num_codes}), got {tuple(codes.shape)}{hint}")
-    if codes.shape[0] == 0:
-        raise InputError("codes is an empty batch (B = 0)")
-    if codes.shape[1] != num_codes:
-        raise InputError(
-            f"each image needs exactly {num_codes} codes, got {codes.shape[1]} (shape {tuple(codes.shape)})"
-        )
+    check_codes_dtype(
+        codes.dtype, not (codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool), InputError
+    )
+    check_codes_shape(codes.shape, num_codes, InputError)
     lo, hi = torch.stack(torch.aminmax(codes)).tolist()  # one host sync for both bounds
-    if lo < 0 or hi >= codebook_size:
-        bad = ((codes < 0) | (codes >= codebook_size)).nonzero()[0].tolist()
-        raise InputError(
-            f"codes must lie in [0, {codebook_size}), got values in [{lo}, {hi}] (first bad at index {tuple(bad)})"
-        )
+    check_codes_range(
+        lo, hi, codebook_size, lambda: ((codes < 0) | (codes >= codebook_size)).nonzero()[0].tolist(), InputError
+    )
     return codes.long()

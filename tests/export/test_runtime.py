@@ -82,7 +82,7 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path):
         (lambda: rt.tokenize(np.full((1, 3, s, s), np.nan, np.float32)), "NaN"),
         (lambda: rt.tokenize([]), "empty"),
         (lambda: rt.tokenize(["/no/such/file.png"]), "no such file"),
-        (lambda: rt.embed(np.zeros((2, 31), np.int64)), r"\(B, 32\)"),
+        (lambda: rt.embed(np.zeros((2, 31), np.int64)), "exactly 32 codes"),
         (lambda: rt.embed(np.zeros((2, 32), np.float32)), "integers"),
         (lambda: rt.embed(np.full((1, 32), 10**6)), "must lie in"),
         (lambda: rt.caption(), "exactly one"),
@@ -250,3 +250,38 @@ def test_the_runtime_reports_the_providers_it_runs_on(tiny):
     rt.embed(np.zeros((1, 32), np.int64))
     assert rt.active_providers == ["CPUExecutionProvider"]
     assert rt.active_providers == list(rt.session("detokenizer").get_providers())
+
+
+def test_the_runtime_refuses_what_the_torch_api_refuses_with_the_same_words(tiny):
+    """Images and codes: the same bad input gets the same message from SeedTokenizer and SeedRuntime."""
+    llm, out = tiny
+    rt = SeedRuntime(out, providers=["CPUExecutionProvider"])
+    tok = llm.tokenizer
+    s = tok.config.vision.image_size
+    images = [
+        np.zeros((3, s, s), np.uint8),
+        np.zeros((1, s, s, 3), np.uint8),
+        np.zeros((0, 3, s, s), np.uint8),
+        np.zeros((1, 3, 0, s), np.uint8),
+        np.full((1, 3, s, s), 7.0, np.float32),
+        np.full((1, 3, s, s), -0.5, np.float32),
+        np.full((1, 3, s, s), np.nan, np.float32),
+        [],
+    ]
+    codes = [
+        np.zeros((2, 31), np.int64),
+        np.zeros(32, np.int64),
+        np.zeros((0, 32), np.int64),
+        np.zeros((2, 32), np.float32),
+        np.full((1, 32), 10**6),
+        np.full((1, 32), -1),
+    ]
+    for bad, torch_call, rt_call in [
+        *((x, tok.encode, rt.tokenize) for x in images),
+        *((c, tok.decode, rt.embed) for c in codes),
+    ]:
+        with pytest.raises(ValueError) as want:
+            torch_call(bad)
+        with pytest.raises(RuntimeInputError) as got:
+            rt_call(bad)
+        assert str(got.value) == str(want.value), bad.shape if hasattr(bad, "shape") else bad
