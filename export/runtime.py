@@ -108,6 +108,24 @@ class DDIM:
         return (a_prev**0.5 * x0 + (1.0 - a_prev) ** 0.5 * eps).astype(np.float32)
 
 
+def _read_manifest(man: Path) -> dict:
+    """The export manifest, its outline checked: a damaged or hand-edited file is named, not a traceback."""
+    try:
+        data = json.loads(man.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RuntimeInputError(f"{man} is not valid JSON ({e}); export the model again") from None
+    if not isinstance(data, dict):
+        raise RuntimeInputError(f"{man} holds a JSON {type(data).__name__}, not the export manifest's object")
+    if data.get("format") != 1:
+        raise RuntimeInputError(f"{man}: manifest format {data.get('format')!r}, this runtime reads format 1")
+    parts = data.get("parts", {})
+    if not isinstance(parts, dict) or not all(
+        isinstance(info, dict) and isinstance(info.get("file"), str) for info in parts.values()
+    ):
+        raise RuntimeInputError(f"{man}: `parts` must map each part to an object with a `file` name")
+    return data
+
+
 class SeedRuntime:
     """The exported parts of one model folder, each loaded on first use."""
 
@@ -120,11 +138,7 @@ class SeedRuntime:
             raise RuntimeInputError(
                 f"{self.folder} has no {MANIFEST}: export the model first (seed-fast export onnx --out {self.folder})"
             )
-        self.manifest = json.loads(man.read_text())
-        if self.manifest.get("format") != 1:
-            raise RuntimeInputError(
-                f"{man}: manifest format {self.manifest.get('format')!r}, this runtime reads format 1"
-            )
+        self.manifest = _read_manifest(man)
         self.parts = self.manifest.get("parts", {})
         for part, info in self.parts.items():
             if not (self.folder / info["file"]).is_file():
@@ -235,12 +249,16 @@ class SeedRuntime:
 
     @staticmethod
     def _load_image(im, s: int, i: int) -> np.ndarray:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
         if isinstance(im, (str, os.PathLike)):
             if not Path(im).is_file():
                 raise RuntimeInputError(f"images[{i}]: no such file {str(im)!r}")
-            im = Image.open(im)
+            try:
+                with Image.open(im) as f:
+                    return pil_to_chw(f, s, f"images[{i}]", RuntimeInputError)
+            except (UnidentifiedImageError, OSError) as e:  # not an image, or a truncated one
+                raise RuntimeInputError(f"images[{i}]: cannot read {str(im)!r} as an image: {e}") from None
         if not isinstance(im, Image.Image):
             raise RuntimeInputError(f"images[{i}] is a {type(im).__name__}; a list must hold PIL images or file paths")
         return pil_to_chw(im, s, f"images[{i}]", RuntimeInputError)

@@ -106,3 +106,16 @@ def test_a_bad_guidance_scale_is_refused_before_loading(command, value, flag, ca
         main([command, flag, value, "--checkpoint", "/nonexistent"])
     err = capsys.readouterr().err
     assert flag in err and ("must be a finite number >= 1" in err or "not a number" in err)
+
+
+@pytest.mark.parametrize("extra, overwrite", [([], False), (["--overwrite"], True)])
+def test_demo_keeps_an_earlier_report_unless_told_to_overwrite(tmp_path, monkeypatch, extra, overwrite):
+    """`seed-fast demo --out DIR` passes --overwrite on (run_demo's own test shows what each setting does)."""
+    import seed_fast.cli as cli
+    import seed_fast.default_model.demo as demo
+
+    seen = []
+    monkeypatch.setattr(cli, "_load_model", lambda args: type("M", (), {"folder": "m"})())
+    monkeypatch.setattr(demo, "run_demo", lambda m, out, **kw: seen.append((out, kw["overwrite"])))
+    assert main(["demo", "--out", str(tmp_path / "d"), "--num-images", "1", *extra]) == 0
+    assert seen == [(str(tmp_path / "d"), overwrite)]

@@ -1,5 +1,6 @@
 """A user's mistake on the command line ends in one line naming it (exit status 1 or 2), never a traceback."""
 
+import json
 import re
 
 import pytest
@@ -14,6 +15,12 @@ def files(tmp_path_factory):
     sample_images(1, seed=1)[0][0].save(d / "ok.png")
     (d / "bad.png").write_bytes(b"not an image")
     (d / "codes.json").write_text("{not json")
+    from seed_fast import SeedTokenizer
+
+    SeedTokenizer.from_config("tiny", seed=1).save_pretrained(d / "typo")
+    cfg = json.loads((d / "typo" / "config.json").read_text())
+    cfg["config"]["qformer"]["heads"] = "8"  # a hand edit that quoted a number
+    (d / "typo" / "config.json").write_text(json.dumps(cfg))
     return d
 
 
@@ -25,6 +32,7 @@ CASES = [
     (["tokenize", "{d}/ok.png", "--config", "tiny", "--device", "cuda:7"], "--device: cuda:7"),
     (["tokenize", "{d}/ok.png", "--config", "tiny", "--device", "toaster"], "--device: not a torch device"),
     (["tokenize", "{d}/bad.png", "--config", "tiny"], "cannot read .*bad.png as an image"),
+    (["tokenize", "{d}/ok.png", "--checkpoint", "{d}/typo"], "qformer.heads must be an integer, got '8'"),
     (["detokenize", "--codes-file", "{d}/nope.json", "--config", "tiny"], "nope.json"),
     (["caption", "{d}/ok.png", "--preset", "nosuch"], "unknown LM preset 'nosuch'"),
     (["caption", "{d}/ok.png", "--template", "nosuch"], "unknown prompt template 'nosuch'"),
@@ -64,3 +72,15 @@ def test_tracebacks_on_request(files, monkeypatch):
 def test_a_good_image_still_works(files, capsys):
     assert main(["tokenize", f"{files}/ok.png", "--config", "tiny", "--json"]) == 0
     assert '"codes": [' in capsys.readouterr().out
+
+
+def test_cuda_on_a_cpu_build_of_torch_is_one_line(files, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(SystemExit) as e:
+        main(["tokenize", f"{files}/ok.png", "--config", "tiny", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "--device: cuda: this torch is a CPU build; use --device cpu" in err, err

@@ -291,7 +291,7 @@ bool argmin_small_n(const float* z, int64_t N, int64_t D, const float* cb, int64
     for (int64_t d = 0; d < D; ++d) {
       const float v = z[i * D + d];
       zt[(i / SR) * D * SR + d * SR + i % SR] = v;
-      zsum += v * 0.f;  // stays 0 unless some value is NaN / inf
+      zsum += (v * v) * 0.f;  // stays 0 unless some value is NaN / inf or its square overflows
     }
   if (zsum != 0.f) return false;
   // Contiguous code ranges per task; merged in range order so ties stay on the lowest index.
@@ -327,7 +327,7 @@ bool argmin_small_n(const float* z, int64_t N, int64_t D, const float* cb, int64
 
 // Inputs the kernel found not finite: with an error flag, sets it (the caller names the input and
 // raises); without one, raises, naming the first input holding NaN / inf and counting them, or
-// saying that a finite codebook's squared norms overflow float32. Either way run only then.
+// saying that finite z or codebook squared norms overflow float32. Either way run only then.
 at::Tensor report_non_finite(const at::Tensor& z, const at::Tensor& codebook, int32_t* error_flag,
                              at::Tensor out) {
   if (error_flag != nullptr) {
@@ -338,7 +338,7 @@ at::Tensor report_non_finite(const at::Tensor& z, const at::Tensor& codebook, in
     const int64_t bad = t->numel() - at::isfinite(*t).sum().item<int64_t>();
     TORCH_CHECK(bad == 0, "codebook_lookup: ", name, " contains ", bad, " NaN/inf value(s)");
   }
-  TORCH_CHECK(false, "codebook_lookup: the codebook's squared norms overflow float32 (values above ~1e19)");
+  TORCH_CHECK(false, "codebook_lookup: the squared norms overflow float32 (z or codebook values above ~1e19)");
   return out;
 }
 
@@ -390,7 +390,7 @@ static at::Tensor argmin_cpu(const at::Tensor& z, const at::Tensor& codebook, c1
   for (int64_t k = 0; k < K; ++k) finite &= std::isfinite(half_norm[k]);
   const float* zp = zf.data_ptr<float>();
   float zsum = 0.f;
-  for (int64_t i = 0; i < N * D; ++i) zsum += zp[i] * 0.f;  // stays 0 unless some value is NaN / inf
+  for (int64_t i = 0; i < N * D; ++i) zsum += (zp[i] * zp[i]) * 0.f;  // 0 unless NaN / inf or a square overflows
   if (!finite || zsum != 0.f) return report_non_finite(z, codebook, error_flag, out);
   int64_t* op = out.data_ptr<int64_t>();
   const int64_t blocks = (N + MR - 1) / MR;

@@ -119,6 +119,17 @@ def _check_codebook_scale(book: torch.Tensor) -> None:
         raise ValueError(_SCALE_ERRORS[verdict])
 
 
+def _check_z_scale(flat: torch.Tensor) -> None:
+    """Refuse finite z whose squared norms overflow float32 (values above ~1e19): every distance to
+    them does too, yet the expanded-form scores (0.5 |e|^2 - z.e) stay finite and give an index. One
+    fused reduction per call; NaN / inf are left to the finite check, which names them."""
+    if not flat.shape[0]:
+        return
+    top = float(torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32).amax())
+    if top == float("inf") and bool(torch.isfinite(flat).all()):
+        raise ValueError(_SCALE_ERRORS["overflow"])
+
+
 def _argmin_torch(flat: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
     """argmin_k 0.5 ||e_k||^2 - z.e_k through the vendor's matrix product, in row chunks."""
     acc = torch.float64 if torch.float64 in (flat.dtype, book.dtype) else torch.float32
@@ -397,6 +408,8 @@ def codebook_lookup(
     chosen = choose_impl(flat, book, impl)
     if metric == "l2" and not book.is_cuda and book.dtype != torch.float64 and not torch.compiler.is_compiling():
         _check_codebook_scale(book)
+        if chosen not in ("cpu", "cuda"):  # the C++ kernel finds it on the values it reads anyway
+            _check_z_scale(flat)
     if _dispatch._logs:
         _dispatch.note("codebook_lookup", chosen)
     flag = None
@@ -460,7 +473,7 @@ def _raise_cpu_flagged(flag, flat: torch.Tensor, book: torch.Tensor) -> None:
 
 def _raise_non_finite(flat: torch.Tensor, book: torch.Tensor) -> None:
     _check_finite(flat, book)  # names the input and counts; else the distances overflowed
-    raise ValueError("codebook_lookup: the distances overflow float32 (values above ~1e19)")
+    raise ValueError(_SCALE_ERRORS["overflow"])
 
 
 def _cpu_flag():

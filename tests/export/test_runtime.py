@@ -8,6 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -82,6 +83,8 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path):
         (lambda: rt.tokenize(np.full((1, 3, s, s), np.nan, np.float32)), "NaN"),
         (lambda: rt.tokenize([]), "empty"),
         (lambda: rt.tokenize(["/no/such/file.png"]), "no such file"),
+        (lambda: rt.tokenize([Image.new("RGB", (0, 0))]), r"images\[0\] is empty \(0x0\)"),
+        (lambda: rt.tokenize(np.zeros((1, 3, 0, 0), np.uint8)), "empty spatial size"),
         (lambda: rt.embed(np.zeros((2, 31), np.int64)), "exactly 32 codes"),
         (lambda: rt.embed(np.zeros((2, 32), np.float32)), "integers"),
         (lambda: rt.embed(np.full((1, 32), 10**6)), "must lie in"),
@@ -285,3 +288,36 @@ def test_the_runtime_refuses_what_the_torch_api_refuses_with_the_same_words(tiny
         with pytest.raises(RuntimeInputError) as got:
             rt_call(bad)
         assert str(got.value) == str(want.value), bad.shape if hasattr(bad, "shape") else bad
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "holds a JSON list"),
+        ('{"format": 1, "parts": {"tokenizer": "tok.onnx"}}', "must map each part to an object with a `file`"),
+        ('{"format": 1, "parts": {"tokenizer": {}}}', "must map each part to an object with a `file`"),
+    ],
+)
+def test_a_damaged_manifest_is_named_not_a_traceback(tmp_path, text, match):
+    from seed_fast.cli import main
+
+    (tmp_path / MANIFEST).write_text(text)
+    with pytest.raises(RuntimeInputError, match=match):
+        SeedRuntime(tmp_path)
+    assert main(["ort-run", "--model", str(tmp_path), "x.png"]) == 2
+
+
+def test_ort_run_names_an_unreadable_image(tiny, tmp_path, capsys):
+    from seed_fast.cli import main
+
+    _, out = tiny
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    rt = SeedRuntime(out, providers=["CPUExecutionProvider"])
+    with pytest.raises(RuntimeInputError, match=r"images\[0\]: cannot read .*bad.png.* as an image"):
+        rt.tokenize([str(tmp_path / "bad.png")])
+    capsys.readouterr()
+    argv = ["ort-run", str(tmp_path / "bad.png"), "--model", str(out), "--providers", "CPUExecutionProvider"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "cannot read" in err, err

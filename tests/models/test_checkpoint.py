@@ -231,6 +231,43 @@ def test_a_malicious_pickle_is_refused_as_such(tmp_path, legacy):
     assert not marker.exists()
 
 
+# torch 2.13's refusal, word for word: a hint to pass weights_only=False, then the blocked global
+_TORCH_2_13_REFUSAL = (
+    "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument in "
+    "`torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will likely "
+    "succeed, but it can result in arbitrary code execution. Do it only if you got the file from a trusted "
+    "source.\n\n\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.\n"
+)
+
+
+def test_a_malicious_pickle_is_refused_whatever_torch_says(tmp_path, monkeypatch, capsys):
+    """The verdict comes from the file, not from torch's wording: with torch 2.13's message (and with
+    a message that says nothing) the file is called unsafe, never corrupt, and no hint to use
+    weights_only=False is passed on; the command line says it in one line."""
+    import pickle
+
+    from seed_fast.cli import main
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.randn(3), "x": _RunsACommand(marker)}, path)
+    for said in (_TORCH_2_13_REFUSAL, ""):
+
+        def refuse(*args, said=said, **kwargs):
+            raise pickle.UnpicklingError(said)
+
+        monkeypatch.setattr(torch, "load", refuse)
+        with pytest.raises(CheckpointError, match=r"pickled objects other than tensors") as e:
+            load_state_dict_file(path)
+        assert "weights_only" not in str(e.value) and "corrupt" not in str(e.value)
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as e:
+        main(["tokenize", str(tmp_path / "x.png"), "--official", str(path), str(path), "--config", "tiny"])
+    assert "refusing to unpickle it" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert "weights_only" not in str(e.value.code)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     "edit, match",
     [

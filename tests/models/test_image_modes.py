@@ -68,6 +68,28 @@ def test_the_command_line_reads_a_16_bit_png(tmp_path, capsys, seed):
         main(["tokenize", str(tmp_path / "bad.tiff"), "--checkpoint", str(tmp_path / "ckpt")])
 
 
+@pytest.mark.parametrize("mode, suffix", [("I;16", "png"), ("I", "tiff"), ("F", "tiff")])
+def test_every_deep_mode_through_the_api_and_the_command_line(tmp_path, tok, capsys, mode, suffix, seed):
+    """Each deep mode, in memory and from a file through `seed-fast tokenize`, gives its 8-bit version's codes."""
+    from seed_fast.cli import main
+
+    g = _gray8(np.random.default_rng(seed), (24, 24))
+    values = {"F": g / 255.0, "I": g.astype(np.int32) * 257, "I;16": g.astype(np.uint16) * 257}[mode]
+    deep = Image.fromarray(values.astype(np.float32) if mode == "F" else values)
+    assert deep.mode == mode
+    eight = Image.fromarray(g).convert("RGB")
+    assert tok.encode([deep]).tolist() == tok.encode([eight]).tolist()
+    tok.save_pretrained(tmp_path / "ckpt")
+    deep.save(tmp_path / f"deep.{suffix}")
+    eight.save(tmp_path / "eight.png")
+    with Image.open(tmp_path / f"deep.{suffix}") as back:
+        assert back.mode in (mode, "I", "I;16"), back.mode  # 16-bit PNGs open as I or I;16 by Pillow version
+    files = [str(tmp_path / f"deep.{suffix}"), str(tmp_path / "eight.png")]
+    assert main(["tokenize", *files, "--checkpoint", str(tmp_path / "ckpt"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["codes"] == out[1]["codes"]
+
+
 @pytest.mark.parametrize(
     "make, match",
     [

@@ -395,6 +395,27 @@ def test_overflowing_norms_are_refused():
         codebook_lookup(z, book, impl="cpu")
 
 
+_CPU_IMPLS = ["auto"] + [
+    i for i in ("ref", "torch", "cpu", "triton") if not not_supported_reasons(i, *[torch.empty(2, 4)] * 2)
+]
+
+
+@pytest.mark.parametrize("impl", _CPU_IMPLS)
+def test_inputs_beyond_float32_distances_are_refused_by_every_cpu_backend(impl, seed):
+    """z ~ 1e30 (|z - e|^2 overflows) and a denormal-scale z and codebook (every distance underflows):
+    refused as the reference refuses them, not answered with an index."""
+    g = torch.Generator().manual_seed(seed)
+    z, book = torch.randn(5, 8, generator=g), torch.randn(40, 8, generator=g)
+    with pytest.raises(ValueError, match="overflow float32"):
+        codebook_lookup(z * 1e30, book, impl=impl)
+    with pytest.raises(ValueError, match="overflow float32"):
+        vector_quantize(z * 1e30, book, impl=impl)
+    with pytest.raises(ValueError, match="underflow float32"):
+        codebook_lookup(z * 1e-30, book * 1e-30, impl=impl)
+    # a tiny z against a normal codebook has normal distances: it is answered, as the reference answers
+    assert_equal(codebook_lookup(z * 1e-30, book, impl=impl)[0], codebook_lookup_ref(z * 1e-30, book)[0], name="tiny z")
+
+
 def _cpu_ext():
     """The C++ extension's operators are loaded (or the test is skipped)."""
     ext = _ext.cpu_ext()
@@ -483,6 +504,11 @@ def test_compiled_op_errors_name_the_problem():
         bn[3, 1] = 3e19
         with pytest.raises(RuntimeError, match="squared norms overflow float32"):
             op(z[:n], bn)
+        with pytest.raises(RuntimeError, match="squared norms overflow float32"):
+            op(z[:n] * 1e30, book)  # finite z, every distance beyond float32 (the scores alone stay finite)
+        flag.zero_()
+        torch.ops.seed_fast._codebook_lookup(z[:n] * 1e30, book, flag)
+        assert int(flag[0]) == 1, "a z beyond float32's distances not flagged"
     with pytest.raises(RuntimeError, match="error_flag must be a contiguous int32 CPU tensor"):
         torch.ops.seed_fast._codebook_lookup(z, book, torch.zeros(1))
     with pytest.raises(RuntimeError, match="z has D=8 but codebook has D=7"):

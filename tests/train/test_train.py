@@ -507,12 +507,31 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
         train(cfg(run), resume=True, progress=False)
         out = capsys.readouterr().out
         assert f"resuming from step_{start:08d}" in out, (how, out)
+        if how.startswith("truncated"):  # the damaged newest is named with the file and why it is passed over
+            name = "state.pt" if how == "truncated state" else "rng_rank0.pt"
+            assert f"skipping step_00000006: {name} does not match its size and checksum" in out, out
         assert _losses(run) == want, how  # each step once, the same values as without the interruption
         steps = [r["step"] for r in read_metrics(run) if not r.get("eval")]
         assert len(steps) == len(set(steps)), how
         assert latest_checkpoint(run).name == "step_00000008"
         kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
         assert kept[-1] == "step_00000008" and len(kept) == 2, (how, kept)
+
+
+def test_pruning_goes_by_step_number_and_keeps_the_newest(tmp_path):
+    """Older folders touched later (copied back, restored from a backup) are still the older ones: the
+    lowest step numbers go, the checkpoint just written stays, whatever the modification times say."""
+    from seed_fast.train.loop import Dist, save_checkpoint
+
+    ck = tmp_path / "checkpoints"
+    for step in (2, 4, 100):  # step 100 sorts before step 4 as text without the zero padding
+        (ck / f"step_{step}").mkdir(parents=True)
+        os.utime(ck / f"step_{step}", (time.time() + 1000 - step, time.time() + 1000 - step))
+    save_checkpoint(tmp_path, 101, {"w": torch.ones(1)}, Dist(), keep=2)
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000101", "step_100"]
+    save_checkpoint(tmp_path, 7, {"w": torch.ones(1)}, Dist(), keep=1)  # an older step written last
+    assert (ck / "step_00000007" / "state.pt").is_file()
+    assert (ck / "latest").read_text() == "step_00000007"
 
 
 _DIE_WHILE_CHECKPOINTING = """
