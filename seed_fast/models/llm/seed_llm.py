@@ -13,6 +13,7 @@ diffusers unCLIP pipeline draws it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import warnings
@@ -66,6 +67,80 @@ def seed_lora_config(model: nn.Module, *, r: int = 16, alpha: int = 32, dropout:
     return LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
     )
+
+
+# transformers' quant_method -> (module its quantizer imports, the pip package that provides it)
+_QUANT_BACKENDS = {
+    "torchao": ("torchao", "torchao"),
+    "bitsandbytes": ("bitsandbytes", "bitsandbytes"),
+    "quanto": ("optimum.quanto", "optimum-quanto"),
+    "hqq": ("hqq", "hqq"),
+}
+
+
+def _quant_method(quantization_config) -> str:
+    method = (
+        quantization_config.get("quant_method")
+        if isinstance(quantization_config, dict)
+        else getattr(quantization_config, "quant_method", None)
+    )
+    if method is None:
+        raise TypeError(
+            "quantization_config must be a transformers quantization config (TorchAoConfig, BitsAndBytesConfig, ...), "
+            f"got {type(quantization_config).__name__}"
+        )
+    return str(getattr(method, "value", method))
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package (optimum for optimum.quanto) is missing
+        return False
+
+
+def _check_quantization_config(quantization_config) -> str:
+    """Refuse, before any weight is read, a config whose backend package is not installed or that
+    would quantize the embeddings (the image-token rows must stay exact). Returns the quant_method."""
+    method = _quant_method(quantization_config)
+    module, package = _QUANT_BACKENDS.get(method, (None, None))
+    if module is not None and not _has_module(module):
+        raise ImportError(
+            f"quantization_config uses {method}, which needs the {package!r} package: "
+            f"pip install {package} (torchao is also in seed_fast's 'quant' extra)"
+        )
+    include = (
+        quantization_config.get("include_input_output_embeddings")
+        if isinstance(quantization_config, dict)
+        else getattr(quantization_config, "include_input_output_embeddings", False)
+    )
+    if include:
+        raise ValueError(
+            "include_input_output_embeddings=True would quantize the embeddings and lm_head: SeedLLM keeps them "
+            "unquantized so the image-token rows stay exact; leave it False"
+        )
+    return method
+
+
+def _check_exact_vocab(model: nn.Module) -> None:
+    """The input embedding and the LM head must hold plain floating-point weights: a quantized
+    embedding cannot take new image-token rows exactly, and a quantized head blurs the 8192-way
+    choice among image codes."""
+    heads = {"input embedding": model.get_input_embeddings()}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None:
+        heads["lm_head"] = out
+    for what, module in heads.items():
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor) or type(w.data) is not torch.Tensor or not w.dtype.is_floating_point:
+            kind = type(w.data).__name__ if isinstance(w, torch.Tensor) else "no weight tensor"
+            raise CheckpointError(
+                f"the LM's {what} ({type(module).__name__}, {kind}"
+                f"{', ' + str(w.dtype) if isinstance(w, torch.Tensor) else ''}) is quantized: SeedLLM needs the "
+                "embeddings and lm_head unquantized so the image-token rows stay exact; keep them out of the "
+                "quantization config (transformers skips lm_head by default: if you pass modules_to_not_convert / "
+                "llm_int8_skip_modules, include 'lm_head')"
+            )
 
 
 def _is_extra_trainable(name: str) -> bool:
@@ -146,6 +221,7 @@ class SeedLLM(nn.Module):
                 raise CheckpointError(
                     f"adding the image tokens to the text tokenizer did not give ids {vocab.base}..{vocab.eoi}"
                 )
+        _check_exact_vocab(self.model)
         rows = self.model.get_input_embeddings().weight.shape[0]
         if rows < vocab.size:
             if not add:
@@ -216,6 +292,7 @@ class SeedLLM(nn.Module):
         device: str | torch.device | None = None,
         add_image_tokens: bool = True,
         fused_lora: bool = False,
+        quantization_config=None,
     ) -> "SeedLLM":
         """Load a SeedLLM folder (written by `save_pretrained`) or a transformers causal-LM folder
         (e.g. a downloaded AILab-CVC/seed-llama-8b-sft).
@@ -226,6 +303,17 @@ class SeedLLM(nn.Module):
                    LoraConfig, or a folder with a saved peft adapter
         diffusion: a StableUnCLIPImg2ImgPipeline, a local diffusers folder, or None (the folder's
                    own `diffusion/` when there is one and diffusers is installed)
+        quantization_config: a transformers quantization config passed to the LM's `from_pretrained`,
+                   e.g. `TorchAoConfig(Int8WeightOnlyConfig())` (int8 weight-only, runs on the CPU) or
+                   `BitsAndBytesConfig(load_in_8bit=True)` / `(load_in_4bit=True)` (bitsandbytes, GPU).
+                   Only the transformer blocks' Linear layers are quantized: the embeddings and lm_head
+                   stay in `dtype`, so the image-token rows (added ones included) are exact; a config
+                   that would quantize them is refused. A missing backend package raises ImportError
+                   naming it. With `device`, the LM is loaded onto it (`device_map`) rather than moved.
+                   `lora` on a quantized LM trains peft adapters over the frozen quantized weights
+                   (QLoRA) where transformers marks the quantization trainable (8-bit torchao,
+                   bitsandbytes 8- and 4-bit); see `add_lora`. A tiny test model gets quantized the
+                   same way: `SeedLLM.from_config(...).save_pretrained(folder)`, then this.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -241,9 +329,15 @@ class SeedLLM(nn.Module):
             raise CheckpointError(
                 f"{lm_dir} has no config.json: not a transformers model folder (nor a SeedLLM folder)"
             )
-        kwargs = {"local_files_only": True}
+        kwargs: dict[str, Any] = {"local_files_only": True}
         if dtype is not None:
             kwargs["dtype"] = dtype
+        if quantization_config is not None:
+            _check_quantization_config(quantization_config)
+            kwargs["quantization_config"] = quantization_config
+            if device is not None:
+                # quantized weights are placed while loading: bitsandbytes models refuse .to(device)
+                kwargs["device_map"] = torch.device(device)
         model = AutoModelForCausalLM.from_pretrained(lm_dir, **kwargs)
         text_tok = AutoTokenizer.from_pretrained(lm_dir, local_files_only=True)
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -275,16 +369,28 @@ class SeedLLM(nn.Module):
         if lora is not None and lora is not False:
             llm.add_lora(lora, fused=fused_lora)
         if device is not None:
-            llm.to(device)
+            if quantization_config is None:
+                llm.to(device)
+            elif llm.tokenizer is not None:
+                llm.tokenizer.to(device)
         return llm
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `seed_llm.json`, `llm/` (a plain transformers folder: base weights, trained
         embeddings and norms included), `lora/` (the peft adapter, if any), `tokenizer/` (the
         SeedTokenizer) and `diffusion/` (the pipeline, if any)."""
+        base = self.base_model
+        if self.has_lora and self.is_quantized:
+            # transformers writes a quantized model's own state dict, adapters included, under the
+            # wrapped names: the folder would load with random base weights
+            raise ValueError(
+                "save_pretrained cannot write a quantized LM with a LoRA adapter as a SeedLLM folder: save the "
+                "adapter alone with llm.model.save_pretrained(folder) and load it later over the original "
+                "checkpoint (from_pretrained(..., lora=folder)); embeddings, lm_head and norms trained alongside "
+                "are not in it, so train those on an unquantized LM if you need them saved"
+            )
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        base = self.base_model
         state = base.state_dict()
         if self.has_lora:
             # the base weights under their plain names: drop adapters, unwrap peft's base_layer
@@ -316,16 +422,43 @@ class SeedLLM(nn.Module):
         """The transformers model (inside peft's wrapper when there is one)."""
         return self.model.get_base_model() if self.has_lora else self.model
 
+    @property
+    def is_quantized(self) -> bool:
+        """Whether the LM was loaded with a quantization config (see `from_pretrained`)."""
+        return getattr(self.base_model, "hf_quantizer", None) is not None
+
     def add_lora(self, lora=True, *, fused: bool = False, impl: str = "auto") -> "SeedLLM":
         """Wrap the LM with peft LoRA: True / "seed" for SEED's settings, a LoraConfig, or a saved
         adapter folder. Embeddings, lm_head and norms are made trainable too (as SEED-LLaMA trained
         them). fused=True routes the LoRA layers through seed_fast's `lora_linear` (backend `impl`);
         the default keeps peft's own layers, the stock path, which no benchmark run has yet shown
-        `lora_linear` beating with SEED's dropout of 0.05 (benchmarks/bench_lora_linear.py)."""
+        `lora_linear` beating with SEED's dropout of 0.05 (benchmarks/bench_lora_linear.py).
+
+        On a quantized LM (`from_pretrained(..., quantization_config=...)`) this is QLoRA: peft's
+        adapters train over the frozen quantized weights, with the unquantized embeddings, lm_head and
+        norms trainable as above. It works where transformers marks the quantization trainable (torchao
+        8-bit, tested on the CPU; bitsandbytes 8- and 4-bit) and is refused otherwise (e.g. torchao
+        int4), as is fused=True (lora_linear needs plain base weights). `save_pretrained` refuses such a
+        model: save the adapter with `llm.model.save_pretrained(folder)`."""
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if self.has_lora:
             raise ValueError("this SeedLLM already has a LoRA adapter")
+        quantizer = getattr(self.model, "hf_quantizer", None)
+        if quantizer is not None:
+            method = _quant_method(quantizer.quantization_config)
+            if not quantizer.is_trainable:
+                raise ValueError(
+                    f"LoRA on this LM is refused: transformers cannot train over its {method} quantization "
+                    f"({type(quantizer.quantization_config).__name__}); load it unquantized or with an 8-bit "
+                    "config (TorchAoConfig(Int8WeightOnlyConfig()), BitsAndBytesConfig(load_in_8bit=True)) or "
+                    "bitsandbytes 4-bit"
+                )
+            if fused:
+                raise ValueError(
+                    "fused=True needs plain base weights and this LM is quantized: use add_lora(fused=False) "
+                    "(peft's own quantized LoRA layers)"
+                )
         if not (lora is True or lora == "seed" or isinstance(lora, (LoraConfig, str, os.PathLike))):
             raise TypeError(
                 f"lora must be True, 'seed', a peft LoraConfig or an adapter folder, got {type(lora).__name__}"
