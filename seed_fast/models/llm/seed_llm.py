@@ -78,12 +78,13 @@ _QUANT_BACKENDS = {
 }
 
 
+def _config_value(config, key: str, default=None):
+    """A field of a transformers quantization config, given as the config object or its dict."""
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
 def _quant_method(quantization_config) -> str:
-    method = (
-        quantization_config.get("quant_method")
-        if isinstance(quantization_config, dict)
-        else getattr(quantization_config, "quant_method", None)
-    )
+    method = _config_value(quantization_config, "quant_method")
     if method is None:
         raise TypeError(
             "quantization_config must be a transformers quantization config (TorchAoConfig, BitsAndBytesConfig, ...), "
@@ -109,12 +110,7 @@ def _check_quantization_config(quantization_config) -> str:
             f"quantization_config uses {method}, which needs the {package!r} package: "
             f"pip install {package} (torchao is also in seed_fast's 'quant' extra)"
         )
-    include = (
-        quantization_config.get("include_input_output_embeddings")
-        if isinstance(quantization_config, dict)
-        else getattr(quantization_config, "include_input_output_embeddings", False)
-    )
-    if include:
+    if _config_value(quantization_config, "include_input_output_embeddings", False):
         raise ValueError(
             "include_input_output_embeddings=True would quantize the embeddings and lm_head: SeedLLM keeps them "
             "unquantized so the image-token rows stay exact; leave it False"
