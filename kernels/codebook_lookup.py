@@ -56,6 +56,15 @@ def _codebook_lookup_kernel(
     best_v = tl.full((BLOCK_N,), float("inf"), tl.float32)
     best_i = tl.zeros((BLOCK_N,), tl.int32) + k_start
     bad = tl.zeros((BLOCK_N,), tl.int32)
+    if CHECK:  # rows whose squared norm overflows fp32: their scores alone can stay finite
+        zsq = tl.zeros((BLOCK_N,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            zt = tl.load(
+                z_ptr + rows[:, None] * stride_z + ds[None, :], mask=rmask[:, None] & (ds < D)[None, :], other=0.0
+            ).to(tl.float32)
+            zsq += tl.sum(zt * zt, axis=1)
+        bad = (rmask & ~(zsq < float("inf"))).to(tl.int32)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < k_end

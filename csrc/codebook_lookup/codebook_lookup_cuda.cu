@@ -12,7 +12,9 @@
 // resolve to the lowest index), and the last block of a row tile to arrive (a per-tile arrival
 // counter in the same workspace) writes the indices and z_q. The workspace (O(N)) is cleared by
 // one cudaMemsetAsync; nothing of size N x K is ever held.
-// A NaN / inf score (NaN or inf in the inputs, or distances beyond fp32) sets an int32 error flag
+// A NaN / inf score (NaN or inf in the inputs, or distances beyond fp32), or a row of z whose squared
+// norm overflows fp32 (summed while the first code tile is read; its scores alone can stay finite),
+// sets an int32 error flag
 // the caller passes (or not): seed_fast.ops.codebook_lookup reads it without synchronizing.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -70,11 +72,13 @@ codebook_lookup_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_
   // index (the error flag reports it), and any real score replaces it.
   float best_v[TM];
   int best_i[TM];
+  float zn[TM];  // ||z||^2 of this thread's rows, summed over the first code tile only
   bool bad = false;
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     best_v[i] = INFINITY;
     best_i[i] = static_cast<int>(k_start);
+    zn[i] = 0.f;
   }
   for (int64_t k0 = k_start; k0 < k_end; k0 += BN) {
     float acc[TM][TN];
@@ -102,6 +106,10 @@ codebook_lookup_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_
         float a[TM], b[TN];
 #pragma unroll
         for (int i = 0; i < TM; ++i) a[i] = zs[dd][ty + 16 * i];
+        if (k0 == k_start) {  // uniform across the block
+#pragma unroll
+          for (int i = 0; i < TM; ++i) zn[i] = fmaf(a[i], a[i], zn[i]);
+        }
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
           b[j] = cs[dd][tx + 16 * j];
@@ -130,6 +138,8 @@ codebook_lookup_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_
       }
     }
   }
+#pragma unroll
+  for (int i = 0; i < TM; ++i) bad |= row0 + ty + 16 * i < N && !isfinite(zn[i]);
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     float v = best_v[i];

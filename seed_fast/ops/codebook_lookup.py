@@ -203,7 +203,13 @@ def codebook_lookup_indices(
 
         return codebook_lookup_triton(z, codebook, error_flag=flag, want_zq=False)[0]
     if flag is not None:  # "ref" / "torch": a few reductions on the device, no sync
-        bad = ~(torch.isfinite(z).all() & torch.isfinite(codebook).all())
+        # NaN / inf, or squared norms beyond float32 (the scores of such a z alone can stay finite):
+        # either leaves a row's norm NaN or inf
+        top = [
+            torch.linalg.vector_norm(t, dim=-1, dtype=torch.promote_types(t.dtype, torch.float32)).amax()
+            for t in (z, codebook)
+        ]
+        bad = ~((top[0] < float("inf")) & (top[1] < float("inf")))
         torch.bitwise_or(flag[:1], bad.to(torch.int32), out=flag[:1])
     if impl == "ref":
         return _argmin_ref(z, codebook)

@@ -591,16 +591,35 @@ def _check_multi(x, weight, bias, A_stack, B_stack, adapter_ids, scalings, check
             f"lora_linear_multi: adapter_ids must be (B,) for x (B, ..., in), got {tuple(adapter_ids.shape)} "
             f"and {tuple(x.shape)}"
         )
+    on_device = isinstance(scalings, torch.Tensor) and scalings.device.type != "cpu"
+    s = torch.as_tensor(scalings, dtype=torch.float32, device=x.device).reshape(-1)
+    if s.numel() != n:
+        raise ValueError(f"lora_linear_multi: need one scaling per adapter ({n}), got {s.numel()}")
+    if not on_device:  # Python numbers or a CPU tensor: checked without touching the device
+        _check_scalings_finite(torch.as_tensor(scalings, dtype=torch.float32).reshape(-1))
     if check_ids and adapter_ids.numel():
-        lo, hi = torch.stack(torch.aminmax(adapter_ids)).tolist()  # one host sync for both bounds
+        # one host sync for both bounds (and, for scalings on the device, their finiteness)
+        checks = list(torch.aminmax(adapter_ids))
+        if on_device:
+            checks.append(torch.isfinite(s).all().to(adapter_ids.dtype))
+        got = torch.stack(checks).tolist()
+        lo, hi = got[:2]
         if lo < -1 or hi >= n:
             raise ValueError(
                 f"lora_linear_multi: adapter ids must lie in [-1, {n}) (-1 = base model only), got min {lo}, max {hi}"
             )
-    s = torch.as_tensor(scalings, dtype=torch.float32, device=x.device).reshape(-1)
-    if s.numel() != n:
-        raise ValueError(f"lora_linear_multi: need one scaling per adapter ({n}), got {s.numel()}")
+        if on_device and not got[2]:
+            _check_scalings_finite(s.cpu())
     return s
+
+
+def _check_scalings_finite(s: torch.Tensor) -> None:
+    bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"lora_linear_multi: scalings must be finite, got {s[bad[0]].item()} for adapter {bad[0]}"
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        )
 
 
 def lora_linear_multi_ref(x, weight, bias, A_stack, B_stack, adapter_ids, scalings) -> torch.Tensor:
@@ -654,10 +673,11 @@ def lora_linear_multi(
     adapter's weights straight from the stacks (no gathered copies, no sync; forward only, gradients
     take "torch"); "auto": "torch" until a GPU run of benchmarks/bench_lora_linear.py measures
     otherwise; "ref". Same contract as `lora_linear_multi_ref`.
-    scalings: a sequence of floats or a float32 tensor on x's device (no copy per call).
-    check_ids: raise on ids outside [-1, n); one host sync on a GPU. False skips it for callers
-    whose ids are in range by construction (an out-of-range id then fails inside the gather, or
-    reads outside the stacks in the Triton kernels).
+    scalings: a sequence of floats or a float32 tensor on x's device (no copy per call); NaN / inf
+    raise ValueError (for a tensor on the GPU, in the check_ids sync).
+    check_ids: raise on ids outside [-1, n) (and non-finite scalings on the device); one host sync
+    on a GPU. False skips it for callers whose ids are in range by construction (an out-of-range
+    id then fails inside the gather, or reads outside the stacks in the Triton kernels).
     """
     if impl not in MULTI_IMPLS:
         raise ValueError(f"lora_linear_multi: unknown impl {impl!r}; choose from {MULTI_IMPLS}")

@@ -545,6 +545,40 @@ def test_inputs_beyond_float32_distances_are_refused(impl, scale, error, seed):
         assert_equal(idx, want, name=f"{impl} at scale {ok:g}")
 
 
+@pytest.mark.parametrize("impl", [i for i in ("torch", "triton", "cuda") if _runnable(i, torch.float32)])
+@pytest.mark.parametrize("n", [1, 70])  # one and several row tiles
+def test_flagged_backends_flag_z_whose_norms_overflow(impl, n, seed):
+    """With an error flag (the no-sync path a GPU takes), a finite z whose squared norms overflow
+    float32 sets the flag: its scores alone (0.5 |e|^2 - z.e) stay finite and would give an index."""
+    g = torch.Generator().manual_seed(seed)
+    z, book = torch.randn(n, 8, generator=g).to(DEVICE), torch.randn(300, 8, generator=g).to(DEVICE)
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    cl.codebook_lookup_indices(z, book, impl, True, flag)
+    assert int(flag[0]) == 0, "a flag set for inputs in range"
+    big = z.clone()
+    big[n // 2] *= 1e30
+    cl.codebook_lookup_indices(big, book, impl, True, flag)
+    assert int(flag[0]) == 1, f"{impl}: a z beyond float32's squared norms not flagged"
+    flag.zero_()
+    bad_book = book.clone()
+    bad_book[7] = 3e19
+    cl.codebook_lookup_indices(z, bad_book, impl, True, flag)
+    assert int(flag[0]) == 1, f"{impl}: a codebook beyond float32's squared norms not flagged"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="the flag read without a sync is a GPU path")
+@pytest.mark.parametrize("impl", ["auto", "torch"] + [i for i in IMPLS if i not in ("cpu", "ref")])
+def test_gpu_z_beyond_float32_is_reported_at_the_next_call(impl):
+    z, book = torch.randn(32, 32, device=DEVICE), torch.randn(8192, 32, device=DEVICE)
+    codebook_lookup(z * 1e30, book, impl=impl)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="an earlier call on cuda"):
+        codebook_lookup(z, book, impl=impl)
+    codebook_lookup(z, book, impl=impl)
+    cl.codebook_lookup_check()  # in range: nothing flagged
+
+
 def test_the_scale_check_sees_a_codebook_changed_in_place():
     z, book = torch.randn(3, 8), torch.randn(40, 8)
     codebook_lookup(z, book)

@@ -272,6 +272,20 @@ def test_multi_errors():
         lora_linear_multi(x, w, None, a_s, b_s[:, :4], torch.tensor([0, 1]), [1.0] * 3)
 
 
+@pytest.mark.parametrize("impl", ["auto", "ref"] + MULTI_IMPLS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_multi_refuses_non_finite_scalings(impl, bad, as_tensor):
+    """A NaN / inf scaling would silently poison every row of that adapter (lora_linear refuses it)."""
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    w, a_s, b_s = (torch.randn(*shape, device=DEVICE) for shape in [(5, 8), (3, 2, 8), (3, 5, 2)])
+    scalings = [1.0, bad, 0.5]
+    if as_tensor:
+        scalings = torch.tensor(scalings, device=DEVICE)
+    with torch.no_grad(), pytest.raises(ValueError, match=f"scalings must be finite, got {bad} for adapter 1"):
+        lora_linear_multi(x, w, None, a_s, b_s, torch.tensor([0, 2], device=DEVICE), scalings, impl=impl)
+
+
 def test_dropout_mask_int32_hash_equals_the_int64_specification(seed):
     from seed_fast.ops.lora_linear import _hash32, _hash32_i32, dropout_threshold
 
