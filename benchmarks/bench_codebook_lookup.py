@@ -67,7 +67,7 @@ def make_providers(device: str, dtype: torch.dtype, k: int, d: int, cb: torch.Te
         prov["vector-quantize-pytorch"] = (lambda z: vq(z.float()[None])[1][0], True)  # builds N x K distances
     except Exception:  # not installed, or an API change: then it is simply not in the table
         pass
-    for impl in ("ref", "torch", "cpu", "triton", "cuda", "auto"):
+    for impl in ("ref", "torch", "cpu", "triton", "cuda", "cuda_tc", "auto"):
         if impl == "triton" and device == "cpu":
             continue  # the interpreter checks correctness; its speed means nothing
         if impl == "auto" or not not_supported_reasons(impl, cb[:1], cb):

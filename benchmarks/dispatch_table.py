@@ -34,6 +34,7 @@ ATTENTION_IMPLS = {
 CODEBOOK_IMPLS = {
     "seed_fast cpu": "cpu",
     "seed_fast cuda": "cuda",
+    "seed_fast cuda_tc": "cuda_tc",
     "seed_fast triton": "triton",
     "seed_fast torch": "torch",
 }

@@ -66,7 +66,8 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_meta(const at::Tensor& z, con
 TORCH_LIBRARY(seed_fast, m) {
   // Nearest-code indices (N, D) x (K, D) -> (N,) int64, ties to the lowest index. The CPU kernel
   // raises ValueError on NaN / inf (found in-kernel); the CUDA kernel does not look for them.
-  // isa: the CPU micro-kernel, "auto", "avx512" or "generic"; CUDA takes "auto" only.
+  // isa: the CPU micro-kernel, "auto", "avx512" or "generic"; on CUDA "auto" / "simt" (FFMA) or "tc"
+  // (tensor cores, sm_80+).
   m.def("_codebook_lookup_indices(Tensor z, Tensor codebook, str isa=\"auto\") -> Tensor");
   // The indices and z_q = codebook[indices] (the codebook's dtype) in one call: one kernel launch on
   // CUDA, where NaN / inf scores set error_flag[0] = 1 (an int32 tensor on the device) when given

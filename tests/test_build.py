@@ -162,3 +162,34 @@ def test_extensions_raise_only_through_libc10():
             if typed.search(code):
                 found.append(f"{path.relative_to(root.parent)}:{n}: {line.strip()}")
     assert not found, "raise with TORCH_CHECK (thrown inside libc10):\n" + "\n".join(found)
+
+
+def test_cuda_tensor_core_kernels_run_on_tensor_cores():
+    """The built CUDA extension's "tc" kernels hold TF32 HMMA instructions in every sm_80+ cubin (their
+    FFMAs are the code norms only), and the SIMT kernel none. Needs the CUDA extension and Triton's
+    cuobjdump; no GPU."""
+    cuda = _ext.cuda_ext()
+    if cuda is None:
+        pytest.skip(f"CUDA extension not built: {_ext.cuda_ext_error()}")
+    triton = pytest.importorskip("triton")
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip("Triton's cuobjdump is not installed")
+    so = Path(cuda.__file__)
+    sass = subprocess.run([str(tool), "-sass", str(so)], capture_output=True, text=True, check=True).stdout
+    kernels: dict[tuple[str, str], str] = {}  # (arch, kernel) -> its SASS
+    arch = name = None
+    for line in sass.splitlines():
+        if m := re.search(r"arch = (sm_\d+a?)", line):
+            arch, name = m.group(1), None
+        elif m := re.search(r"Function : (\S+)", line):
+            name = m.group(1)
+            kernels[(arch, name)] = ""
+        elif name is not None:
+            kernels[(arch, name)] += line + "\n"
+    tc = {k: v for k, v in kernels.items() if "codebook_lookup_tc_kernel" in k[1] and int(k[0][3:5]) >= 80}
+    assert tc, f"no sm_80+ tensor-core kernel in {so.name}: {sorted(kernels)}"
+    for (arch, name), body in tc.items():
+        assert "HMMA" in body and "TF32" in body, f"{arch} {name}: no TF32 HMMA"
+    simt = [v for k, v in kernels.items() if "codebook_lookup_kernel" in k[1]]
+    assert simt and not any("HMMA" in v for v in simt)

@@ -16,7 +16,8 @@ namespace seed_fast {
 // (N, D) x (K, D) -> (N,) int64 nearest-code indices, fp32 accumulation, ties to the lowest index.
 // NaN / inf in the inputs raise (RuntimeError) on the CPU; the CUDA kernel leaves that check to its caller.
 // isa picks the CPU micro-kernel: "auto" (AVX-512 when the CPU has it), "avx512" or "generic"
-// (compiler-vectorized); the small-N path (N <= 64) is the same for all. CUDA takes "auto" only.
+// (compiler-vectorized); the small-N path (N <= 64) is the same for all. On CUDA: "auto" / "simt"
+// (FFMA, every arch) or "tc" (tensor cores, sm_80+, D <= 64; fp32 by the 3xTF32 split).
 at::Tensor codebook_argmin_cpu(const at::Tensor& z, const at::Tensor& codebook, c10::string_view isa);
 // Which micro-kernel isa="auto" runs on this CPU: "avx512" or "generic".
 std::string codebook_argmin_cpu_isa();
@@ -33,5 +34,6 @@ at::Tensor codebook_argmin_cuda(const at::Tensor& z, const at::Tensor& codebook,
 std::tuple<at::Tensor, at::Tensor> codebook_lookup_cuda(const at::Tensor& z, const at::Tensor& codebook,
                                                         const std::optional<at::Tensor>& error_flag,
                                                         c10::string_view isa);
+std::string codebook_tc_unsupported_cuda(const at::Tensor& z);
 #endif
 }  // namespace seed_fast

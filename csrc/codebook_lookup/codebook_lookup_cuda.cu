@@ -14,8 +14,8 @@
 // one cudaMemsetAsync; nothing of size N x K is ever held.
 // A NaN / inf score (NaN or inf in the inputs, or distances beyond fp32), or a row of z whose squared
 // norm overflows fp32 (summed while the first code tile is read; its scores alone can stay finite),
-// sets an int32 error flag
-// the caller passes (or not): seed_fast.ops.codebook_lookup reads it without synchronizing.
+// sets an int32 error flag the caller passes (or not): seed_fast.ops.codebook_lookup reads it
+// without synchronizing. The tensor-core variant (isa "tc") is in codebook_lookup_cuda_tc.cu.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -29,26 +29,15 @@
 #include <tuple>
 
 #include "codebook_lookup.h"
+#include "codebook_lookup_cuda_common.cuh"
 
 namespace seed_fast {
 namespace {
 
+using cb_cuda::pack_best;
+using cb_cuda::to_float;
+
 constexpr int BM = 64, BN = 64, BD = 16, TM = 4, TN = 4, THREADS = 256;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// Monotone map of float bits to unsigned: a < b  <=>  key(a) < key(b) (for non-NaN floats).
-__device__ __forceinline__ unsigned int ordered_key(float f) {
-  const unsigned int u = __float_as_uint(f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Smaller (score, index) packs to a larger value: atomicMax over a zeroed word keeps the minimum.
-__device__ __forceinline__ unsigned long long pack_best(float v, int idx) {
-  return (static_cast<unsigned long long>(~ordered_key(v)) << 32) | static_cast<unsigned int>(~idx);
-}
 
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
@@ -60,7 +49,6 @@ codebook_lookup_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_
   __shared__ float cs[BD][BN + 1];
   __shared__ int s_idx[BM];
   __shared__ int s_bad;
-  __shared__ bool s_last;
   const int tx = threadIdx.x % 16;  // codes tx, tx+16, tx+32, tx+48 of the tile
   const int ty = threadIdx.x / 16;  // rows ty, ty+16, ty+32, ty+48 of the tile
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
@@ -145,14 +133,7 @@ codebook_lookup_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_
     float v = best_v[i];
     int idx = best_i[i];
 #pragma unroll
-    for (int off = 8; off > 0; off >>= 1) {  // the 16 lanes sharing these rows
-      const float ov = __shfl_xor_sync(0xffffffffu, v, off, 16);
-      const int oi = __shfl_xor_sync(0xffffffffu, idx, off, 16);
-      if (ov < v || (ov == v && oi < idx)) {
-        v = ov;
-        idx = oi;
-      }
-    }
+    for (int off = 8; off > 0; off >>= 1) cb_cuda::shfl_min(v, idx, off, 16);  // the 16 lanes sharing these rows
     const int r = ty + 16 * i;
     if (tx == 0 && row0 + r < N) {
       if (splits == 1) {
@@ -163,58 +144,18 @@ codebook_lookup_kernel(const T* __restrict__ z, const T* __restrict__ cb, int64_
     }
   }
   if (bad) s_bad = 1;  // every writer stores the same value
-  if (splits > 1) {
-    __threadfence();  // this block's atomicMax results before its arrival
-    __syncthreads();
-    if (threadIdx.x == 0) s_last = atomicAdd(arrivals + blockIdx.x, 1u) == static_cast<unsigned int>(splits - 1);
-    __syncthreads();
-    if (!s_last) {
-      if (threadIdx.x == 0 && s_bad && error_flag) *reinterpret_cast<volatile int*>(error_flag) = 1;
-      return;
-    }
-    __threadfence();
-    for (int r = threadIdx.x; r < BM; r += THREADS) {
-      if (row0 + r < N) s_idx[r] = static_cast<int>(~static_cast<unsigned int>(atomicOr(partial + row0 + r, 0ull)));
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x == 0 && s_bad && error_flag) *reinterpret_cast<volatile int*>(error_flag) = 1;
-  for (int r = threadIdx.x; r < BM; r += THREADS) {
-    if (row0 + r < N) indices[row0 + r] = s_idx[r];
-  }
-  if (zq != nullptr) {
-    const int64_t rows = min(static_cast<int64_t>(BM), N - row0);
-    for (int64_t e = threadIdx.x; e < rows * D; e += THREADS) {
-      const int64_t r = e / D, d = e - r * D;
-      zq[(row0 + r) * D + d] = cb[static_cast<int64_t>(s_idx[r]) * D + d];
-    }
-  }
+  cb_cuda::finish_rows<T>(BM, row0, N, D, splits, partial, arrivals, indices, zq, cb, error_flag, s_idx, s_bad);
 }
 
 template <typename T>
 void launch(const at::Tensor& z, const at::Tensor& cb, at::Tensor& indices, T* zq, int* error_flag) {
   const int64_t N = z.size(0), K = cb.size(0), D = z.size(1);
-  const int64_t row_tiles = (N + BM - 1) / BM;
-  const int64_t k_tiles = (K + BN - 1) / BN;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(k_tiles, (2 * sms + row_tiles - 1) / row_tiles));
-  const int64_t codes_per_split = ((k_tiles + splits - 1) / splits) * BN;
-  splits = (K + codes_per_split - 1) / codes_per_split;
-  TORCH_CHECK(row_tiles <= std::numeric_limits<int>::max() && splits <= 65535, "codebook_lookup_cuda: grid too large");
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  unsigned long long* partial = nullptr;
-  unsigned int* arrivals = nullptr;
-  at::Tensor workspace;
-  if (splits > 1) {  // N packed winners, then one arrival counter per row tile; all zero
-    workspace = at::empty({N + (row_tiles + 1) / 2}, z.options().dtype(at::kLong));
-    C10_CUDA_CHECK(cudaMemsetAsync(workspace.data_ptr(), 0, workspace.nbytes(), stream));
-    partial = reinterpret_cast<unsigned long long*>(workspace.data_ptr<int64_t>());
-    arrivals = reinterpret_cast<unsigned int*>(partial + N);
-  }
-  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
-  codebook_lookup_kernel<T><<<grid, THREADS, 0, stream>>>(
-      reinterpret_cast<const T*>(z.data_ptr()), reinterpret_cast<const T*>(cb.data_ptr()), N, K, D, codes_per_split,
-      static_cast<int>(splits), partial, arrivals, indices.data_ptr<int64_t>(), zq, error_flag);
+  const auto g = cb_cuda::plan(z, N, K, BM, BN, 2);
+  const dim3 grid(static_cast<unsigned>(g.row_tiles), static_cast<unsigned>(g.splits));
+  codebook_lookup_kernel<T><<<grid, THREADS, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(z.data_ptr()), reinterpret_cast<const T*>(cb.data_ptr()), N, K, D,
+      g.codes_per_split, static_cast<int>(g.splits), g.partial, g.arrivals, indices.data_ptr<int64_t>(), zq,
+      error_flag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -248,7 +189,7 @@ at::ScalarType check_inputs(const char* op, const at::Tensor& z, const at::Tenso
 // One launch (plus a memset when the codebook is split); z_q is gathered in-kernel when want_zq
 // and the codebook is already in the compute dtype, else left undefined for the caller.
 std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& z, const at::Tensor& codebook, at::ScalarType st,
-                                       bool want_zq, const std::optional<at::Tensor>& error_flag) {
+                                       bool want_zq, const std::optional<at::Tensor>& error_flag, bool tc) {
   const c10::cuda::CUDAGuard guard(z.device());
   const auto zc = z.to(st).contiguous();
   const auto cc = codebook.to(st).contiguous();
@@ -258,7 +199,9 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& z, const at::Tensor& co
   if (fused_zq) zq = at::empty({z.size(0), z.size(1)}, cc.options());
   if (z.size(0) == 0) return {indices, zq};
   int* flag = error_flag.has_value() ? error_flag->data_ptr<int>() : nullptr;
-  if (st == at::kFloat) {
+  if (tc) {
+    cb_cuda::launch_tc(zc, cc, indices, fused_zq ? zq.data_ptr() : nullptr, flag);
+  } else if (st == at::kFloat) {
     launch<float>(zc, cc, indices, fused_zq ? zq.data_ptr<float>() : nullptr, flag);
   } else if (st == at::kHalf) {
     launch<__half>(zc, cc, indices, fused_zq ? reinterpret_cast<__half*>(zq.data_ptr()) : nullptr, flag);
@@ -269,22 +212,38 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& z, const at::Tensor& co
   return {indices, zq};
 }
 
+// isa: "auto" and "simt" take the FFMA kernel above (every arch), "tc" the tensor-core one (sm_80+).
+bool use_tensor_cores(const char* op, c10::string_view isa, const at::Tensor& z) {
+  TORCH_CHECK(isa == "auto" || isa == "simt" || isa == "tc", op,
+              ": isa must be 'auto', 'simt' or 'tc' on CUDA, got '", isa, "'");
+  if (isa != "tc") return false;
+  const auto why = cb_cuda::tc_unsupported(z);
+  TORCH_CHECK(why.empty(), op, ": isa 'tc' cannot run: ", why);
+  return true;
+}
+
 }  // namespace
 
 at::Tensor codebook_argmin_cuda(const at::Tensor& z, const at::Tensor& codebook, c10::string_view isa) {
-  TORCH_CHECK(isa == "auto", "codebook_argmin_cuda: isa must be 'auto' on CUDA, got '", isa, "'");
   const auto st = check_inputs("codebook_argmin_cuda", z, codebook, std::nullopt);
-  return std::get<0>(run(z, codebook, st, false, std::nullopt));
+  const bool tc = use_tensor_cores("codebook_argmin_cuda", isa, z);
+  return std::get<0>(run(z, codebook, st, false, std::nullopt, tc));
 }
 
 std::tuple<at::Tensor, at::Tensor> codebook_lookup_cuda(const at::Tensor& z, const at::Tensor& codebook,
                                                         const std::optional<at::Tensor>& error_flag,
                                                         c10::string_view isa) {
-  TORCH_CHECK(isa == "auto", "codebook_lookup_cuda: isa must be 'auto' on CUDA, got '", isa, "'");
   const auto st = check_inputs("codebook_lookup_cuda", z, codebook, error_flag);
-  auto [indices, zq] = run(z, codebook, st, true, error_flag);
+  const bool tc = use_tensor_cores("codebook_lookup_cuda", isa, z);
+  auto [indices, zq] = run(z, codebook, st, true, error_flag, tc);
   if (!zq.defined()) zq = at::embedding(codebook, indices);  // mixed dtypes: gather in the codebook's own
   return {indices, zq};
+}
+
+// Why isa "tc" cannot run on z's device with z's D ("" when it can).
+std::string codebook_tc_unsupported_cuda(const at::Tensor& z) {
+  TORCH_CHECK(z.is_cuda(), "codebook_tc_unsupported: z must be a CUDA tensor, got ", z.device());
+  return cb_cuda::tc_unsupported(z);
 }
 
 }  // namespace seed_fast

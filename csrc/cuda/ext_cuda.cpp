@@ -26,6 +26,9 @@ std::tuple<std::string, std::string> cuda_build_info() {
 TORCH_LIBRARY_FRAGMENT(seed_fast, m) {
   // The CUDA version and the GPU architectures this library was compiled for.
   m.def("_cuda_build_info() -> (str cuda_version, str archs)", &seed_fast::cuda_build_info);
+  // Why isa="tc" (tensor cores) cannot run for this CUDA z ("" when it can): the GPU's arch, the
+  // arches compiled in, D.
+  m.def("_codebook_tc_unsupported(Tensor z) -> str", &seed_fast::codebook_tc_unsupported_cuda);
 }
 
 TORCH_LIBRARY_IMPL(seed_fast, CUDA, m) {

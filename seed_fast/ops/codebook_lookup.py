@@ -5,8 +5,9 @@ sum((z - e)^2) accumulated in fp32 (fp64 for fp64 inputs) whatever the input dty
 chunks so that the N x K distance matrix is never held at once, ties to the lowest index.
 
 The fused backends ("cpu": C++ in csrc/codebook_lookup, "triton": kernels/codebook_lookup.py,
-"cuda": csrc/codebook_lookup/*.cu) score codes by 0.5 ||e||^2 - z.e in fp32 (the Triton kernel's
-fp32 dots as 3xTF32 on tensor cores, which keeps fp32's error), never materialize N x K, keep the
+"cuda": csrc/codebook_lookup/*.cu, FFMA on every GPU; "cuda_tc": the same on tensor cores, sm_80+,
+D <= 64) score codes by 0.5 ||e||^2 - z.e in fp32 (the Triton and "cuda_tc" kernels' fp32 dots as
+3xTF32 on tensor cores, which keeps fp32's error), never materialize N x K, keep the
 running (min, argmin), and gather z_q in the same launch. "torch" scores the same way with the vendor's fp32
 matrix product (cuBLAS / the CPU BLAS) over row chunks, then argmin: the stock path, with TF32 off.
 "auto" takes the backend measured fastest for the dtype and row count on this class of device
@@ -34,9 +35,10 @@ from ._triton_support import triton_reasons
 _ext.cpu_ext()
 _ext.cuda_ext()
 
-IMPLS = ("auto", "ref", "torch", "cpu", "triton", "cuda")
+IMPLS = ("auto", "ref", "torch", "cpu", "triton", "cuda", "cuda_tc")
 METRICS = ("l2", "cosine")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_ISA = {"cuda": "auto", "cuda_tc": "tc"}  # impl -> the CUDA operator's isa ("auto": FFMA)
 _INT32_MAX = 2**31 - 1
 
 # Elements of the (rows, K, D) difference tensor built per chunk by the reference (~64 MB in fp32).
@@ -193,11 +195,12 @@ def codebook_lookup_indices(
     flag = error_flag if check_finite else None
     if check_finite and flag is None:
         _check_finite(z, codebook)
-    if impl == "cuda":
+    if impl in ("cuda", "cuda_tc"):
         _ext.require_cuda_ext()
+        isa = _CUDA_ISA[impl]
         if flag is None:
-            return torch.ops.seed_fast._codebook_lookup_indices(z, codebook)
-        return torch.ops.seed_fast._codebook_lookup(z, codebook, flag)[0]
+            return torch.ops.seed_fast._codebook_lookup_indices(z, codebook, isa)
+        return torch.ops.seed_fast._codebook_lookup(z, codebook, flag, isa)[0]
     if impl == "triton":
         from ..kernels.codebook_lookup import codebook_lookup_triton
 
@@ -342,16 +345,32 @@ def not_supported_reasons(impl: str, z: torch.Tensor, codebook: torch.Tensor) ->
             reasons.append(f"tensors are on {z.device}, not the CPU")
         if _ext.cpu_ext() is None:
             reasons.append(f"C++ extension not built: {_ext.cpu_ext_error()}")
-    elif impl == "cuda":
+    elif impl in ("cuda", "cuda_tc"):
         if z.device.type != "cuda":
             reasons.append(f"tensors are on {z.device}, not a CUDA device")
         if _ext.cuda_ext() is None:
             reasons.append(f"CUDA extension not built: {_ext.cuda_ext_error()}")
+        elif impl == "cuda_tc" and z.device.type == "cuda":
+            why = _tc_unsupported(z.device, z.shape[-1])
+            if why:
+                reasons.append(why)
     elif impl == "triton":
         reasons += triton_reasons(z.device, dtypes)
     else:
         reasons.append(f"unknown impl {impl!r}; choose from {IMPLS}")
     return reasons
+
+
+_tc_verdicts: dict = {}
+
+
+def _tc_unsupported(device: torch.device, d: int) -> str:
+    """Why the tensor-core CUDA kernel cannot run on `device` with this D (the GPU's arch, the arches
+    compiled in, D <= 64); "" when it can. Asked of the extension once per device and D."""
+    key = (device, d)
+    if key not in _tc_verdicts:
+        _tc_verdicts[key] = torch.ops.seed_fast._codebook_tc_unsupported(torch.empty(0, d, device=device))
+    return _tc_verdicts[key]
 
 
 _auto_cache: dict = {}
@@ -401,7 +420,7 @@ def codebook_lookup(
     """Fused nearest-code search; same contract as `codebook_lookup_ref`.
 
     impl: "auto" (the backend measured fastest here, see the module docstring), "ref", "torch",
-    "cpu", "triton", "cuda".
+    "cpu", "triton", "cuda", "cuda_tc" (tensor cores; sm_80+, D <= 64).
     NaN / inf in z or the codebook raise ValueError: within the call on the CPU; on a GPU without
     waiting for the device, at the next codebook_lookup call on that device or at
     `codebook_lookup_check()`. check_finite=False skips the check (then a NaN row gets an arbitrary
@@ -414,7 +433,7 @@ def codebook_lookup(
     chosen = choose_impl(flat, book, impl)
     if metric == "l2" and not book.is_cuda and book.dtype != torch.float64 and not torch.compiler.is_compiling():
         _check_codebook_scale(book)
-        if chosen not in ("cpu", "cuda"):  # the C++ kernel finds it on the values it reads anyway
+        if chosen not in ("cpu", "cuda", "cuda_tc"):  # the C++ kernel finds it on the values it reads anyway
             _check_z_scale(flat)
     if _dispatch._logs:
         _dispatch.note("codebook_lookup", chosen)
@@ -431,12 +450,14 @@ def codebook_lookup(
     if not flat.shape[0]:
         indices = flat.new_empty(0, dtype=torch.long)
     elif (
-        (chosen == "cpu" or (chosen == "cuda" and (flag is not None or not check_finite)))
+        (chosen == "cpu" or (chosen in _CUDA_ISA and (flag is not None or not check_finite)))
         and metric == "l2"
         and not (codebook.requires_grad and torch.is_grad_enabled())
     ):
         # the C++ / CUDA operator itself: one dispatcher call, indices and z_q (one kernel on CUDA)
-        indices, z_q = torch.ops.seed_fast._codebook_lookup.default(flat, book, None if flag is None else flag[1])
+        indices, z_q = torch.ops.seed_fast._codebook_lookup.default(
+            flat, book, None if flag is None else flag[1], _CUDA_ISA.get(chosen, "auto")
+        )
         if flag is not None and not flat.is_cuda and flag[0][0]:
             _raise_cpu_flagged(flag, flat, book)
         if z.dim() != 2:

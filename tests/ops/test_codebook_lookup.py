@@ -20,7 +20,7 @@ def _runnable(impl, dtype):
     return not not_supported_reasons(impl, z, z)
 
 
-IMPLS = [i for i in ("ref", "cpu", "triton", "cuda") if _runnable(i, torch.float32)]
+IMPLS = [i for i in ("ref", "cpu", "triton", "cuda", "cuda_tc") if _runnable(i, torch.float32)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -163,8 +163,9 @@ def test_auto_picks_a_kernel_and_falls_back():
     with pytest.raises(RuntimeError, match=r"impl='cpu' cannot run.*float64"):
         codebook_lookup(z.double().cpu(), z.double().cpu(), impl="cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match=r"impl='cuda' cannot run.*not a CUDA device"):
-            codebook_lookup(z, z, impl="cuda")
+        for impl in ("cuda", "cuda_tc"):
+            with pytest.raises(RuntimeError, match=rf"impl='{impl}' cannot run.*not a CUDA device"):
+                codebook_lookup(z, z, impl=impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -545,7 +546,7 @@ def test_inputs_beyond_float32_distances_are_refused(impl, scale, error, seed):
         assert_equal(idx, want, name=f"{impl} at scale {ok:g}")
 
 
-@pytest.mark.parametrize("impl", [i for i in ("torch", "triton", "cuda") if _runnable(i, torch.float32)])
+@pytest.mark.parametrize("impl", [i for i in ("torch", "triton", "cuda", "cuda_tc") if _runnable(i, torch.float32)])
 @pytest.mark.parametrize("n", [1, 70])  # one and several row tiles
 def test_flagged_backends_flag_z_whose_norms_overflow(impl, n, seed):
     """With an error flag (the no-sync path a GPU takes), a finite z whose squared norms overflow
@@ -613,6 +614,57 @@ def test_3xtf32_scores_keep_the_fp32_contract(offset, seed):
     one = half - zh @ eh.T
     if offset:
         assert int((one.argmin(1) != spec).sum()) > 0  # why the split is needed
+
+
+@pytest.mark.parametrize("offset", [0.0, 4.0])
+def test_cuda_tc_accumulation_order_keeps_the_fp32_contract(offset, seed):
+    """The "cuda_tc" kernel's order: per 8-wide step of D, the two small products (lo.hi, hi.lo) then
+    the big one (hi.hi) go into one fp32 accumulator (mma.sync m16n8k8 TF32). Emulated with 8-wide
+    matrix products: 0 codes differ from the fp32 specification at K=8192, D=32."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(1024, 32, generator=g) + offset
+    book = torch.randn(8192, 32, generator=g) + offset
+    spec = codebook_lookup_ref(z, book)[0]
+    zh, eh = _tf32(z), _tf32(book)
+    zl, el = _tf32(z - zh), _tf32(book - eh)
+    acc = torch.zeros(1024, 8192)
+    for k in range(0, 32, 8):
+        s = slice(k, k + 8)
+        acc = acc + zl[:, s] @ eh[:, s].T
+        acc = acc + zh[:, s] @ el[:, s].T
+        acc = acc + zh[:, s] @ eh[:, s].T
+    assert_equal((0.5 * book.square().sum(1) - acc).argmin(1), spec, name="cuda_tc codes (emulated)")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="the tensor-core kernels run on a GPU")
+@pytest.mark.parametrize("impl", [i for i in ("triton", "cuda_tc") if i in IMPLS])
+@pytest.mark.parametrize("offset", [0.0, 4.0])
+@pytest.mark.parametrize("n", [32, 8192])
+def test_gpu_tensor_core_kernels_keep_the_fp32_contract(impl, offset, n, seed):
+    """On the GPU itself: 0 codes differ from the fp32 specification at K=8192, D=32 (and z_q is the
+    gathered row), on N(0,1) inputs and inputs offset by +4."""
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, 32, generator=g) + offset).to(DEVICE)
+    book = (torch.randn(8192, 32, generator=g) + offset).to(DEVICE)
+    idx, zq = codebook_lookup(z, book, impl=impl)
+    cl.codebook_lookup_check()
+    assert_equal(idx, codebook_lookup_ref(z, book)[0], name=f"{impl} codes")
+    assert_equal(zq, book[idx], name=f"{impl} z_q")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("cuda" not in IMPLS, reason="needs the CUDA extension on a GPU")
+def test_gpu_cuda_tc_says_why_it_cannot_run():
+    z = torch.randn(4, 96, device=DEVICE)
+    reasons = not_supported_reasons("cuda_tc", z, z)
+    assert any("D=96 is above" in r for r in reasons), reasons
+    with pytest.raises(RuntimeError, match="impl='cuda_tc' cannot run"):
+        codebook_lookup(z, z, impl="cuda_tc")
+    with pytest.raises(RuntimeError, match="isa must be 'auto', 'simt' or 'tc'"):
+        torch.ops.seed_fast._codebook_lookup(z, z, None, "avx512")
+    if torch.cuda.get_device_capability()[0] < 8:
+        assert any("sm_80 or newer" in r for r in not_supported_reasons("cuda_tc", z[:, :32], z[:, :32]))
 
 
 @pytest.mark.skipif("triton" not in IMPLS, reason="triton cannot run here")
