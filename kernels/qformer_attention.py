@@ -72,11 +72,7 @@ def _qformer_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mmask = offs_m < LQ
     dmask = offs_d < DH
-    q = tl.load(
-        q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=mmask[:, None] & dmask[None, :],
-        other=0.0,
-    )
+    q = _load_tile(q_ptr, b, h, sqb, sqh, sqm, sqd, offs_m, offs_d, mmask[:, None] & dmask[None, :])
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -86,20 +82,9 @@ def _qformer_attention_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < LK
-        kt = tl.load(
-            k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-            mask=nmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
-        vt = tl.load(
-            v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-            mask=nmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
-        if IEEE:
-            s = tl.dot(q, tl.trans(kt), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(kt))
+        kt = _load_tile(k_ptr, b, h, skb, skh, skn, skd, offs_n, offs_d, nmask[:, None] & dmask[None, :])
+        vt = _load_tile(v_ptr, b, h, svb, svh, svn, svd, offs_n, offs_d, nmask[:, None] & dmask[None, :])
+        s = _mm(q, tl.trans(kt), IEEE)
         s = s * qk_scale  # base-2 logits
         valid = nmask[None, :] & mmask[:, None]
         if CAUSAL:
@@ -113,10 +98,7 @@ def _qformer_attention_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + _mm(p, vt, IEEE)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -127,6 +109,22 @@ def _qformer_attention_fwd_kernel(
         mask=mmask[:, None] & dmask[None, :],
     )
     tl.store(lse_ptr + pid_bh * LQ + offs_m, lse, mask=mmask)
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation: exact fp32 products for fp32 inputs (IEEE), else a cast to b's
+    dtype (fp16 / bf16 tensor cores)."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(b.dtype), b)
+
+
+@triton.jit
+def _load_tile(ptr, b, h, sb, sh, sr, sd, rows, cols, mask):
+    """The (rows, cols) tile of head h of batch b of a strided (B, H, L, Dh) tensor; 0 outside mask."""
+    return tl.load(ptr + b * sb + h * sh + rows[:, None] * sr + cols[None, :] * sd, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -148,10 +146,7 @@ def _scores_to_probs(
     IEEE: tl.constexpr,
 ):
     """Recompute the (BLOCK_M, BLOCK_N) probabilities of the forward from the saved lse."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(kt), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(kt))
+    s = _mm(q, tl.trans(kt), IEEE)
     p = tl.exp2(s * qk_scale - lse[:, None])
     valid = nmask[None, :] & mmask[:, None]
     if CAUSAL:
@@ -224,16 +219,8 @@ def _qformer_attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     nmask = offs_n < LK
     dmask = offs_d < DH
-    kt = tl.load(
-        k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-        mask=nmask[:, None] & dmask[None, :],
-        other=0.0,
-    )
-    vt = tl.load(
-        v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-        mask=nmask[:, None] & dmask[None, :],
-        other=0.0,
-    )
+    kt = _load_tile(k_ptr, b, h, skb, skh, skn, skd, offs_n, offs_d, nmask[:, None] & dmask[None, :])
+    vt = _load_tile(v_ptr, b, h, svb, svh, svn, svd, offs_n, offs_d, nmask[:, None] & dmask[None, :])
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     lo = 0
@@ -243,25 +230,17 @@ def _qformer_attention_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mmask = offs_m < LQ
         md = mmask[:, None] & dmask[None, :]
-        q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=md, other=0.0)
-        do = tl.load(do_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=md, other=0.0)
-        o = tl.load(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=md, other=0.0)
+        q = _load_tile(q_ptr, b, h, sqb, sqh, sqm, sqd, offs_m, offs_d, md)
+        do = _load_tile(do_ptr, b, h, sdob, sdoh, sdom, sdod, offs_m, offs_d, md)
+        o = _load_tile(o_ptr, b, h, sob, soh, som, sod, offs_m, offs_d, md)
         lse = tl.load(lse_ptr + pid_bh * LQ + offs_m, mask=mmask, other=float("inf"))
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
         p = _scores_to_probs(
             q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb, smn, qk_scale, CAUSAL, HAS_MASK, IEEE
         )
-        if IEEE:
-            dv += tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(vt))
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
-        else:
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dv += _mm(tl.trans(p), do, IEEE)
+        ds = p * (_mm(do, tl.trans(vt), IEEE) - delta[:, None])
+        dk += _mm(tl.trans(ds), q, IEEE)
     dk = dk * sm_scale
     out_mask = nmask[:, None] & dmask[None, :]
     # dK / dV are written in the layout of their buffers (the inputs' layout where it is dense)
@@ -329,9 +308,9 @@ def _qformer_attention_bwd_dq_kernel(
     mmask = offs_m < LQ
     dmask = offs_d < DH
     md = mmask[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=md, other=0.0)
-    do = tl.load(do_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=md, other=0.0)
-    o = tl.load(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=md, other=0.0)
+    q = _load_tile(q_ptr, b, h, sqb, sqh, sqm, sqd, offs_m, offs_d, md)
+    do = _load_tile(do_ptr, b, h, sdob, sdoh, sdom, sdod, offs_m, offs_d, md)
+    o = _load_tile(o_ptr, b, h, sob, soh, som, sod, offs_m, offs_d, md)
     lse = tl.load(lse_ptr + pid_bh * LQ + offs_m, mask=mmask, other=float("inf"))
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -342,20 +321,13 @@ def _qformer_attention_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < LK
         nd = nmask[:, None] & dmask[None, :]
-        kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=nd, other=0.0)
-        vt = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=nd, other=0.0)
+        kt = _load_tile(k_ptr, b, h, skb, skh, skn, skd, offs_n, offs_d, nd)
+        vt = _load_tile(v_ptr, b, h, svb, svh, svn, svd, offs_n, offs_d, nd)
         p = _scores_to_probs(
             q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb, smn, qk_scale, CAUSAL, HAS_MASK, IEEE
         )
-        if IEEE:
-            dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
-        else:
-            dp = tl.dot(do, tl.trans(vt))
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds, kt.to(tl.float32), input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(kt.dtype), kt)
+        ds = p * (_mm(do, tl.trans(vt), IEEE) - delta[:, None])
+        dq += _mm(ds, kt, IEEE)
     dq = dq * sm_scale
     dq_off = b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd
     tl.store(dq_ptr + dq_off, dq.to(dq_ptr.dtype.element_ty), mask=md)
@@ -431,9 +403,9 @@ def _qformer_attention_bwd_fused_kernel(
     mmask = offs_m < LQ
     dmask = offs_d < DH
     md = mmask[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=md, other=0.0)
-    do = tl.load(do_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=md, other=0.0)
-    o = tl.load(o_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=md, other=0.0)
+    q = _load_tile(q_ptr, b, h, sqb, sqh, sqm, sqd, offs_m, offs_d, md)
+    do = _load_tile(do_ptr, b, h, sdob, sdoh, sdom, sdod, offs_m, offs_d, md)
+    o = _load_tile(o_ptr, b, h, sob, soh, som, sod, offs_m, offs_d, md)
     lse = tl.load(lse_ptr + pid_bh * LQ + offs_m, mask=mmask, other=float("inf"))
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -447,24 +419,15 @@ def _qformer_attention_bwd_fused_kernel(
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         if start_n < hi:
-            kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=nd, other=0.0)
-            vt = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=nd, other=0.0)
+            kt = _load_tile(k_ptr, b, h, skb, skh, skn, skd, offs_n, offs_d, nd)
+            vt = _load_tile(v_ptr, b, h, svb, svh, svn, svd, offs_n, offs_d, nd)
             p = _scores_to_probs(
                 q, kt, lse, offs_m, offs_n, mmask, nmask, mask_ptr, b, smb, smn, qk_scale, CAUSAL, HAS_MASK, IEEE
             )
-            if IEEE:
-                dv = tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
-                dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
-            else:
-                dv = tl.dot(tl.trans(p.to(do.dtype)), do)
-                dp = tl.dot(do, tl.trans(vt))
-            ds = p * (dp - delta[:, None])
-            if IEEE:
-                dk = tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
-                dq += tl.dot(ds, kt.to(tl.float32), input_precision="ieee")
-            else:
-                dk = tl.dot(tl.trans(ds.to(q.dtype)), q)
-                dq += tl.dot(ds.to(kt.dtype), kt)
+            dv = _mm(tl.trans(p), do, IEEE)
+            ds = p * (_mm(do, tl.trans(vt), IEEE) - delta[:, None])
+            dk = _mm(tl.trans(ds), q, IEEE)
+            dq += _mm(ds, kt, IEEE)
         # dK / dV in the layout of their buffers (the inputs' layout where it is dense); zeros for
         # keys no query attends to
         dk_off = b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd

@@ -292,26 +292,32 @@ for _key in ("CUDA", "CPU"):  # CPU: the Triton interpreter (TRITON_INTERPRET=1)
     _lib.impl("lora_linear_bwd", lora_linear_bwd, _key)
 
 
-class _LoraTriton(torch.autograd.Function):
-    @staticmethod
+def _lora_function(name: str, fwd, bwd) -> type:
+    """An autograd.Function over a registered (forward, backward) operator pair: the forward returns
+    y and the low-rank activation t, which the backward reuses; the base weight's and bias's
+    gradients only when they are trained."""
+
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        y, t = torch.ops.seed_fast.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        y, t = fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, t)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.has_bias = scaling, dropout_p, seed, bias is not None
         ctx.set_materialize_grads(False)
         return y
 
-    @staticmethod
     def backward(ctx, grad_y):
         if grad_y is None:
             return (None,) * 8
         x, weight, lora_A, lora_B, t = ctx.saved_tensors
-        gx, ga, gb = torch.ops.seed_fast.lora_linear_bwd(
-            grad_y, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, ctx.seed
-        )
-        gw = grad_y.t() @ x if ctx.needs_input_grad[1] else None  # only when the base weight is trained
+        gx, ga, gb = bwd(grad_y, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, ctx.seed)
+        gw = grad_y.t() @ x if ctx.needs_input_grad[1] else None
         gbias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gbias, ga, gb, None, None, None
+
+    body = {"forward": staticmethod(forward), "backward": staticmethod(backward), "__qualname__": name}
+    return type(name, (torch.autograd.Function,), body)
+
+
+_LoraTriton = _lora_function("_LoraTriton", torch.ops.seed_fast.lora_linear_fwd, torch.ops.seed_fast.lora_linear_bwd)
 
 
 # --------------------------------------------------------------------------------------- vendor GEMMs + Triton low-rank
@@ -375,26 +381,9 @@ for _key in ("CUDA", "CPU"):  # CPU: the Triton interpreter (TRITON_INTERPRET=1)
     _lib.impl("lora_lowrank_bwd", lora_lowrank_bwd, _key)
 
 
-class _LoraLowRank(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        y, t = torch.ops.seed_fast.lora_lowrank_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, t)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.has_bias = scaling, dropout_p, seed, bias is not None
-        ctx.set_materialize_grads(False)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        if grad_y is None:
-            return (None,) * 8
-        x, weight, lora_A, lora_B, t = ctx.saved_tensors
-        gx, ga, gb = torch.ops.seed_fast.lora_lowrank_bwd(
-            grad_y, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, ctx.seed
-        )
-        gw = grad_y.t() @ x if ctx.needs_input_grad[1] else None  # only when the base weight is trained
-        gbias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gbias, ga, gb, None, None, None
+_LoraLowRank = _lora_function(
+    "_LoraLowRank", torch.ops.seed_fast.lora_lowrank_fwd, torch.ops.seed_fast.lora_lowrank_bwd
+)
 
 
 def lora_linear_lowrank(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int | None):

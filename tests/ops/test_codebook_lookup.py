@@ -596,18 +596,22 @@ def _tf32(x):
     return ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
+def _split_case(offset, seed):
+    """K=8192, D=32 inputs (+offset), the fp32 specification's codes, and both sides split hi + lo."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(1024, 32, generator=g) + offset
+    book = torch.randn(8192, 32, generator=g) + offset
+    zh, eh = _tf32(z), _tf32(book)
+    return z, book, codebook_lookup_ref(z, book)[0], (zh, _tf32(z - zh)), (eh, _tf32(book - eh))
+
+
 @pytest.mark.parametrize("offset", [0.0, 4.0])
 def test_3xtf32_scores_keep_the_fp32_contract(offset, seed):
     """The Triton kernel's fp32 dots on tensor cores: each operand split into a TF32 part and a TF32
     remainder, three products summed in fp32. Emulated here: 0 codes differ from the fp32
     specification at K=8192, D=32 on N(0,1) inputs and inputs offset by +4 (one TF32 product, which
     this split replaces, does change codes)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(1024, 32, generator=g) + offset
-    book = torch.randn(8192, 32, generator=g) + offset
-    spec = codebook_lookup_ref(z, book)[0]
-    zh, eh = _tf32(z), _tf32(book)
-    zl, el = _tf32(z - zh), _tf32(book - eh)
+    z, book, spec, (zh, zl), (eh, el) = _split_case(offset, seed)
     half = 0.5 * book.square().sum(1)
     three = half - (zh @ eh.T + (zh @ el.T + zl @ eh.T))
     assert_equal(three.argmin(1), spec, name="3xTF32 codes")
@@ -621,12 +625,7 @@ def test_cuda_tc_accumulation_order_keeps_the_fp32_contract(offset, seed):
     """The "cuda_tc" kernel's order: per 8-wide step of D, the two small products (lo.hi, hi.lo) then
     the big one (hi.hi) go into one fp32 accumulator (mma.sync m16n8k8 TF32). Emulated with 8-wide
     matrix products: 0 codes differ from the fp32 specification at K=8192, D=32."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(1024, 32, generator=g) + offset
-    book = torch.randn(8192, 32, generator=g) + offset
-    spec = codebook_lookup_ref(z, book)[0]
-    zh, eh = _tf32(z), _tf32(book)
-    zl, el = _tf32(z - zh), _tf32(book - eh)
+    z, book, spec, (zh, zl), (eh, el) = _split_case(offset, seed)
     acc = torch.zeros(1024, 8192)
     for k in range(0, 32, 8):
         s = slice(k, k + 8)
