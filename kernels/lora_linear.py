@@ -21,6 +21,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b in fp32 (acc may be None): exact fp32 products when IEEE (fp32 inputs), else a
+    cast to b's dtype (fp16 / bf16 tensor cores)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(b.dtype), b, acc)
+
+
+@triton.jit
 def _keep(rows, cols, ncols, seed, thresh):
     """(len(rows), len(cols)) bool: hash32(row * ncols + col, seed) >= thresh."""
     idx = (rows[:, None].to(tl.int64) * ncols + cols[None, :].to(tl.int64)).to(tl.uint64) & 0xFFFFFFFF
@@ -89,22 +99,15 @@ def _lora_mm_kernel(
         xd = x
         if DROP_IN:
             xd = tl.where(_keep(rm, rk, K, seed, thresh), x, 0.0)
-        if IEEE:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-            tacc = tl.dot(xd, a, tacc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
-            tacc = tl.dot(xd, a, tacc)
+        acc = _dot(x, w, acc, IEEE)
+        tacc = _dot(xd, a, tacc, IEEE)
     if DROP_IN:
         tacc = tacc * inv_keep
     if STORE_T:  # t (M, R) fp32, written once (by the first column tile) for the backward
         if pid_n == 0:
             tl.store(t_ptr + rm[:, None] * R + rr[None, :], tacc, mask=mmask[:, None] & rmask[None, :])
     b = tl.load(b_ptr + rn[None, :] * sbn + rr[:, None] * sbr, mask=rmask[:, None] & nmask[None, :], other=0.0)
-    if IEEE:
-        lora = tl.dot(tacc, b, input_precision="ieee")
-    else:
-        lora = tl.dot(tacc.to(b.dtype), b)
+    lora = _dot(tacc, b, None, IEEE)
     if DROP_OUT:
         lora = tl.where(_keep(rm, rn, N, seed, thresh), lora * inv_keep, 0.0)
     acc += scaling * lora
@@ -153,10 +156,7 @@ def _lora_da_kernel(
         x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=mm[:, None] & kmask[None, :], other=0.0)
         if DROP:
             x = tl.where(_keep(rm, rk, K, seed, thresh), x, 0.0)
-        if IEEE:
-            acc = tl.dot(tl.trans(u), x, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(u.to(x.dtype)), x, acc)
+        acc = _dot(tl.trans(u), x, acc, IEEE)
     tl.store(part_ptr + pid_s * R * K + rr[:, None] * K + rk[None, :], acc, mask=rmask[:, None] & kmask[None, :])
 
 
@@ -315,10 +315,7 @@ def _lora_shrink_kernel(
         at = tl.load(
             a_ptr + rr[None, :] * sar + cols[:, None] * sak, mask=cmask[:, None] & (rr < R)[None, :], other=0.0
         )
-        if IEEE:
-            acc = tl.dot(xt, at, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, at, acc)
+        acc = _dot(xt, at, acc, IEEE)
     out = acc * inv_keep
     tl.store(
         t_ptr + rows[:, None] * R + rr[None, :], out.to(t_ptr.dtype.element_ty), mask=rmask[:, None] & (rr < R)[None, :]
@@ -357,10 +354,7 @@ def _lora_expand_masked_add_kernel(
     cmask = cols < K
     ut = tl.load(u_ptr + rows[:, None] * sum_ + rr[None, :] * sur, mask=rmask[:, None] & (rr < R)[None, :], other=0.0)
     at = tl.load(a_ptr + rr[:, None] * sar + cols[None, :] * sak, mask=(rr < R)[:, None] & cmask[None, :], other=0.0)
-    if IEEE:
-        low = tl.dot(ut, at, input_precision="ieee")
-    else:
-        low = tl.dot(ut.to(at.dtype), at)
+    low = _dot(ut, at, None, IEEE)
     low = tl.where(_keep(rows, cols, K, seed, thresh), low * alpha, 0.0)
     m = rmask[:, None] & cmask[None, :]
     ptrs = out_ptr + rows[:, None] * som + cols[None, :] * sok

@@ -16,108 +16,58 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 
 _SCRIPT = r"""
-import json, os, subprocess, sys, tempfile
+import json, os, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from seed_fast.kernels import codebook_lookup as kcl
+from seed_fast.kernels import codebook_lookup as kcl, lora_linear as klo, qformer_attention as kqa
 
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-sig = {"z_ptr": "*fp32", "cb_ptr": "*fp32", "idx_ptr": "*i64", "zq_ptr": "*fp32", "ws_ptr": "*i64",
-       "cnt_ptr": "*i32", "flag_ptr": "*i32"}
-sig.update({n: "i32" for n in ("N", "K", "D", "stride_z", "stride_c", "stride_q", "codes_per_split", "splits")})
+
+
+def signature(fn, dtype, consts, typed=None):
+    # every argument that is not a constexpr: pointers to dtype and i32 scalars, unless typed names it
+    typed = typed or {}
+    return {a: typed.get(a, "*" + dtype if a.endswith("_ptr") else "i32") for a in fn.arg_names if a not in consts}
+
+
+def compile_for(fn, sig, consts, cap, sass=True):
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+    k = triton.compile(src, target=GPUTarget("cuda", cap, 32))
+    if not sass:
+        return {"compiled": True}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"]); f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return {"mma": [l.split()[1] for l in text.splitlines() if "HMMA" in l or "HGMMA" in l][:4], "ffma": "FFMA" in text}
+
+
 out = {}
+CODEBOOK = {"idx_ptr": "*i64", "ws_ptr": "*i64", "cnt_ptr": "*i32", "flag_ptr": "*i32"}
+ATTENTION = {"mask_ptr": "*u8", "lse_ptr": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
+LORA = {"inv_keep": "fp32", "alpha": "fp32", "seed": "i64", "thresh": "i64"}
 for cap in (80, 90):
     for dtype, precision in (("fp32", "tf32x3"), ("fp16", "tf32"), ("bf16", "tf32"), ("fp32", "ieee")):
         for split in (False, True):
-            s = dict(sig, z_ptr="*" + dtype, cb_ptr="*" + dtype, zq_ptr="*" + dtype)
             consts = dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, PRECISION=precision, CHECK=True, WRITE_ZQ=True,
                           SPLIT=split)
-            src = ASTSource(fn=kcl._codebook_lookup_kernel, signature={**s, **{k: "constexpr" for k in consts}},
-                            constexprs=consts)
-            k = triton.compile(src, target=GPUTarget("cuda", cap, 32))
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(k.asm["cubin"]); f.flush()
-                sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-            out[f"{cap}-{dtype}-{precision}-{split}"] = {
-                "mma": [l.split()[1] for l in sass.splitlines() if "HMMA" in l or "HGMMA" in l][:4],
-                "ffma": "FFMA" in sass}
-from seed_fast.kernels import qformer_attention as kqa
-
-def attention_signature(fn, dtype):
-    sig = {}
-    for name in fn.arg_names:
-        if name in ("mask_ptr",):
-            sig[name] = "*u8"
-        elif name == "lse_ptr":
-            sig[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + dtype
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
-        elif name.isupper():
-            continue
-        else:
-            sig[name] = "i32"
-    sig["H"] = sig["LQ"] = sig["LK"] = sig["DH"] = "i32"
-    return sig
-
-for cap in (80, 90):
+            sig = signature(kcl._codebook_lookup_kernel, dtype, consts, CODEBOOK)
+            out[f"{cap}-{dtype}-{precision}-{split}"] = compile_for(kcl._codebook_lookup_kernel, sig, consts, cap)
     for dtype in ("fp16", "bf16", "fp32"):
         for name in ("_qformer_attention_fwd_kernel", "_qformer_attention_bwd_fused_kernel"):
             fn = getattr(kqa, name)
             consts = dict(CAUSAL=True, HAS_MASK=True, IEEE=dtype == "fp32", BLOCK_M=32, BLOCK_N=64, BLOCK_D=64)
-            s = {k: v for k, v in attention_signature(fn, dtype).items() if k not in consts}
-            src = ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in consts}}, constexprs=consts)
-            k = triton.compile(src, target=GPUTarget("cuda", cap, 32))
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(k.asm["cubin"]); f.flush()
-                sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-            out[f"{name}-{cap}-{dtype}"] = {
-                "mma": [l.split()[1] for l in sass.splitlines() if "HMMA" in l or "HGMMA" in l][:4],
-                "ffma": "FFMA" in sass}
-from seed_fast.kernels import lora_linear as klo
-
-for cap in (80, 90):
-    for dtype in ("fp16", "bf16", "fp32"):
-        for name, ptrs in (("_lora_shrink_kernel", ("x_ptr", "a_ptr", "t_ptr")),
-                           ("_lora_expand_masked_add_kernel", ("out_ptr", "u_ptr", "a_ptr"))):
+            out[f"{name}-{cap}-{dtype}"] = compile_for(fn, signature(fn, dtype, consts, ATTENTION), consts, cap)
+        for name in ("_lora_shrink_kernel", "_lora_expand_masked_add_kernel"):
             fn = getattr(klo, name)
             consts = dict(IEEE=dtype == "fp32", BM=64, BK=64, BR=16)
-            s = {}
-            for arg in fn.arg_names:
-                if arg in consts:
-                    continue
-                s[arg] = "*" + dtype if arg in ptrs else ("fp32" if arg in ("inv_keep", "alpha") else
-                                                          ("i64" if arg in ("seed", "thresh") else "i32"))
-            src = ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in consts}}, constexprs=consts)
-            k = triton.compile(src, target=GPUTarget("cuda", cap, 32))
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(k.asm["cubin"]); f.flush()
-                sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-            out[f"{name}-{cap}-{dtype}"] = {
-                "mma": [l.split()[1] for l in sass.splitlines() if "HMMA" in l or "HGMMA" in l][:4],
-                "ffma": "FFMA" in sass}
-for cap in (80, 90):
+            out[f"{name}-{cap}-{dtype}"] = compile_for(fn, signature(fn, dtype, consts, LORA), consts, cap)
     for dtype in ("fp16", "fp32"):
-        for name, ptrs in (("_bgmv_shrink_kernel", ("x_ptr", "a_ptr")), ("_bgmv_expand_kernel", ("y_ptr", "b_ptr"))):
+        for name in ("_bgmv_shrink_kernel", "_bgmv_expand_kernel"):
             fn = getattr(klo, name)
             consts = {k: 128 if k in ("BK", "BN") else 16 for k in ("BK", "BN", "BR") if k in fn.arg_names}
-            s = {}
-            for arg in fn.arg_names:
-                if arg in consts:
-                    continue
-                if arg in ptrs:
-                    s[arg] = "*" + dtype
-                elif arg == "ids_ptr":
-                    s[arg] = "*i64"
-                elif arg.endswith("_ptr"):
-                    s[arg] = "*fp32"
-                else:
-                    s[arg] = "i32"
-            src = ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in consts}}, constexprs=consts)
-            triton.compile(src, target=GPUTarget("cuda", cap, 32))
-            out[f"{name}-{cap}-{dtype}"] = {"compiled": True}
+            typed = {"ids_ptr": "*i64", "s_ptr": "*fp32", "t_ptr": "*fp32"}
+            out[f"{name}-{cap}-{dtype}"] = compile_for(fn, signature(fn, dtype, consts, typed), consts, cap, sass=False)
 print(json.dumps(out))
 """
 
