@@ -191,14 +191,6 @@ def _keep_args(dropout_p: float) -> tuple[int, float]:
 # The Triton kernels are registered directly (`Library.define` + `impl`: a few microseconds per call
 # against 10-20 for `torch.library.custom_op`) with fake impls; autograd is an autograd.Function.
 _lib = torch.library.Library("seed_fast", "FRAGMENT")
-_lib.define(
-    "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-    "float dropout_p, int seed) -> (Tensor, Tensor)"
-)
-_lib.define(
-    "lora_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor t, "
-    "float scaling, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)"
-)
 
 
 def lora_linear_fwd(
@@ -232,11 +224,6 @@ def lora_linear_fwd(
         store_t=True,
         out_dtype=x.dtype,
     )
-
-
-@torch.library.register_fake("seed_fast::lora_linear_fwd", lib=_lib)
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch.float32)
 
 
 def lora_linear_bwd(
@@ -282,23 +269,36 @@ def lora_linear_bwd(
     return gx, ga.to(lora_A.dtype), gb.to(lora_B.dtype)
 
 
-@torch.library.register_fake("seed_fast::lora_linear_bwd", lib=_lib)
-def _(grad_y, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed):
-    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
+def _lora_op_pair(name: str, fwd, bwd, t_dtype: torch.dtype | None) -> type:
+    """Registers `seed_fast::{name}_fwd` / `_bwd` (CUDA, and CPU for the Triton interpreter) with fake
+    impls, and returns the autograd.Function over them: the forward returns y and the low-rank
+    activation t (fp32 when t_dtype says so, else x's dtype), which the backward reuses; the base
+    weight's and bias's gradients only when they are trained."""
+    _lib.define(
+        f"{name}_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+        "float dropout_p, int seed) -> (Tensor, Tensor)"
+    )
+    _lib.define(
+        f"{name}_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor t, "
+        "float scaling, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)"
+    )
+    for key in ("CUDA", "CPU"):  # CPU: the Triton interpreter (TRITON_INTERPRET=1), for testing
+        _lib.impl(f"{name}_fwd", fwd, key)
+        _lib.impl(f"{name}_bwd", bwd, key)
 
+    @torch.library.register_fake(f"seed_fast::{name}_fwd", lib=_lib)
+    def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        t = x.new_empty(x.shape[0], lora_A.shape[0], dtype=t_dtype or x.dtype)
+        return x.new_empty(x.shape[0], weight.shape[0]), t
 
-for _key in ("CUDA", "CPU"):  # CPU: the Triton interpreter (TRITON_INTERPRET=1), for testing
-    _lib.impl("lora_linear_fwd", lora_linear_fwd, _key)
-    _lib.impl("lora_linear_bwd", lora_linear_bwd, _key)
+    @torch.library.register_fake(f"seed_fast::{name}_bwd", lib=_lib)
+    def _(grad_y, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed):
+        return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
 
-
-def _lora_function(name: str, fwd, bwd) -> type:
-    """An autograd.Function over a registered (forward, backward) operator pair: the forward returns
-    y and the low-rank activation t, which the backward reuses; the base weight's and bias's
-    gradients only when they are trained."""
+    fwd_op, bwd_op = getattr(torch.ops.seed_fast, f"{name}_fwd"), getattr(torch.ops.seed_fast, f"{name}_bwd")
 
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        y, t = fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        y, t = fwd_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, t)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.has_bias = scaling, dropout_p, seed, bias is not None
         ctx.set_materialize_grads(False)
@@ -308,29 +308,20 @@ def _lora_function(name: str, fwd, bwd) -> type:
         if grad_y is None:
             return (None,) * 8
         x, weight, lora_A, lora_B, t = ctx.saved_tensors
-        gx, ga, gb = bwd(grad_y, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, ctx.seed)
+        gx, ga, gb = bwd_op(grad_y, x, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p, ctx.seed)
         gw = grad_y.t() @ x if ctx.needs_input_grad[1] else None
         gbias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gbias, ga, gb, None, None, None
 
-    body = {"forward": staticmethod(forward), "backward": staticmethod(backward), "__qualname__": name}
-    return type(name, (torch.autograd.Function,), body)
+    cls = f"_{''.join(w.title() for w in name.split('_'))}"
+    body = {"forward": staticmethod(forward), "backward": staticmethod(backward), "__qualname__": cls}
+    return type(cls, (torch.autograd.Function,), body)
 
 
-_LoraTriton = _lora_function("_LoraTriton", torch.ops.seed_fast.lora_linear_fwd, torch.ops.seed_fast.lora_linear_bwd)
+_LoraTriton = _lora_op_pair("lora_linear", lora_linear_fwd, lora_linear_bwd, torch.float32)
 
 
 # --------------------------------------------------------------------------------------- vendor GEMMs + Triton low-rank
-_lib.define(
-    "lora_lowrank_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-    "float dropout_p, int seed) -> (Tensor, Tensor)"
-)
-_lib.define(
-    "lora_lowrank_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor t, "
-    "float scaling, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)"
-)
-
-
 def lora_lowrank_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """2-D x (N, in): (y (N, out), t = drop(x) A^T (N, r) in x's dtype). The base product and the
     rank-r update (added in place) are the vendor's GEMMs; under dropout, t comes from one Triton pass
@@ -345,11 +336,6 @@ def lora_lowrank_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     y.addmm_(t, lora_B.t(), alpha=scaling)
     return y, t
-
-
-@torch.library.register_fake("seed_fast::lora_lowrank_fwd", lib=_lib)
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
 def lora_lowrank_bwd(grad_y, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed):
@@ -371,19 +357,7 @@ def lora_lowrank_bwd(grad_y, x, weight, lora_A, lora_B, t, scaling, dropout_p, s
     return gx, ga.to(lora_A.dtype), gb.to(lora_B.dtype)
 
 
-@torch.library.register_fake("seed_fast::lora_lowrank_bwd", lib=_lib)
-def _(grad_y, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed):
-    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
-
-
-for _key in ("CUDA", "CPU"):  # CPU: the Triton interpreter (TRITON_INTERPRET=1), for testing
-    _lib.impl("lora_lowrank_fwd", lora_lowrank_fwd, _key)
-    _lib.impl("lora_lowrank_bwd", lora_lowrank_bwd, _key)
-
-
-_LoraLowRank = _lora_function(
-    "_LoraLowRank", torch.ops.seed_fast.lora_lowrank_fwd, torch.ops.seed_fast.lora_lowrank_bwd
-)
+_LoraLowRank = _lora_op_pair("lora_lowrank", lora_lowrank_fwd, lora_lowrank_bwd, None)
 
 
 def lora_linear_lowrank(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int | None):
