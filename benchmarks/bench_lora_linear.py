@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """LoRA linear layers, side by side: base matmul alone, peft's LoRA Linear, merged weights, seed_fast.
 
-Shapes: OPT-2.7B (2560x2560, 2560x10240, 10240x2560) and LLaMA-7B (4096x4096, 4096x11008) as
-in x out; tokens {1, 16, 4096, 16384}; rank {8, 16, 64}; forward and forward+backward (base weight
-frozen: gradients for x, A, B). Multi-adapter decode: 32 rows over {1, 4, 32} adapters against
-peft's mixed-batch path (`adapter_names=`).
+Shapes: OPT-2.7B (2560x2560, 2560x10240, 10240x2560) and LLaMA-7B (4096x4096, 4096x11008,
+11008x4096) as in x out; tokens {1, 16, 4096, 16384}; rank {8, 16, 64}; forward and forward+backward
+(base weight frozen: gradients for x, A, B). A second table sums one LLaMA-7B layer's seven LoRA
+projections (q, k, v, o: 4096x4096; gate, up: 4096x11008; down: 11008x4096) per provider, against
+peft and against the base matmuls alone. Multi-adapter decode: 32 rows over {1, 4, 32} adapters
+against peft's mixed-batch path (`adapter_names=`).
 
 Units:
   FLOP fwd     = 2 T in out + 2 T r (in + out)
@@ -36,7 +38,43 @@ SHAPES = {
     "OPT-2.7B fc2": (10240, 2560),
     "LLaMA-7B attn": (4096, 4096),
     "LLaMA-7B mlp up": (4096, 11008),
+    "LLaMA-7B mlp down": (11008, 4096),
 }
+# one LLaMA-7B decoder layer's LoRA targets: q, k, v, o; gate, up; down
+LAYER = {"LLaMA-7B attn": 4, "LLaMA-7B mlp up": 2, "LLaMA-7B mlp down": 1}
+
+
+def layer_summary(rows: list[dict]) -> list[dict]:
+    """Per (tokens, r, mode, provider): the summed time of one LLaMA-7B layer's seven projections,
+    where every one of them was measured; with the ratio to peft and the overhead over the base
+    matmuls alone."""
+    total: dict[tuple, float] = {}
+    seen: dict[tuple, set] = {}
+    for row in rows:
+        name = next((n for n in LAYER if row["shape"].startswith(n + " ")), None)
+        if name is None or "ms" not in row:
+            continue
+        key = (row["tokens"], row["r"], row["mode"], row["provider"])
+        total[key] = total.get(key, 0.0) + LAYER[name] * float(row["ms"])
+        seen.setdefault(key, set()).add(name)
+    out = []
+    for (t, r, mode, prov), ms in total.items():
+        if seen[(t, r, mode, prov)] != set(LAYER):
+            continue
+        peft = total.get((t, r, mode, "peft LoRA Linear"))
+        base = total.get((t, r, mode, "base matmul alone"))
+        out.append(
+            {
+                "tokens": t,
+                "r": r,
+                "mode": mode,
+                "provider": prov,
+                "ms": f"{ms:.3f}",
+                "vs_peft": f"{peft / ms:.2f}x" if peft else "",
+                "vs_base": f"{(ms / base - 1) * 100:+.0f}%" if base else "",
+            }
+        )
+    return out
 
 
 class _One(torch.nn.Module):
@@ -222,13 +260,31 @@ def main(argv=None) -> int:
         "2 T in out + 4 T r (in + out) (base weight frozen).\n\n"
     )
     md += markdown_table(rows, columns)
+    layer = layer_summary(rows)
+    if layer:
+        md += (
+            "\n\nOne LLaMA-7B layer: the seven LoRA projections summed (4 x 4096x4096, 2 x 4096x11008, "
+            "1 x 11008x4096); `vs peft` is peft's time over this provider's (above 1: faster than peft).\n\n"
+        )
+        md += markdown_table(
+            layer,
+            [
+                ("tokens", "tokens"),
+                ("r", "r"),
+                ("mode", "mode"),
+                ("provider", "provider"),
+                ("ms", "summed ms"),
+                ("vs_peft", "vs peft"),
+                ("vs_base", "vs base matmuls"),
+            ],
+        )
     folder = write_results(
         f"bench_lora_linear_{str(dtype).replace('torch.', '')}",
         device,
         rows,
         md,
         args.out,
-        {"quick": args.quick},
+        {"quick": args.quick, "llama_layer": layer},
         roofline_math="tensor16" if dtype in (torch.float16, torch.bfloat16) else "fp32",
     )
     print(md)

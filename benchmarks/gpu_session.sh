@@ -125,8 +125,8 @@ elif [ "$MODE" = "targets" ]; then
   log "benchmarks on the target shapes"
   step bench_codebook_f32 "$L" bench_codebook_float32.log $PY benchmarks/bench_codebook_lookup.py --quick --dtype float32 --out "$B"
   step bench_attention "$L" bench_attention.log $PY benchmarks/bench_qformer_attention.py --quick --batches 1,32,256 --out "$B"
-  step bench_lora "$L" bench_lora.log $PY benchmarks/bench_lora_linear.py --dtype bfloat16 --tokens 1,4096,16384 --ranks 16 \
-    --shapes "OPT-2.7B qkv/out,LLaMA-7B attn" --out "$B"
+  step bench_lora "$L" bench_lora.log $PY benchmarks/bench_lora_linear.py --dtype bfloat16 --tokens 4096,16384 --ranks 16 \
+    --shapes "LLaMA-7B attn,LLaMA-7B mlp up,LLaMA-7B mlp down" --dropout 0.05 --out "$B"
   step bench_tokenizer "$L" bench_tokenizer.log $PY benchmarks/bench_tokenizer.py --qformer-batches 1,256 --tokenizer-batches 1,256 --out "$B"
   step bench_blip2 "$L" bench_blip2.log $PY benchmarks/bench_blip2.py --device cuda --batches 1,256 --out "$B"
 elif [ "$MODE" = "rest" ]; then
