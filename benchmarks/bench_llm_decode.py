@@ -54,6 +54,11 @@ MODELS = {
         dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
         32000,
     ),
+    "llama-tiny": (  # a CI-sized check of the scripts
+        "llama",
+        dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4),
+        32000,
+    ),
 }
 
 
@@ -80,7 +85,7 @@ def build(name: str, device: str, dtype: torch.dtype):
     return SeedLLM(model, text_tok, None, num_codes=8192)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, choices=sorted(MODELS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,7 +96,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-lora", action="store_true", help="skip the LoRA table")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = args.device
     name = args.model or ("llama-7b" if device == "cuda" else "llama-small")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
@@ -255,7 +260,7 @@ def prefill_rows(llm, name, batches, args, device, repeats) -> list[dict]:
             ).logits[:, -1]
 
         def ours():
-            with llm._decoder(b, ids.shape[1] + args.new) as dec:
+            with llm._decoders.take(llm.model, b, ids.shape[1] + args.new) as dec:
                 return dec.prefill(ids, mask)
 
         def full():
@@ -323,7 +328,7 @@ def lora_table(llm, name, batches, args, device, repeats) -> list[dict]:
         for pname, v in variants.items():
 
             def pre(v=v):
-                with v._decoder(b, ids.shape[1] + args.new) as dec:
+                with v._decoders.take(v.model, b, ids.shape[1] + args.new) as dec:
                     return dec.prefill(ids, mask)
 
             def gen(v=v):

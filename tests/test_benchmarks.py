@@ -121,3 +121,39 @@ def test_benchmark_tables_in_the_readme_and_docs_are_what_the_results_files_prin
     assert (
         full.count("from [benchmarks/results/") >= 12 and "NVIDIA H200" in full and "](../benchmarks/results/" in full
     )
+
+
+def test_the_training_benchmark_runs_both_providers_on_the_same_loss(tmp_path):
+    """bench_train_llm.py at a CI size: both providers, checkpointing off and on, the same loss with
+    dropout off, a ratio to peft per setting, and its results files."""
+    pytest.importorskip("peft")
+    import bench_train_llm
+
+    bench_train_llm.main(
+        ["--device", "cpu", "--model", "llama-tiny", "--seq", "16", "--repeats", "1", "--out", str(tmp_path)]
+    )
+    rows = json.loads((tmp_path / "bench_train_llm_float32.json").read_text())["rows"]
+    assert [(r["checkpointing"], r["provider"].split()[0]) for r in rows] == [
+        ("off", "peft"),
+        ("off", "seed_fast"),
+        ("on", "peft"),
+        ("on", "seed_fast"),
+    ]
+    for r in rows:
+        assert float(r["check"].split()[0]) < 1e-5, r  # fp32, dropout off: the same loss as peft's
+        assert float(r["tok_s"]) > 0 and r["vs_peft"].endswith("x")
+    with pytest.raises(SystemExit):
+        bench_train_llm.main(["--device", "cpu", "--checkpointing", "maybe"])
+
+
+def test_the_decode_benchmark_runs_every_table_at_a_ci_size(tmp_path):
+    """bench_llm_decode.py on a tiny LM: generate, prefill and the LoRA table (which copies the
+    model), each provider's tokens equal to transformers' / peft's."""
+    pytest.importorskip("peft")
+    import bench_llm_decode
+
+    args = ["--device", "cpu", "--model", "llama-tiny", "--batch", "1", "--prompt", "8", "--new", "4", "--quick"]
+    assert bench_llm_decode.main([*args, "--out", str(tmp_path)]) == 0
+    md = next(tmp_path.glob("bench_llm_decode*.md")).read_text()
+    assert "seed_fast generate_ids" in md and "seed_fast fused lora_linear" in md
+    assert "| no |" not in md, md

@@ -497,3 +497,23 @@ def test_decoder_pool_reuses_per_shape_and_forgets_after_a_model_change():
     with pytest.raises(InputError, match="exceeds the model's max_position_embeddings"):
         with pool.take(model, 1, limit + 1):
             pass
+
+
+def test_a_copied_seed_llm_decodes_on_its_own_weights(llm):
+    """copy.deepcopy (and pickling) of a SeedLLM that has decoded: the copy starts with an empty
+    decoder pool (the idle caches belong to the original's weights), and changing its weights
+    changes only its answers."""
+    import copy
+    import pickle
+
+    prompts = [llm.text_tokenizer("a photo of")["input_ids"]]
+    want = llm.generate_ids(prompts, max_new_tokens=3, stop_ids=())
+    assert llm._decoders.num_idle >= 1
+    twin = copy.deepcopy(llm)
+    assert twin._decoders.num_idle == 0 and twin._decoders is not llm._decoders
+    assert_equal(twin.generate_ids(prompts, max_new_tokens=3, stop_ids=()), want, name="copy")
+    with torch.no_grad():
+        twin.model.get_output_embeddings().weight.neg_()
+    assert_equal(llm.generate_ids(prompts, max_new_tokens=3, stop_ids=()), want, name="original after the copy changed")
+    again = pickle.loads(pickle.dumps(llm._decoders))
+    assert again.num_idle == 0 and (again.max_idle, again.bucket) == (llm._decoders.max_idle, llm._decoders.bucket)

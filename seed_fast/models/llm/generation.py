@@ -31,6 +31,15 @@ class DecoderPool:
         self._lock = threading.Lock()
         self._epoch = 0  # bumped by drop(): decoders of an older epoch are not kept
 
+    def __getstate__(self) -> dict:
+        # a copy (copy.deepcopy of a SeedLLM, pickling) starts empty: idle decoders hold caches and
+        # compiled steps bound to the original model, and the lock cannot be copied
+        return {"max_idle": self.max_idle, "bucket": self.bucket, "compile": self.compile}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(max_idle=state["max_idle"], bucket=state["bucket"])
+        self.compile = state["compile"]
+
     @property
     def num_idle(self) -> int:
         with self._lock:
