@@ -7,7 +7,11 @@ Part 1, Q-Former forward on 257 x 1408 image features (full-size, seed-tokenizer
   as a CUDA graph.
 Part 2, images -> codes (encode):
   the reference path, the same model in eager PyTorch with SDPA attention everywhere (the baseline
-  a user gets by switching attention alone), to_fast(), and on CUDA to_fast(cuda_graph=True).
+  a user gets by switching attention alone), that baseline under torch.compile (`--compile`, by
+  default mode "max-autotune" on CUDA), to_fast(), on CUDA to_fast(cuda_graph=False / True), and
+  to_fast() with the ViT's linear layers in FP8 (torchao float8 dynamic activations and weights;
+  sm_89+, `--fp8`). Codes are compared with an fp32 copy of the model on the reference path, on the
+  timed random images and on scikit-image's sample photographs ("photos" column).
 
 Units: images/s = B / t; Q-Former GFLOP/s uses 2 * multiply-adds of its matmuls (FLOP counted in
 qformer_flop below). Outputs of every provider are compared with the reference before timing.
@@ -102,6 +106,13 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--qformer-batches", default=None, help="default 1,32,256 (CUDA) or 1,8 (CPU)")
     p.add_argument("--tokenizer-batches", default=None, help="default 1,32,256 (CUDA) or 1 (CPU)")
+    p.add_argument(
+        "--compile",
+        default=None,
+        choices=["none", "default", "reduce-overhead", "max-autotune"],
+        help="torch.compile mode of the eager + SDPA peer (default max-autotune on CUDA, none on CPU)",
+    )
+    p.add_argument("--fp8", default=None, choices=["on", "off"], help="default on where the GPU has FP8 (sm_89+)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = args.device
@@ -170,12 +181,16 @@ def main(argv=None) -> int:
             except Exception as e:  # a provider that fails is reported in the table, the run goes on
                 rows.append({"part": "Q-Former", "B": b, "provider": name, "note": f"failed: {str(e)[:80]}"})
 
-    # ---- part 2: images -> codes
+    # ---- part 2: images -> codes, against an fp32 copy on the reference path
+    compile_mode = args.compile or ("max-autotune" if cuda else "none")
+    fp8 = (args.fp8 or ("on" if cuda and torch.cuda.get_device_capability() >= (8, 9) else "off")) == "on"
+    ref32 = _fp32_reference(tok) if tb else None
+    photos = _photos() if tb else []
+    photo_ref = ref32.encode(photos) if photos else None
     for b in tb:
         images = torch.rand(b, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
-        tok.to_reference()
-        ref_codes = tok.encode(images)
-        modes = {
+        ref_codes = ref32.encode(images)
+        modes = {  # name -> setup, returning the tokenizer to time
             "seed_fast reference (eager)": lambda: tok.to_reference(),
             "eager + SDPA attention": lambda: _sdpa_everywhere(tok.to_reference()),
             "seed_fast to_fast()": lambda: tok.to_fast(),
@@ -183,22 +198,36 @@ def main(argv=None) -> int:
         if cuda:  # to_fast() replays graphs for batches <= 32 by default ("auto"); beside it, none and all
             modes["to_fast(cuda_graph=False)"] = lambda: tok.to_fast(cuda_graph=False)
             modes["to_fast(cuda_graph=True)"] = lambda: tok.to_fast(cuda_graph=True)
+        if fp8:
+            modes["to_fast() + FP8 ViT (torchao)"] = lambda: _fp8_vit(tok)
+        if compile_mode != "none":
+            modes[f'eager + SDPA, torch.compile("{compile_mode}")'] = lambda: _compiled(tok, compile_mode)
         for name, setup in modes.items():
-            setup()
+            try:
+                run = setup()
+            except Exception as e:  # e.g. no FP8 kernels for this GPU: reported, the run goes on
+                rows.append({"part": "tokenizer", "B": b, "provider": name, "note": f"failed: {str(e)[:80]}"})
+                continue
             rows.append(
                 _timed_row(
                     "tokenizer",
                     b,
                     name,
-                    lambda images=images: tok.encode(images),
+                    lambda images=images, run=run: run.encode(images),
                     ref_codes,
                     device,
                     max(2, repeats // 3),
                 )
             )
-            peak = peak_extra_bytes(lambda images=images: tok.encode(images), device)
+            if photo_ref is not None:
+                rows[-1]["photos"] = f"{(run.encode(photos) == photo_ref).float().mean().item() * 100:.2f}%"
+            peak = peak_extra_bytes(lambda images=images, run=run: run.encode(images), device)
             rows[-1]["peak_mb"] = f"{peak / 2**20:.1f}" if peak is not None else "n/a"
+            if run is not tok:
+                del run
+        _uncompile(tok)
     tok.to_reference()
+    del ref32
 
     # ---- part 3: codes -> generation embedding (the de-tokenizer, reference path: no fused kernel of ours)
     for b in sorted({1, *tb, 32}):
@@ -223,6 +252,7 @@ def main(argv=None) -> int:
         ("gflops", "GFLOP/s (Q-Former matmuls)"),
         ("peak_mb", "peak extra MB"),
         ("check", "vs reference"),
+        ("photos", f"photos ({len(photos)}) vs fp32"),
         ("note", "note"),
     ]
     v = cfg.vision
@@ -259,6 +289,59 @@ def _sdpa_everywhere(tok):
             layer.crossattention.self.attn_impl = "sdpa"
     for blk in tok.vision.blocks:
         blk.attn.attn_impl = "sdpa"
+    return tok
+
+
+def _compiled(tok, mode: str):
+    """The eager + SDPA baseline with its ViT and Q-Former under torch.compile(mode) (undone by
+    _uncompile)."""
+    _sdpa_everywhere(tok.to_reference())
+    for m in (tok.vision, tok.qformer):
+        m.compile(mode=mode)
+    return tok
+
+
+def _uncompile(tok):
+    for m in (tok.vision, tok.qformer):
+        m._compiled_call_impl = None
+
+
+def _fp8_vit(tok):
+    """A copy of to_fast() with the ViT's linear layers in FP8 (torchao: dynamic per-tensor scales for
+    activations, weights scaled once)."""
+    import copy
+
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+
+    fast = copy.deepcopy(tok.to_reference()).to_fast(cuda_graph=False)
+    quantize_(fast.vision, Float8DynamicActivationFloat8WeightConfig())
+    return fast
+
+
+def _fp32_reference(tok):
+    """An fp32 copy of the tokenizer on the reference path: the codes every provider is held to."""
+    import copy
+
+    return copy.deepcopy(tok.to_reference()).float()
+
+
+def _photos() -> list:
+    """scikit-image's bundled sample photographs as RGB PIL images (none without scikit-image)."""
+    try:
+        import skimage.data
+        from PIL import Image
+    except ImportError:
+        return []
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "horse", "immunohistochemistry"):
+        try:
+            img = getattr(skimage.data, name)()
+        except Exception:  # a sample that needs a download, or a changed scikit-image
+            continue
+        if img.dtype == bool:
+            img = img.astype("uint8") * 255
+        out.append(Image.fromarray(img).convert("RGB"))
+    return out
 
 
 if __name__ == "__main__":

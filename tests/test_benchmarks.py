@@ -157,3 +157,20 @@ def test_the_decode_benchmark_runs_every_table_at_a_ci_size(tmp_path):
     md = next(tmp_path.glob("bench_llm_decode*.md")).read_text()
     assert "seed_fast generate_ids" in md and "seed_fast fused lora_linear" in md
     assert "| no |" not in md, md
+
+
+def test_the_tokenizer_benchmark_holds_codes_to_an_fp32_copy_on_photographs(tmp_path):
+    """bench_tokenizer.py on the embedded model: every provider's codes against an fp32 copy of the
+    model, on the timed images and on scikit-image's sample photographs."""
+    pytest.importorskip("skimage")
+    import bench_tokenizer
+
+    args = ["--device", "cpu", "--config", str(ROOT / "seed_fast/default_model/assets/tokenizer")]
+    bench_tokenizer.main([*args, "--qformer-batches", "", "--tokenizer-batches", "1", "--out", str(tmp_path)])
+    rows = json.loads(next(tmp_path.glob("bench_tokenizer*.json")).read_text())["rows"]
+    enc = [r for r in rows if r["part"] == "tokenizer"]
+    assert {r["provider"] for r in enc} >= {"seed_fast reference (eager)", "seed_fast to_fast()"}
+    for r in enc:
+        assert r["photos"].endswith("%") and float(r["photos"][:-1]) >= 90.0, r
+    ref = next(r for r in enc if r["provider"] == "seed_fast reference (eager)")
+    assert ref["check"] == "100.00% codes equal" and ref["photos"] == "100.00%"
