@@ -16,6 +16,11 @@
 #            impl="auto" beside them, the tokenizer at batch 1 and 256, host cost per tiny call; about
 #            8-9 minutes on an H200 (allow the whole run 590 s)
 #   rest     build, the benchmarks `targets` leaves out (fp16 codebook, LLM decode), no tests
+#   jobs     build, then the four end-to-end jobs at the released shapes, no tests: tokenizing
+#            (seed-tokenizer-2 fp16 at batch 1 and 256, codes against an fp32 copy, compiled and FP8
+#            peers), SEED-LLaMA 8B decoding (batch 1 / 8 / 32) and the unCLIP step (batch 1 / 8),
+#            LoRA fine-tuning (seq 2048) against peft, bf16 / int8 / int4 memory; about 9 minutes
+#            (allow 590 s; the later steps are cut first)
 #   suite    build, then benchmarks/run_all.py (every benchmark, summary tables + JSON + PNG), its
 #            time limits scaled to fit SUITE_BUDGET seconds (default 400); SUITE_TESTS=1 first runs
 #            the regression guard and export tests
@@ -94,7 +99,7 @@ if [ "$MODE" = "dispatch" ]; then
     tests/models/test_fast_path.py::test_cuda_graph_replay_matches_eager"}
   STEP_LIMIT_TESTS=${STEP_LIMIT_TESTS:-150}
 fi
-if [ "$MODE" != "bench" ] && [ "$MODE" != "rest" ]; then
+if [ "$MODE" != "bench" ] && [ "$MODE" != "rest" ] && [ "$MODE" != "jobs" ]; then
   log "tests on the GPU"
   # TEST_PATHS narrows the run (the Triton kernels compile per shape and dtype: the whole set takes
   # minutes); -rfE lists every failure by name, --durations shows where the time went
@@ -129,6 +134,16 @@ elif [ "$MODE" = "targets" ]; then
     --shapes "LLaMA-7B attn,LLaMA-7B mlp up,LLaMA-7B mlp down" --dropout 0.05 --out "$B"
   step bench_tokenizer "$L" bench_tokenizer.log $PY benchmarks/bench_tokenizer.py --qformer-batches 1,256 --tokenizer-batches 1,256 --out "$B"
   step bench_blip2 "$L" bench_blip2.log $PY benchmarks/bench_blip2.py --device cuda --batches 1,256 --out "$B"
+elif [ "$MODE" = "jobs" ]; then
+  log "end-to-end jobs at the released shapes"
+  step bench_tokenizer 150 bench_tokenizer.log $PY benchmarks/bench_tokenizer.py --qformer-batches "" \
+    --tokenizer-batches 1,256 --compile default --out "$B"
+  step bench_llm_decode 100 bench_llm_decode.log $PY benchmarks/bench_llm_decode.py --model llama-7b --batch 1,8,32 \
+    --no-lora --out "$B"
+  step bench_train_llm 90 bench_train_llm.log $PY benchmarks/bench_train_llm.py --model llama-7b --seq 2048 --out "$B"
+  step bench_unclip 110 bench_unclip.log $PY benchmarks/bench_unclip.py --batches 1,8 --steps 25 --compile default \
+    --repeats 2 --out "$B"
+  step bench_llm_quant 80 bench_llm_quant.log $PY benchmarks/bench_llm_quant.py --model llama-7b --out "$B"
 elif [ "$MODE" = "rest" ]; then
   log "benchmarks left out of targets"
   step bench_codebook_f16 "$L" bench_codebook_float16.log $PY benchmarks/bench_codebook_lookup.py --quick --dtype float16 --out "$B"

@@ -174,3 +174,29 @@ def test_the_tokenizer_benchmark_holds_codes_to_an_fp32_copy_on_photographs(tmp_
         assert r["photos"].endswith("%") and float(r["photos"][:-1]) >= 90.0, r
     ref = next(r for r in enc if r["provider"] == "seed_fast reference (eager)")
     assert ref["check"] == "100.00% codes equal" and ref["photos"] == "100.00%"
+
+
+def test_the_unclip_benchmark_draws_the_same_images_both_ways(tmp_path):
+    """bench_unclip.py on the tiny pipeline: the stock and the sped-up pipeline, the same images."""
+    pytest.importorskip("diffusers")
+    import bench_unclip
+
+    args = ["--device", "cpu", "--shape", "tiny", "--batches", "1,2", "--steps", "2", "--repeats", "1"]
+    assert bench_unclip.main([*args, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_unclip_tiny_float32.json").read_text())["rows"]
+    assert len(rows) == 4 and {r["B"] for r in rows} == {1, 2}
+    fast = [r for r in rows if r["provider"].startswith("seed_fast")]
+    assert len(fast) == 2 and all(float(r["max_diff"]) < 1e-4 for r in fast), fast
+
+
+def test_the_quantized_loading_benchmark_loads_each_variant(tmp_path):
+    """bench_llm_quant.py on a tiny LM: fp32 and torchao int8 through SeedLLM.from_pretrained."""
+    pytest.importorskip("torchao")
+    import bench_llm_quant
+
+    args = ["--device", "cpu", "--model", "llama-tiny", "--prompt", "8", "--new", "4", "--repeats", "1"]
+    assert bench_llm_quant.main([*args, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_llm_quant_llama-tiny.json").read_text())["rows"]
+    assert [(r["variant"], r["quantized"]) for r in rows] == [("fp32", "no"), ("int8", "yes")]
+    with pytest.raises(ValueError, match="unknown variant"):
+        bench_llm_quant.main(["--device", "cpu", "--variants", "int3"])

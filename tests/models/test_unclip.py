@@ -396,3 +396,34 @@ def test_load_errors(pipe, tmp_path):
     (folder / "unet").rmdir()
     with pytest.raises(FileNotFoundError, match=r"lacks the component folder\(s\) \['unet'\]"):
         load_unclip_pipeline(folder)
+
+
+# ---------------------------------------------------------------- the faster decode path
+def test_speed_up_pipeline_draws_the_stock_images_and_undoes(seed):
+    """Fused q/k/v + SDPA + channels-last (no compile on the CPU) gives the stock pipeline's images to
+    fp32 rounding; undo_speed_up leaves the modules as diffusers makes them (same state dict)."""
+    from seed_fast.models.decoders.fast import speed_up_pipeline, undo_speed_up
+
+    p = tiny_unclip_pipeline(embed_dim=D, sample_size=8, seed=3)
+    emb = torch.randn(2, D, generator=torch.Generator().manual_seed(seed))
+    keys = set(p.unet.state_dict())
+
+    def draw():
+        images = embeddings_to_images(p, emb, num_inference_steps=STEPS, seed=4, progress=False)
+        return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
+
+    want = draw()
+    assert speed_up_pipeline(p, compile_mode=None) is p
+    assert any(getattr(m, "fused_projections", False) for m in p.unet.modules())
+    assert p.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    speed_up_pipeline(p, compile_mode=None)  # twice: still undoable to the stock modules
+    got = draw()
+    assert np.abs(got - want).max() <= 1 / 255  # 8-bit images: at most one level apart
+    undo_speed_up(p)
+    assert set(p.unet.state_dict()) == keys
+    assert not any(getattr(m, "fused_projections", False) for m in p.unet.modules())
+    assert_equal(torch.from_numpy(draw()), torch.from_numpy(want), name="after undo")
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        speed_up_pipeline(p, compile_mode="fastest")
+    with pytest.raises(TypeError, match="needs a diffusers pipeline with a UNet"):
+        speed_up_pipeline(object())
