@@ -309,3 +309,40 @@ def test_uniform_init_refuses_to_leave_a_parameter_unset(monkeypatch):
 def test_unknown_init_is_refused():
     with pytest.raises(ValueError, match="'uniform'"):
         SeedTokenizer.from_config("tiny", seed=0, init="xavier")
+
+
+def test_eva_qkv_bias_is_kept_while_unchanged_and_follows_changes(seed):
+    """EVA's [q_bias, 0, v_bias] is built once outside autograd (not per layer per call), rebuilt
+    after an in-place change or a dtype cast, and built in the graph when the biases train."""
+    from seed_fast.models.seed.vit import Attention
+
+    g = torch.Generator().manual_seed(seed)
+    att = Attention(16, 2, eva_bias=True)
+    with torch.no_grad():
+        att.q_bias.copy_(torch.randn(16, generator=g))
+        att.v_bias.copy_(torch.randn(16, generator=g))
+    x = torch.randn(2, 5, 16, generator=g)
+
+    def want(m, x):
+        bias = torch.cat([m.q_bias, torch.zeros_like(m.q_bias), m.v_bias])
+        return torch.nn.functional.linear(x, m.qkv.weight, bias)
+
+    with torch.no_grad():
+        first = att.qkv_bias()
+        assert att.qkv_bias() is first, "rebuilt although nothing changed"
+        att.q_bias.add_(1.0)
+        assert_equal(att.qkv_bias(), torch.cat([att.q_bias, torch.zeros(16), att.v_bias]), name="after add_")
+        ref = want(att, x)
+        assert_close(torch.nn.functional.linear(x, att.qkv.weight, att.qkv_bias()), ref, rtol=0, atol=0)
+    half = Attention(16, 2, eva_bias=True)
+    half.load_state_dict(att.state_dict())
+    half = half.double()
+    with torch.no_grad():
+        assert half.qkv_bias().dtype == torch.float64
+    out = att(x)  # grad enabled, biases trainable: built in the graph
+    out.sum().backward()
+    assert att.q_bias.grad is not None and att.v_bias.grad is not None
+    assert_close(torch.nn.functional.linear(x, att.qkv.weight, att.qkv_bias()), ref, rtol=1e-6, atol=1e-6)
+    with torch.inference_mode():
+        fresh = Attention(16, 2, eva_bias=True)
+        assert fresh.qkv_bias().shape == (48,)  # inference tensors: no version counter, built per call

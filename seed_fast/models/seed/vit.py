@@ -38,12 +38,27 @@ class Attention(nn.Module):
             self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
         self.attn_impl = "ref"  # SeedTokenizer.to_fast switches it to "sdpa"
+        self._bias_cache: tuple | None = None  # (key, [q_bias, 0, v_bias]) outside autograd
+
+    def qkv_bias(self) -> torch.Tensor:
+        """EVA's q / k / v bias [q_bias, 0, v_bias]. Without gradients it is built once and kept while
+        q_bias and v_bias are unchanged (their storage and version counters), not rebuilt per call."""
+        q, v = self.q_bias, self.v_bias
+        if (torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)) or torch.compiler.is_compiling():
+            return torch.cat([q, torch.zeros_like(q), v])
+        try:
+            key = (q.data_ptr(), q._version, v.data_ptr(), v._version, q.dtype, q.device)
+        except RuntimeError:  # inference-mode tensors keep no version counter: build it each call
+            return torch.cat([q, torch.zeros_like(q), v])
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            with torch.no_grad():
+                self._bias_cache = (key, torch.cat([q, torch.zeros_like(q), v]))
+        return self._bias_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         if self.eva_bias:
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-            qkv = F.linear(x, self.qkv.weight, bias)
+            qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
         else:
             qkv = self.qkv(x)
         q, k, v = qkv.view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
