@@ -89,22 +89,22 @@ def main(argv=None) -> int:
 
     # ---- tokenizer
     codes_ref = tok.encode(pix_t).cpu().numpy()
-    assert np.array_equal(rt.tokenize(pix), codes_ref), "onnxruntime codes differ from torch"
+    assert np.array_equal(rt.encode(pix), codes_ref), "onnxruntime codes differ from torch"
     for b in (1, 32):
         tok.to_reference()
         add("tokenizer", f"batch {b}", "torch eager", "images/s", b, lambda b=b: tok.encode(pix_t[:b]))
         tok.to_fast()
         add("tokenizer", f"batch {b}", "torch to_fast", "images/s", b, lambda b=b: tok.encode(pix_t[:b]))
-        add("tokenizer", f"batch {b}", ort_name, "images/s", b, lambda b=b: rt.tokenize(pix[:b]))
+        add("tokenizer", f"batch {b}", ort_name, "images/s", b, lambda b=b: rt.encode(pix[:b]))
     tok.to_reference()
     # ---- detokenizer
     codes_t = torch.from_numpy(codes_ref).to(dev)
     assert (
-        np.abs(rt.embed(codes_ref) - tok.decode(codes_t).cpu().numpy()).max()
-        <= 1e-4 * np.abs(rt.embed(codes_ref)).max()
+        np.abs(rt.decode(codes_ref) - tok.decode(codes_t).cpu().numpy()).max()
+        <= 1e-4 * np.abs(rt.decode(codes_ref)).max()
     )
     add("detokenizer", "batch 32", "torch eager", "images/s", 32, lambda: tok.decode(codes_t))
-    add("detokenizer", "batch 32", ort_name, "images/s", 32, lambda: rt.embed(codes_ref))
+    add("detokenizer", "batch 32", ort_name, "images/s", 32, lambda: rt.decode(codes_ref))
     # ---- LLM: captions (greedy, KV cache)
     cap_rows = [llm.encode_turn(llm.template.caption, codes_ref[i : i + 1]) for i in range(32)]
     new_ids = llm.generate_ids(cap_rows)
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     )
     add("llm", f"caption 32 ({n_new} new tokens)", ort_name, "tokens/s", n_new, lambda: rt.generate_ids(cap_rows))
     prompts = caps[:8]
-    assert np.array_equal(rt.generate_codes(prompts), llm.generate_image_codes(prompts).numpy())
+    assert np.array_equal(rt.generate_image_codes(prompts), llm.generate_image_codes(prompts).numpy())
     add(
         "llm",
         "8 prompts -> 32 codes each",
@@ -129,9 +129,9 @@ def main(argv=None) -> int:
         8 * 32,
         lambda: llm.generate_image_codes(prompts),
     )
-    add("llm", "8 prompts -> 32 codes each", ort_name, "tokens/s", 8 * 32, lambda: rt.generate_codes(prompts))
+    add("llm", "8 prompts -> 32 codes each", ort_name, "tokens/s", 8 * 32, lambda: rt.generate_image_codes(prompts))
     # ---- decoder UNet (one guided step)
-    emb = rt.embed(codes_ref[:8])
+    emb = rt.decode(codes_ref[:8])
     c, sz = dec.sample_channels, dec.sample_size  # latents for a latent decoder
     x = np.random.default_rng(0).standard_normal((16, c, sz, sz)).astype(np.float32)
     t = np.full(16, 500, np.int64)

@@ -3,9 +3,14 @@ Pillow for image files). Nothing here imports torch.
 
     from seed_fast.export.runtime import SeedRuntime
     rt = SeedRuntime("onnx/")                       # written by `seed-fast export onnx`
-    codes = rt.tokenize(images)                     # (B, 32) int64
-    rt.caption(codes=codes); rt.answer(["what color is the shape on the right?"], codes=codes)
-    images = rt.text_to_image(["one red circle left of a blue square"])   # (B, S, S, 3) float in [0, 1]
+    codes = rt.encode(images)                       # (B, 32) int64
+    rt.caption(codes=codes); rt.answer(questions=["what color is the shape on the right?"], codes=codes)
+    images = rt.generate_images(["one red circle left of a blue square"])   # (B, S, S, 3) float in [0, 1]
+
+The methods carry the torch API's names and argument order: `encode` / `decode` as
+SeedTokenizer's, `caption(images, prompt)`, `answer(images, questions)`, `generate_image_codes`,
+`generate_images`, `encode_turn`, `generate_ids` as SeedLLM's. The names of 0.1 (`tokenize`,
+`embed`, `generate_codes`, `text_to_image`) still work and warn.
 
 Execution providers: TensorRT, then CUDA, then CPU, among those the installed onnxruntime offers
 (onnxruntime-gpu brings the first two); `providers=[...]` overrides.
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -278,13 +284,24 @@ class SeedRuntime:
         return c.astype(np.int64)
 
     # ------------------------------------------------------------------------------------ tokenizer
-    def tokenize(self, images) -> np.ndarray:
-        """Images (list of PIL images / paths, or (B, 3, H, W) uint8 or float in [0, 1]) -> codes (B, 32) int64."""
+    def encode(self, images) -> np.ndarray:
+        """Images (list of PIL images / paths, or (B, 3, H, W) uint8 or float in [0, 1]) -> codes (B, 32)
+        int64, as SeedTokenizer.encode."""
         return self.session("tokenizer").run(None, {"images": self._images(images)})[0]
 
-    def embed(self, codes) -> np.ndarray:
-        """Codes (B, 32) -> generation embeddings (B, D) float32."""
+    def decode(self, codes) -> np.ndarray:
+        """Codes (B, 32) -> generation embeddings (B, D) float32, as SeedTokenizer.decode."""
         return self.session("detokenizer").run(None, {"codes": self._codes(codes)})[0]
+
+    def tokenize(self, images) -> np.ndarray:
+        """The 0.1 name of `encode`."""
+        _renamed("tokenize", "encode")
+        return self.encode(images)
+
+    def embed(self, codes) -> np.ndarray:
+        """The 0.1 name of `decode`."""
+        _renamed("embed", "decode")
+        return self.decode(codes)
 
     # ------------------------------------------------------------------------------------ LLM
     @property
@@ -376,10 +393,10 @@ class SeedRuntime:
     def _image_codes(self, images, codes) -> np.ndarray:
         if (images is None) == (codes is None):
             raise RuntimeInputError("give images or codes (exactly one)")
-        return self.tokenize(images) if images is not None else self._codes(codes)
+        return self.encode(images) if images is not None else self._codes(codes)
 
-    def caption(self, images=None, *, codes=None, prompt: str | None = None, max_new_tokens: int = 32) -> list[str]:
-        """One caption per image (greedy)."""
+    def caption(self, images=None, prompt: str | None = None, *, codes=None, max_new_tokens: int = 32) -> list[str]:
+        """One caption per image (greedy), as SeedLLM.caption."""
         c = self._image_codes(images, codes)
         turn = self._llm["template"]["caption"] if prompt is None else prompt
         if IMAGE_PLACEHOLDER not in turn:
@@ -387,8 +404,11 @@ class SeedRuntime:
         rows = [self.encode_turn(turn, c[i : i + 1]) for i in range(len(c))]
         return self._decode(self.generate_ids(rows, max_new_tokens=max_new_tokens))
 
-    def answer(self, questions, images=None, *, codes=None, max_new_tokens: int = 32) -> list[str]:
-        """questions[i] about image i (one string: asked of every image)."""
+    def answer(self, images=None, questions=None, *, codes=None, max_new_tokens: int = 32) -> list[str]:
+        """questions[i] about image i (one string: asked of every image), as SeedLLM.answer: images
+        first (0.1 took the questions first)."""
+        if questions is None:
+            raise RuntimeInputError("give the questions: answer(images, questions) or answer(questions=..., codes=...)")
         c = self._image_codes(images, codes)
         if isinstance(questions, str):
             questions = [questions] * len(c)
@@ -402,8 +422,14 @@ class SeedRuntime:
         return self._decode(self.generate_ids(rows, max_new_tokens=max_new_tokens))
 
     def generate_codes(self, texts, *, cfg_scale: float = 1.0) -> np.ndarray:
+        """The 0.1 name of `generate_image_codes`."""
+        _renamed("generate_codes", "generate_image_codes")
+        return self.generate_image_codes(texts, cfg_scale=cfg_scale)
+
+    def generate_image_codes(self, texts, *, cfg_scale: float = 1.0) -> np.ndarray:
         """Texts -> (B, 32) image codes, greedy over the image vocabulary only; cfg_scale > 1 adds
-        LLM-side classifier-free guidance against the prompt `<img>` alone."""
+        LLM-side classifier-free guidance against the prompt `<img>` alone. As
+        SeedLLM.generate_image_codes."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
@@ -566,9 +592,23 @@ class SeedRuntime:
         with np.load(path) as z:
             return {"positive": z["positive"].astype(np.float32), "negative": z["negative"].astype(np.float32)}
 
+    def generate_images(self, texts, *, cfg_scale: float = 1.0, **render_kwargs) -> np.ndarray:
+        """Texts -> codes -> embeddings -> images (B, S, S, 3) in [0, 1], as SeedLLM.generate_images
+        (which returns PIL images; `to_pil` converts)."""
+        return self.render(self.decode(self.generate_image_codes(texts, cfg_scale=cfg_scale)), **render_kwargs)
+
     def text_to_image(self, texts, *, cfg_scale: float = 1.0, **render_kwargs) -> np.ndarray:
-        """Texts -> codes -> embeddings -> images (B, S, S, 3) in [0, 1]."""
-        return self.render(self.embed(self.generate_codes(texts, cfg_scale=cfg_scale)), **render_kwargs)
+        """The 0.1 name of `generate_images`."""
+        _renamed("text_to_image", "generate_images")
+        return self.generate_images(texts, cfg_scale=cfg_scale, **render_kwargs)
+
+
+def _renamed(old: str, new: str) -> None:
+    warnings.warn(
+        f"SeedRuntime.{old} is now SeedRuntime.{new} (the torch API's name); {old} will be removed",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def timestep_embedding(t: np.ndarray, dim: int, max_period: float = 10000.0) -> np.ndarray:
@@ -623,10 +663,12 @@ def main(argv=None) -> int:
     try:
         rt = SeedRuntime(args.model, providers=args.providers)
         if args.images:
-            codes = rt.tokenize(list(args.images))
+            codes = rt.encode(list(args.images))
             caps = rt.caption(codes=codes) if "llm" in rt.parts else [None] * len(codes)
             answers = (
-                rt.answer(args.question, codes=codes) if args.question and "llm" in rt.parts else [None] * len(codes)
+                rt.answer(questions=args.question, codes=codes)
+                if args.question and "llm" in rt.parts
+                else [None] * len(codes)
             )
             for path, c, cap, ans in zip(args.images, codes, caps, answers):
                 print(f"{path}: codes {' '.join(map(str, c.tolist()))}")
@@ -635,7 +677,7 @@ def main(argv=None) -> int:
                 if ans is not None:
                     print(f"  answer: {ans}")
         if args.generate:
-            imgs = rt.text_to_image(args.generate, steps=args.steps, guidance=args.guidance)
+            imgs = rt.generate_images(args.generate, steps=args.steps, guidance=args.guidance)
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             for i, (text, im) in enumerate(zip(args.generate, to_pil(imgs))):

@@ -32,11 +32,11 @@ def test_seed_tokenizer_2_exports_and_runs_in_onnxruntime(tmp_path):
     rt = SeedRuntime(tmp_path, providers=["CPUExecutionProvider"])
     images, _ = sample_images(2, seed=5)
     t0 = time.perf_counter()
-    codes = rt.tokenize(images)
+    codes = rt.encode(images)
     t_run = time.perf_counter() - t0
     assert codes.shape == (2, 32)
     assert_equal(codes, tok.encode(images), name="codes")
-    emb = rt.embed(codes)
+    emb = rt.decode(codes)
     assert emb.shape == (2, 1024)
     ref = tok.decode(torch.from_numpy(codes)).numpy()
     assert_close(emb, ref, atol=1e-4 * float(np.abs(ref).max()), rtol=0, name="embeddings")

@@ -81,24 +81,24 @@ def test_codes_identical_on_random_and_real_images(exported, seed):
     s = tok.config.vision.image_size
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (4, 3, s, s), generator=g, dtype=torch.uint8)
-    assert_equal(rt.tokenize(x.numpy()), tok.encode(x), name="codes of random images")
+    assert_equal(rt.encode(x.numpy()), tok.encode(x), name="codes of random images")
     scenes, _ = sample_images(3, seed=seed % 1000, size=s)
-    assert_equal(rt.tokenize(scenes), tok.encode(scenes), name="codes of scenes")
+    assert_equal(rt.encode(scenes), tok.encode(scenes), name="codes of scenes")
     skimage = pytest.importorskip("skimage.data")
     from PIL import Image
 
     real = [Image.fromarray(getattr(skimage, n)()) for n in ("astronaut", "coffee", "chelsea", "rocket")]
-    assert_equal(rt.tokenize(real), tok.encode(real), name="codes of photographs")
+    assert_equal(rt.encode(real), tok.encode(real), name="codes of photographs")
     # float input is accepted too (range-checked, converted to the graph's uint8)
     xf = x.float().numpy() / 255.0
-    assert_equal(rt.tokenize(xf), tok.encode(x), name="codes of float images")
+    assert_equal(rt.encode(xf), tok.encode(x), name="codes of float images")
 
 
 def test_embeddings_and_logits_within_1e4(exported, seed):
     llm, _, rt, _, _ = exported
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, llm.tokenizer.codebook_size, (5, 32), generator=g)
-    _assert_rel(rt.embed(codes.numpy()), llm.tokenizer.decode(codes), 1e-4, "embeddings")
+    _assert_rel(rt.decode(codes.numpy()), llm.tokenizer.decode(codes), 1e-4, "embeddings")
     # prefill logits of a left-padded batch, against the transformers model run directly
     rows = [[llm.text_tokenizer.bos_token_id] + torch.randint(4, 50, (n,), generator=g).tolist() for n in (3, 9)]
     ids, mask, pos = rt._prefill(rows, 1)
@@ -118,17 +118,56 @@ def test_greedy_captions_and_answers_identical_token_for_token(exported, seed):
     assert rt.generate_ids(rows, max_new_tokens=12) == llm.generate_ids(rows, max_new_tokens=12)
     assert rt.caption(codes=codes.numpy(), max_new_tokens=12) == llm.caption(codes=codes, max_new_tokens=12)
     qs = ["what color is the shape on the right?", "how many shapes are on the left?", "what shape", "color"]
-    assert rt.answer(qs, codes=codes.numpy(), max_new_tokens=6) == llm.answer(
+    assert rt.answer(questions=qs, codes=codes.numpy(), max_new_tokens=6) == llm.answer(
         codes=codes, questions=qs, max_new_tokens=6
     )
+
+
+def _one_program(tokenizer, model, images, questions, texts):
+    """The same calls, whichever API drives them: the torch objects or the runtime."""
+    codes = tokenizer.encode(images)
+    return {
+        "codes": codes,
+        "embeddings": tokenizer.decode(codes),
+        "captions": model.caption(images, max_new_tokens=8),
+        "prompted": model.caption(images, "a photo of", max_new_tokens=8),
+        "answers": model.answer(images, questions, max_new_tokens=6),
+        "one question": model.answer(images, questions[0], max_new_tokens=4),
+        "generated": model.generate_image_codes(texts),
+    }
+
+
+def test_one_program_drives_the_runtime_and_the_torch_api(exported, seed):
+    """The runtime's methods carry the torch API's names and argument order: one function calls
+    either and gets the same codes, embeddings, captions, answers and generated codes; the 0.1
+    names still work and warn."""
+    llm, _, rt, _, _ = exported
+    scenes, _ = sample_images(3, seed=seed % 1000, size=llm.tokenizer.config.vision.image_size)
+    qs = ["what color is the shape on the right?", "how many shapes?", "what shape is left?"]
+    texts = ["one red circle left of a blue square"]
+    want = _one_program(llm.tokenizer, llm, scenes, qs, texts)
+    got = _one_program(rt, rt, scenes, qs, texts)
+    assert_equal(got["codes"], want["codes"], name="codes")
+    _assert_rel(got["embeddings"], want["embeddings"], 1e-4, "embeddings")
+    for key in ("captions", "prompted", "answers", "one question"):
+        assert got[key] == want[key], key
+    assert_equal(got["generated"], want["generated"], name="generated codes")
+    x = torch.rand(2, 3, llm.tokenizer.config.vision.image_size, llm.tokenizer.config.vision.image_size)
+    assert llm.caption(x, max_new_tokens=4) == rt.caption(x.numpy(), max_new_tokens=4)  # a tensor of images
+    with pytest.warns(DeprecationWarning, match="tokenize is now SeedRuntime.encode"):
+        assert_equal(rt.tokenize(scenes), want["codes"], name="0.1 name")
+    with pytest.warns(DeprecationWarning, match="generate_codes is now"):
+        rt.generate_codes(texts)
+    with pytest.raises(RuntimeInputError, match="give the questions"):
+        rt.answer(scenes)
 
 
 def test_generated_codes_identical_with_and_without_guidance(exported):
     llm, _, rt, _, _ = exported
     texts = ["one red circle left of a blue square", "three green triangles left of a yellow circle"]
-    assert_equal(rt.generate_codes(texts), llm.generate_image_codes(texts), name="greedy codes")
+    assert_equal(rt.generate_image_codes(texts), llm.generate_image_codes(texts), name="greedy codes")
     assert_equal(
-        rt.generate_codes(texts, cfg_scale=3.0), llm.generate_image_codes(texts, cfg_scale=3.0), name="guided codes"
+        rt.generate_image_codes(texts, cfg_scale=3.0), llm.generate_image_codes(texts, cfg_scale=3.0), name="guided codes"
     )
 
 
@@ -191,7 +230,7 @@ def test_latent_decoder_exports_its_autoencoder_and_renders_like_the_pipeline(tm
 
 def test_text_to_image_end_to_end(exported):
     _, _, rt, _, _ = exported
-    imgs = rt.text_to_image(["two blue squares left of a red circle"], steps=3, seed=1)
+    imgs = rt.generate_images(["two blue squares left of a red circle"], steps=3, seed=1)
     assert imgs.shape == (1, 16, 16, 3) and imgs.dtype == np.float32
     assert 0.0 <= imgs.min() and imgs.max() <= 1.0 and imgs.std() > 0
 

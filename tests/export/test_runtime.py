@@ -57,9 +57,9 @@ def test_runtime_runs_with_torch_absent(tiny, tmp_path):
             raise SystemExit("torch was importable")
         from seed_fast.runtime import SeedRuntime, to_pil
         rt = SeedRuntime({str(out)!r}, providers=["CPUExecutionProvider"])
-        codes = rt.tokenize(np.load({str(tmp_path / "x.npy")!r}))
+        codes = rt.encode(np.load({str(tmp_path / "x.npy")!r}))
         caps = rt.caption(codes=codes, max_new_tokens=6)
-        img = rt.text_to_image(["one red circle left of a blue square"], steps=2)
+        img = rt.generate_images(["one red circle left of a blue square"], steps=2)
         to_pil(img)[0].save({str(tmp_path / "gen.png")!r})
         assert "torch" not in sys.modules and "transformers" not in sys.modules
         print(json.dumps({{"codes": codes.tolist(), "captions": caps}}))
@@ -76,27 +76,27 @@ def test_bad_input_gets_clear_errors(tiny, tmp_path):
     rt = SeedRuntime(out, providers=["CPUExecutionProvider"])
     s = llm.tokenizer.config.vision.image_size
     cases = [
-        (lambda: rt.tokenize(np.zeros((3, s, s), np.uint8)), "batch dimension"),
-        (lambda: rt.tokenize(np.zeros((1, s, s, 3), np.uint8)), "channels-last"),
-        (lambda: rt.tokenize(np.zeros((1, 3, s, s), np.int32)), "uint8 or float"),
-        (lambda: rt.tokenize(np.full((1, 3, s, s), 7.0, np.float32)), r"\[0, 1\]"),
-        (lambda: rt.tokenize(np.full((1, 3, s, s), np.nan, np.float32)), "NaN"),
-        (lambda: rt.tokenize([]), "empty"),
-        (lambda: rt.tokenize(["/no/such/file.png"]), "no such file"),
-        (lambda: rt.tokenize([Image.new("RGB", (0, 0))]), r"images\[0\] is empty \(0x0\)"),
-        (lambda: rt.tokenize(np.zeros((1, 3, 0, 0), np.uint8)), "empty spatial size"),
-        (lambda: rt.embed(np.zeros((2, 31), np.int64)), "exactly 32 codes"),
-        (lambda: rt.embed(np.zeros((2, 32), np.float32)), "integers"),
-        (lambda: rt.embed(np.full((1, 32), 10**6)), "must lie in"),
+        (lambda: rt.encode(np.zeros((3, s, s), np.uint8)), "batch dimension"),
+        (lambda: rt.encode(np.zeros((1, s, s, 3), np.uint8)), "channels-last"),
+        (lambda: rt.encode(np.zeros((1, 3, s, s), np.int32)), "uint8 or float"),
+        (lambda: rt.encode(np.full((1, 3, s, s), 7.0, np.float32)), r"\[0, 1\]"),
+        (lambda: rt.encode(np.full((1, 3, s, s), np.nan, np.float32)), "NaN"),
+        (lambda: rt.encode([]), "empty"),
+        (lambda: rt.encode(["/no/such/file.png"]), "no such file"),
+        (lambda: rt.encode([Image.new("RGB", (0, 0))]), r"images\[0\] is empty \(0x0\)"),
+        (lambda: rt.encode(np.zeros((1, 3, 0, 0), np.uint8)), "empty spatial size"),
+        (lambda: rt.decode(np.zeros((2, 31), np.int64)), "exactly 32 codes"),
+        (lambda: rt.decode(np.zeros((2, 32), np.float32)), "integers"),
+        (lambda: rt.decode(np.full((1, 32), 10**6)), "must lie in"),
         (lambda: rt.caption(), "exactly one"),
-        (lambda: rt.answer(["a", "b"], codes=np.zeros((1, 32), np.int64)), "question"),
-        (lambda: rt.generate_codes([""]), "non-empty"),
-        (lambda: rt.generate_codes(["x"], cfg_scale=0.5), "cfg_scale"),
-        (lambda: rt.generate_codes(["two <img_00003> circles"]), "an image token's text"),
-        (lambda: rt.generate_codes(["red " * 5000]), "exceeds the model's .* positions"),
+        (lambda: rt.answer(questions=["a", "b"], codes=np.zeros((1, 32), np.int64)), "question"),
+        (lambda: rt.generate_image_codes([""]), "non-empty"),
+        (lambda: rt.generate_image_codes(["x"], cfg_scale=0.5), "cfg_scale"),
+        (lambda: rt.generate_image_codes(["two <img_00003> circles"]), "an image token's text"),
+        (lambda: rt.generate_image_codes(["red " * 5000]), "exceeds the model's .* positions"),
         (lambda: rt.caption(codes=np.zeros((1, 32), np.int64), prompt="red " * 5000), "exceeds the model's"),
-        (lambda: rt.generate_codes(["x"], cfg_scale=float("nan")), "cfg_scale must be a finite number"),
-        (lambda: rt.generate_codes(["x"], cfg_scale=float("inf")), "cfg_scale must be a finite number"),
+        (lambda: rt.generate_image_codes(["x"], cfg_scale=float("nan")), "cfg_scale must be a finite number"),
+        (lambda: rt.generate_image_codes(["x"], cfg_scale=float("inf")), "cfg_scale must be a finite number"),
         (lambda: rt.render(np.zeros((1, 5), np.float32)), "embeddings must be"),
         (lambda: rt.render(np.zeros((1, rt.parts["decoder"]["embed_dim"]), np.float32), steps=0), "steps"),
         (
@@ -213,14 +213,14 @@ def test_embedded_default_model_through_onnx(tmp_path, seed):
     assert set(man["parts"]) == {"tokenizer", "detokenizer", "llm", "decoder"}
     rt = SeedRuntime(tmp_path, providers=["CPUExecutionProvider"])
     images, caps, _, qas = test_scenes(16)
-    codes = rt.tokenize(images)
+    codes = rt.encode(images)
     assert_equal(codes, m.tokenizer.encode(images), name="codes")
     assert rt.caption(codes=codes) == m.llm.caption(codes=torch.from_numpy(codes))
     qs = [q for q, _ in qas]
-    assert rt.answer(qs, codes=codes) == m.llm.answer(codes=torch.from_numpy(codes), questions=qs)
-    gen = rt.generate_codes(caps[:4])
+    assert rt.answer(questions=qs, codes=codes) == m.llm.answer(codes=torch.from_numpy(codes), questions=qs)
+    gen = rt.generate_image_codes(caps[:4])
     assert_equal(gen, m.llm.generate_image_codes(caps[:4]), name="generated codes")
-    emb = rt.embed(gen)
+    emb = rt.decode(gen)
     want = m.tokenizer.decode(torch.from_numpy(gen))
     assert_close(emb, want, atol=1e-4 * float(np.abs(emb).max()), rtol=0, name="embeddings")
     c, s = m.decoder.sample_channels, m.decoder.sample_size  # the latents of a latent decoder
@@ -250,7 +250,7 @@ def test_the_runtime_reports_the_providers_it_runs_on(tiny):
     _, out = tiny
     rt = SeedRuntime(out, providers=["CPUExecutionProvider"])
     assert rt.active_providers == []  # nothing loaded yet
-    rt.embed(np.zeros((1, 32), np.int64))
+    rt.decode(np.zeros((1, 32), np.int64))
     assert rt.active_providers == ["CPUExecutionProvider"]
     assert rt.active_providers == list(rt.session("detokenizer").get_providers())
 
@@ -315,7 +315,7 @@ def test_ort_run_names_an_unreadable_image(tiny, tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     rt = SeedRuntime(out, providers=["CPUExecutionProvider"])
     with pytest.raises(RuntimeInputError, match=r"images\[0\]: cannot read .*bad.png.* as an image"):
-        rt.tokenize([str(tmp_path / "bad.png")])
+        rt.encode([str(tmp_path / "bad.png")])
     capsys.readouterr()
     argv = ["ort-run", str(tmp_path / "bad.png"), "--model", str(out), "--providers", "CPUExecutionProvider"]
     assert main(argv) == 2

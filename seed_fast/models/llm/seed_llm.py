@@ -612,10 +612,22 @@ class SeedLLM(nn.Module):
         ]
         return self._decode_text(self.generate_ids(rows, **kwargs))
 
+    def _one_image_each(self, images, codes):
+        """caption / answer take one image per row, in any form SeedTokenizer.encode takes (PIL
+        images or paths, a (B, 3, H, W) tensor or array, ...): encoded here to (B, 32) codes."""
+        if images is not None and codes is not None:
+            raise InputError("give images or codes, not both")
+        if images is None or (isinstance(images, (list, tuple)) and len(images) == 0):
+            return codes if images is None else images
+        return self.image_codes(images)
+
     def caption(self, images=None, prompt: str | None = None, *, codes=None, **kwargs) -> list[str]:
-        """One caption per image. prompt: the captioning turn (default: the template's); an
-        `<image>` placeholder in it says where the image goes (else the image comes first)."""
-        groups = images if images is not None else codes
+        """One caption per image (any form SeedTokenizer.encode takes, or codes=). prompt: the
+        captioning turn (default: the template's); an `<image>` placeholder in it says where the
+        image goes (else the image comes first)."""
+        codes = self._one_image_each(images, codes)
+        images = None
+        groups = codes
         n = _count(groups, "images")
         turn = (
             self.template.caption
@@ -625,9 +637,11 @@ class SeedLLM(nn.Module):
         return self.generate_text([turn] * n, _one_each(images), codes=_one_each(codes), **kwargs)
 
     def answer(self, images=None, questions=None, *, codes=None, **kwargs) -> list[str]:
-        """Visual question answering: questions[i] about images[i] (one question string is
-        asked of every image)."""
-        groups = images if images is not None else codes
+        """Visual question answering: questions[i] about images[i] (any form SeedTokenizer.encode
+        takes, or codes=); one question string is asked of every image."""
+        codes = self._one_image_each(images, codes)
+        images = None
+        groups = codes
         n = _count(groups, "images")
         if isinstance(questions, str):
             questions = [questions] * n
