@@ -282,3 +282,69 @@ def test_latent_decoder_saves_loads_and_errors(tmp_path, seed):
         mini_autoencoder(16, (12,))
     with pytest.raises(ValueError, match="image_size must be a multiple of 4"):
         mini_autoencoder(18, (8, 16, 32))
+
+
+# ---------------------------------------------------------------- diffusers conventions
+def test_diffusion_pipeline_from_pretrained_loads_a_saved_decoder(tmp_path, seed):
+    """A saved decoder folder loads through diffusers' own entry point, as its pipelines do."""
+    from diffusers import DiffusionPipeline
+
+    p = mini_image_decoder(embed_dim=16, image_size=16, seed=4)
+    p.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(loaded) is SeedImageDecoderPipeline
+    emb = torch.randn(2, 16, generator=torch.Generator().manual_seed(seed))
+    kw = dict(num_inference_steps=2, output_type="pt")
+    assert_equal(
+        loaded(emb, generator=torch.Generator().manual_seed(1), **kw).images,
+        p(emb, generator=torch.Generator().manual_seed(1), **kw).images,
+        name="loaded the diffusers way",
+    )
+
+
+def test_diffusers_call_arguments(pipe, seed):
+    """num_images_per_prompt, a generator per image, callback_on_step_end (which may replace the
+    latents or interrupt) and every output_type, as diffusers' pipelines take them."""
+    emb = torch.randn(2, 16, generator=torch.Generator().manual_seed(seed))
+    kw = dict(num_inference_steps=3, output_type="pt")
+    two = pipe(emb, num_images_per_prompt=2, generator=torch.Generator().manual_seed(1), **kw).images
+    assert two.shape == (4, 3, 16, 16)
+    # a generator per image: image i is what that generator gives alone
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(4)]
+    each = pipe(emb, num_images_per_prompt=2, generator=gens, **kw).images
+    alone = pipe(emb[1:2], generator=torch.Generator().manual_seed(12), **kw).images
+    assert_close(each[2:3], alone, atol=2e-5, rtol=1e-4, name="generator 2 -> image 2 (embedding 1)")
+    seen = []
+
+    def record(p, step, t, tensors):
+        seen.append((step, int(t), tuple(tensors["latents"].shape)))
+        return {}
+
+    pipe(emb, callback_on_step_end=record, **kw)
+    assert [s for s, _, _ in seen] == [0, 1, 2] and all(shape == (2, 3, 16, 16) for _, _, shape in seen)
+
+    def zero_out(p, step, t, tensors):
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    blank = pipe(emb, callback_on_step_end=zero_out, **kw).images
+    assert_close(blank, torch.full_like(blank, 0.5), atol=1e-6, rtol=0, name="latents replaced by the callback")
+
+    def stop(p, step, t, tensors):
+        p._interrupt = True
+        return {}
+
+    steps = []
+    pipe(emb, callback_on_step_end=lambda *a: (steps.append(a[1]), stop(*a))[1], **kw)
+    assert steps == [0]
+    latent = pipe(emb, output_type="latent", generator=torch.Generator().manual_seed(1), **dict(num_inference_steps=3))
+    assert latent.images.shape == (2, 3, 16, 16)
+    assert pipe(emb, output_type="np", num_inference_steps=2).images.shape == (2, 16, 16, 3)
+    for bad, match in (
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(generator=[torch.Generator()]), "generators for 2 images"),
+        (dict(callback_on_step_end_tensor_inputs=["noise"]), "may name"),
+        (dict(callback_on_step_end=3), "must be callable"),
+        (dict(output_type="latents"), "output_type"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=match):
+            pipe(emb, num_inference_steps=1, **bad)

@@ -427,3 +427,11 @@ def test_speed_up_pipeline_draws_the_stock_images_and_undoes(seed):
         speed_up_pipeline(p, compile_mode="fastest")
     with pytest.raises(TypeError, match="needs a diffusers pipeline with a UNet"):
         speed_up_pipeline(object())
+
+
+def test_diffusion_pipeline_from_pretrained_returns_the_seed_unclip_pipeline(pipe, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(loaded) is SeedUnCLIPPipeline and loaded.image_embedding_dim == D

@@ -111,6 +111,13 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
             return x
         return self.vae.decode(x.to(self.vae.dtype) / float(self.vae.config.scaling_factor)).sample
 
+    _callback_tensor_inputs = ["latents"]
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (e.g. from callback_on_step_end) to stop after the current step."""
+        return getattr(self, "_interrupt", False)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -118,15 +125,34 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
         negative_image_embeds: torch.Tensor | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         progress: bool | None = None,
+        num_images_per_prompt: int = 1,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         **unused: Any,
     ):
+        """Generation embeddings (B, D) -> B * num_images_per_prompt images, as diffusers' pipelines
+        take their arguments: `generator` (one, or a list of one per image), `latents` (the starting
+        noise), `output_type` "pil", "np", "pt" or "latent" (the denoised samples, not decoded),
+        `callback_on_step_end(pipe, step, timestep, {"latents": ...})` after every step (a returned
+        "latents" replaces them; `pipe._interrupt = True` stops the loop)."""
         if unused:
             raise TypeError(f"SeedImageDecoderPipeline got unexpected arguments {sorted(unused)}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+        tensor_inputs = callback_on_step_end_tensor_inputs
+        if tensor_inputs is None:
+            tensor_inputs = ["latents"]
+        if not set(tensor_inputs) <= set(self._callback_tensor_inputs):
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, got {tensor_inputs}"
+            )
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
         if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 2:
             raise ValueError(
                 f"image_embeds must be a (B, D) tensor, got {getattr(image_embeds, 'shape', type(image_embeds))}"
@@ -136,10 +162,12 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
             raise ValueError(f"image_embeds has D={image_embeds.shape[1]}, this decoder takes D={dim}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         device, dtype = self.unet.device, self.unet.dtype
-        emb = image_embeds.to(device=device, dtype=dtype)
+        emb = image_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, 0)
+        if negative_image_embeds is not None and negative_image_embeds.dim() == 2 and len(negative_image_embeds) > 1:
+            negative_image_embeds = negative_image_embeds.repeat_interleave(num_images_per_prompt, 0)
         batch = emb.shape[0]
         use_cfg = guidance_scale > 1.0
         if use_cfg:
@@ -152,7 +180,14 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
             emb = torch.cat([neg.expand(batch, dim), emb])
         size = self.sample_size
         shape = (batch, self.sample_channels, size, size)
-        if latents is None:
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch:
+                raise ValueError(f"got {len(generator)} generators for {batch} images; give one, or one per image")
+        if latents is None and isinstance(generator, (list, tuple)):
+            x = torch.cat([torch.randn((1, *shape[1:]), generator=gen, dtype=torch.float32) for gen in generator])
+            x = x.to(device=device, dtype=dtype)
+            generator = generator[0]  # the scheduler's own noise (DDIM with eta 0 draws none)
+        elif latents is None:
             x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
@@ -162,13 +197,22 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
         x = x * self.scheduler.init_noise_sigma
         if progress is not None:
             self.set_progress_bar_config(disable=not progress)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        self._interrupt = False
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                break
             inp = torch.cat([x, x]) if use_cfg else x
             out = self._denoise(self.scheduler.scale_model_input(inp, t), t, emb)
             if use_cfg:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
             x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+            if callback_on_step_end is not None:
+                returned = callback_on_step_end(self, i, t, {name: x for name in tensor_inputs}) or {}
+                x = returned.pop("latents", x)
+        if output_type == "latent":
+            result = x
+            return ImagePipelineOutput(images=result) if return_dict else (result,)
         images = (self.decode_samples(x).float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             result = images
@@ -372,3 +416,18 @@ def load_image_decoder(folder, *, device=None, dtype: torch.dtype | None = None)
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+def register_with_diffusers(cls: type) -> type:
+    """`DiffusionPipeline.from_pretrained(folder)` looks a folder's `_class_name` up in the diffusers
+    namespace: put `cls` there, so the folders seed_fast's pipelines save load the diffusers way
+    (done for SeedImageDecoderPipeline and SeedUnCLIPPipeline when their modules are imported, which
+    `import seed_fast.models.decoders` does)."""
+    import diffusers
+
+    if getattr(diffusers, cls.__name__, None) is not cls:
+        setattr(diffusers, cls.__name__, cls)
+    return cls
+
+
+register_with_diffusers(SeedImageDecoderPipeline)

@@ -62,6 +62,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         'Install them with: pip install "seed_fast[diffusion]"  (or: pip install diffusers transformers)'
     ) from e
 
+from .image_decoder import register_with_diffusers  # noqa: E402
+
 __all__ = [
     "SeedUnCLIPPipeline",
     "as_seed_pipeline",
@@ -192,6 +194,9 @@ class SeedUnCLIPPipeline(StableUnCLIPImg2ImgPipeline):
         negative = self.noise_image_embeddings(image_embeds=negative, noise_level=noise_level, generator=generator)
         negative = negative.repeat_interleave(repeat_by, dim=0).to(positive.dtype)
         return torch.cat([negative, positive])
+
+
+register_with_diffusers(SeedUnCLIPPipeline)
 
 
 def as_seed_pipeline(pipe: StableUnCLIPImg2ImgPipeline) -> SeedUnCLIPPipeline:
