@@ -167,7 +167,9 @@ def test_generated_codes_identical_with_and_without_guidance(exported):
     texts = ["one red circle left of a blue square", "three green triangles left of a yellow circle"]
     assert_equal(rt.generate_image_codes(texts), llm.generate_image_codes(texts), name="greedy codes")
     assert_equal(
-        rt.generate_image_codes(texts, cfg_scale=3.0), llm.generate_image_codes(texts, cfg_scale=3.0), name="guided codes"
+        rt.generate_image_codes(texts, cfg_scale=3.0),
+        llm.generate_image_codes(texts, cfg_scale=3.0),
+        name="guided codes",
     )
 
 

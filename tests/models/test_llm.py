@@ -389,7 +389,7 @@ def test_from_pretrained_on_a_plain_transformers_folder(tmp_path):
 
 
 def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+    with pytest.raises(FileNotFoundError, match="no SeedLLM folder at"):
         SeedLLM.from_pretrained(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):

@@ -38,7 +38,9 @@ from ...prompt import (
     unconditional_ids,
 )
 from ...synthetic import COLORS, COUNTS, QUESTION_WORDS, SHAPES
+from .. import auto as _auto  # noqa: F401  (AutoConfig / AutoModel know SeedTokenizer folders)
 from ..checkpoint import CheckpointError
+from ..hub import placement, push_folder, resolve_folder
 from ..preprocess import InputError, check_codes
 from ..seed.tokenizer import SeedTokenizer
 from .decoding import check_cfg_scale, check_sampling, left_pad
@@ -289,9 +291,19 @@ class SeedLLM(nn.Module):
         add_image_tokens: bool = True,
         fused_lora: bool = False,
         quantization_config=None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+        torch_dtype=None,
+        device_map=None,
     ) -> "SeedLLM":
         """Load a SeedLLM folder (written by `save_pretrained`) or a transformers causal-LM folder
-        (e.g. a downloaded AILab-CVC/seed-llama-8b-sft).
+        (e.g. AILab-CVC/seed-llama-8b-sft), given as a local folder or a Hugging Face Hub repository
+        id (fetched with huggingface_hub, or read from its cache; HF_HUB_OFFLINE=1: the cache only;
+        revision, cache_dir, local_files_only, token as in transformers). torch_dtype is dtype's
+        transformers name ("auto": as saved), device_map is device's ("auto": the GPU when there is
+        one; one device for the whole model).
 
         tokenizer: a SeedTokenizer, a folder for `SeedTokenizer.from_pretrained`, or None (the
                    folder's own `tokenizer/` when there is one)
@@ -313,9 +325,9 @@ class SeedLLM(nn.Module):
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        root = Path(llm_path)
-        if not root.is_dir():
-            raise FileNotFoundError(f"SeedLLM.from_pretrained: no such folder: {root}")
+        dtype, device = placement(torch_dtype, dtype, device_map, device, what="SeedLLM.from_pretrained")
+        hub = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
+        root = resolve_folder(llm_path, "SeedLLM", **hub)
         meta: dict[str, Any] = {}
         lm_dir = root
         if (root / "seed_llm.json").exists():
@@ -370,6 +382,14 @@ class SeedLLM(nn.Module):
             elif llm.tokenizer is not None:
                 llm.tokenizer.to(device)
         return llm
+
+    def push_to_hub(
+        self, repo_id: str, *, private: bool | None = None, token=None, revision=None, commit_message=None
+    ) -> str:
+        """Upload what `save_pretrained` writes to the Hugging Face Hub repository `repo_id` (created
+        when missing); `SeedLLM.from_pretrained(repo_id)` loads it back. Returns the commit's URL."""
+        kw = {"private": private, "token": token, "revision": revision, "commit_message": commit_message}
+        return push_folder(self.save_pretrained, repo_id, **kw)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `seed_llm.json`, `llm/` (a plain transformers folder: base weights, trained

@@ -29,6 +29,7 @@ from ..checkpoint import (
 )
 from ..config import TokenizerConfig, get_config
 from ..cuda_graph import GraphedForward
+from ..hub import placement, push_folder, resolve_folder
 from ..preprocess import InputError, check_codes, images_to_tensor, normalize
 from .detokenizer import Reconstructor, build_detokenizer
 from .qformer import QFormer
@@ -36,6 +37,7 @@ from .quantizer import Quantizer
 from .vit import EvaViT
 
 CONFIG_NAME = "config.json"
+MODEL_TYPE = "seed_tokenizer"  # config.json's model_type (transformers' AutoConfig: seed_fast.models.auto)
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 # Largest batch that cuda_graph="auto" replays as a CUDA graph: where kernel launches, not the math,
@@ -217,24 +219,88 @@ class SeedTokenizer(nn.Module):
         return report
 
     # ------------------------------------------------------------------ save / load our format
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors (atomically: temp files, then rename)."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, *, push_to_hub: bool = False, repo_id: str | None = None, **push_kwargs
+    ) -> Path:
+        """Write config.json + model.safetensors (atomically: temp files, then rename); with
+        push_to_hub=True also upload them to `repo_id` (default: the folder's name), as `push_to_hub`."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"format_version": FORMAT_VERSION, "class": "SeedTokenizer", "config": self.config.to_dict()}
+        meta = {
+            "model_type": MODEL_TYPE,
+            "format_version": FORMAT_VERSION,
+            "class": "SeedTokenizer",
+            "config": self.config.to_dict(),
+        }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp_w, tmp_c = directory / (WEIGHTS_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
         save_file(tensors, str(tmp_w), metadata={"format": "pt", "seed_fast_format_version": str(FORMAT_VERSION)})
         tmp_c.write_text(json.dumps(meta, indent=2))
         os.replace(tmp_w, directory / WEIGHTS_NAME)
         os.replace(tmp_c, directory / CONFIG_NAME)
+        if push_to_hub:
+            self.push_to_hub(repo_id or directory.name, **push_kwargs)
         return directory
 
+    def push_to_hub(
+        self, repo_id: str, *, private: bool | None = None, token=None, revision=None, commit_message=None
+    ) -> str:
+        """Upload config.json + model.safetensors to the Hugging Face Hub repository `repo_id`
+        (created when missing); returns the commit's URL."""
+        kw = {"private": private, "token": token, "revision": revision, "commit_message": commit_message}
+        return push_folder(self.save_pretrained, repo_id, **kw)
+
+    # transformers' AutoModel passes these along; they change nothing for a local or cached folder
+    _IGNORED_LOAD_KWARGS = frozenset(
+        {
+            "config",
+            "force_download",
+            "proxies",
+            "trust_remote_code",
+            "code_revision",
+            "adapter_kwargs",
+            "_from_auto",
+            "_commit_hash",
+        }
+    )
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, strict: bool = True) -> "SeedTokenizer":
-        directory = Path(directory)
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        strict: bool = True,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+        torch_dtype=None,
+        dtype=None,
+        device_map=None,
+        device=None,
+        subfolder: str = "",
+        **kwargs,
+    ) -> "SeedTokenizer":
+        """A save_pretrained folder, or a Hugging Face Hub repository id ("org/name": fetched with
+        huggingface_hub, or read from its cache; with HF_HUB_OFFLINE=1 the cache only). revision,
+        cache_dir, local_files_only, token: as in transformers. torch_dtype / dtype: the dtype to
+        cast to ("auto" or None: as saved); device_map / device: the device ("auto": the GPU when
+        there is one; the model lives on one device)."""
+        unknown = set(kwargs) - cls._IGNORED_LOAD_KWARGS
+        if unknown:
+            raise TypeError(f"SeedTokenizer.from_pretrained got unexpected arguments {sorted(unknown)}")
+        dt, dev = placement(torch_dtype, dtype, device_map, device, what="SeedTokenizer.from_pretrained")
+        hub = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
+        directory = resolve_folder(name_or_path, "tokenizer", **hub) / subfolder
+        tok = cls._from_folder(directory, strict=strict)
+        if dt is not None or dev is not None:
+            tok = tok.to(device=dev, dtype=dt)
+        return tok
+
+    @classmethod
+    def _from_folder(cls, directory: Path, *, strict: bool) -> "SeedTokenizer":
         if not directory.is_dir():
             raise FileNotFoundError(f"no tokenizer folder at {directory} (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
         cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
