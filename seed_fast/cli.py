@@ -12,17 +12,20 @@ from pathlib import Path
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (one of)")
-    g.add_argument("--checkpoint", metavar="DIR", help="a save_pretrained folder (config.json + model.safetensors)")
+    g = p.add_argument_group("model (one of; default: the embedded model's tokenizer)")
+    g.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a model folder (the embedded model's layout, with tokenizer/) or a tokenizer folder "
+        "(config.json + model.safetensors), or a Hugging Face Hub id",
+    )
     g.add_argument(
         "--official",
         nargs=2,
         metavar=("QUANTIZER", "VIT"),
         help="the released seed_quantizer.pt and BLIP-2's eva_vit_g.pth",
     )
-    g.add_argument(
-        "--config", default="tiny", help="preset for random weights when no checkpoint is given (default: tiny)"
-    )
+    g.add_argument("--config", default=None, help="random weights of this preset (e.g. tiny, seed-tokenizer-2)")
     g.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     p.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -33,18 +36,45 @@ def _load_tokenizer(args):
 
     from .models import SeedTokenizer
 
+    given = [name for name in ("checkpoint", "official", "config") if getattr(args, name)]
+    if len(given) > 1:
+        raise SystemExit(f"seed-fast: give one of --checkpoint, --official, --config (got {', '.join(given)})")
+    args.embedded = False
     if args.checkpoint:
-        tok = SeedTokenizer.from_pretrained(args.checkpoint)
+        folder = Path(args.checkpoint)
+        tok = SeedTokenizer.from_pretrained(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)
     elif args.official:
         tok = SeedTokenizer.from_official(*args.official)
-    else:
+    elif args.config:
         print(
-            f"seed-fast: no --checkpoint given: using RANDOM weights (preset {args.config!r}, seed {args.seed}); "
+            f"seed-fast: --config {args.config}: RANDOM weights (seed {args.seed}); "
             "codes are reproducible but meaningless",
             file=sys.stderr,
         )
         tok = SeedTokenizer.from_config(args.config, seed=args.seed)
+    else:
+        from .default_model import DefaultModelError, load_default
+
+        try:
+            tok = load_default().tokenizer
+        except DefaultModelError as e:
+            raise SystemExit(f"seed-fast: cannot load the embedded model (give --checkpoint): {e}") from None
+        args.embedded = True
     return tok.to(device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def _warn_unlike_training(images) -> None:
+    """The embedded model knows only its synthetic scenes: say so when the images look otherwise."""
+    from .default_model.checker import unlike_training_scenes
+
+    odd = unlike_training_scenes(images)
+    if any(odd):
+        print(
+            f"seed-fast: warning: {sum(odd)} of {len(odd)} image(s) look unlike the embedded model's training "
+            "scenes (colored shapes on a plain background); its codes and captions for them mean little. "
+            "For photographs load SEED's released weights (--official QUANTIZER VIT, or --checkpoint / --llm).",
+            file=sys.stderr,
+        )
 
 
 def _open_images(paths):
@@ -69,6 +99,8 @@ def _open_images(paths):
 def cmd_tokenize(args) -> int:
     tok = _load_tokenizer(args)
     images = _open_images(args.images)
+    if args.embedded:
+        _warn_unlike_training(images)
     codes = tok.encode(images, batch_size=args.batch_size).cpu()
     if args.json:
         print(json.dumps([{"image": str(p), "codes": c.tolist()} for p, c in zip(args.images, codes)]))
@@ -124,12 +156,18 @@ def cmd_detokenize(args) -> int:
 
 
 def _add_llm_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("language model")
+    g = p.add_argument_group("language model (default: the embedded model, with its image decoder)")
+    g.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a model folder of the embedded model's layout (tokenizer/, llm/, decoder/, ...), as demo, eval "
+        "and export take",
+    )
     g.add_argument(
         "--llm",
         metavar="DIR",
-        help="a SeedLLM folder (save_pretrained), a transformers LM folder with the image vocabulary, "
-        "or 'default': the embedded default model with its image decoder",
+        help="a SeedLLM folder (save_pretrained) or Hub id, a transformers LM folder with the image vocabulary, "
+        "or 'default': the embedded model",
     )
     g.add_argument(
         "--tokenizer", metavar="DIR", help="SeedTokenizer folder (default: the --llm folder's own tokenizer/)"
@@ -138,9 +176,7 @@ def _add_llm_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--template", help="prompt template (seed-llama-8b, seed-llama-14b, seed-opt, plain; default: from the model)"
     )
-    g.add_argument(
-        "--preset", default="tiny-llama", help="random LM preset when no --llm is given (default: tiny-llama)"
-    )
+    g.add_argument("--preset", default=None, help="a random LM of this preset (tiny-llama, tiny-opt) and tokenizer")
     g.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling (default: 0)")
     p.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -154,18 +190,23 @@ def _load_llm(args, *, need_diffusion: bool = False):
     from .models.llm.seed_llm import SeedLLM, get_template
 
     dtype = getattr(torch, args.dtype)
-    if args.llm == "default":
+    given = [f"--{name}" for name in ("checkpoint", "llm", "preset") if getattr(args, name)]
+    if len(given) > 1:
+        raise SystemExit(f"seed-fast: give one of --checkpoint, --llm, --preset (got {', '.join(given)})")
+    args.embedded, args.generation = False, None
+    if args.checkpoint or (args.llm in (None, "default") and not args.preset):
         from .default_model import DefaultModelError, load_default
 
+        what = f"--checkpoint {args.checkpoint}" if args.checkpoint else "the embedded model"
         extra = [f"--{name}" for name in ("tokenizer", "lora") if getattr(args, name)]
         if extra:
-            raise SystemExit(
-                f"seed-fast: {' and '.join(extra)} cannot be combined with --llm default (the embedded model)"
-            )
+            raise SystemExit(f"seed-fast: {' and '.join(extra)} cannot be combined with {what}")
         try:
-            llm = load_default().llm
+            m = load_default(args.checkpoint)
         except DefaultModelError as e:
-            raise SystemExit(f"seed-fast: cannot load --llm default: {e}") from None
+            raise SystemExit(f"seed-fast: cannot load {what}: {e}") from None
+        llm = m.llm
+        args.embedded, args.generation = args.checkpoint is None, m.generation
         if args.template:
             llm.template = get_template(args.template)
         return llm.to(device=args.device, dtype=dtype)
@@ -183,7 +224,7 @@ def _load_llm(args, *, need_diffusion: bool = False):
             raise SystemExit(f"seed-fast: cannot load --llm {args.llm}: {e}") from None
         return llm
     print(
-        f"seed-fast: no --llm given: using a RANDOM {args.preset!r} LM and random tiny tokenizer (seed {args.seed}); "
+        f"seed-fast: --preset {args.preset}: a RANDOM LM and random tiny tokenizer (seed {args.seed}); "
         "the output shows the pipeline working, not a trained model",
         file=sys.stderr,
     )
@@ -200,6 +241,8 @@ def cmd_caption(args) -> int:
 
     llm = _load_llm(args)
     images = _open_images(args.images)
+    if args.embedded:
+        _warn_unlike_training(images)
     try:
         if args.question:
             texts = llm.answer(images, args.question, max_new_tokens=args.max_new_tokens)
@@ -234,7 +277,10 @@ def cmd_generate(args) -> int:
                     f"or put the unCLIP pipeline in {args.llm}/diffusion"
                 )
             emb = llm.tokenizer.decode(codes)
-            neg = llm.tokenizer.decode(llm.negative_codes()) if args.guidance > 1 else None
+            guidance = args.guidance
+            if guidance is None:  # the model's own choice (the embedded decoder's 1.5), else Stable unCLIP's 10
+                guidance = args.generation.decoder_guidance if args.generation is not None else 10.0
+            neg = llm.tokenizer.decode(llm.negative_codes()) if guidance > 1 else None
             from .models.decoders.unclip import embeddings_to_images
 
             images = embeddings_to_images(
@@ -242,7 +288,7 @@ def cmd_generate(args) -> int:
                 emb,
                 negative_image_embeds=neg,
                 num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
+                guidance_scale=guidance,
                 height=args.height,
                 width=args.width,
                 seed=args.seed,
@@ -493,7 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--steps", type=_positive_int, default=20, help="diffusion steps (default: 20)")
-    p.add_argument("--guidance", type=float, default=10.0, help="diffusion guidance scale (default: 10)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="the image decoder's guidance scale (default: the model's own, 1.5 for the embedded decoder; "
+        "10 for Stable unCLIP)",
+    )
     p.add_argument("--height", type=_positive_int, default=None)
     p.add_argument("--width", type=_positive_int, default=None)
     _add_llm_args(p)

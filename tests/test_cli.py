@@ -75,13 +75,47 @@ def test_cli_errors(image_files, checkpoint, tmp_path):
 
 def test_console_script_runs(image_files):
     out = subprocess.run(
-        [sys.executable, "-m", "seed_fast.cli", "tokenize", image_files[0], "--json"],
+        [sys.executable, "-m", "seed_fast.cli", "tokenize", image_files[0], "--json", "--config", "tiny"],
         capture_output=True,
         text=True,
         check=True,
     )
     assert "RANDOM weights" in out.stderr
     assert len(json.loads(out.stdout)[0]["codes"]) == 32
+
+
+def test_every_command_defaults_to_the_embedded_model_and_warns_on_unlike_images(tmp_path, capsys):
+    """tokenize, detokenize, caption and generate default to the embedded model (as demo, eval and
+    export do) and take the same --checkpoint model folder; images unlike its training scenes
+    (here a photograph-like noise image) get a warning naming the way out, its own scenes none."""
+    import numpy as np
+    from PIL import Image
+
+    from seed_fast.default_model import DEFAULT_DIR, load_default
+    from seed_fast.synthetic import sample_images
+
+    m = load_default()
+    scene = tmp_path / "scene.png"
+    sample_images(1, seed=5, size=m.tokenizer.config.vision.image_size)[0][0].save(scene)
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise)
+    assert main(["tokenize", str(scene), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["codes"] == m.tokenizer.encode([Image.open(scene)])[0].tolist()
+    assert "warning" not in err and "RANDOM" not in err
+    assert main(["tokenize", str(noise), "--checkpoint", str(DEFAULT_DIR), "--json"]) == 0  # the model folder
+    assert "RANDOM" not in capsys.readouterr().err  # a given folder: no warning about the embedded model
+    assert main(["tokenize", str(noise)]) == 0
+    assert "1 of 1 image(s) look unlike the embedded model's training scenes" in capsys.readouterr().err
+    assert main(["caption", str(noise), str(scene), "--max-new-tokens", "2"]) == 0
+    assert "1 of 2 image(s) look unlike" in capsys.readouterr().err
+    assert main(["detokenize", " ".join(["1"] * 32)]) == 0
+    emb = json.loads(capsys.readouterr().out)["embeddings"]
+    assert len(emb[0]) == m.tokenizer.decode([[1] * 32]).shape[-1]
+    with pytest.raises(SystemExit, match="give one of --checkpoint, --official, --config"):
+        main(["tokenize", str(scene), "--config", "tiny", "--checkpoint", str(DEFAULT_DIR)])
+    with pytest.raises(SystemExit, match="give one of --checkpoint, --llm, --preset"):
+        main(["caption", str(scene), "--llm", "default", "--preset", "tiny-llama"])
 
 
 @pytest.mark.parametrize("command", ["demo", "eval"])

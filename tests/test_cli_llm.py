@@ -54,7 +54,7 @@ def test_generate_on_the_embedded_model_with_guidance(tmp_path, capsys):
     assert [r["text"] for r in recs] == texts
     size = load_default().decoder.image_size
     assert all(Image.open(out / r["image"]).size == (size, size) for r in recs)
-    with pytest.raises(SystemExit, match="--lora cannot be combined with --llm default"):
+    with pytest.raises(SystemExit, match="--lora cannot be combined with the embedded model"):
         main(["generate", "red", "--llm", "default", "--lora", str(tmp_path), "--out", str(out)])
 
 
