@@ -86,8 +86,9 @@ class LMGraph(nn.Module):
     """One decoder call with an explicit KV cache, for prefill (past length 0) and decode alike.
 
     input_ids (B, T) int64; attention_mask (B, P + T) int64 (left padding: 0 where no token);
-    position_ids (B, T) int64; past_key_i / past_value_i (B, H, P, Dh) per layer ->
-    logits (B, V) fp32 of the last position, present_key_i / present_value_i (B, H, P + T, Dh)."""
+    position_ids (B, T) int64; past_key_values.i.key / .value (B, H, P, Dh) per layer ->
+    logits (B, T, V) fp32 (every position: optimum's ORTModelForCausalLM layout), present.i.key /
+    .value (B, H, P + T, Dh)."""
 
     def __init__(self, model):
         super().__init__()
@@ -106,12 +107,11 @@ class LMGraph(nn.Module):
             position_ids=position_ids,
             **with_cache(cache),
             use_cache=True,
-            logits_to_keep=1,
         )
         present = []
         for layer in output_cache(out).layers[: self.num_layers]:
             present += [layer.keys, layer.values]
-        return (out.logits[:, -1].float(), *present)
+        return (out.logits.float(), *present)
 
 
 class UNetGraph(nn.Module):

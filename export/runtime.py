@@ -122,8 +122,8 @@ def _read_manifest(man: Path) -> dict:
         raise RuntimeInputError(f"{man} is not valid JSON ({e}); export the model again") from None
     if not isinstance(data, dict):
         raise RuntimeInputError(f"{man} holds a JSON {type(data).__name__}, not the export manifest's object")
-    if data.get("format") != 1:
-        raise RuntimeInputError(f"{man}: manifest format {data.get('format')!r}, this runtime reads format 1")
+    if data.get("format") not in (1, 2):  # 1: seed_fast 0.1's names; 2: optimum's LLM layout
+        raise RuntimeInputError(f"{man}: manifest format {data.get('format')!r}, this runtime reads formats 1 and 2")
     parts = data.get("parts", {})
     if not isinstance(parts, dict) or not all(
         isinstance(info, dict) and isinstance(info.get("file"), str) for info in parts.values()
@@ -334,10 +334,12 @@ class SeedRuntime:
         return {name: empty for name in info["inputs"][3:]}
 
     def _lm_step(self, ids, mask, pos, past) -> tuple[np.ndarray, dict]:
+        """One LM call -> (last position's logits (B, V), the next call's past)."""
         out = self.session("llm").run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past})
-        names = self._llm["outputs"][1:]
-        present = {n.replace("present_", "past_", 1): v for n, v in zip(names, out[1:])}
-        return out[0], present
+        # the cache's outputs, in the order of its inputs (optimum's present.i.key -> past_key_values.i.key)
+        present = dict(zip(self._llm["inputs"][3:], out[1:]))
+        logits = out[0]
+        return (logits[:, -1] if logits.ndim == 3 else logits), present
 
     def _prefill(self, rows: list[list[int]], new_tokens: int):
         """Left-padded ids, mask and positions; refuses prompts that leave no room for new_tokens within

@@ -73,9 +73,8 @@ def shape_profiles(
             "position_ids": ((1, 1), (opt_batch, opt_new), (max_batch, max_seq)),
             "attention_mask": ((1, 1), (opt_batch, opt_new + opt_past), (max_batch, 2 * max_seq)),
         }
-        for i in range(info["num_layers"]):
-            for kv in ("key", "value"):
-                prof[f"past_{kv}_{i}"] = ((1, h, 0, hd), (opt_batch, h, opt_past, hd), (max_batch, h, max_seq, hd))
+        for name in info["inputs"][3:]:  # the cache inputs, as the manifest names them
+            prof[name] = ((1, h, 0, hd), (opt_batch, h, opt_past, hd), (max_batch, h, max_seq, hd))
         return prof
     raise TensorRTError(f"unknown part {part!r}")
 

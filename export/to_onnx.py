@@ -35,8 +35,11 @@ from .graphs import (
 )
 from .runtime import MANIFEST
 
-FORMAT = 1
+# 2: optimum's LLM layout (model.onnx, past_key_values.i.key, full logits, config.json and the
+# tokenizer files beside it), image_tokenizer.onnx / image_detokenizer.onnx
+FORMAT = 2
 PARTS = ("tokenizer", "detokenizer", "llm", "decoder")
+LLM_FILE = "model.onnx"  # optimum's default file name
 DEFAULT_OPSET = 17
 TWO_GB = 2**31
 # fp32 parity bound (relative to the largest reference value); fp16 graphs get a looser one
@@ -195,7 +198,8 @@ def export_tokenizer(
     external_data: bool | None = None,
     seed: int = 0,
 ) -> tuple[PartReport, dict]:
-    """SeedTokenizer -> tokenizer.onnx: images (B, 3, S, S) -> codes (B, 32) int64."""
+    """SeedTokenizer -> image_tokenizer.onnx: images (B, 3, S, S) -> codes (B, 32) int64 (the image
+    tokenizer: not the text tokenizer a Hugging Face user expects under tokenizer.*)."""
     if image_dtype not in ("uint8", "float32"):
         raise ExportError(f"image_dtype must be 'uint8' or 'float32', got {image_dtype!r}")
     t0 = time.perf_counter()
@@ -214,7 +218,7 @@ def export_tokenizer(
     graph = TokenizerGraph(tok, uint8=uint8)
     try:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            path = Path(tmp) / "tokenizer.onnx"
+            path = Path(tmp) / "image_tokenizer.onnx"
             _export(
                 graph,
                 [images(2)],
@@ -240,7 +244,7 @@ def export_tokenizer(
         if was_fast:
             tok.to_fast()
     info = {
-        "file": "tokenizer.onnx",
+        "file": "image_tokenizer.onnx",
         "image_size": s,
         "image_dtype": image_dtype,
         "num_codes": tok.num_codes,
@@ -262,7 +266,7 @@ def export_detokenizer(
     external_data: bool | None = None,
     seed: int = 0,
 ) -> tuple[PartReport, dict]:
-    """SeedTokenizer's quantizer + de-tokenizer -> detokenizer.onnx: codes (B, 32) -> embedding."""
+    """SeedTokenizer's quantizer + de-tokenizer -> image_detokenizer.onnx: codes (B, 32) -> embedding."""
     t0 = time.perf_counter()
     _eval_dtype(tok, fp16)
     g = torch.Generator().manual_seed(seed + 1)
@@ -271,7 +275,7 @@ def export_detokenizer(
     with torch.no_grad():
         out_shape = list(graph(torch.zeros(1, n, dtype=torch.long)).shape[1:])
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        path = Path(tmp) / "detokenizer.onnx"
+        path = Path(tmp) / "image_detokenizer.onnx"
         _export(
             graph,
             [torch.randint(0, k, (2, n), generator=g)],
@@ -290,7 +294,7 @@ def export_detokenizer(
         _check("detokenizer", rel, fp16)
         _move(Path(tmp), folder, files)
     info = {
-        "file": "detokenizer.onnx",
+        "file": "image_detokenizer.onnx",
         "num_codes": n,
         "codebook_size": k,
         "inputs": {"codes": ["batch", n]},
@@ -329,22 +333,24 @@ def export_llm(
     layers, heads, head_dim = kv_shape(model.config)
     vocab = model.get_input_embeddings().weight.shape[0]
     dtype = torch.float16 if fp16 else torch.float32
+    # optimum's names (past_key_values.i.key in, present.i.key out, full logits), so that
+    # ORTModelForCausalLM.from_pretrained(folder) runs model.onnx with config.json beside it
     names_in = ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_{kv}_{i}" for i in range(layers) for kv in ("key", "value")
+        f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")
     ]
-    names_out = ["logits"] + [f"present_{kv}_{i}" for i in range(layers) for kv in ("key", "value")]
+    names_out = ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     dyn = {
         "input_ids": {0: "batch", 1: "new"},
         "attention_mask": {0: "batch", 1: "total"},
         "position_ids": {0: "batch", 1: "new"},
-        "logits": {0: "batch"},
+        "logits": {0: "batch", 1: "new"},
     }
     dyn.update({n: {0: "batch", 2: "past"} for n in names_in[3:]})
     dyn.update({n: {0: "batch", 2: "total"} for n in names_out[1:]})
     g = torch.Generator().manual_seed(seed + 2)
     graph = LMGraph(model).eval()
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        path = Path(tmp) / "llm.onnx"
+        path = Path(tmp) / LLM_FILE
         _export(
             graph,
             _lm_inputs(2, 3, 4, vocab, layers, heads, head_dim, dtype, g),
@@ -370,9 +376,11 @@ def export_llm(
         raise ExportError(
             "the LLM's text tokenizer is not a fast (tokenizers-backed) tokenizer: the runtime needs its tokenizer.json"
         )
-    tt.backend_tokenizer.save(str(folder / "text_tokenizer.json"))
+    # beside model.onnx, what transformers / optimum read: the LM's config, its generation config
+    # and its text tokenizer (tokenizer.json and friends)
+    side = _write_hf_files(model, tt, folder)
     info = {
-        "file": "llm.onnx",
+        "file": LLM_FILE,
         "num_layers": layers,
         "kv_heads": heads,
         "head_dim": head_dim,
@@ -380,7 +388,7 @@ def export_llm(
         "kv_dtype": "float16" if fp16 else "float32",
         "inputs": names_in,
         "outputs": names_out,
-        "text_tokenizer": "text_tokenizer.json",
+        "text_tokenizer": "tokenizer.json",
         "bos_id": tt.bos_token_id,
         "eos_id": tt.eos_token_id,
         "pad_id": tt.pad_token_id,
@@ -388,7 +396,28 @@ def export_llm(
         "template": asdict(llm.template),  # seed_fast.prompt.PromptTemplate
         "max_positions": getattr(model.config, "max_position_embeddings", None),
     }
-    return _report("llm", folder, files + ["text_tokenizer.json"], t0, {"max_rel_err": worst}), info
+    return _report("llm", folder, files + side, t0, {"max_rel_err": worst}), info
+
+
+def _write_hf_files(model, text_tokenizer, folder: Path) -> list[str]:
+    """config.json, generation_config.json and the tokenizer files of the exported LM (the names
+    transformers and optimum look for), written through temporary names; returns the file names."""
+    from transformers import GenerationConfig
+
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        cfg = model.config.to_dict()
+        cfg["use_cache"] = True
+        Path(tmp, "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+        gen = GenerationConfig(
+            bos_token_id=text_tokenizer.bos_token_id,
+            eos_token_id=text_tokenizer.eos_token_id,
+            pad_token_id=text_tokenizer.pad_token_id,
+        )
+        gen.save_pretrained(tmp)
+        text_tokenizer.save_pretrained(tmp)
+        names = sorted(p.name for p in Path(tmp).iterdir())
+        _move(Path(tmp), folder, names)
+    return names
 
 
 def export_decoder(

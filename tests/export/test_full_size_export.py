@@ -26,7 +26,7 @@ def test_seed_tokenizer_2_exports_and_runs_in_onnxruntime(tmp_path):
     man = export_onnx(["tokenizer", "detokenizer"], tmp_path, objects={"tokenizer": tok}, progress=False)
     t_export = time.perf_counter() - t0
     rep = man["reports"]["tokenizer"]
-    assert "tokenizer.onnx.data" in rep["files"] and rep["megabytes"] > 2048
+    assert "image_tokenizer.onnx.data" in rep["files"] and rep["megabytes"] > 2048
     assert rep["parity"]["codes_equal"] == 1.0
     assert man["reports"]["detokenizer"]["parity"]["max_rel_err"] <= 1e-4
     rt = SeedRuntime(tmp_path, providers=["CPUExecutionProvider"])

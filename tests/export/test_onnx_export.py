@@ -57,7 +57,7 @@ def test_graphs_hold_standard_ops_only(exported):
     import onnx
 
     out = exported[4]
-    for f in ("tokenizer.onnx", "detokenizer.onnx", "llm.onnx", "decoder_unet.onnx"):
+    for f in ("image_tokenizer.onnx", "image_detokenizer.onnx", "model.onnx", "decoder_unet.onnx"):
         domains = {n.domain for n in onnx.load(str(out / f), load_external_data=False).graph.node}
         assert domains <= {"", "ai.onnx"}, (f, domains)
 
@@ -162,6 +162,56 @@ def test_one_program_drives_the_runtime_and_the_torch_api(exported, seed):
         rt.answer(scenes)
 
 
+def test_llm_export_uses_optimums_layout(exported, seed):
+    """model.onnx with optimum's names (past_key_values.i.key in, present.i.key out, every position's
+    logits) and beside it what transformers reads: the LM's config.json, generation_config.json and
+    the text tokenizer. A greedy loop written against those conventions alone (names from the
+    files, tokens from AutoTokenizer) gives SeedLLM's greedy tokens; so does optimum's
+    ORTModelForCausalLM where optimum installs."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    llm, _, _, manifest, out = exported
+    cfg = AutoConfig.from_pretrained(out)
+    assert cfg.model_type == llm.model.config.model_type and cfg.vocab_size == llm.model.config.vocab_size
+    gen = GenerationConfig.from_pretrained(out)
+    assert gen.eos_token_id == llm.text_tokenizer.eos_token_id
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "a photo of"
+    assert tok(text)["input_ids"] == llm.text_tokenizer(text)["input_ids"]
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names_in = [i.name for i in sess.get_inputs()]
+    names_out = [o.name for o in sess.get_outputs()]
+    layers = cfg.num_hidden_layers
+    assert names_in == ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")
+    ]
+    assert names_out == ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    # greedy decoding as optimum runs it: empty past first, every position's logits, the last one used
+    ids = np.array([tok(text)["input_ids"]], dtype=np.int64)
+    info = manifest["parts"]["llm"]
+    past = {n: np.zeros((1, info["kv_heads"], 0, info["head_dim"]), np.float32) for n in names_in[3:]}
+    mask, new = np.ones_like(ids), []
+    step_ids, pos = ids, np.arange(ids.shape[1])[None]
+    for _ in range(6):
+        outs = sess.run(None, {"input_ids": step_ids, "attention_mask": mask, "position_ids": pos, **past})
+        assert outs[0].shape == (1, step_ids.shape[1], cfg.vocab_size)
+        nxt = int(outs[0][0, -1].argmax())
+        new.append(nxt)
+        past = dict(zip(names_in[3:], outs[1:]))
+        step_ids = np.array([[nxt]], dtype=np.int64)
+        pos = np.array([[mask.shape[1]]])
+        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+    want = llm.generate_ids([ids[0].tolist()], max_new_tokens=6, suppress_image_tokens=False, stop_ids=())[0]
+    assert new == want
+    try:
+        from optimum.onnxruntime import ORTModelForCausalLM
+    except ImportError:  # optimum-onnx pins transformers < 4.58: checked where it installs
+        return
+    model = ORTModelForCausalLM.from_pretrained(out)
+    got = model.generate(torch.from_numpy(ids), max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert got[0, ids.shape[1] :].tolist() == want
+
+
 def test_generated_codes_identical_with_and_without_guidance(exported):
     llm, _, rt, _, _ = exported
     texts = ["one red circle left of a blue square", "three green triangles left of a yellow circle"]
@@ -246,8 +296,8 @@ def test_external_data_and_fp16(tmp_path):
         external_data=True,
         progress=False,
     )
-    assert (tmp_path / "llm.onnx.data").is_file() and (tmp_path / "detokenizer.onnx.data").is_file()
-    assert "llm.onnx.data" in m["reports"]["llm"]["files"]
+    assert (tmp_path / "model.onnx.data").is_file() and (tmp_path / "image_detokenizer.onnx.data").is_file()
+    assert "model.onnx.data" in m["reports"]["llm"]["files"]
     rt = SeedRuntime(tmp_path, providers=["CPUExecutionProvider"])
     codes = torch.randint(0, llm.tokenizer.codebook_size, (2, 32))
     assert rt.caption(codes=codes.numpy(), max_new_tokens=5) == llm.caption(codes=codes, max_new_tokens=5)

@@ -184,7 +184,7 @@ def test_tensorrt_without_tensorrt_says_how_to_install(tiny, tmp_path):
     man = json.loads((out / MANIFEST).read_text())
     prof = shape_profiles("llm", man["parts"]["llm"], max_batch=4, opt_batch=2, max_seq=128)
     h, hd = man["parts"]["llm"]["kv_heads"], man["parts"]["llm"]["head_dim"]
-    assert prof["past_key_0"] == ((1, h, 0, hd), (2, h, 64, hd), (4, h, 128, hd))
+    assert prof["past_key_values.0.key"] == ((1, h, 0, hd), (2, h, 64, hd), (4, h, 128, hd))
     assert prof["input_ids"][2] == (4, 128)
     assert shape_profiles("decoder", man["parts"]["decoder"], max_batch=3)["sample"][2][0] == 6  # guidance doubles it
     with pytest.raises(TensorRTError, match="opt_batch"):
