@@ -454,7 +454,9 @@ def cmd_export(args) -> int:
         print(f"{'part':<12} {'files':<40} {'MB':>9} {'s':>7}  parity (onnxruntime vs torch)")
         for part, rep in man["reports"].items():
             if part in man["parts"]:
-                parity = ", ".join(f"{k} {v:.3g}" for k, v in rep["parity"].items())
+                parity = ", ".join(
+                    f"{k} {v:.3g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in rep["parity"].items()
+                )
                 print(
                     f"{part:<12} {' '.join(rep['files']):<40} {rep['megabytes']:>9.2f} {rep['seconds']:>7.1f}  {parity}"
                 )
