@@ -25,7 +25,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         metavar=("QUANTIZER", "VIT"),
         help="the released seed_quantizer.pt and BLIP-2's eva_vit_g.pth",
     )
-    g.add_argument("--config", default=None, help="random weights of this preset (e.g. tiny, seed-tokenizer-2)")
+    g.add_argument(
+        "--config",
+        default=None,
+        help="a preset (e.g. tiny, seed-tokenizer-2): random weights of it, or with --official the released "
+        "weights' architecture (default seed-tokenizer-2)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for random weights (default: 0)")
     p.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -36,15 +41,15 @@ def _load_tokenizer(args):
 
     from .models import SeedTokenizer
 
-    given = [name for name in ("checkpoint", "official", "config") if getattr(args, name)]
-    if len(given) > 1:
-        raise SystemExit(f"seed-fast: give one of --checkpoint, --official, --config (got {', '.join(given)})")
+    given = [f"--{name}" for name in ("checkpoint", "official", "config") if getattr(args, name)]
+    if args.checkpoint and len(given) > 1:
+        raise SystemExit(f"seed-fast: --checkpoint cannot be combined with {' or '.join(given[1:])}")
     args.embedded = False
     if args.checkpoint:
         folder = Path(args.checkpoint)
         tok = SeedTokenizer.from_pretrained(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)
-    elif args.official:
-        tok = SeedTokenizer.from_official(*args.official)
+    elif args.official:  # --config: the released weights' architecture (default seed-tokenizer-2)
+        tok = SeedTokenizer.from_official(*args.official, config=args.config or "seed-tokenizer-2")
     elif args.config:
         print(
             f"seed-fast: --config {args.config}: RANDOM weights (seed {args.seed}); "

@@ -112,7 +112,7 @@ def test_every_command_defaults_to_the_embedded_model_and_warns_on_unlike_images
     assert main(["detokenize", " ".join(["1"] * 32)]) == 0
     emb = json.loads(capsys.readouterr().out)["embeddings"]
     assert len(emb[0]) == m.tokenizer.decode([[1] * 32]).shape[-1]
-    with pytest.raises(SystemExit, match="give one of --checkpoint, --official, --config"):
+    with pytest.raises(SystemExit, match="--checkpoint cannot be combined with --config"):
         main(["tokenize", str(scene), "--config", "tiny", "--checkpoint", str(DEFAULT_DIR)])
     with pytest.raises(SystemExit, match="give one of --checkpoint, --llm, --preset"):
         main(["caption", str(scene), "--llm", "default", "--preset", "tiny-llama"])
