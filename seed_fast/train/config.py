@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from ..models.related.lavit import LAVIT_PRESETS
 from ..prompt import TEMPLATES
 
 LM_PRESETS = ("tiny-llama", "tiny-opt", "mini-llama")
+TRACKERS = {"auto": None, "tensorboard": "tensorboard", "wandb": "wandb", "none": None}  # name -> its package
 
 
 class ConfigError(ValueError):
@@ -201,6 +203,9 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: only at the end
+    # experiment trackers, besides metrics.jsonl: "auto" (TensorBoard when installed), "tensorboard",
+    # "wandb" (only when asked for), "none"
+    report_to: list[str] = field(default_factory=lambda: ["auto"])
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     # one section per stage, named as the stage: these fields are the list of stages (STAGES)
@@ -260,6 +265,13 @@ class TrainConfig:
         for name in ("log_every", "ckpt_every", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        bad = [t for t in self.report_to if t not in TRACKERS]
+        need(not bad, f"report_to takes {list(TRACKERS)}, got {bad}")
+        for name in ("tensorboard", "wandb"):
+            need(
+                name not in self.report_to or importlib.util.find_spec(TRACKERS[name]) is not None,
+                f"report_to {name!r} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]}",
+            )
         d = self.data
         need(d.kind in ("synthetic", "folder", "tar"), f"data.kind must be synthetic, folder or tar, got {d.kind!r}")
         if d.kind == "synthetic":
