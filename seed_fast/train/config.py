@@ -28,6 +28,12 @@ class DataConfig:
     seed: int = 0  # synthetic pairs and the shuffling order
     index: str | None = None  # folder: JSONL / CSV caption index
     shards: list[str] = field(default_factory=list)  # tar: shard paths (globs allowed)
+    # folder / tar: the held-out split for evaluation: an index / shards of its own, or a fraction of
+    # the training samples (chosen by a hash of their position and `seed`, so the same ones every run)
+    # kept out of training; neither: evaluation runs on the training data (it then measures fit)
+    val_index: str | None = None
+    val_shards: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0
     image_size: int = 224
     workers: int = 0
 
@@ -284,6 +290,16 @@ class TrainConfig:
             )
         if d.kind == "tar":
             need(bool(d.shards), "data.shards must list at least one tar shard")
+        need(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+        given = [n for n in ("val_index", "val_shards", "val_fraction") if getattr(d, n)]
+        need(len(given) <= 1, f"data: give one held-out split, got {given}")
+        need(d.kind != "synthetic" or not given, f"data.{given[0] if given else ''}: synthetic data has val_n")
+        need(not d.val_index or d.kind == "folder", "data.val_index is for folder data")
+        need(not d.val_shards or d.kind == "tar", "data.val_shards is for tar data")
+        need(
+            d.val_index is None or Path(d.val_index).is_file(),
+            f"data.val_index must be an existing JSONL / CSV file, got {d.val_index!r}",
+        )
         need(
             d.image_size >= (48 if d.kind == "synthetic" else 14),
             f"data.image_size must be >= 48 (synthetic) / 14, got {d.image_size}",
