@@ -202,6 +202,7 @@ def main(argv=None) -> int:
             modes["to_fast() + FP8 ViT (torchao)"] = lambda: _fp8_vit(tok)
         if compile_mode != "none":
             modes[f'eager + SDPA, torch.compile("{compile_mode}")'] = lambda: _compiled(tok, compile_mode)
+            modes["to_fast(compile_vit=True)"] = lambda: tok.to_fast(compile_vit=True)
         for name, setup in modes.items():
             try:
                 run = setup()
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
             if run is not tok:
                 del run
         _uncompile(tok)
-    tok.to_reference()
+    tok.to_reference()  # also drops the compiled ViT blocks
     del ref32
 
     # ---- part 3: codes -> generation embedding (the de-tokenizer, reference path: no fused kernel of ours)

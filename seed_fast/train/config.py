@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from ..models.related.lavit import LAVIT_PRESETS
 from ..prompt import TEMPLATES
 
 LM_PRESETS = ("tiny-llama", "tiny-opt", "mini-llama")
+TRACKERS = {"auto": None, "tensorboard": "tensorboard", "wandb": "wandb", "none": None}  # name -> its package
 
 
 class ConfigError(ValueError):
@@ -26,6 +28,12 @@ class DataConfig:
     seed: int = 0  # synthetic pairs and the shuffling order
     index: str | None = None  # folder: JSONL / CSV caption index
     shards: list[str] = field(default_factory=list)  # tar: shard paths (globs allowed)
+    # folder / tar: the held-out split for evaluation: an index / shards of its own, or a fraction of
+    # the training samples (chosen by a hash of their position and `seed`, so the same ones every run)
+    # kept out of training; neither: evaluation runs on the training data (it then measures fit)
+    val_index: str | None = None
+    val_shards: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0
     image_size: int = 224
     workers: int = 0
 
@@ -201,6 +209,9 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: only at the end
+    # experiment trackers, besides metrics.jsonl: "auto" (TensorBoard when installed), "tensorboard",
+    # "wandb" (only when asked for), "none"
+    report_to: list[str] = field(default_factory=lambda: ["auto"])
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     # one section per stage, named as the stage: these fields are the list of stages (STAGES)
@@ -260,6 +271,13 @@ class TrainConfig:
         for name in ("log_every", "ckpt_every", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        bad = [t for t in self.report_to if t not in TRACKERS]
+        need(not bad, f"report_to takes {list(TRACKERS)}, got {bad}")
+        for name in ("tensorboard", "wandb"):
+            need(
+                name not in self.report_to or importlib.util.find_spec(TRACKERS[name]) is not None,
+                f"report_to {name!r} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]}",
+            )
         d = self.data
         need(d.kind in ("synthetic", "folder", "tar"), f"data.kind must be synthetic, folder or tar, got {d.kind!r}")
         if d.kind == "synthetic":
@@ -272,6 +290,16 @@ class TrainConfig:
             )
         if d.kind == "tar":
             need(bool(d.shards), "data.shards must list at least one tar shard")
+        need(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+        given = [n for n in ("val_index", "val_shards", "val_fraction") if getattr(d, n)]
+        need(len(given) <= 1, f"data: give one held-out split, got {given}")
+        need(d.kind != "synthetic" or not given, f"data.{given[0] if given else ''}: synthetic data has val_n")
+        need(not d.val_index or d.kind == "folder", "data.val_index is for folder data")
+        need(not d.val_shards or d.kind == "tar", "data.val_shards is for tar data")
+        need(
+            d.val_index is None or Path(d.val_index).is_file(),
+            f"data.val_index must be an existing JSONL / CSV file, got {d.val_index!r}",
+        )
         need(
             d.image_size >= (48 if d.kind == "synthetic" else 14),
             f"data.image_size must be >= 48 (synthetic) / 14, got {d.image_size}",

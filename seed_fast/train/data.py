@@ -193,17 +193,45 @@ class TarShards(torch.utils.data.Dataset):
 
 
 def make_source(cfg, split: str):
-    """The config's dataset. split "val": the synthetic held-out split; for folder / tar data (no
-    held-out split given) the training data itself, so evaluation there measures fit, not transfer."""
+    """The config's dataset for split "train" or "val". Synthetic data has its own held-out pairs;
+    folder / tar data takes `data.val_index` / `data.val_shards`, or holds out `data.val_fraction`
+    of its samples (the same ones every run, never trained on); with none of them, "val" is the
+    training data itself, so evaluation measures fit, not transfer."""
     d = cfg.data
     if d.kind == "synthetic":
         qa = cfg.stage == "llm" and cfg.llm.mode == "instruct"
         return SyntheticPairs(d.n if split == "train" else d.val_n, seed=d.seed, size=d.image_size, split=split, qa=qa)
-    if d.kind == "folder":
-        return FolderPairs(d.index)
+    if split == "val" and d.val_index:
+        return FolderPairs(d.val_index)
+    if split == "val" and d.val_shards:
+        return TarShards(_expand(d.val_shards))
+    full = FolderPairs(d.index) if d.kind == "folder" else TarShards(_expand(d.shards))
+    if not d.val_fraction:
+        return full
+    held = held_out(len(full), d.val_fraction, d.seed)
+    keep = [i for i in range(len(full)) if held[i] == (split == "val")]
+    if not keep:
+        raise ValueError(f"data.val_fraction {d.val_fraction} leaves the {split} split of {len(full)} samples empty")
+    return torch.utils.data.Subset(full, keep)
+
+
+def _expand(patterns: list[str]) -> list[str]:
     import glob
 
-    return TarShards(sorted({p for pattern in d.shards for p in (glob.glob(pattern) or [pattern])}))
+    return sorted({p for pattern in patterns for p in (glob.glob(pattern) or [pattern])})
+
+
+def held_out(n: int, fraction: float, seed: int) -> list[bool]:
+    """Which of n samples a held-out split of `fraction` takes: a hash of (seed, position), so the
+    choice depends on nothing else (not on the order samples are read in, the ranks or the workers)."""
+    import hashlib
+
+    cut = int(fraction * 2**32)
+
+    def draw(i: int) -> int:
+        return int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=4).digest(), "big")
+
+    return [draw(i) < cut for i in range(n)]
 
 
 @dataclass

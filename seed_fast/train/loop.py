@@ -242,6 +242,7 @@ def train(
     stop_after: stop once this many steps are done in this call (without a final checkpoint)."""
     d = Dist()
     run = Path(cfg.out)
+    trackers = None
     try:
         if d.main:
             run.mkdir(parents=True, exist_ok=True)
@@ -286,6 +287,7 @@ def train(
             if rng.exists():
                 _set_rng_state(torch.load(rng, weights_only=True))
             _truncate_metrics(run / "metrics.jsonl", step, d)
+        trackers = Trackers(run, cfg, step) if d.main else None
         module = task.module
         if d.world > 1 and not fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -337,11 +339,11 @@ def train(
                     "skipped": skipped_total,
                     "time_s": round(time.perf_counter() - t0, 3),
                 }
-                _log(run, last, d)
+                _log(run, last, d, trackers)
                 if bar is not None:
                     bar.set_postfix(loss=f"{parts['loss']:.4f}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                _evaluate(task, run, step, d)
+                _evaluate(task, run, step, d, trackers)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 model_state, optim_state = task.full_state(opt)
                 save_checkpoint(
@@ -362,7 +364,7 @@ def train(
         if bar is not None:
             bar.close()
         if step == cfg.steps:
-            ev = _evaluate(task, run, step, d)
+            ev = _evaluate(task, run, step, d, trackers)
             last.update(ev)
             if d.main or task.sharded:  # a sharded model is gathered for export by every rank
                 task.export(run)
@@ -370,16 +372,63 @@ def train(
                 plot_metrics(run)
         return last if d.main else {}
     finally:
+        if trackers is not None:
+            trackers.close()
         d.close()
 
 
-def _log(run: Path, record: dict, d: Dist) -> None:
+class Trackers:
+    """The experiment trackers of `cfg.report_to` besides metrics.jsonl, on rank 0: TensorBoard
+    (`<out>/tensorboard`; "auto" takes it when installed) and Weights & Biases (only when asked
+    for; `wandb` reads its own settings, e.g. WANDB_MODE=offline). A resumed run drops the
+    TensorBoard events logged after its checkpoint, as metrics.jsonl drops those lines."""
+
+    def __init__(self, run: Path, cfg: TrainConfig, step: int):
+        import importlib.util
+
+        asked = set(cfg.report_to)
+        self.tb = self.wandb = None
+        if "tensorboard" in asked or ("auto" in asked and importlib.util.find_spec("tensorboard") is not None):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run / "tensorboard"), purge_step=step + 1 if step else None)
+        if "wandb" in asked:
+            import wandb
+
+            self.wandb = wandb.init(
+                project="seed_fast", name=run.name, dir=str(run), config=cfg.to_dict(), resume="allow"
+            )
+
+    def log(self, record: dict) -> None:
+        step = int(record["step"])
+        prefix = "eval/" if record.get("eval") else "train/"
+        scalars = {
+            prefix + k: float(v)
+            for k, v in record.items()
+            if k not in ("step", "eval") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _log(run: Path, record: dict, d: Dist, trackers: Trackers | None = None) -> None:
     if d.main:
         with open(run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if trackers is not None:
+            trackers.log(record)
 
 
-def _evaluate(task: Task, run: Path, step: int, d: Dist) -> dict:
+def _evaluate(task: Task, run: Path, step: int, d: Dist, trackers: Trackers | None = None) -> dict:
     if not d.main and not task.sharded:  # a sharded model's forward needs every rank
         d.barrier()
         return {}
@@ -387,7 +436,7 @@ def _evaluate(task: Task, run: Path, step: int, d: Dist) -> dict:
     with torch.no_grad():
         metrics = task.evaluate()
     if metrics:
-        _log(run, {"step": step, "eval": True, **metrics}, d)
+        _log(run, {"step": step, "eval": True, **metrics}, d, trackers)
     d.barrier()
     return metrics if d.main else {}
 
@@ -406,13 +455,18 @@ def read_metrics(run: str | Path) -> list[dict]:
 
 
 def plot_metrics(run: Path) -> Path | None:
-    """metrics.png: every logged scalar against the step (skipped without matplotlib)."""
+    """metrics.png: every logged scalar against the step (skipped, with a warning, without matplotlib)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        warnings.warn(
+            f"{run}/metrics.png not drawn: matplotlib is not installed (pip install matplotlib); "
+            "the numbers are in metrics.jsonl",
+            stacklevel=2,
+        )
         return None
     rows = read_metrics(run)
     train_rows = [r for r in rows if not r.get("eval")]

@@ -255,3 +255,22 @@ def test_a_failed_capture_warns_once_and_runs_eagerly():
     assert_close(out, x * float(x.sum()), name="eager result")
     assert g.disabled_reason and g.num_graphs == 0
     assert_close(g(x), x * float(x.sum()), name="later calls")
+
+
+def test_compiled_vit_blocks_give_the_reference_codes(seed):
+    """to_fast(compile_vit=True) runs each ViT block as one torch.compile region (inductor): the same
+    codes as the reference path; to_reference() and to_fast() without it drop the regions."""
+    tok = _tok()
+    imgs = _images(2, seed=seed)
+    ref_emb, ref_codes = tok.encode_embeddings(imgs), tok.encode(imgs)
+    tok.to_fast(compile_vit=True)
+    assert all(blk._compiled_call_impl is not None for blk in tok.vision.blocks)
+    emb = tok.encode_embeddings(imgs)
+    assert_close(emb, ref_emb, atol=1e-4 * float(ref_emb.abs().max()), rtol=0, name="compiled ViT blocks")
+    assert_equal(tok.encode(imgs), ref_codes, name="codes")
+    tok.to_fast()
+    assert all(blk._compiled_call_impl is None for blk in tok.vision.blocks)
+    tok.to_fast(compile_vit="default").to_reference()
+    assert all(blk._compiled_call_impl is None for blk in tok.vision.blocks)
+    with pytest.raises(ValueError, match="compile_vit must be"):
+        tok.to_fast(compile_vit=3)

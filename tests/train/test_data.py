@@ -117,3 +117,56 @@ def test_batch_loader_gives_the_order_s_batches(workers):
     ref = ResumableBatches(12, 4, seed=2)
     assert got == [[f"train-{i}" for i in ref.next_indices()] for _ in range(5)]
     assert torch.is_tensor(next(iter(BatchLoader(ds, ResumableBatches(12, 4), 32).take(1))).pixels)
+
+
+def test_folder_and_tar_data_get_a_held_out_split(tmp_path):
+    """val_fraction keeps a fixed share of folder / tar samples out of training (the same ones every
+    run, disjoint from the train split, together all of them); val_index / val_shards name a held-out
+    set of their own; contradictory settings fail before any work."""
+    from cfgs import merged
+
+    from seed_fast.train import ConfigError, TrainConfig
+    from seed_fast.train.data import held_out, make_source
+
+    for i in range(40):
+        (tmp_path / f"{i}.png").write_bytes(_png((6 * i, 0, 0)))
+    index = tmp_path / "index.jsonl"
+    index.write_text("\n".join(json.dumps({"image": f"{i}.png", "caption": f"shade {i}"}) for i in range(40)) + "\n")
+    base = {"stage": "stage2", "out": str(tmp_path / "run"), "steps": 1, "global_batch": 4}
+    cfg = TrainConfig.from_dict(merged(base, data={"kind": "folder", "index": str(index), "val_fraction": 0.25}))
+    train, val = make_source(cfg, "train"), make_source(cfg, "val")
+    tr = {train[i].caption for i in range(len(train))}
+    va = {val[i].caption for i in range(len(val))}
+    assert not tr & va and len(tr | va) == 40 and 4 <= len(va) <= 16
+    again = make_source(
+        TrainConfig.from_dict(merged(base, data={"kind": "folder", "index": str(index), "val_fraction": 0.25})), "val"
+    )
+    assert {again[i].caption for i in range(len(again))} == va  # the same samples every run
+    assert held_out(1000, 0.1, 0) != held_out(1000, 0.1, 1) and 60 < sum(held_out(1000, 0.1, 0)) < 140
+    # a held-out set of its own
+    val_index = tmp_path / "val.jsonl"
+    val_index.write_text(json.dumps({"image": "0.png", "caption": "held"}) + "\n")
+    cfg = TrainConfig.from_dict(merged(base, data={"kind": "folder", "index": str(index), "val_index": str(val_index)}))
+    assert len(make_source(cfg, "train")) == 40 and make_source(cfg, "val")[0].caption == "held"
+    shard = tmp_path / "v.tar"
+    _tar(shard, [("k.png", _png((1, 2, 3))), ("k.txt", b"from the held-out shard")])
+    _tar(tmp_path / "t.tar", [("j.png", _png((3, 2, 1))), ("j.txt", b"train")])
+    cfg = TrainConfig.from_dict(
+        merged(base, data={"kind": "tar", "shards": [str(tmp_path / "t.tar")], "val_shards": [str(shard)]})
+    )
+    assert make_source(cfg, "val")[0].caption == "from the held-out shard"
+    for data, msg in (
+        ({"kind": "folder", "index": str(index), "val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
+        (
+            {"kind": "folder", "index": str(index), "val_fraction": 0.2, "val_index": str(val_index)},
+            "one held-out split",
+        ),
+        ({"kind": "folder", "index": str(index), "val_shards": [str(shard)]}, "val_shards is for tar data"),
+        (
+            {"kind": "folder", "index": str(index), "val_index": str(tmp_path / "nope.jsonl")},
+            "val_index must be an existing",
+        ),
+        ({"val_fraction": 0.1}, "synthetic data has val_n"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            TrainConfig.from_dict(merged(base, data=data))

@@ -77,6 +77,7 @@ def _losses(run):
         ({"decoder": {"patch": 0}}, "decoder.patch must be a positive integer"),
         ({"decoder": {"embedding_cache": -1}}, "decoder.embedding_cache must be a number of samples"),
         ({"decoder": {"embedding_cache": True}}, "decoder.embedding_cache must be int"),
+        ({"report_to": ["mlflow"]}, r"report_to takes \['auto', 'tensorboard', 'wandb', 'none'\], got \['mlflow'\]"),
     ],
 )
 def test_bad_configs_fail_before_any_work(tmp_path, change, msg):
@@ -595,3 +596,33 @@ def test_kill_9_while_writing_a_checkpoint_then_resume(tmp_path, uninterrupted, 
         assert g == pytest.approx(w, rel=1e-6, abs=1e-7), f"step {g[0]}"
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert "step_00000006" in names and (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() in names
+
+
+def test_tensorboard_gets_the_logged_scalars_and_a_resume_drops_the_redone_steps(tmp_path):
+    """report_to "auto" writes TensorBoard events (when tensorboard is installed) next to
+    metrics.jsonl: the same train and eval scalars, and after a resume no step twice."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrainConfig.from_dict(_cfg(tmp_path / "run", steps=6, ckpt_every=2, eval_every=3))
+    train(cfg, progress=False, stop_after=5)  # stops after step 5; the newest checkpoint is step 4
+    train(cfg, resume=True, progress=False)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    rows = [r for r in read_metrics(tmp_path / "run") if not r.get("eval")]
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert any(tag.startswith("eval/") for tag in acc.Tags()["scalars"])
+    if not _has("wandb"):  # asked for and missing: refused before any work
+        with pytest.raises(ConfigError, match="report_to 'wandb' needs the wandb package"):
+            TrainConfig.from_dict(_cfg(tmp_path / "w", report_to=["wandb"]))
+    off = TrainConfig.from_dict(_cfg(tmp_path / "off", steps=2, report_to=["none"]))
+    train(off, progress=False)
+    assert not (tmp_path / "off" / "tensorboard").exists() and read_metrics(tmp_path / "off")
+
+
+def _has(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -362,7 +362,9 @@ class SeedTokenizer(nn.Module):
         return self.detokenizer(self.embed_codes(codes))  # (B, 1024)
 
     # ------------------------------------------------------------------ fast path
-    def to_fast(self, *, cuda_graph: bool | str = "auto", attn_impl: str = "auto") -> SeedTokenizer:
+    def to_fast(
+        self, *, cuda_graph: bool | str = "auto", attn_impl: str = "auto", compile_vit: bool | str = False
+    ) -> SeedTokenizer:
         """Switch to the fast path, the state after construction (returns self; `to_reference()`
         undoes it). Call it again to capture CUDA graphs or to pin the attention backend.
 
@@ -379,12 +381,22 @@ class SeedTokenizer(nn.Module):
           captures every shape at its first call; False never. Graphs are dropped by
           `to_reference()`, `reset_graphs()` and by moving or casting the model (`.to()`,
           `.half()`, ...); a capture that fails warns once and leaves encode eager.
+        - compile_vit: compile each ViT block with torch.compile (one compiled region, reused by all
+          39 blocks: it fuses the bias + GELU, the residual adds and the LayerNorms around the
+          GEMMs); True for torch.compile's default mode, or a mode name. Off by default: whether it
+          wins is measured per GPU by benchmarks/bench_tokenizer.py; the first call compiles.
         Outputs match the reference path within the dtype's tolerance (codes identical in fp32
         barring exact near-ties).
         """
+        if compile_vit not in (True, False) and not isinstance(compile_vit, str):
+            raise ValueError(f"compile_vit must be True, False or a torch.compile mode, got {compile_vit!r}")
         self.qformer.set_fast(True, impl=attn_impl)
         for blk in self.vision.blocks:
             blk.attn.attn_impl = "sdpa"
+            if compile_vit:
+                blk.compile(mode=None if compile_vit is True else compile_vit)
+            else:
+                blk._compiled_call_impl = None
         self._graphs = None
         if cuda_graph not in (True, False, "auto"):
             raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
@@ -412,6 +424,7 @@ class SeedTokenizer(nn.Module):
         self.qformer.set_fast(False)
         for blk in self.vision.blocks:
             blk.attn.attn_impl = "ref"
+            blk._compiled_call_impl = None
         self._graphs = None
         return self
 
