@@ -96,7 +96,9 @@ if [ "$MODE" = "dispatch" ]; then
     tests/ops/test_qformer_attention.py::test_one_launch_backward_equals_the_two_kernel_backward \
     tests/models/test_fast_path.py::test_default_encode_replays_a_graph_from_the_second_call \
     tests/models/test_fast_path.py::test_a_failed_capture_warns_once_and_runs_eagerly \
-    tests/models/test_fast_path.py::test_cuda_graph_replay_matches_eager"}
+    tests/models/test_fast_path.py::test_cuda_graph_replay_matches_eager \
+    tests/test_build.py::test_cuda_tensor_core_kernels_run_on_tensor_cores \
+    tests/test_build.py::test_extensions_raise_only_through_libc10"}
   STEP_LIMIT_TESTS=${STEP_LIMIT_TESTS:-150}
 fi
 if [ "$MODE" != "bench" ] && [ "$MODE" != "rest" ] && [ "$MODE" != "jobs" ]; then
