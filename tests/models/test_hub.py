@@ -1,6 +1,7 @@
 """Hugging Face conventions: models load by Hub id from a local Hugging Face cache (HF_HUB_OFFLINE=1,
 the real huggingface_hub), with transformers' loading arguments, and the Auto classes know them."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -44,6 +45,12 @@ def hub_cache(tmp_path_factory):
     )
     llm = SeedLLM.from_config("tiny-llama", seed=7)
     _cached_repo(cache, "seed-org/tiny-llm", lambda d, ref: llm.save_pretrained(d), {"main": COMMIT})
+    if importlib.util.find_spec("diffusers") is not None:
+        from seed_fast.models.decoders.unclip import tiny_unclip_pipeline
+
+        dim = llm.tokenizer.config.detokenizer.out_dim
+        pipe = tiny_unclip_pipeline(embed_dim=dim, seed=0)
+        _cached_repo(cache, "seed-org/tiny-unclip", lambda d, ref: pipe.save_pretrained(d), {"main": COMMIT})
     return cache, tok, old, llm
 
 
@@ -63,6 +70,12 @@ model = AutoModel.from_pretrained("seed-org/tiny-tok")
 out["auto_model"] = type(model).__name__
 llm = SeedLLM.from_pretrained("seed-org/tiny-llm", torch_dtype=torch.float64)
 out["llm"] = [type(llm.model).__name__, str(llm.model.dtype), llm.tokenizer is not None, llm.vocab.num_codes]
+try:
+    import diffusers  # noqa: F401
+    drawn = SeedLLM.from_pretrained("seed-org/tiny-llm", diffusion="seed-org/tiny-unclip")
+    out["diffusion"] = type(drawn.diffusion).__name__
+except ImportError:
+    out["diffusion"] = None
 for name, call in (("missing", lambda: SeedTokenizer.from_pretrained("seed-org/not-there")),
                    ("push", lambda: tok.push_to_hub("seed-org/new-repo"))):
     try:
@@ -90,6 +103,8 @@ def test_models_load_by_hub_id_from_the_cache_offline(hub_cache):
     assert out["auto_config"] == ["SeedTokenizerConfig", "seed_tokenizer", tok.config.name]
     assert out["auto_model"] == "SeedTokenizer"
     assert out["llm"] == [type(llm.model).__name__, "torch.float64", True, llm.vocab.num_codes]
+    if importlib.util.find_spec("diffusers") is not None:
+        assert out["diffusion"] == "SeedUnCLIPPipeline"  # the diffusion pipeline by its Hub id too
     assert out["missing"][0] == "FileNotFoundError" and "could not be fetched" in out["missing"][1]
     assert out["push"] != "no error" and "offline" in (out["push"][0] + out["push"][1]).lower(), out["push"]
 

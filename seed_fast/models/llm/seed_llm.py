@@ -309,8 +309,8 @@ class SeedLLM(nn.Module):
                    folder's own `tokenizer/` when there is one)
         lora:      None, True / "seed" (a new adapter with SEED's settings, for training), a peft
                    LoraConfig, or a folder with a saved peft adapter
-        diffusion: a StableUnCLIPImg2ImgPipeline, a local diffusers folder, or None (the folder's
-                   own `diffusion/` when there is one and diffusers is installed)
+        diffusion: a StableUnCLIPImg2ImgPipeline, a diffusers folder or Hub id, or None (the
+                   folder's own `diffusion/` when there is one and diffusers is installed)
         quantization_config: a transformers quantization config passed to the LM's `from_pretrained`,
                    e.g. `TorchAoConfig(Int8WeightOnlyConfig())` (int8 weight-only, runs on the CPU) or
                    `BitsAndBytesConfig(load_in_8bit=True)` / `(load_in_4bit=True)` (bitsandbytes, GPU).
@@ -356,8 +356,8 @@ class SeedLLM(nn.Module):
             tokenizer = tokenizer.to(dtype=dtype)
         if diffusion is None and (root / "diffusion").is_dir():
             diffusion = root / "diffusion"
-        if isinstance(diffusion, (str, os.PathLike)):
-            diffusion = _load_diffusion(Path(diffusion), dtype)
+        if isinstance(diffusion, (str, os.PathLike)):  # a folder or a Hub id, as the LM
+            diffusion = _load_diffusion(resolve_folder(diffusion, "diffusion pipeline", **hub), dtype)
         if lora is None and (root / "lora").is_dir():
             lora = root / "lora"
         llm = cls(
