@@ -7,8 +7,9 @@ Shape "sd21-unclip-h": Stable unCLIP 2.1 (H)'s modules with random weights: the 
 projection of 2 x 1024 for the image embedding and its noise level), the OpenCLIP-H text encoder's
 shape (1024 x 23 layers; run once per call for the empty prompt), the SD VAE; 768 x 768 images.
 The CLIP image encoder is never run (the embedding is given) and is built tiny. "tiny": the test
-pipeline. Both providers draw from the same embeddings with the same generator; "max diff" is the
-largest difference between their images (values in [0, 1]).
+pipeline's shape. Both come from seed_fast.models.decoders.unclip.random_unclip_pipeline. Both
+providers draw from the same embeddings with the same generator; "max diff" is the largest
+difference between their images (values in [0, 1]).
 
 Units: images/s = batch / median time of the whole call (every step with classifier-free guidance,
 so the UNet sees 2 x batch; the VAE decode included).
@@ -30,120 +31,26 @@ from common import markdown_table, time_fn, write_results  # noqa: E402
 from seed_fast.models.decoders.fast import COMPILE_MODES, speed_up_pipeline  # noqa: E402
 
 
-def sd21_unclip_h(device: str, dtype: torch.dtype):
-    """A StableUnCLIPImg2ImgPipeline of Stable unCLIP 2.1 (H)'s shapes, random weights, on device."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DDPMScheduler,
-        StableUnCLIPImg2ImgPipeline,
-        UNet2DConditionModel,
+def build(shape: str, device: str, dtype: torch.dtype):
+    """diffusers' own StableUnCLIPImg2ImgPipeline of `shape`, random weights; (pipe, embedding dim)."""
+    from diffusers import StableUnCLIPImg2ImgPipeline
+
+    from seed_fast.models.decoders.unclip import random_unclip_pipeline
+
+    dim, sample = (1024, 96) if shape == "sd21-unclip-h" else (32, 8)
+    pipe = random_unclip_pipeline(
+        shape, embed_dim=dim, sample_size=sample, dtype=dtype, device=device, cls=StableUnCLIPImg2ImgPipeline
     )
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
-
-    from seed_fast.models.decoders.unclip import _tiny_clip_tokenizer
-
-    tokenizer = _tiny_clip_tokenizer(77)
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            unet = UNet2DConditionModel(
-                sample_size=96,
-                in_channels=4,
-                out_channels=4,
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                block_out_channels=(320, 640, 1280, 1280),
-                layers_per_block=2,
-                attention_head_dim=(5, 10, 20, 20),
-                cross_attention_dim=1024,
-                use_linear_projection=True,
-                class_embed_type="projection",
-                projection_class_embeddings_input_dim=2048,
-            )
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2,
-                latent_channels=4,
-                sample_size=768,
-            )
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=len(tokenizer),
-                    hidden_size=1024,
-                    intermediate_size=4096,
-                    num_hidden_layers=23,
-                    num_attention_heads=16,
-                    max_position_embeddings=77,
-                    hidden_act="gelu",
-                    bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            )
-            image_encoder = CLIPVisionModelWithProjection(
-                CLIPVisionConfig(
-                    hidden_size=32,
-                    intermediate_size=64,
-                    num_hidden_layers=1,
-                    num_attention_heads=2,
-                    image_size=224,
-                    patch_size=14,
-                    projection_dim=1024,
-                )
-            )
-            normalizer = StableUnCLIPImageNormalizer(embedding_dim=1024)
-    finally:
-        torch.set_default_dtype(old)
-    pipe = StableUnCLIPImg2ImgPipeline(
-        feature_extractor=CLIPImageProcessor(),
-        image_encoder=image_encoder,
-        image_normalizer=normalizer,
-        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        unet=unet,
-        scheduler=DDIMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            prediction_type="v_prediction",
-            set_alpha_to_one=False,
-            steps_offset=1,
-            clip_sample=False,
-        ),
-        vae=vae,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, 1024
+    return pipe, dim
 
 
-def tiny(device: str, dtype: torch.dtype):
-    from seed_fast.models.decoders.unclip import tiny_unclip_pipeline
-
-    return tiny_unclip_pipeline(embed_dim=32, sample_size=8, seed=0, dtype=dtype).to(device), 32
-
-
-SHAPES = {"sd21-unclip-h": sd21_unclip_h, "tiny": tiny}
+SHAPES = ("sd21-unclip-h", "tiny")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default sd21-unclip-h (CUDA), tiny (CPU)")
+    p.add_argument("--shape", default=None, choices=SHAPES, help="default sd21-unclip-h (CUDA), tiny (CPU)")
     p.add_argument("--dtype", default=None, help="default float16 on CUDA, float32 on CPU")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--steps", type=int, default=25)
@@ -166,7 +73,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b]
 
     print(f"building {shape} ({dtype}, {device}) ...", flush=True)
-    pipe, dim = SHAPES[shape](device, dtype)
+    pipe, dim = build(shape, device, dtype)
     g = torch.Generator().manual_seed(0)
     embeds = {b: torch.randn(b, dim, generator=g).to(device, dtype) for b in batches}
 

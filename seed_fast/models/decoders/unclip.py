@@ -232,6 +232,143 @@ def _tiny_clip_tokenizer(max_length: int) -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length, local_files_only=True)
 
 
+# Random-weight unCLIP pipelines by size: "tiny" for tests, "sd21-unclip-h" with Stable unCLIP 2.1
+# (H)'s module shapes (SD 2.1 UNet, OpenCLIP-H text encoder, SD VAE; 768 px images) for benchmarks.
+# The CLIP image encoder is never run when embeddings are given, so it is built tiny in both.
+UNCLIP_SHAPES = {
+    "tiny": {
+        "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        "text_len": 16,
+        "unet": dict(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=16,
+            attention_head_dim=4,
+        ),
+        "vae": dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
+        "image_size": 32,
+    },
+    "sd21-unclip-h": {
+        "text": dict(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"
+        ),
+        "text_len": 77,
+        "unet": dict(
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+        ),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
+        "image_size": 224,
+    },
+}
+
+
+def random_unclip_pipeline(
+    shape: str = "tiny",
+    *,
+    embed_dim: int = 32,
+    sample_size: int = 8,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cls: type | None = None,
+):
+    """A Stable unCLIP pipeline (`cls`, default SeedUnCLIPPipeline) of one of UNCLIP_SHAPES with
+    random weights, built on `device` in `dtype` (no downloads). ``image_embeds`` are (B, embed_dim);
+    images are ``sample_size * 8`` pixels square. The same ``seed`` gives the same weights; the
+    global RNG state is left untouched."""
+    if shape not in UNCLIP_SHAPES:
+        raise ValueError(f"shape must be one of {sorted(UNCLIP_SHAPES)}, got {shape!r}")
+    if embed_dim < 2 or embed_dim % 2:
+        # get_timestep_embedding splits the noise-level embedding into sin and cos halves.
+        raise ValueError(f"embed_dim must be an even number >= 2, got {embed_dim}")
+    if sample_size < 1:
+        raise ValueError(f"sample_size must be >= 1, got {sample_size}")
+    sizes = UNCLIP_SHAPES[shape]
+    text_len, image_size = sizes["text_len"], sizes["image_size"]
+    tokenizer = _tiny_clip_tokenizer(text_len)
+    old = torch.get_default_dtype()
+    dev = torch.device(device)
+    rng_devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), dev:
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            feature_extractor = CLIPImageProcessor(
+                size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+            )
+            image_encoder = CLIPVisionModelWithProjection(
+                CLIPVisionConfig(
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    image_size=image_size,
+                    patch_size=16,
+                    projection_dim=embed_dim,
+                )
+            )
+            image_normalizer = StableUnCLIPImageNormalizer(embedding_dim=embed_dim)
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=len(tokenizer),
+                    max_position_embeddings=text_len,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sizes["text"],
+                )
+            )
+            unet = UNet2DConditionModel(
+                sample_size=sample_size,
+                in_channels=4,
+                out_channels=4,
+                class_embed_type="projection",
+                projection_class_embeddings_input_dim=2 * embed_dim,
+                **sizes["unet"],
+            )
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                latent_channels=4,
+                sample_size=sample_size * 8,
+                **sizes["vae"],
+            )
+        finally:
+            torch.set_default_dtype(old)
+    pipe = (cls or SeedUnCLIPPipeline)(
+        feature_extractor=feature_extractor,
+        image_encoder=image_encoder,
+        image_normalizer=image_normalizer,
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        scheduler=DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type="v_prediction",
+            set_alpha_to_one=False,
+            steps_offset=1,
+            clip_sample=False,
+        ),
+        vae=vae,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_unclip_pipeline(
     embed_dim: int = 32, sample_size: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> SeedUnCLIPPipeline:
@@ -240,98 +377,7 @@ def tiny_unclip_pipeline(
     ``image_embeds`` are (B, embed_dim); images default to ``sample_size * 8`` pixels square (VAE scale factor 8).
     The same ``seed`` gives the same weights; the global RNG state is left untouched.
     """
-    if embed_dim < 2 or embed_dim % 2:
-        # get_timestep_embedding splits the noise-level embedding into sin and cos halves.
-        raise ValueError(f"embed_dim must be an even number >= 2, got {embed_dim}")
-    if sample_size < 1:
-        raise ValueError(f"sample_size must be >= 1, got {sample_size}")
-    text_len = 16
-    tokenizer = _tiny_clip_tokenizer(text_len)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        image_size = 32
-        feature_extractor = CLIPImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-        )
-        image_encoder = CLIPVisionModelWithProjection(
-            CLIPVisionConfig(
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=image_size,
-                patch_size=16,
-                projection_dim=embed_dim,
-            )
-        )
-        image_normalizer = StableUnCLIPImageNormalizer(embedding_dim=embed_dim)
-        image_noising_scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                max_position_embeddings=text_len,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        unet = UNet2DConditionModel(
-            sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            norm_num_groups=8,
-            cross_attention_dim=16,
-            attention_head_dim=4,
-            class_embed_type="projection",
-            projection_class_embeddings_input_dim=2 * embed_dim,
-        )
-        scheduler = DDIMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            prediction_type="v_prediction",
-            set_alpha_to_one=False,
-            steps_offset=1,
-            clip_sample=False,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=sample_size * 8,
-        )
-    pipe = SeedUnCLIPPipeline(
-        feature_extractor=feature_extractor,
-        image_encoder=image_encoder,
-        image_normalizer=image_normalizer,
-        image_noising_scheduler=image_noising_scheduler,
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        unet=unet,
-        scheduler=scheduler,
-        vae=vae,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        for module in pipe.components.values():
-            if isinstance(module, torch.nn.Module):
-                # Plain nn.Module.to: diffusers' ModelMixin.to warns about fp32-kept modules on every dtype cast,
-                # even when there are none.
-                torch.nn.Module.to(module, dtype=dtype)
-    return pipe
+    return random_unclip_pipeline("tiny", embed_dim=embed_dim, sample_size=sample_size, seed=seed, dtype=dtype)
 
 
 def _dtype_kwarg() -> str:
