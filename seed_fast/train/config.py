@@ -22,15 +22,30 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    kind: str = "synthetic"  # synthetic | folder | tar
+    kind: str = "synthetic"  # synthetic | folder | tar | webdataset | hf (the last two stream)
     n: int = 2048  # synthetic: number of training pairs
-    val_n: int = 128  # synthetic: held-out pairs for evaluation
+    val_n: int = 128  # synthetic: held-out pairs for evaluation; webdataset / hf: samples evaluated
     seed: int = 0  # synthetic pairs and the shuffling order
     index: str | None = None  # folder: JSONL / CSV caption index
-    shards: list[str] = field(default_factory=list)  # tar: shard paths (globs allowed)
-    # folder / tar: the held-out split for evaluation: an index / shards of its own, or a fraction of
-    # the training samples (chosen by a hash of their position and `seed`, so the same ones every run)
-    # kept out of training; neither: evaluation runs on the training data (it then measures fit)
+    # tar: shard paths (globs allowed); webdataset: shard URLs: paths, globs, brace ranges
+    # (shard-{000..127}.tar), pipe:<command>, http(s)://
+    shards: list[str] = field(default_factory=list)
+    # hf: a Hugging Face dataset streamed by `datasets`: a Hub id, or a builder (parquet, imagefolder,
+    # webdataset, ...) with data files; its split, held-out split and columns
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_data_files: list[str] = field(default_factory=list)
+    hf_split: str = "train"
+    hf_val_split: str | None = None
+    hf_revision: str | None = None
+    image_column: str = "image"
+    caption_column: str = "caption"
+    # webdataset / hf: samples in the shuffle buffer (0 or 1: stream order)
+    shuffle_buffer: int = 1000
+    # the held-out split for evaluation: an index (folder) / shards (tar, webdataset) / a split (hf,
+    # hf_val_split) of its own, or a fraction of the training samples (chosen by a hash of their
+    # position, or of their key when streaming, and `seed`, so the same ones every run) kept out of
+    # training; none: evaluation runs on the training data (it then measures fit)
     val_index: str | None = None
     val_shards: list[str] = field(default_factory=list)
     val_fraction: float = 0.0
@@ -279,7 +294,8 @@ class TrainConfig:
                 f"report_to {name!r} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]}",
             )
         d = self.data
-        need(d.kind in ("synthetic", "folder", "tar"), f"data.kind must be synthetic, folder or tar, got {d.kind!r}")
+        kinds = ("synthetic", "folder", "tar", "webdataset", "hf")
+        need(d.kind in kinds, f"data.kind must be one of {', '.join(kinds)}, got {d.kind!r}")
         if d.kind == "synthetic":
             need(d.n >= self.global_batch, f"data.n ({d.n}) must be >= global_batch ({self.global_batch})")
             need(d.val_n >= 1, f"data.val_n must be >= 1, got {d.val_n}")
@@ -288,14 +304,28 @@ class TrainConfig:
                 d.index is not None and Path(d.index).is_file(),
                 f"data.index must be an existing JSONL / CSV file, got {d.index!r}",
             )
-        if d.kind == "tar":
-            need(bool(d.shards), "data.shards must list at least one tar shard")
+        if d.kind in ("tar", "webdataset"):
+            need(bool(d.shards), f"data.shards must list at least one {d.kind} shard")
+        if d.kind == "hf":
+            need(bool(d.hf_dataset), "data.hf_dataset must name a Hugging Face dataset (a Hub id or a builder)")
+        need(d.kind == "hf" or not d.hf_val_split, "data.hf_val_split is for hf data")
+        for kind, module in (("webdataset", "webdataset"), ("hf", "datasets")):
+            need(
+                d.kind != kind or importlib.util.find_spec(module) is not None,
+                f"data.kind {kind} needs the {module} package: pip install 'seed_fast[data]'",
+            )
+        need(d.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}")
+        need(
+            d.kind not in ("webdataset", "hf") or self.stage != "llm",
+            f"data.kind {d.kind}: the llm stage encodes every image once into a code cache before step 1, "
+            "so it needs indexed data (synthetic, folder or tar)",
+        )
         need(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
-        given = [n for n in ("val_index", "val_shards", "val_fraction") if getattr(d, n)]
+        given = [n for n in ("val_index", "val_shards", "hf_val_split", "val_fraction") if getattr(d, n)]
         need(len(given) <= 1, f"data: give one held-out split, got {given}")
         need(d.kind != "synthetic" or not given, f"data.{given[0] if given else ''}: synthetic data has val_n")
         need(not d.val_index or d.kind == "folder", "data.val_index is for folder data")
-        need(not d.val_shards or d.kind == "tar", "data.val_shards is for tar data")
+        need(not d.val_shards or d.kind in ("tar", "webdataset"), "data.val_shards is for tar or webdataset data")
         need(
             d.val_index is None or Path(d.val_index).is_file(),
             f"data.val_index must be an existing JSONL / CSV file, got {d.val_index!r}",

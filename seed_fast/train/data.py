@@ -1,7 +1,8 @@
-"""Image-caption data for training: synthetic shapes, a folder with a caption index, tar shards.
+"""Image-caption data for training: synthetic shapes, a folder with a caption index, tar shards
+(and, in `streaming.py`, webdataset and Hugging Face `datasets` streams).
 
-Every source is map-style (random access by index), so one `ResumableBatches` can shuffle it per
-epoch with a seed, split each global batch across ranks, and resume at an exact step. A sample that
+These sources are map-style (random access by index), so one `ResumableBatches` can shuffle them
+per epoch with a seed, split each global batch across ranks, and resume at an exact step. A sample that
 cannot be read (corrupt image, missing caption, empty shard) comes back as None and is skipped and
 counted by `collate`, never fatal.
 """
@@ -192,12 +193,17 @@ class TarShards(torch.utils.data.Dataset):
         return state
 
 
-def make_source(cfg, split: str):
+def make_source(cfg, split: str, head: int | None = None):
     """The config's dataset for split "train" or "val". Synthetic data has its own held-out pairs;
     folder / tar data takes `data.val_index` / `data.val_shards`, or holds out `data.val_fraction`
     of its samples (the same ones every run, never trained on); with none of them, "val" is the
-    training data itself, so evaluation measures fit, not transfer."""
+    training data itself, so evaluation measures fit, not transfer.
+
+    Streaming kinds (webdataset, hf) give an iterable dataset for "train", and a list of the first
+    `head` (default `data.val_n`) samples of one unshuffled pass for "val" or when `head` is given."""
     d = cfg.data
+    if d.kind in STREAMING_KINDS:
+        return _streaming_source(cfg, split, head)
     if d.kind == "synthetic":
         qa = cfg.stage == "llm" and cfg.llm.mode == "instruct"
         return SyntheticPairs(d.n if split == "train" else d.val_n, seed=d.seed, size=d.image_size, split=split, qa=qa)
@@ -213,6 +219,42 @@ def make_source(cfg, split: str):
     if not keep:
         raise ValueError(f"data.val_fraction {d.val_fraction} leaves the {split} split of {len(full)} samples empty")
     return torch.utils.data.Subset(full, keep)
+
+
+STREAMING_KINDS = ("webdataset", "hf")
+
+
+def _streaming_source(cfg, split: str, head: int | None):
+    from .streaming import HFDatasetPairs, WebDatasetPairs
+
+    d = cfg.data
+    kw = {"seed": d.seed, "shuffle_buffer": d.shuffle_buffer}
+
+    def build(own_val: bool, **more):
+        if d.kind == "webdataset":
+            return WebDatasetPairs(d.val_shards if own_val else d.shards, **kw, **more)
+        return HFDatasetPairs(
+            d.hf_dataset,
+            name=d.hf_config,
+            data_files=d.hf_data_files,
+            split_name=d.hf_val_split if own_val else d.hf_split,
+            image_column=d.image_column,
+            caption_column=d.caption_column,
+            revision=d.hf_revision,
+            **kw,
+            **more,
+        )
+
+    own_val = bool(d.val_shards if d.kind == "webdataset" else d.hf_val_split)
+    if split == "val" and own_val:
+        src = build(True)
+    elif d.val_fraction:
+        src = build(False, split=split, held_out=(d.val_fraction, d.seed))
+    else:
+        src = build(False)
+    if split == "val" or head is not None:
+        return src.head(d.val_n if head is None else head)
+    return src
 
 
 def _expand(patterns: list[str]) -> list[str]:

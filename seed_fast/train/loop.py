@@ -37,6 +37,7 @@ import torch.distributed as dist
 from .config import TrainConfig
 from .data import BatchLoader, ResumableBatches
 from .stages import TASKS
+from .streaming import StreamingLoader
 from .task import Task
 
 
@@ -296,8 +297,22 @@ def train(
         show = d.main if progress is None else (progress and d.main)
         task.progress = show
         ds = task.dataset()
-        order = ResumableBatches(len(ds), cfg.global_batch, seed=cfg.data.seed, rank=d.rank, world=d.world, step=step)
-        loader = BatchLoader(ds, order, task.collate(), workers=task.workers, seed=cfg.seed)
+        if getattr(ds, "streaming", False):
+            loader = StreamingLoader(
+                ds,
+                global_batch=cfg.global_batch,
+                rank=d.rank,
+                world=d.world,
+                step=step,
+                collate=task.collate(),
+                workers=task.workers,
+                seed=cfg.seed,
+            )
+        else:
+            order = ResumableBatches(
+                len(ds), cfg.global_batch, seed=cfg.data.seed, rank=d.rank, world=d.world, step=step
+            )
+            loader = BatchLoader(ds, order, task.collate(), workers=task.workers, seed=cfg.seed)
         todo = cfg.steps - step if stop_after is None else min(cfg.steps - step, stop_after)
         bar = None
         if show:

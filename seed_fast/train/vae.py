@@ -69,7 +69,7 @@ class VaeTask(Task):
     @torch.no_grad()
     def _images(self, split: str, n: int):
 
-        ds = make_source(self.cfg, split)
+        ds = make_source(self.cfg, split, head=n)
         n = min(len(ds), n)
         collate = make_collate(self.image_size)
         for i in range(0, n, 128):

@@ -55,7 +55,7 @@ def _losses(run):
         ({"steps": "10"}, "config.steps must be int"),
         ({"steps": 0}, "steps must be >= 1"),
         ({"stage": "stage9"}, "stage must be one of"),
-        ({"data": {"kind": "webdataset"}}, "data.kind must be"),
+        ({"data": {"kind": "parquet"}}, "data.kind must be one of synthetic, folder, tar, webdataset, hf"),
         ({"data": {"kind": "folder", "index": "/nope.jsonl"}}, "data.index must be an existing"),
         ({"data": {"n": 4}}, r"data.n \(4\) must be >= global_batch"),
         ({"optim": {"betas": [0.9]}}, "optim.betas"),
