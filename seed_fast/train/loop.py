@@ -396,7 +396,9 @@ class Trackers:
     """The experiment trackers of `cfg.report_to` besides metrics.jsonl, on rank 0: TensorBoard
     (`<out>/tensorboard`; "auto" takes it when installed) and Weights & Biases (only when asked
     for; `wandb` reads its own settings, e.g. WANDB_MODE=offline). A resumed run drops the
-    TensorBoard events logged after its checkpoint, as metrics.jsonl drops those lines."""
+    TensorBoard events logged after its checkpoint, as metrics.jsonl drops those lines; it continues
+    the same W&B run (its id is kept in `<out>/wandb_run_id`), where W&B keeps the first value of a
+    step logged twice."""
 
     def __init__(self, run: Path, cfg: TrainConfig, step: int):
         import importlib.util
@@ -408,10 +410,18 @@ class Trackers:
 
             self.tb = SummaryWriter(log_dir=str(run / "tensorboard"), purge_step=step + 1 if step else None)
         if "wandb" in asked:
+            import secrets
+
             import wandb
 
+            # one W&B run per run folder: a resumed run continues it under the id kept in the folder
+            id_file = run / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else None
+            if not run_id:
+                run_id = secrets.token_hex(6)
+                _atomic_write_text(id_file, run_id + "\n")
             self.wandb = wandb.init(
-                project="seed_fast", name=run.name, dir=str(run), config=cfg.to_dict(), resume="allow"
+                project="seed_fast", name=run.name, dir=str(run), config=cfg.to_dict(), id=run_id, resume="allow"
             )
 
     def log(self, record: dict) -> None:

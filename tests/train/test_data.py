@@ -161,7 +161,10 @@ def test_folder_and_tar_data_get_a_held_out_split(tmp_path):
             {"kind": "folder", "index": str(index), "val_fraction": 0.2, "val_index": str(val_index)},
             "one held-out split",
         ),
-        ({"kind": "folder", "index": str(index), "val_shards": [str(shard)]}, "val_shards is for tar or webdataset data"),
+        (
+            {"kind": "folder", "index": str(index), "val_shards": [str(shard)]},
+            "val_shards is for tar or webdataset data",
+        ),
         (
             {"kind": "folder", "index": str(index), "val_index": str(tmp_path / "nope.jsonl")},
             "val_index must be an existing",

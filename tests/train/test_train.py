@@ -622,6 +622,38 @@ def test_tensorboard_gets_the_logged_scalars_and_a_resume_drops_the_redone_steps
     assert not (tmp_path / "off" / "tensorboard").exists() and read_metrics(tmp_path / "off")
 
 
+def test_wandb_gets_the_logged_scalars_and_a_resume_continues_its_run(tmp_path, monkeypatch):
+    """report_to ["wandb"] with W&B's offline mode: every logged scalar goes to wandb's Run.log at
+    its step, and a resumed run continues the same W&B run id."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    calls, ids = [], []
+    real_log, real_init = wandb.Run.log, wandb.init
+
+    def log(self, data, step=None, **kw):
+        calls.append((step, dict(data)))
+        return real_log(self, data, step=step, **kw)
+
+    def init(*a, **kw):
+        ids.append(kw.get("id"))
+        return real_init(*a, **kw)
+
+    monkeypatch.setattr(wandb.Run, "log", log)
+    monkeypatch.setattr(wandb, "init", init)
+    cfg = TrainConfig.from_dict(_cfg(tmp_path / "run", steps=4, ckpt_every=2, eval_every=2, report_to=["wandb"]))
+    train(cfg, progress=False, stop_after=3)  # the newest checkpoint is step 2
+    first = len(calls)
+    train(cfg, resume=True, progress=False)
+    assert len(ids) == 2 and ids[0] == ids[1] == (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    assert list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{ids[0]}"))
+    rows = [r for r in read_metrics(tmp_path / "run") if not r.get("eval")]
+    train_calls = [(st, d) for st, d in calls[first:] if "train/loss" in d]
+    assert [st for st, _ in train_calls] == [3, 4] == [r["step"] for r in rows[2:]]
+    assert [d["train/loss"] for _, d in train_calls] == pytest.approx([r["loss"] for r in rows[2:]], rel=1e-6)
+    assert any(k.startswith("eval/") for _, d in calls for k in d)
+
+
 def _has(module):
     import importlib.util
 
