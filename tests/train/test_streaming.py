@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 import torch
-from cfgs import merged  # tests/train/cfgs.py
+from cfgs import stage2_run  # tests/train/cfgs.py
 
 wds = pytest.importorskip("webdataset")
 datasets = pytest.importorskip("datasets")
@@ -203,18 +203,7 @@ def test_hf_datasets_stream_parts_resume_and_columns(tmp_path):
 
 
 def _stage_cfg(out, data, **kw):
-    return merged(
-        {
-            "stage": "stage2",
-            "out": str(out),
-            "steps": 6,
-            "global_batch": 8,
-            "ckpt_every": 2,
-            "data": {"image_size": 32, "val_n": 8, "shuffle_buffer": 16, **data},
-            "optim": {"lr": 1e-3, "warmup": 1},
-        },
-        **kw,
-    )
+    return stage2_run(out, data={"image_size": 32, "val_n": 8, "shuffle_buffer": 16, **data}, **kw)
 
 
 def _losses(run):

@@ -12,29 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cfgs import merged  # tests/train/cfgs.py (pytest puts this folder on sys.path)
+from cfgs import stage2_run as _cfg
 
 from seed_fast.testing import assert_close, assert_equal
 from seed_fast.train import ConfigError, TrainConfig, main
 from seed_fast.train.loop import latest_checkpoint, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _cfg(out, **kw):
-    return merged(
-        {
-            "stage": "stage2",
-            "out": str(out),
-            "steps": 6,
-            "global_batch": 8,
-            "ckpt_every": 2,
-            "data": {"n": 64, "val_n": 16, "image_size": 64},
-            "optim": {"lr": 1e-3, "warmup": 1},
-            "llm": {"lora_dropout": 0.0, "eval_n": 8},
-        },
-        **kw,
-    )
 
 
 def _write(tmp_path, data, name="cfg.json"):
