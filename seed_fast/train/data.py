@@ -14,7 +14,7 @@ import io
 import json
 import random
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -246,15 +246,26 @@ def _streaming_source(cfg, split: str, head: int | None):
         )
 
     own_val = bool(d.val_shards if d.kind == "webdataset" else d.hf_val_split)
-    if split == "val" and own_val:
-        src = build(True)
-    elif d.val_fraction:
-        src = build(False, split=split, held_out=(d.val_fraction, d.seed))
-    else:
-        src = build(False)
-    if split == "val" or head is not None:
-        return src.head(d.val_n if head is None else head)
-    return src
+
+    def source():
+        if split == "val" and own_val:
+            return build(True)
+        if d.val_fraction:
+            return build(False, split=split, held_out=(d.val_fraction, d.seed))
+        return build(False)
+
+    if split == "train" and head is None:
+        return source()
+    n = d.val_n if head is None else head
+    key = (json.dumps(asdict(d), sort_keys=True), split, n)
+    if key not in _HEADS:  # evaluation takes the same samples every time: read them once
+        while len(_HEADS) >= 4:
+            _HEADS.pop(next(iter(_HEADS)))
+        _HEADS[key] = source().head(n)
+    return list(_HEADS[key])
+
+
+_HEADS: dict = {}
 
 
 def _expand(patterns: list[str]) -> list[str]:

@@ -239,6 +239,19 @@ def test_a_training_run_streams_and_resumes(tmp_path, kind):
     assert val and not {s.key for s in val if s is not None} & train_keys
 
 
+def test_evaluation_reads_the_held_out_stream_once(tmp_path, monkeypatch):
+    shards, n = _write_shards(tmp_path / "d", [10, 10])
+    data = {"kind": "webdataset", "shards": shards, "val_fraction": 0.3}
+    cfg = TrainConfig.from_dict(_stage_cfg(tmp_path / "r", data))
+    reads, real = [], WebDatasetPairs.head
+    monkeypatch.setattr(WebDatasetPairs, "head", lambda self, k: reads.append(k) or real(self, k))
+    a, b = make_source(cfg, "val"), make_source(cfg, "val")
+    assert reads == [8] and a and [s.key for s in a] == [s.key for s in b]
+    a.clear()  # each call gets its own list
+    assert len(make_source(cfg, "val")) == len(b) and reads == [8]
+    assert len(make_source(cfg, "train", head=5)) == 5 and reads == [8, 5]
+
+
 def test_config_checks_for_streaming_data(tmp_path):
     def check(data, stage="stage2"):
         TrainConfig.from_dict(_stage_cfg(tmp_path, data, stage=stage))
