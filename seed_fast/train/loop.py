@@ -308,6 +308,11 @@ def train(
                 workers=task.workers,
                 seed=cfg.seed,
             )
+            if step and d.main:
+                print(
+                    f"seed-fast train: streaming data: each data worker first reads past (without decoding) "
+                    f"the samples of the {step} steps already trained on"
+                )
         else:
             order = ResumableBatches(
                 len(ds), cfg.global_batch, seed=cfg.data.seed, rank=d.rank, world=d.world, step=step
