@@ -22,7 +22,8 @@ from torch import nn
 
 from ..models.preprocess import normalize
 from .config import ConfigError, TrainConfig
-from .data import make_collate, make_source
+from .data import make_collate
+from .sources import make_source
 from .task import Task, load_tokenizer
 
 

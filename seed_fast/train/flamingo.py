@@ -29,7 +29,8 @@ from ..models.related.connector import IGNORE
 from ..models.related.flamingo import CaptionSequences, FlamingoConnector, FlamingoModule, flamingo_captions
 from ..synthetic import caption_scores
 from .config import TrainConfig
-from .data import make_collate, make_source
+from .data import make_collate
+from .sources import make_source
 from .task import Task, frozen_lm_and_tokenizer
 
 

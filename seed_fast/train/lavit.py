@@ -36,7 +36,8 @@ from ..models.related.lavit import (
 from ..models.seed.codebook_utils import codebook_usage, kmeans_init, restart_dead_codes
 from ..ops import codebook_lookup
 from .config import ConfigError, TrainConfig
-from .data import make_collate, make_source
+from .data import make_collate
+from .sources import make_source
 from .task import Task
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from ..models.llm.seed_llm import SeedLLM, seed_lora_config
 from ..models.preprocess import images_to_tensor
 from .config import LM_PRESETS, ConfigError, TrainConfig
-from .data import make_source
+from .sources import make_source
 from .task import Task, load_tokenizer
 
 IGNORE = -100

@@ -21,7 +21,8 @@ from ..models.llm.text_tokenizer import build_word_tokenizer
 from ..models.seed.itc import Stage1Module, blip2_text_branch, retrieval_at_k
 from ..synthetic import COLORS, COUNTS, SHAPES
 from .config import ConfigError, TrainConfig
-from .data import make_collate, make_source
+from .data import make_collate
+from .sources import make_source
 from .task import Task, load_tokenizer
 
 

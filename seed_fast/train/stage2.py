@@ -26,7 +26,8 @@ from ..models.seed.itc import gather_pairs, load_itc_heads, retrieval_at_k
 from ..models.seed.quantizer import Quantizer
 from ..ops import vector_quantize
 from .config import ConfigError, TrainConfig
-from .data import make_collate, make_source
+from .data import make_collate
+from .sources import make_source
 from .task import Task, load_tokenizer
 
 TRAINED = ("quantizer.", "detokenizer.", "reconstructor.")

@@ -27,7 +27,8 @@ from typing import Iterator
 
 import torch
 
-from .data import IMAGE_EXTS, Sample, _open_image, _text
+from ..images import to_rgb
+from .data import IMAGE_EXTS, Sample, _open_image, _seed_worker, _text, make_collate
 
 
 def _need(module: str):
@@ -299,8 +300,6 @@ class HFDatasetPairs(StreamingPairs):
         if caption is None or value is None:
             return None
         if hasattr(value, "convert"):  # a PIL image (a column decoded by datasets)
-            from ..images import to_rgb
-
             image = to_rgb(value)
         else:
             data = self._image_bytes(value)
@@ -332,8 +331,6 @@ class StreamingLoader:
         self.batch, self.rank, self.world, self.step = global_batch // world, rank, world, step
 
     def take(self, steps: int):
-        from .data import _seed_worker, make_collate
-
         ds = self.dataset.configure(rank=self.rank, world=self.world, batch=self.batch, start=self.step)
         collate = self.collate if callable(self.collate) else make_collate(int(self.collate))
         loader = torch.utils.data.DataLoader(

@@ -9,7 +9,8 @@ import torch
 from ..models import SeedTokenizer
 from ..models.related.connector import load_frozen_lm
 from .config import ConfigError, TrainConfig
-from .data import make_collate, make_source
+from .data import make_collate
+from .sources import make_source
 
 
 def load_tokenizer(cfg: TrainConfig):

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import make_collate, make_source
+from .data import make_collate
 from .decoder import decoder_targets
+from .sources import make_source
 from .task import Task
 
 # training images encoded at export to measure the latents' scale

@@ -34,7 +34,8 @@ from torch import nn
 from ..models.related.visual_words import VisualWordsLM, build_visual_words_lm, patch_features
 from ..synthetic import caption_scores
 from .config import TrainConfig
-from .data import make_collate, make_source
+from .data import make_collate
+from .sources import make_source
 from .task import Task, frozen_lm_and_tokenizer
 
 

@@ -126,7 +126,7 @@ def test_folder_and_tar_data_get_a_held_out_split(tmp_path):
     from cfgs import merged
 
     from seed_fast.train import ConfigError, TrainConfig
-    from seed_fast.train.data import held_out, make_source
+    from seed_fast.train.sources import held_out, make_source
 
     for i in range(40):
         (tmp_path / f"{i}.png").write_bytes(_png((6 * i, 0, 0)))

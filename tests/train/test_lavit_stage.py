@@ -9,8 +9,9 @@ from seed_fast.models.related.lavit import LavitTokenizer
 from seed_fast.testing import assert_close
 from seed_fast.train import TrainConfig
 from seed_fast.train.config import ConfigError
-from seed_fast.train.data import make_collate, make_source
+from seed_fast.train.data import make_collate
 from seed_fast.train.loop import train
+from seed_fast.train.sources import make_source
 
 
 def _cfg(out, **lavit):

@@ -18,8 +18,9 @@ wds = pytest.importorskip("webdataset")
 datasets = pytest.importorskip("datasets")
 
 from seed_fast.train import ConfigError, TrainConfig  # noqa: E402
-from seed_fast.train.data import make_collate, make_source  # noqa: E402
+from seed_fast.train.data import make_collate
 from seed_fast.train.loop import read_metrics, train  # noqa: E402
+from seed_fast.train.sources import make_source  # noqa: E402
 from seed_fast.train.streaming import HFDatasetPairs, StreamingLoader, WebDatasetPairs  # noqa: E402
 
 
@@ -237,6 +238,46 @@ def test_a_training_run_streams_and_resumes(tmp_path, kind):
     val = make_source(cfg, "val")
     train_keys = {s.key for s in make_source(cfg, "train", head=n) if s is not None}
     assert val and not {s.key for s in val if s is not None} & train_keys
+
+
+def test_torchrun_two_ranks_stream_and_resume(tmp_path):
+    """Two gloo ranks on webdataset shards (each its own part): the run ends (every rank has a batch
+    at every step, so none waits in a collective), and a stopped run resumes to the same losses."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _write_shards(tmp_path / "d", [9, 10, 8, 11])
+    losses = {}
+    for name, stops in (("full", [None]), ("cut", [2, None])):
+        data = {"kind": "webdataset", "shards": [str(tmp_path / "d" / "shard-{000..003}.tar")], "val_n": 4}
+        cfg = tmp_path / f"{name}.json"
+        cfg.write_text(json.dumps(_stage_cfg(tmp_path / name, data, steps=4)))
+        for stop in stops:
+            extra = ["--stop-after", str(stop)] if stop else ["--resume"] if name == "cut" else []
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "seed_fast.train",
+                "stage2",
+                "--config",
+                str(cfg),
+                "--no-progress",
+                *extra,
+            ]
+            root = str(Path(__file__).resolve().parents[2])
+            env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            assert p.returncode == 0, p.stderr[-3000:]
+        losses[name] = _losses(tmp_path / name)
+    assert [s for s, _ in losses["full"]] == [1, 2, 3, 4]
+    assert [x for _, x in losses["full"]] == pytest.approx([x for _, x in losses["cut"]], rel=1e-5)
 
 
 def test_evaluation_reads_the_held_out_stream_once(tmp_path, monkeypatch):

@@ -100,7 +100,8 @@ def test_stage2_trains_logs_checkpoints_and_exports(tmp_path):
     assert_equal(tok.quantizer.codebook.weight, state["tok.quantizer.codebook.weight"], name="exported codebook")
     # the codebook usage is the share of codes the exported tokenizer gives the validation images
     from seed_fast.models.preprocess import normalize
-    from seed_fast.train.data import make_collate, make_source
+    from seed_fast.train.data import make_collate
+    from seed_fast.train.sources import make_source
 
     val = make_source(cfg, "val")
     pixels = make_collate(tok.config.vision.image_size)([val[i] for i in range(min(len(val), 16))]).pixels
@@ -309,7 +310,8 @@ def test_stage1_retrieval_beats_chance(tmp_path):
     # the contrastive loss from codes (stage2.itc_text_weight) is stage I's loss with the image side
     # read from the input features: on the continuous last query it equals stage I's own loss
     from seed_fast.models.preprocess import normalize
-    from seed_fast.train.data import make_collate, make_source
+    from seed_fast.train.data import make_collate
+    from seed_fast.train.sources import make_source
     from seed_fast.train.stage2 import Stage2Task
 
     cfg3 = TrainConfig.from_dict(
