@@ -200,3 +200,48 @@ def test_the_quantized_loading_benchmark_loads_each_variant(tmp_path):
     assert [(r["variant"], r["quantized"]) for r in rows] == [("fp32", "no"), ("int8", "yes")]
     with pytest.raises(ValueError, match="unknown variant"):
         bench_llm_quant.main(["--device", "cpu", "--variants", "int3"])
+
+
+def test_the_data_benchmark_runs_every_loader_at_a_ci_size(tmp_path, monkeypatch):
+    """bench_data.py on 64 small images: every provider, one epoch with every sample once, a
+    resumed first batch for seed_fast's loaders, a ratio to the library's own pipeline."""
+    pytest.importorskip("webdataset")
+    datasets = pytest.importorskip("datasets")
+    # no timing is checked here: skip datasets' 5 s pause at the end of each shuffled pass
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)
+    import bench_data
+
+    rows = bench_data.main(
+        [
+            "--n",
+            "64",
+            "--shards",
+            "4",
+            "--batch",
+            "16",
+            "--image-px",
+            "40",
+            "--size",
+            "32",
+            "--shuffle-buffer",
+            "16",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert [r["provider"] for r in rows] == [
+        "seed_fast tar",
+        "seed_fast webdataset",
+        "webdataset pipeline",
+        "seed_fast hf",
+        "datasets pipeline",
+    ]
+    for r in rows:
+        assert r["check"] == "every sample once", r
+        assert float(r["samples_s"]) > 0 and r["vs_peer"].endswith("x")
+        assert (r["resumed_first_s"] != "") == r["provider"].startswith("seed_fast")
+    assert (tmp_path / "bench_data.md").is_file() and json.loads((tmp_path / "bench_data.json").read_text())["rows"]
+    with pytest.raises(SystemExit):
+        bench_data.main(["--n", "50", "--batch", "16"])
