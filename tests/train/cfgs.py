@@ -1,4 +1,12 @@
-"""Training configs for the tests: a base dict with overrides merged one level deep."""
+"""Helpers of the training tests: configs (a base dict with overrides merged one level deep) and
+training subprocesses (one process, or two gloo ranks under torchrun)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def merged(base: dict, **kw) -> dict:
@@ -26,3 +34,17 @@ def stage2_run(out, **kw) -> dict:
         },
         **kw,
     )
+
+
+def spawn(args: list[str], **kw) -> subprocess.Popen:
+    """`python <args>` with this checkout importable and one OpenMP thread per process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
+
+
+def train_args(stage: str, config, *extra: str, ranks: int = 1) -> list[str]:
+    """The arguments of `python -m seed_fast.train` (under torchrun for ranks > 1)."""
+    run = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+    return [*run, "-m", "seed_fast.train", stage, "--config", str(config), "--no-progress", *extra]

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 import torch
-from cfgs import stage2_run  # tests/train/cfgs.py
+from cfgs import spawn, stage2_run, train_args  # tests/train/cfgs.py
 
 wds = pytest.importorskip("webdataset")
 datasets = pytest.importorskip("datasets")
@@ -243,11 +243,6 @@ def test_a_training_run_streams_and_resumes(tmp_path, kind):
 def test_torchrun_two_ranks_stream_and_resume(tmp_path):
     """Two gloo ranks on webdataset shards (each its own part): the run ends (every rank has a batch
     at every step, so none waits in a collective), and a stopped run resumes to the same losses."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     _write_shards(tmp_path / "d", [9, 10, 8, 11])
     losses = {}
     for name, stops in (("full", [None]), ("cut", [2, None])):
@@ -256,25 +251,8 @@ def test_torchrun_two_ranks_stream_and_resume(tmp_path):
         cfg.write_text(json.dumps(_stage_cfg(tmp_path / name, data, steps=4)))
         for stop in stops:
             extra = ["--stop-after", str(stop)] if stop else ["--resume"] if name == "cut" else []
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                "-m",
-                "seed_fast.train",
-                "stage2",
-                "--config",
-                str(cfg),
-                "--no-progress",
-                *extra,
-            ]
-            root = str(Path(__file__).resolve().parents[2])
-            env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            assert p.returncode == 0, p.stderr[-3000:]
+            _, err = (p := spawn(train_args("stage2", cfg, *extra, ranks=2))).communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
         losses[name] = _losses(tmp_path / name)
     assert [s for s, _ in losses["full"]] == [1, 2, 3, 4]
     assert [x for _, x in losses["full"]] == pytest.approx([x for _, x in losses["cut"]], rel=1e-5)

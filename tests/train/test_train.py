@@ -4,21 +4,18 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cfgs import spawn as _spawn
 from cfgs import stage2_run as _cfg
+from cfgs import train_args
 
 from seed_fast.testing import assert_close, assert_equal
 from seed_fast.train import ConfigError, TrainConfig, main
 from seed_fast.train.loop import latest_checkpoint, read_metrics, train
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write(tmp_path, data, name="cfg.json"):
@@ -154,22 +151,15 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     assert [r["skipped"] for r in rows] == [2, 4, 6, 8]
 
 
-def _spawn(args, **kw):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        [sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
-    )
-
-
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     steps = 40
     ref_cfg = _write(tmp_path, _cfg(tmp_path / "ref", steps=steps, ckpt_every=3), "ref.json")
-    p = _spawn(["-m", "seed_fast.train", "stage2", "--config", str(ref_cfg), "--no-progress"])
+    p = _spawn(train_args("stage2", ref_cfg))
     p.communicate(timeout=600)
     assert p.returncode == 0
 
     cfg = _write(tmp_path, _cfg(tmp_path / "run", steps=steps, ckpt_every=3), "run.json")
-    p = _spawn(["-m", "seed_fast.train", "stage2", "--config", str(cfg), "--no-progress"])
+    p = _spawn(train_args("stage2", cfg))
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
         rows = read_metrics(tmp_path / "run") if (tmp_path / "run" / "metrics.jsonl").exists() else []
@@ -184,7 +174,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert ck is not None and int(ck.name.split("_")[1]) < steps
     torch.load(ck / "state.pt", weights_only=True)  # intact
 
-    q = _spawn(["-m", "seed_fast.train", "stage2", "--config", str(cfg), "--no-progress", "--resume"])
+    q = _spawn(train_args("stage2", cfg, "--resume"))
     out, err = q.communicate(timeout=600)
     assert q.returncode == 0, err
     got, want = _losses(tmp_path / "run"), _losses(tmp_path / "ref")
@@ -199,22 +189,8 @@ def test_torchrun_two_processes_match_one(tmp_path, stage):
     # loss on the same global batch only if the gather (and its gradient) is right
     one = _write(tmp_path, _cfg(tmp_path / "one", steps=5, stage=stage), "one.json")
     two = _write(tmp_path, _cfg(tmp_path / "two", steps=5, stage=stage), "two.json")
-    p = _spawn(["-m", "seed_fast.train", stage, "--config", str(one), "--no-progress"])
-    q = _spawn(
-        [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "seed_fast.train",
-            stage,
-            "--config",
-            str(two),
-            "--no-progress",
-        ]
-    )
+    p = _spawn(train_args(stage, one))
+    q = _spawn(train_args(stage, two, ranks=2))
     _, err_p = p.communicate(timeout=600)
     _, err_q = q.communicate(timeout=600)
     assert p.returncode == 0, err_p
@@ -231,24 +207,11 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path):
     base = dict(stage="llm", steps=5)  # no dropout: its masks depend on the row within the local batch
     one = _write(tmp_path, _cfg(tmp_path / "one", **base), "one.json")
     two = _write(tmp_path, _cfg(tmp_path / "two", strategy="fsdp", **base), "two.json")
-    p = _spawn(["-m", "seed_fast.train", "llm", "--config", str(one), "--no-progress"])
+    p = _spawn(train_args("llm", one))
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
-    run2 = [
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "seed_fast.train",
-        "llm",
-        "--config",
-        str(two),
-        "--no-progress",
-    ]
     for extra in (["--stop-after", "3"], ["--resume"]):
-        q = _spawn(run2 + extra)
+        q = _spawn(train_args("llm", two, *extra, ranks=2))
         _, err = q.communicate(timeout=600)
         assert q.returncode == 0, err
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
@@ -556,7 +519,7 @@ sys.exit(main(["stage2", "--config", sys.argv[3], "--no-progress"] + sys.argv[4:
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     ref = _write(tmp, _cfg(tmp / "ref", steps=8, ckpt_every=3), "ref.json")
-    p = _spawn(["-m", "seed_fast.train", "stage2", "--config", str(ref), "--no-progress"])
+    p = _spawn(train_args("stage2", ref))
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
     return _losses(tmp / "ref")
@@ -573,7 +536,7 @@ def test_kill_9_while_writing_a_checkpoint_then_resume(tmp_path, uninterrupted, 
     assert p.returncode == -signal.SIGKILL, err
     ck = latest_checkpoint(tmp_path / "run")
     assert ck is not None and ck.name == ("step_00000006" if where == "latest" else "step_00000003")
-    q = _spawn(["-m", "seed_fast.train", "stage2", "--config", str(cfg), "--no-progress", "--resume"])
+    q = _spawn(train_args("stage2", cfg, "--resume"))
     _, err = q.communicate(timeout=600)
     assert q.returncode == 0, err
     got = _losses(tmp_path / "run")
