@@ -20,6 +20,9 @@ $(PY):
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	# torchao 0.18 (the quant tests) needs torch 2.11: with an older TORCH the suite runs without it
+	$(PY) -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 11))" \
+		|| $(PY) -m pip uninstall -q -y torchao
 	touch $@
 
 install: $(STAMP)
