@@ -26,7 +26,7 @@ autoencoder's decoder turns the result into pixels. ``image_size`` is then the o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import PIL.Image
@@ -55,6 +55,15 @@ class SeedImageDecoderPipeline(DiffusionPipeline):
             raise TypeError(f"vae must be a diffusers AutoencoderKL or None, got {type(vae).__name__}")
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
         _patch_of(int(unet.config.in_channels), self.sample_channels, vae is not None)  # the UNet must fit the samples
+
+    # diffusers checks loaded components against these annotations and needs classes, not the strings
+    # this module's `from __future__ import annotations` leaves (diffusers 0.36 fails on a string)
+    __init__.__annotations__ = {
+        "unet": UNet2DConditionModel,
+        "scheduler": DDIMScheduler,
+        "vae": Optional[AutoencoderKL],
+        "return": None,
+    }
 
     @property
     def image_embedding_dim(self) -> int:
