@@ -50,7 +50,8 @@ SMOKE := ops/test_codebook_lookup.py::test_expected_backends_are_present ops/tes
 	ops/test_qformer_attention.py::test_low_precision_error_is_bounded_by_torch ops/test_qformer_attention.py::test_causality \
 	ops/test_qformer_attention.py::test_opcheck ops/test_qformer_attention.py::test_torch_compile_fullgraph \
 	models/test_tokenizer.py models/test_checkpoint.py models/test_llm.py test_lora_peft.py models/test_unclip.py \
-	models/test_image_decoder.py export/test_onnx_export.py \
+	models/test_image_decoder.py export/test_onnx_export.py train/test_streaming.py \
+	--deselect tests/train/test_streaming.py::test_torchrun_two_ranks_stream_and_resume \
 	--deselect tests/models/test_image_decoder.py::test_the_training_loss_goes_down \
 	--deselect tests/models/test_image_decoder.py::test_latent_decoder_denoises_latents_and_draws_through_the_autoencoder \
 	--deselect tests/models/test_image_decoder.py::test_attention_levels_puts_cross_attention_on_more_levels
