@@ -20,6 +20,9 @@ class ConfigError(ValueError):
     """A training config that cannot run; the message names the field."""
 
 
+STREAMING_KINDS = ("webdataset", "hf")  # the data kinds read as streams (seed_fast/train/streaming.py)
+
+
 @dataclass
 class DataConfig:
     kind: str = "synthetic"  # synthetic | folder | tar | webdataset | hf (the last two stream)
@@ -294,7 +297,7 @@ class TrainConfig:
                 f"report_to {name!r} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]}",
             )
         d = self.data
-        kinds = ("synthetic", "folder", "tar", "webdataset", "hf")
+        kinds = ("synthetic", "folder", "tar", *STREAMING_KINDS)
         need(d.kind in kinds, f"data.kind must be one of {', '.join(kinds)}, got {d.kind!r}")
         if d.kind == "synthetic":
             need(d.n >= self.global_batch, f"data.n ({d.n}) must be >= global_batch ({self.global_batch})")
@@ -316,7 +319,7 @@ class TrainConfig:
             )
         need(d.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}")
         need(
-            d.kind not in ("webdataset", "hf") or self.stage != "llm",
+            d.kind not in STREAMING_KINDS or self.stage != "llm",
             f"data.kind {d.kind}: the llm stage encodes every image once into a code cache before step 1, "
             "so it needs indexed data (synthetic, folder or tar)",
         )

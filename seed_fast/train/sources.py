@@ -5,14 +5,14 @@ split."""
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 from dataclasses import asdict
 
 import torch
 
+from .config import STREAMING_KINDS
 from .data import FolderPairs, SyntheticPairs, TarShards
-from .streaming import HFDatasetPairs, WebDatasetPairs
+from .streaming import HFDatasetPairs, WebDatasetPairs, key_held_out
 
 
 def make_source(cfg, split: str, head: int | None = None):
@@ -41,9 +41,6 @@ def make_source(cfg, split: str, head: int | None = None):
     if not keep:
         raise ValueError(f"data.val_fraction {d.val_fraction} leaves the {split} split of {len(full)} samples empty")
     return torch.utils.data.Subset(full, keep)
-
-
-STREAMING_KINDS = ("webdataset", "hf")
 
 
 def _streaming_source(cfg, split: str, head: int | None):
@@ -95,9 +92,4 @@ def _expand(patterns: list[str]) -> list[str]:
 def held_out(n: int, fraction: float, seed: int) -> list[bool]:
     """Which of n samples a held-out split of `fraction` takes: a hash of (seed, position), so the
     choice depends on nothing else (not on the order samples are read in, the ranks or the workers)."""
-    cut = int(fraction * 2**32)
-
-    def draw(i: int) -> int:
-        return int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=4).digest(), "big")
-
-    return [draw(i) < cut for i in range(n)]
+    return [key_held_out(str(i), fraction, seed) for i in range(n)]
